@@ -1,0 +1,43 @@
+// Op schemas of trpo_ext and the module init of trpo_ext._C. One registry, a CPU and (when built)
+// a CUDA backend behind the dispatcher; fake kernels live in trpo_ext/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "fisher.h"
+
+extern "C" {
+// An empty Python module: importing trpo_ext._C runs the static op registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace trpo_ext {
+
+TORCH_LIBRARY(trpo_ext, m) {
+  m.def("mlp_fvp(Tensor obs, Tensor[] params, Tensor v, str kind, str activation, float damping) -> Tensor");
+  m.def("mlp_cg(Tensor obs, Tensor[] params, Tensor b, str kind, str activation, float damping, "
+        "int iters, float rtol) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_built() -> bool", []() {
+#ifdef WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}
+
+TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
+  m.impl("mlp_fvp", &mlp_fvp);
+  m.impl("mlp_cg", &mlp_cg);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
+  m.impl("mlp_fvp", &mlp_fvp);
+  m.impl("mlp_cg", &mlp_cg);
+}
+#endif
+
+}  // namespace trpo_ext

@@ -1,0 +1,13 @@
+"""trpo_ext: TRPO for PyTorch and gymnasium with fused Fisher-vector products and CG.
+
+    import trpo_ext
+    agent = trpo_ext.TRPO("CartPole-v1", seed=0)
+    agent.learn(100_000)
+"""
+from . import reference
+from ._ops import cuda_built
+from .fisher import CGInfo, cg_solve, fvp
+from .policies import MLPPolicy, ValueNetwork
+
+__all__ = ["MLPPolicy", "ValueNetwork", "fvp", "cg_solve", "CGInfo", "reference", "cuda_built"]
+__version__ = "0.1.0"
