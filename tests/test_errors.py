@@ -1,0 +1,145 @@
+"""Bad input gets an exception naming the argument, never a crash, and never touches the policy."""
+import gymnasium as gym
+import pytest
+import torch
+
+import trpo_ext
+
+from helpers import make_policy, n_params
+
+ops = torch.ops.trpo_ext
+
+
+@pytest.fixture
+def setup():
+    policy = make_policy("gaussian", 4, 2, (5,), "tanh", torch.float32)
+    obs = torch.randn(6, 4)
+    v = torch.randn(n_params(policy))
+    return policy, obs, v
+
+
+def _params_unchanged(policy, before):
+    return all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+@pytest.mark.parametrize("fn", ["fvp", "cg_solve"])
+@pytest.mark.parametrize("mutate, error, words", [
+    (lambda p, o, v: (p, o.double(), v), TypeError, "obs must have the policy's dtype"),
+    (lambda p, o, v: (p, o, v.double()), TypeError, "must have the policy's dtype"),
+    (lambda p, o, v: (p, o.to("meta"), v), ValueError, "obs must be on the policy's device"),
+    (lambda p, o, v: (p, o[:, :3], v), ValueError, "obs must have shape (N, 4)"),
+    (lambda p, o, v: (p, o[0], v), ValueError, "obs must have shape (N, 4)"),
+    (lambda p, o, v: (p, o[:0], v), ValueError, "empty batch"),
+    (lambda p, o, v: (p, o, v[:-1]), ValueError, "flat vector of length"),
+    (lambda p, o, v: (p, o, v.view(1, -1)), ValueError, "flat vector of length"),
+    (lambda p, o, v: (p, o.index_fill(0, torch.tensor([2]), float("nan")), v), ValueError, "obs contains NaN"),
+    (lambda p, o, v: (p, o, v.index_fill(0, torch.tensor([0]), float("inf"))), ValueError, "contains NaN or Inf"),
+    (lambda p, o, v: ("not a module", o, v), TypeError, "policy must be a torch.nn.Module"),
+    (lambda p, o, v: (p, o.numpy(), v), TypeError, "obs must be a torch.Tensor"),
+])
+def test_bad_arguments(setup, fn, mutate, error, words):
+    policy, obs, v = setup
+    before = [p.detach().clone() for p in policy.parameters()]
+    args = mutate(policy, obs, v)
+    with pytest.raises(error, match=None) as info:
+        getattr(trpo_ext, fn)(*args)
+    assert words in str(info.value)
+    assert _params_unchanged(policy, before)
+
+
+def test_negative_damping(setup):
+    policy, obs, v = setup
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        trpo_ext.fvp(policy, obs, v, damping=-0.1)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        trpo_ext.cg_solve(policy, obs, v, damping=float("nan"))
+
+
+@pytest.mark.parametrize("iters", [0, -3, 2.5, True])
+def test_bad_iters(setup, iters):
+    policy, obs, v = setup
+    with pytest.raises(ValueError, match="iters must be an int >= 1"):
+        trpo_ext.cg_solve(policy, obs, v, iters=iters)
+
+
+def test_bad_rtol(setup):
+    policy, obs, v = setup
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        trpo_ext.cg_solve(policy, obs, v, rtol=-1.0)
+
+
+@pytest.mark.parametrize("space", [
+    gym.spaces.MultiDiscrete([2, 3]),
+    gym.spaces.Box(-1, 1, (2, 2)),
+    gym.spaces.Dict({"a": gym.spaces.Discrete(2)}),
+    gym.spaces.MultiBinary(3),
+])
+def test_unsupported_action_space(space):
+    with pytest.raises(TypeError, match="action_space"):
+        trpo_ext.MLPPolicy(3, space)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(activation="gelu"), "activation must be one of"),
+    (dict(hidden=(64, 0)), "hidden must be a sequence of positive ints"),
+    (dict(hidden=64), "hidden must be a sequence of positive ints"),
+])
+def test_bad_policy_config(kwargs, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        trpo_ext.MLPPolicy(3, gym.spaces.Discrete(2), **kwargs)
+
+
+def test_bad_obs_dim():
+    with pytest.raises(ValueError, match="obs_dim must be a positive int"):
+        trpo_ext.MLPPolicy(0, gym.spaces.Discrete(2))
+
+
+def test_generic_policy_with_unsupported_distribution():
+    class BernoulliPolicy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, obs):
+            return torch.distributions.Bernoulli(logits=self.lin(obs).squeeze(-1))
+
+    policy = BernoulliPolicy()
+    with pytest.raises(TypeError, match="policy must return Categorical, Normal or Independent"):
+        trpo_ext.fvp(policy, torch.randn(5, 3), torch.randn(4))
+
+
+def test_mixed_dtype_policy():
+    policy = make_policy("categorical", 3, 2, (4,), "tanh", torch.float32)
+    policy.layers[0].double()
+    with pytest.raises(TypeError, match="share one dtype and device"):
+        trpo_ext.fvp(policy, torch.randn(5, 3), torch.randn(n_params(policy)))
+
+
+# The ops themselves check their arguments too (for callers that bypass the Python wrappers).
+def _op_args(policy, obs, v):
+    return obs, [p.detach() for p in policy.parameters()], v
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: (a[0][:, :2], a[1], a[2], "gaussian", "tanh", 0.0), ValueError, "weight of layer 0"),
+    (lambda a: (a[0], a[1][:-1], a[2], "gaussian", "tanh", 0.0), ValueError, "params must be"),
+    (lambda a: (a[0], a[1], a[2][:3], "gaussian", "tanh", 0.0), ValueError, "v must be a flat vector"),
+    (lambda a: (a[0], a[1], a[2], "beta", "tanh", 0.0), ValueError, "kind must be"),
+    (lambda a: (a[0], a[1], a[2], "gaussian", "swish", 0.0), ValueError, "activation must be"),
+    (lambda a: (a[0], a[1], a[2], "gaussian", "tanh", -1.0), ValueError, "damping must be"),
+    (lambda a: (a[0].double(), a[1], a[2], "gaussian", "tanh", 0.0), TypeError, "must have obs's dtype"),
+    (lambda a: (a[0].int(), a[1], a[2], "gaussian", "tanh", 0.0), TypeError, "obs must be float32 or float64"),
+    (lambda a: (a[0][:0], a[1], a[2], "gaussian", "tanh", 0.0), ValueError, "empty batch"),
+])
+def test_op_checks(setup, change, error, words):
+    with pytest.raises(error, match=words):
+        ops.mlp_fvp(*change(_op_args(*setup)))
+
+
+def test_op_cg_checks(setup):
+    obs, params, v = _op_args(*setup)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, 0, 1e-6)
+    with pytest.raises(ValueError, match="rtol must be finite"):
+        ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, 3, float("inf"))
+

@@ -1,0 +1,143 @@
+"""Fused FVP / CG against the double-backprop reference and a dense solve (DESIGN §2, §5)."""
+import copy
+import itertools
+
+import pytest
+import torch
+
+import trpo_ext
+from trpo_ext import reference
+
+from conftest import RTOL, rel_err
+from helpers import Wrapped, make_policy, n_params
+
+DTYPES = [torch.float64, torch.float32]
+
+# (kind, obs_dim, act_dim, hidden, activation, batch): every kind x activation x depth, odd sizes.
+CASES = [
+    (kind, 5, 3, hidden, act, 37)
+    for kind, act, hidden in itertools.product(
+        ["categorical", "gaussian"], ["tanh", "relu"], [(9,), (8, 7), (6, 5, 4)])
+] + [
+    ("gaussian", 1, 1, (1,), "tanh", 1),
+    ("categorical", 1, 2, (1,), "relu", 1),
+    ("gaussian", 3, 1, (), "tanh", 4),  # no hidden layer: a linear policy
+    ("categorical", 17, 1, (64, 64), "tanh", 64),  # one action: F is zero but the products are well defined
+    ("gaussian", 17, 6, (64, 64), "tanh", 257),
+]
+IDS = [f"{k}-o{o}-a{a}-h{'x'.join(map(str, h)) or 'none'}-{act}-n{n}" for k, o, a, h, act, n in CASES]
+
+
+def _setup(case, dtype, device, seed=0):
+    kind, obs_dim, act_dim, hidden, act, n = case
+    policy = make_policy(kind, obs_dim, act_dim, hidden, act, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    obs = torch.randn(n, obs_dim, generator=g, dtype=dtype).to(device)
+    v = torch.randn(n_params(policy), generator=g, dtype=dtype).to(device)
+    return policy, obs, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fvp_matches_reference(case, dtype, device):
+    policy, obs, v = _setup(case, dtype, device)
+    before = [p.detach().clone() for p in policy.parameters()]
+    expected = reference.fvp(policy, obs, v, damping=0.05)
+    fused = trpo_ext.fvp(policy, obs, v, damping=0.05)
+    generic = trpo_ext.fvp(Wrapped(policy), obs, v, damping=0.05)
+    assert fused.shape == v.shape and fused.dtype == dtype and fused.device == v.device
+    assert rel_err(fused, expected) <= RTOL[dtype]
+    assert rel_err(generic, expected) <= RTOL[dtype]
+    for b, p in zip(before, policy.parameters()):
+        assert torch.equal(b, p), "fvp changed the policy's parameters"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fvp_non_contiguous_inputs(dtype, device):
+    policy, obs, v = _setup(CASES[4], dtype, device)
+    wide_obs = torch.stack([obs, torch.full_like(obs, float("nan"))], dim=2).reshape(obs.shape[0], -1)
+    obs_nc = wide_obs[:, ::2]
+    v_nc = torch.stack([v, torch.zeros_like(v)], dim=1)[:, 0]
+    assert not obs_nc.is_contiguous() and not v_nc.is_contiguous()
+    expected = reference.fvp(policy, obs, v)
+    assert rel_err(trpo_ext.fvp(policy, obs_nc, v_nc), expected) <= RTOL[dtype]
+
+
+def test_fvp_is_linear_and_symmetric(device):
+    policy, obs, v = _setup(CASES[7], torch.float64, device)
+    w = torch.randn_like(v)
+    Fv, Fw = trpo_ext.fvp(policy, obs, v), trpo_ext.fvp(policy, obs, w)
+    assert rel_err(trpo_ext.fvp(policy, obs, 2 * v - w), 2 * Fv - Fw) <= 1e-12
+    assert abs((w @ Fv - v @ Fw).item()) <= 1e-10 * (w @ Fv).abs().item()
+    assert (v @ Fv).item() > 0  # positive semi-definite, and not trivially zero here
+
+
+def _dense(policy, obs, damping):
+    n = n_params(policy)
+    eye = torch.eye(n, dtype=obs.dtype, device=obs.device)
+    return torch.stack([reference.fvp(policy, obs, e, damping) for e in eye], dim=1)
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_cg_matches_dense_solve(kind, device):
+    policy = make_policy(kind, 3, 2, (4,), "tanh", torch.float64, device)
+    obs = torch.randn(11, 3, dtype=torch.float64, device=device)
+    b = torch.randn(n_params(policy), dtype=torch.float64, device=device)
+    A = _dense(policy, obs, 0.1)
+    exact = torch.linalg.solve(A, b)
+    x, info = trpo_ext.cg_solve(policy, obs, b, iters=200, damping=0.1, rtol=1e-13)
+    assert rel_err(x, exact) <= 1e-9
+    assert 1 <= int(info.iterations) <= 200
+    assert float(info.residual_norm) <= 1e-12 * b.norm().item()
+    assert float(info.xAx) == pytest.approx((x @ A @ x).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[10], CASES[-1]],
+                         ids=[IDS[1], IDS[4], IDS[10], IDS[-1]])
+def test_cg_matches_reference_iterations(case, dtype, device):
+    policy64, obs64, b64 = _setup(case, torch.float64, device)
+    policy = copy.deepcopy(policy64).to(dtype)
+    obs, b = obs64.to(dtype), b64.to(dtype)
+    before = [p.detach().clone() for p in policy.parameters()]
+    truth, used, _, xAx_truth = reference.cg_solve(policy64, obs64, b64, iters=10, damping=0.1, rtol=1e-8)
+    x, info = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.1, rtol=1e-8)
+    # CG steps amplify rounding by roughly the condition number (the relu cases are ill-conditioned):
+    # in float64 allow 1e-8; in float32 hold the fused solve to the float64 answer as tightly as the
+    # float32 reference itself gets there.
+    tol = 1e-8
+    if dtype != torch.float64:
+        tol = max(tol, 2 * rel_err(reference.cg_solve(policy, obs, b, iters=10, damping=0.1, rtol=1e-8)[0], truth))
+    assert rel_err(x, truth) <= tol
+    assert int(info.iterations) == used
+    assert float(info.xAx) == pytest.approx(float(xAx_truth), rel=tol)
+    for b_, p in zip(before, policy.parameters()):
+        assert torch.equal(b_, p), "cg_solve changed the policy's parameters"
+
+
+def test_cg_generic_path_matches_fused(device):
+    policy, obs, b = _setup(CASES[10], torch.float64, device)
+    x_fused, info_fused = trpo_ext.cg_solve(policy, obs, b, iters=8, damping=0.1)
+    x_generic, info_generic = trpo_ext.cg_solve(Wrapped(policy), obs, b, iters=8, damping=0.1)
+    assert rel_err(x_generic, x_fused) <= 1e-10
+    assert int(info_generic.iterations) == int(info_fused.iterations)
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_cg_zero_rhs_gives_zero(kind, device):
+    policy, obs, _ = _setup(CASES[0] if kind == "categorical" else CASES[6], torch.float32, device)
+    b = torch.zeros(n_params(policy), device=device)
+    x, info = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.1)
+    assert torch.equal(x, torch.zeros_like(b))
+    assert int(info.iterations) == 0 and float(info.xAx) == 0.0 and float(info.residual_norm) == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cg_tiny_damping_stays_finite(dtype, device):
+    # With one action the categorical Fisher is exactly zero: only the damping is left, and the
+    # solve must still return finite values (here x = b / damping after one step).
+    policy, obs, b = _setup(CASES[-2], dtype, device)
+    x, info = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=1e-8)
+    assert torch.isfinite(x).all() and torch.isfinite(info.xAx) and torch.isfinite(info.residual_norm)
+    x0, info0 = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.0)
+    assert torch.isfinite(x0).all() and torch.equal(x0, torch.zeros_like(b)) and int(info0.iterations) == 0
