@@ -22,9 +22,10 @@ struct MlpCache {
   std::vector<at::Tensor> inputs;   // h_l, the input of layer l (h_0 = obs)
   std::vector<at::Tensor> act_grad; // act'(z_l) for the hidden layers
   at::Tensor probs;                 // categorical: softmax(logits), (N, K)
-  at::Tensor out_scale;             // Gaussian: exp(-2 log_std) / N, (K)
+  at::Tensor out_scale;             // Gaussian: exp(-2 log_std) / N, (K, 1)
   std::vector<int64_t> offsets;     // flat offsets: W_l at [2l], b_l at [2l+1], log_std at [2L]
-  // Workspace reused by every product: per-layer tangents (JVP), then cotangents (VJP).
+  // Workspace reused by every product: per-layer tangents (JVP), then cotangents (VJP); (N, out_l)
+  // for hidden layers, (K, N) for the output layer.
   std::vector<at::Tensor> tangents;
   at::Tensor ones;                  // (N), turns bias gradients into GEMVs
 };
