@@ -8,6 +8,7 @@ from . import reference
 from ._ops import cuda_built
 from .fisher import CGInfo, cg_solve, fvp
 from .policies import MLPPolicy, ValueNetwork
+from .trpo import TRPO
 
-__all__ = ["MLPPolicy", "ValueNetwork", "fvp", "cg_solve", "CGInfo", "reference", "cuda_built"]
+__all__ = ["TRPO", "MLPPolicy", "ValueNetwork", "fvp", "cg_solve", "CGInfo", "reference", "cuda_built"]
 __version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""Rollouts, GAE and env handling (trpo_ext.rollout)."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from trpo_ext import MLPPolicy
+from trpo_ext.rollout import (SAME_STEP, EpisodeStats, RolloutCollector, RunningNormalizer, check_spaces,
+                              compute_gae, make_vec_env)
+
+
+class CounterEnv(gym.Env):
+    """obs = [steps since reset]; reward 1 per step; the episode ends after 3 steps, either
+    truncated (time limit) or terminated."""
+
+    observation_space = spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, terminate: bool = False):
+        self.terminate = terminate
+        self.k = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.k = 0
+        return np.array([self.k], np.float32), {}
+
+    def step(self, action):
+        self.k += 1
+        end = self.k == 3
+        return np.array([self.k], np.float32), 1.0, end and self.terminate, end and not self.terminate, {}
+
+
+# ----------------------------------------------------------------------------- GAE
+def test_gae_hand_computed_with_termination_and_truncation():
+    # One env, 4 steps: the episode is truncated after step 1 (bootstrap from its final observation,
+    # value 10) and terminated after step 3 (no bootstrap).
+    gamma, lam = 0.9, 0.5
+    rewards = np.array([[1.0], [2.0], [3.0], [4.0]])
+    values = np.array([[5.0], [6.0], [7.0], [8.0]])
+    next_values = np.array([[6.0], [10.0], [8.0], [99.0]])  # 99 must be ignored (terminated)
+    terminated = np.array([[False], [False], [False], [True]])
+    truncated = np.array([[False], [True], [False], [False]])
+    adv, ret = compute_gae(rewards, values, next_values, terminated, truncated, gamma, lam)
+
+    d3 = 4.0 - 8.0
+    d2 = 3.0 + 0.9 * 8.0 - 7.0
+    d1 = 2.0 + 0.9 * 10.0 - 6.0
+    d0 = 1.0 + 0.9 * 6.0 - 5.0
+    expected = np.array([d0 + 0.45 * d1, d1, d2 + 0.45 * d3, d3])
+    np.testing.assert_allclose(adv[:, 0], expected)
+    np.testing.assert_allclose(ret, adv + values)
+
+
+def test_gae_lambda_one_is_discounted_return_minus_value():
+    rng = np.random.default_rng(0)
+    rewards, values = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    next_values = np.concatenate([values[1:], rng.normal(size=(1, 3))])
+    no = np.zeros((6, 3), bool)
+    adv, _ = compute_gae(rewards, values, next_values, no, no, 0.9, 1.0)
+    g = next_values[-1]
+    for t in reversed(range(6)):
+        g = rewards[t] + 0.9 * g
+        np.testing.assert_allclose(adv[t], g - values[t])
+
+
+# ----------------------------------------------------------------------------- rollout collector
+@pytest.mark.parametrize("terminate", [False, True])
+def test_collector_bootstraps_truncation_from_final_observation(terminate):
+    envs = make_vec_env(lambda: CounterEnv(terminate), n_envs=2)
+    collector = RolloutCollector(envs, n_steps=5, device=torch.device("cpu"), normalizer=None,
+                                 stats=EpisodeStats(2, 10))
+    collector.reset(seed=0)
+    policy = MLPPolicy(1, envs.single_action_space)
+    batch = collector.collect(policy, lambda obs: obs[:, 0], torch.Generator().manual_seed(0), gamma=0.5, lam=0.0)
+    # States 0,1,2 | 0,1 with V(s) = s; the episode ends after the third step (final observation 3).
+    # lam = 0: advantage = 1 + 0.5 V(next) - V(s), V(next) = 0 at a termination.
+    end = 1 - 2.0 if terminate else 1 + 1.5 - 2.0
+    expected = np.array([1.5, 1.0, end, 1.5, 1.0])
+    adv = batch.advantages.view(5, 2).numpy()
+    np.testing.assert_allclose(adv, np.stack([expected, expected], 1), rtol=1e-6)
+    np.testing.assert_allclose(batch.obs.view(5, 2)[:, 0].numpy(), [0, 1, 2, 0, 1])
+    assert collector.stats.finished and collector.stats.means() == (3.0, 3.0)
+    assert batch.actions.dtype == torch.long and batch.actions.shape == (10,)
+
+
+def test_collector_rejects_non_finite_rewards():
+    class NaNReward(CounterEnv):
+        def step(self, action):
+            obs, _, te, tr, info = super().step(action)
+            return obs, float("nan"), te, tr, info
+
+    envs = make_vec_env(NaNReward, n_envs=1)
+    collector = RolloutCollector(envs, 4, torch.device("cpu"), None, EpisodeStats(1, 10))
+    collector.reset(seed=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        collector.collect(MLPPolicy(1, envs.single_action_space), lambda o: o[:, 0], torch.Generator(), 0.9, 0.9)
+
+
+# ----------------------------------------------------------------------------- normalizer
+def test_running_normalizer_matches_numpy():
+    rng = np.random.default_rng(1)
+    data = [rng.normal(3.0, 2.0, size=(n, 4)) for n in (5, 17, 1, 40)]
+    norm = RunningNormalizer(4, clip=100.0, eps=0.0)
+    norm.count = 0.0
+    for d in data:
+        norm.update(d)
+    every = np.concatenate(data)
+    np.testing.assert_allclose(norm.mean, every.mean(0))
+    np.testing.assert_allclose(norm.var, every.var(0))
+    out = norm.normalize(torch.as_tensor(every, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-5)
+    other = RunningNormalizer(4)
+    other.load_state_dict(norm.state_dict())
+    np.testing.assert_array_equal(other.mean, norm.mean)
+
+
+# ----------------------------------------------------------------------------- env construction and spaces
+def test_make_vec_env_accepts_id_env_callable_and_vector_env():
+    assert make_vec_env("CartPole-v1", 3).num_envs == 3
+    assert make_vec_env(gym.make("CartPole-v1"), 1).num_envs == 1
+    assert make_vec_env(lambda: gym.make("CartPole-v1"), 2).metadata["autoreset_mode"] == SAME_STEP
+    vec = gym.make_vec("CartPole-v1", 2, vectorization_mode="sync", vector_kwargs={"autoreset_mode": SAME_STEP})
+    assert make_vec_env(vec, 5) is vec
+
+
+def test_make_vec_env_errors():
+    with pytest.raises(ValueError, match="SAME_STEP"):
+        make_vec_env(gym.make_vec("CartPole-v1", 2), 2)
+    with pytest.raises(ValueError, match="cannot be copied"):
+        make_vec_env(gym.make("CartPole-v1"), 2)
+    with pytest.raises(TypeError, match="env must be"):
+        make_vec_env(42, 1)
+    with pytest.raises(ValueError, match="n_envs"):
+        make_vec_env("CartPole-v1", 0)
+    with pytest.raises(ValueError, match="vectorization"):
+        make_vec_env("CartPole-v1", 1, "threads")
+
+
+@pytest.mark.parametrize("obs_space, action_space, match", [
+    (spaces.Box(0, 255, (8, 8, 3), np.uint8), spaces.Discrete(2), "observation_space"),
+    (spaces.Dict({"a": spaces.Box(-1, 1, (2,))}), spaces.Discrete(2), "observation_space"),
+    (spaces.Discrete(5), spaces.Discrete(2), "observation_space"),
+    (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([2, 3]), "MultiDiscrete"),
+    (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2, 2)), r"action_space.*\(2, 2\)"),
+    (spaces.Box(-1, 1, (3,)), spaces.Dict({"a": spaces.Discrete(2)}), "Dict"),
+])
+def test_check_spaces_names_the_bad_space(obs_space, action_space, match):
+    with pytest.raises(TypeError, match=match):
+        check_spaces(obs_space, action_space)
+
+
+def test_check_spaces_accepts_supported():
+    assert check_spaces(spaces.Box(-1, 1, (3,)), spaces.Discrete(4)) == (3, "categorical")
+    assert check_spaces(spaces.Box(-1, 1, (3,)), spaces.Box(-2, 2, (2,))) == (3, "gaussian")

@@ -1,0 +1,216 @@
+"""The TRPO agent: construction, the policy step's guarantees, save/load, logs, CLI and learning."""
+import csv
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from torch.nn.utils import parameters_to_vector
+
+import trpo_ext
+import trpo_ext.trpo as trpo_module
+from trpo_ext import TRPO
+from trpo_ext.cli import main as cli_main
+
+FAST = dict(n_envs=2, n_steps=64, critic_epochs=2, seed=0)
+
+
+class SpaceEnv(gym.Env):
+    """An env with arbitrary spaces, to test which ones the agent accepts."""
+
+    def __init__(self, observation_space, action_space):
+        self.observation_space, self.action_space = observation_space, action_space
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def policy_vector(agent):
+    return parameters_to_vector(agent.policy.parameters()).detach().clone()
+
+
+# ----------------------------------------------------------------------------- construction
+@pytest.mark.parametrize("obs_space, action_space, match", [
+    (spaces.Box(-1, 1, (3,)), spaces.Dict({"a": spaces.Discrete(2)}), "Dict"),
+    (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([2, 2]), "MultiDiscrete"),
+    (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2, 2)), r"\(2, 2\)"),
+    (spaces.Box(0, 255, (16, 16, 3), np.uint8), spaces.Discrete(2), r"observation_space.*\(16, 16, 3\)"),
+])
+def test_unsupported_spaces_get_an_error_naming_them(obs_space, action_space, match):
+    with pytest.raises(TypeError, match=match):
+        TRPO(lambda: SpaceEnv(obs_space, action_space), n_envs=1)
+
+
+@pytest.mark.parametrize("env, match", [(3.5, "env must be"), ("NoSuchEnv-v0", "NoSuchEnv")])
+def test_bad_env_errors(env, match):
+    with pytest.raises(Exception, match=match):
+        TRPO(env)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_kl": 0.0}, "max_kl"), ({"gamma": 1.5}, "gamma"), ({"n_steps": 0}, "n_steps"),
+    ({"policy_kwargs": {"widths": (8,)}}, "widths"), ({"vectorization": "gpu"}, "vectorization"),
+])
+def test_bad_hyperparameters_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TRPO("CartPole-v1", **kwargs)
+
+
+def test_env_forms_single_callable_and_vector_env():
+    single = TRPO(gym.make("CartPole-v1"), n_envs=1, n_steps=32, critic_epochs=1, seed=0).learn(32, progress_bar=False)
+    assert single.envs.num_envs == 1 and single.num_timesteps == 32
+    vec = gym.make_vec("CartPole-v1", 3, vectorization_mode="sync",
+                       vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    agent = TRPO(vec, n_steps=32, critic_epochs=1, seed=0).learn(32, progress_bar=False)
+    assert agent.n_envs == 3 and agent.batch_size == 96 and agent.num_timesteps == 96
+    assert TRPO(lambda: gym.make("CartPole-v1"), **FAST).learn(1, progress_bar=False).evaluate(1)[0] > 0
+
+
+def test_async_vector_env():
+    agent = TRPO("CartPole-v1", vectorization="async", **FAST)
+    try:
+        agent.learn(128, progress_bar=False)
+        assert isinstance(agent.envs, gym.vector.AsyncVectorEnv) and agent.num_timesteps == 128
+    finally:
+        agent.close()
+
+
+def test_box_actions_are_clipped_for_the_env_and_predict_shapes():
+    agent = TRPO("Pendulum-v1", normalize_obs=True, policy_kwargs={"log_std_init": 1.0}, **FAST)
+    agent.learn(128, progress_bar=False)
+    record = agent.last_record
+    assert record["policy_std"] > 0 and np.isfinite(record["entropy"])
+    single = agent.predict(np.zeros(3))
+    batch = agent.predict(np.random.default_rng(0).normal(size=(50, 3)))
+    assert single.shape == (1,) and batch.shape == (50, 1)
+    assert np.all(np.abs(batch) <= 2.0)  # Pendulum's torque bounds
+    assert agent.normalizer.count > 128
+    with pytest.raises(ValueError, match="obs must have shape"):
+        agent.predict(np.zeros(4))
+
+
+# ----------------------------------------------------------------------------- the policy step
+def test_line_search_never_accepts_kl_above_max_kl():
+    records = []
+    agent = TRPO("CartPole-v1", max_kl=0.005, **FAST)
+    agent.learn(128 * 6, progress_bar=False, callback=lambda a, r: records.append(r))
+    assert len(records) == 6
+    for r in records:
+        assert r["kl"] <= 0.005
+        assert r["line_search_failed"] or r["surrogate_improvement"] > 0
+        assert 1 <= r["cg_iterations"] <= agent.cg_iters
+
+
+def _patched_cg(monkeypatch, change):
+    def cg(policy, obs, g, **kwargs):
+        x, info = trpo_ext.cg_solve(policy, obs, g, **kwargs)
+        return change(x, info)
+
+    monkeypatch.setattr(trpo_module, "cg_solve", cg)
+
+
+@pytest.mark.parametrize("why", ["kl", "surrogate"])
+def test_line_search_failure_restores_parameters_exactly(monkeypatch, why):
+    agent = TRPO("CartPole-v1", max_backtracks=3, **FAST)
+    agent.learn(1, progress_bar=False)  # one real update first, so the policy is not at its initialisation
+    before = policy_vector(agent)
+    if why == "kl":  # xAx understated 1e6 times: every step tried is ~1000x too long for the trust region
+        _patched_cg(monkeypatch, lambda x, info: (x, trpo_ext.CGInfo(info.iterations, info.residual_norm,
+                                                                     info.xAx * 1e-6)))
+    else:  # a descent direction: no step improves the surrogate
+        _patched_cg(monkeypatch, lambda x, info: (-x, info))
+    agent.learn(1, progress_bar=False)
+    assert agent.last_record["line_search_failed"] == 1 and agent.last_record["kl"] == 0.0
+    assert agent.last_record["line_search_steps"] == 3
+    assert torch.equal(policy_vector(agent), before)
+
+
+def test_non_finite_step_is_rejected(monkeypatch):
+    agent = TRPO("CartPole-v1", **FAST)
+    before = policy_vector(agent)
+    _patched_cg(monkeypatch, lambda x, info: (torch.full_like(x, float("nan")), info))
+    agent.learn(1, progress_bar=False)
+    assert agent.last_record["line_search_failed"] == 1
+    assert torch.equal(policy_vector(agent), before)
+
+
+def test_fvp_subsampling_runs():
+    agent = TRPO("CartPole-v1", fvp_fraction=0.25, **FAST).learn(256, progress_bar=False)
+    assert agent.last_record["cg_iterations"] >= 1
+
+
+# ----------------------------------------------------------------------------- save / load
+def test_save_load_round_trip_identical_actions_and_continued_training(tmp_path):
+    kwargs = dict(FAST, normalize_obs=True)
+    uninterrupted = TRPO("CartPole-v1", **kwargs).learn(3 * 128, progress_bar=False)
+
+    first = TRPO("CartPole-v1", **kwargs).learn(128, progress_bar=False)
+    path = tmp_path / "model.pt"
+    first.save(path)
+    assert not [p for p in os.listdir(tmp_path) if p != "model.pt"]  # no temporary file left behind
+    loaded = TRPO.load(path)
+    obs = np.random.default_rng(0).normal(size=(20, 4))
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True), first.predict(obs, deterministic=True))
+    assert loaded.hyperparameters == first.hyperparameters and loaded.num_timesteps == 128
+
+    loaded.learn(2 * 128, progress_bar=False)
+    assert loaded.num_timesteps == uninterrupted.num_timesteps
+    assert torch.equal(policy_vector(loaded), policy_vector(uninterrupted))
+    for a, b in zip(loaded.value_net.parameters(), uninterrupted.value_net.parameters()):
+        assert torch.equal(a, b)
+    np.testing.assert_array_equal(loaded.normalizer.mean, uninterrupted.normalizer.mean)
+
+
+def test_load_with_another_env_and_bad_file(tmp_path):
+    agent = TRPO("CartPole-v1", **FAST).learn(1, progress_bar=False)
+    agent.save(tmp_path / "m.pt")
+    other = TRPO.load(tmp_path / "m.pt", env=gym.make("CartPole-v1"))
+    assert other.envs.num_envs == 1 and other.num_timesteps == agent.num_timesteps
+    torch.save({"something": 1}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a trpo_ext TRPO checkpoint"):
+        TRPO.load(tmp_path / "bad.pt")
+
+
+# ----------------------------------------------------------------------------- logs and CLI
+LOG_KEYS = {"ep_return_mean", "ep_length_mean", "kl", "surrogate_improvement", "line_search_steps",
+            "line_search_failed", "cg_iterations", "cg_residual", "value_loss", "explained_variance", "entropy",
+            "policy_std", "steps_per_sec", "time_rollout", "time_cg", "time_line_search", "time_critic"}
+
+
+def test_callback_can_stop_training():
+    agent = TRPO("CartPole-v1", **FAST)
+    agent.learn(10 * 128, progress_bar=False, callback=lambda a, r: r["update"] < 2)
+    assert agent.n_updates == 2
+
+
+def test_cli_train_eval_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", "CartPole-v1", "--timesteps", "256", "--n-envs", "2", "--n-steps", "64",
+                     "--out", str(out), "--no-progress", "--eval-episodes", "2", "--set", "critic_epochs=1"]) == 0
+    assert "deterministic evaluation over 2 episodes" in capsys.readouterr().out
+    for name in ("model.pt", "progress.csv", "learning_curve.png"):
+        assert (out / name).is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    with open(out / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and LOG_KEYS <= set(rows[0])
+
+    assert cli_main(["eval", str(out / "model.pt"), "--episodes", "1"]) == 0
+    assert "evaluation over 1 episodes" in capsys.readouterr().out
+    assert cli_main(["plot", str(out), str(out), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").is_file()
+
+
+# ----------------------------------------------------------------------------- learning
+def test_short_cartpole_run_beats_random_policy():
+    agent = TRPO("CartPole-v1", seed=0)  # the defaults the README's main command uses
+    agent.learn(20_000, progress_bar=False)
+    mean, _ = agent.evaluate(5)
+    assert agent.last_record["ep_return_mean"] > 60  # random policy: about 22
+    assert mean > 100

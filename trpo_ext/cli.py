@@ -1,0 +1,168 @@
+"""Command line: `trpo-ext train | eval | plot`.
+
+    trpo-ext train CartPole-v1 --out runs/cartpole      # logs, model.pt, learning_curve.png, final eval
+    trpo-ext eval runs/cartpole/model.pt
+    trpo-ext plot runs/cartpole runs/other --out curves.png
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import math
+import os
+import sys
+import time
+
+
+def _hyperparameter(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE a Python literal (numbers, True/False, tuples, dicts) or a bare string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+# ----------------------------------------------------------------------------- train
+def train(args) -> int:
+    from .trpo import TRPO
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = args.out or os.path.join("runs", f"{args.env_id}-seed{args.seed}")
+    options = dict(args.set)
+    for name in ("n_envs", "n_steps", "max_kl", "normalize_obs"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=out, **options)
+    print(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {agent.n_envs} envs, "
+          f"{agent.batch_size} steps per update) -> {out}")
+    start = time.perf_counter()
+    agent.learn(args.timesteps, progress_bar=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    model_path = os.path.join(out, "model.pt")
+    agent.save(model_path)
+    plot_runs([out], os.path.join(out, "learning_curve.png"), title=args.env_id)
+    mean, std = agent.evaluate(args.eval_episodes)
+    agent.close()
+    print(f"trained {agent.num_timesteps} steps in {elapsed:.1f} s ({agent.num_timesteps / elapsed:.0f} steps/s)")
+    print(f"saved {model_path}, {os.path.join(out, 'progress.csv')}, {os.path.join(out, 'learning_curve.png')}")
+    print(f"deterministic evaluation over {args.eval_episodes} episodes: {mean:.1f} +/- {std:.1f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def evaluate(args) -> int:
+    from .trpo import TRPO
+
+    agent = TRPO.load(args.model_path, env=args.env, device=args.device)
+    mean, std = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed)
+    agent.close()
+    kind = "stochastic" if args.stochastic else "deterministic"
+    print(f"{kind} evaluation over {args.episodes} episodes: {mean:.1f} +/- {std:.1f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- plot
+def read_progress(run_dir: str) -> tuple[list[float], list[float]]:
+    """(timesteps, mean episode return) from a run directory's progress.csv."""
+    steps, returns = [], []
+    with open(os.path.join(run_dir, "progress.csv"), newline="") as f:
+        for row in csv.DictReader(f):
+            value = float(row["ep_return_mean"])
+            if math.isfinite(value):
+                steps.append(float(row["timesteps"]))
+                returns.append(value)
+    return steps, returns
+
+
+def plot_runs(run_dirs, out_path: str, title: str | None = None) -> None:
+    """Overlays the learning curves (mean episode return vs. steps) of several runs in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run_dir in run_dirs:
+        steps, returns = read_progress(run_dir)
+        ax.plot(steps, returns, label=os.path.basename(os.path.normpath(run_dir)))
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("mean episode return")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot(args) -> int:
+    out = args.out or os.path.join(args.run_dirs[0], "learning_curves.png")
+    plot_runs(args.run_dirs, out, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trpo-ext", description="TRPO with a fused Fisher-vector-product CG solve")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train an agent; write logs, the model and a learning curve")
+    p.add_argument("env_id", help="gymnasium environment id, e.g. CartPole-v1")
+    p.add_argument("--timesteps", type=int, default=100_000, help="environment steps (default 100000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-envs", type=int, default=None, help="parallel env copies (default: TRPO's)")
+    p.add_argument("--n-steps", type=int, default=None, help="steps per env per update (default: TRPO's)")
+    p.add_argument("--max-kl", type=float, default=None, help="trust-region radius (default: TRPO's)")
+    p.add_argument("--normalize-obs", action="store_true", default=None, help="running observation normalization")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="run directory (default runs/ENV_ID-seedSEED)")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--set", type=_hyperparameter, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TRPO hyperparameter (repeatable), e.g. --set cg_iters=15 "
+                        "--set 'policy_kwargs={\"hidden\": (32, 32)}'")
+    p.set_defaults(func=train)
+
+    p = commands.add_parser("eval", help="evaluate a saved model")
+    p.add_argument("model_path")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--env", default=None, help="env id to evaluate on (default: the one it was trained on)")
+    p.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mode")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=evaluate)
+
+    p = commands.add_parser("plot", help="overlay the learning curves of run directories")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/learning_curves.png of the first run)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=plot)
+
+    # Listed here for --help; main() hands its arguments to trpo_ext.benchmark unparsed.
+    commands.add_parser("bench", add_help=False,
+                        help="FVP/CG microbenchmarks (fused vs double-backprop reference); bench --help")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .benchmark import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Vectorized environments, running observation normalization, rollouts and GAE.
+
+Every environment is stepped as one gymnasium vector env in SAME_STEP autoreset mode: when an
+episode ends, `step` already returns the first observation of the next one, and the last
+observation of the finished episode arrives in `infos["final_obs"]` (mask `infos["_final_obs"]`).
+That is what a truncated episode needs to bootstrap from.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from .policies import action_space_kind
+
+SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
+
+
+# ----------------------------------------------------------------------------- environments
+def check_spaces(observation_space, action_space) -> tuple[int, str]:
+    """(obs_dim, policy kind) for a flat 1-D Box observation and a Discrete / 1-D Box action space;
+    TypeError naming the space otherwise."""
+    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
+        raise TypeError("observation_space must be a flat 1-D gymnasium.spaces.Box (images, Dict, Tuple and "
+                        f"Discrete observations are not supported), got {observation_space!r}")
+    kind, _ = action_space_kind(action_space)
+    return int(observation_space.shape[0]), kind
+
+
+def _env_factory(env):
+    """A zero-argument callable that makes one copy of `env` (an id, an EnvSpec or a callable)."""
+    if isinstance(env, (str, gym.envs.registration.EnvSpec)):
+        return lambda: gym.make(env)
+    if callable(env) and not isinstance(env, gym.Env):
+        return env
+    raise TypeError(f"env must be a gymnasium id, an EnvSpec, a gymnasium.Env, a callable returning one, "
+                    f"or a gymnasium.vector.VectorEnv, got {type(env).__name__}")
+
+
+def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vector.VectorEnv:
+    """One gymnasium vector env (SAME_STEP autoreset) from an id, an Env, a callable or a vector env.
+
+    A single `gym.Env` instance cannot be copied, so it needs `n_envs=1`; a vector env is used as
+    it is (its `num_envs` wins) and must have been built with `autoreset_mode=SAME_STEP`.
+    """
+    if isinstance(env, gym.vector.VectorEnv):
+        mode = env.metadata.get("autoreset_mode")
+        if mode != SAME_STEP:
+            raise ValueError(
+                f"env: vector envs must use autoreset_mode=AutoresetMode.SAME_STEP, got {mode!r}; build it with "
+                "gym.make_vec(id, n, vectorization_mode='sync', "
+                "vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP}) "
+                "or pass the env id and n_envs instead")
+        return env
+    if isinstance(n_envs, bool) or not isinstance(n_envs, int) or n_envs < 1:
+        raise ValueError(f"n_envs must be an int >= 1, got {n_envs!r}")
+    if vectorization not in ("sync", "async"):
+        raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")
+    if isinstance(env, gym.Env):
+        if n_envs != 1:
+            raise ValueError("env: a gymnasium.Env instance cannot be copied into n_envs > 1 environments; "
+                             "pass its id or a callable that makes one")
+        fns = [lambda: env]
+    else:
+        fns = [_env_factory(env)] * n_envs
+    if vectorization == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=SAME_STEP)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=SAME_STEP)
+
+
+# ----------------------------------------------------------------------------- observation normalization
+class RunningNormalizer:
+    """Running mean / variance of observations (parallel Welford update); normalizes and clips.
+
+    Statistics are float64 on the CPU; `normalize` works on float32 tensors on any device.
+    """
+
+    def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
+        self.mean = np.zeros(dim)
+        self.var = np.ones(dim)
+        self.count = eps
+        self.clip = float(clip)
+        self.eps = eps
+        self._cache = None
+
+    def update(self, batch: np.ndarray) -> None:
+        batch = batch.reshape(-1, self.mean.shape[0]).astype(np.float64)
+        n, mean, var = batch.shape[0], batch.mean(0), batch.var(0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+        self._cache = None
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        if self._cache is None or self._cache[0].device != obs.device:
+            mean = torch.as_tensor(self.mean, dtype=torch.float32, device=obs.device)
+            inv_std = torch.as_tensor(1.0 / np.sqrt(self.var + self.eps), dtype=torch.float32, device=obs.device)
+            self._cache = (mean, inv_std)
+        mean, inv_std = self._cache
+        return ((obs - mean) * inv_std).clamp_(-self.clip, self.clip)
+
+    def state_dict(self) -> dict:
+        return {"mean": torch.from_numpy(self.mean.copy()), "var": torch.from_numpy(self.var.copy()),
+                "count": self.count, "clip": self.clip}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var = state["mean"].numpy().copy(), state["var"].numpy().copy()
+        self.count, self.clip = float(state["count"]), float(state["clip"])
+        self._cache = None
+
+
+# ----------------------------------------------------------------------------- GAE
+def compute_gae(rewards, values, next_values, terminated, truncated, gamma: float, lam: float):
+    """Generalized advantage estimation over (T, N) arrays; returns (advantages, returns).
+
+    `values[t]` is V(s_t) and `next_values[t]` is V of the observation that followed step t (the
+    final observation when the episode ended there). A terminated step has no future value; a
+    truncated one bootstraps from its final observation; either way the recursion stops there.
+    """
+    rewards, values, next_values = (np.asarray(a, dtype=np.float64) for a in (rewards, values, next_values))
+    terminated, truncated = np.asarray(terminated, dtype=bool), np.asarray(truncated, dtype=bool)
+    deltas = rewards + gamma * np.where(terminated, 0.0, next_values) - values
+    carry = gamma * lam * ~(terminated | truncated)
+    advantages = np.zeros_like(deltas)
+    last = np.zeros_like(deltas[0])
+    for t in reversed(range(deltas.shape[0])):
+        last = deltas[t] + carry[t] * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+# ----------------------------------------------------------------------------- rollouts
+@dataclass
+class Batch:
+    """One rollout, flattened to (n_steps * n_envs, ...) tensors on the agent's device."""
+
+    obs: torch.Tensor  # normalized observations the policy saw
+    actions: torch.Tensor  # sampled (unclipped) actions
+    advantages: torch.Tensor
+    returns: torch.Tensor  # value targets
+    values: torch.Tensor  # V(s) before the critic update, for explained variance
+
+
+class EpisodeStats:
+    """Returns and lengths of the episodes in flight and of the last `window` finished ones."""
+
+    def __init__(self, n_envs: int, window: int):
+        self.returns = np.zeros(n_envs)
+        self.lengths = np.zeros(n_envs, dtype=np.int64)
+        self.finished = deque(maxlen=window)
+
+    def step(self, rewards: np.ndarray, done: np.ndarray) -> None:
+        self.returns += rewards
+        self.lengths += 1
+        for i in np.flatnonzero(done):
+            self.finished.append((self.returns[i], int(self.lengths[i])))
+        self.returns[done] = 0.0
+        self.lengths[done] = 0
+
+    def means(self) -> tuple[float, float]:
+        if not self.finished:
+            return float("nan"), float("nan")
+        r, n = zip(*self.finished)
+        return float(np.mean(r)), float(np.mean(n))
+
+
+class RolloutCollector:
+    """Steps a vector env `n_steps` times with batched policy inference and turns it into a `Batch`.
+
+    Keeps the last observation between rollouts, so episodes continue across updates. Values are
+    computed once per rollout in one batched forward pass (current, last and final observations).
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, n_steps: int, device: torch.device,
+                 normalizer: RunningNormalizer | None, stats: EpisodeStats):
+        self.envs, self.n_steps, self.device = envs, n_steps, device
+        self.normalizer, self.stats = normalizer, stats
+        self.n_envs = envs.num_envs
+        self.obs_dim, kind = check_spaces(envs.single_observation_space, envs.single_action_space)
+        space = envs.single_action_space
+        self.discrete = kind == "categorical"
+        self.action_shape = () if self.discrete else space.shape
+        self.low = None if self.discrete else space.low.astype(np.float32)
+        self.high = None if self.discrete else space.high.astype(np.float32)
+        self.last_obs: np.ndarray | None = None
+
+    def reset(self, seed: int | None) -> None:
+        self.last_obs, _ = self.envs.reset(seed=seed)
+        self.stats.returns[:] = 0.0
+        self.stats.lengths[:] = 0
+
+    def observe(self, obs: np.ndarray) -> torch.Tensor:
+        """Raw observations -> float32 tensor on the device, normalized when enabled."""
+        t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        return t if self.normalizer is None else self.normalizer.normalize(t)
+
+    def env_actions(self, actions: torch.Tensor) -> np.ndarray:
+        """Sampled actions as the env takes them: Box actions clipped to the bounds."""
+        a = actions.cpu().numpy()
+        return a if self.discrete else np.clip(a, self.low, self.high)
+
+    @torch.no_grad()
+    def collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
+        T, N = self.n_steps, self.n_envs
+        obs_buf = torch.empty((T, N, self.obs_dim), dtype=torch.float32, device=self.device)
+        act_buf = torch.empty((T, N, *self.action_shape), dtype=torch.long if self.discrete else torch.float32,
+                              device=self.device)
+        raw_obs = np.empty((T, N, self.obs_dim), dtype=np.float64)
+        rewards = np.empty((T, N))
+        terminated = np.empty((T, N), dtype=bool)
+        truncated = np.empty((T, N), dtype=bool)
+        final_obs = []  # (t, env, observation) where an episode was truncated
+
+        obs = self.last_obs
+        for t in range(T):
+            raw_obs[t] = obs
+            obs_t = self.observe(obs)
+            obs_buf[t] = obs_t
+            actions = sample(policy, obs_t, generator)
+            act_buf[t] = actions
+            obs, rewards[t], terminated[t], truncated[t], infos = self.envs.step(self.env_actions(actions))
+            done = terminated[t] | truncated[t]
+            self.stats.step(rewards[t], done)
+            if truncated[t].any():
+                final = infos["final_obs"]
+                final_obs += [(t, i, final[i]) for i in np.flatnonzero(truncated[t])]
+        self.last_obs = obs
+
+        if not (np.isfinite(raw_obs).all() and np.isfinite(rewards).all() and np.isfinite(obs).all()):
+            raise ValueError("the environment returned a non-finite observation or reward; "
+                             "the agent's parameters were left unchanged")
+
+        # One value pass: all rollout observations, the observation after the last step, final observations.
+        extra = [obs] + [o[None] for _, _, o in final_obs]
+        extra = self.observe(np.concatenate(extra).astype(np.float32))
+        all_values = value_fn(torch.cat([obs_buf.view(T * N, -1), extra])).cpu().numpy().astype(np.float64)
+        values = all_values[: T * N].reshape(T, N)
+        next_values = np.concatenate([values[1:], all_values[T * N: T * N + N][None]])
+        for k, (t, i, _) in enumerate(final_obs):
+            next_values[t, i] = all_values[T * N + N + k]
+        advantages, returns = compute_gae(rewards, values, next_values, terminated, truncated, gamma, lam)
+
+        if self.normalizer is not None:
+            self.normalizer.update(raw_obs)
+
+        def flat(a):
+            return torch.as_tensor(a.reshape(T * N), dtype=torch.float32, device=self.device)
+
+        return Batch(obs=obs_buf.view(T * N, -1), actions=act_buf.view(T * N, *self.action_shape),
+                     advantages=flat(advantages), returns=flat(returns), values=flat(values))
+
+
+def sample(policy, obs: torch.Tensor, generator: torch.Generator | None = None,
+           deterministic: bool = False) -> torch.Tensor:
+    """Actions for a batch of observations, without building a distribution object (hot path)."""
+    out = policy.distribution_params(obs)
+    if policy.kind == "categorical":
+        if deterministic:
+            return out.argmax(-1)
+        return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1)
+    if deterministic:
+        return out
+    noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+    return out + policy.log_std.exp() * noise
