@@ -37,6 +37,17 @@ def _mlp(sizes: Sequence[int], activation: str) -> tuple[nn.ModuleList, nn.Modul
     return layers, ACTIVATIONS[activation]()
 
 
+def _mlp_forward(layers: nn.ModuleList, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # Indexing instead of layers[:-1]: slicing a ModuleList builds a new one on every call, which
+    # is a visible cost of one rollout step at small batch sizes.
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i < last:
+            x = act(x)
+    return x
+
+
 def _orthogonal_init(layers: nn.ModuleList, last_gain: float) -> None:
     # The initialisation sb3 and CleanRL use for on-policy MLPs: orthogonal, sqrt(2) gain for hidden
     # layers, a small gain on the policy head so the first policy is close to uniform.
@@ -106,10 +117,7 @@ class MLPPolicy(nn.Module):
 
     def distribution_params(self, obs: torch.Tensor) -> torch.Tensor:
         """Logits (categorical) or mean (Gaussian) for a batch of observations."""
-        h = obs
-        for layer in self.layers[:-1]:
-            h = self.act(layer(h))
-        return self.layers[-1](h)
+        return _mlp_forward(self.layers, self.act, obs)
 
     def forward(self, obs: torch.Tensor):
         out = self.distribution_params(obs)
@@ -130,7 +138,4 @@ class ValueNetwork(nn.Module):
         _orthogonal_init(self.layers, last_gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        h = obs
-        for layer in self.layers[:-1]:
-            h = self.act(layer(h))
-        return self.layers[-1](h).squeeze(-1)
+        return _mlp_forward(self.layers, self.act, obs).squeeze(-1)
