@@ -36,7 +36,7 @@ def extensions():
     debug = _flag("TRPO_EXT_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + ["-std=c++17"]
+    cxx = opt  # torch picks the language standard (C++20 from torch 2.14 on)
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], define_macros=[])
     if not debug:
         kwargs["define_macros"].append(("NDEBUG", None))
@@ -46,7 +46,7 @@ def extensions():
         kwargs["define_macros"].append(("WITH_CUDA", None))
         return [cpp_extension.CUDAExtension(
             "trpo_ext._C", sources,
-            extra_compile_args={"cxx": cxx, "nvcc": opt + ["-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": opt},
             **kwargs)]
     return [cpp_extension.CppExtension("trpo_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)]
 

@@ -1,0 +1,248 @@
+// CUDA implementations of the fused kernels in kernels.h, with the contract of csrc/cpu/kernels.cpp.
+//
+// The CG kernels never read the state on the host: every thread reads the scalars it needs from the
+// float64 `state` tensor, and a single-thread kernel does the scalar update, so a whole solve runs
+// without a host sync and can be captured in a CUDA graph. Reductions go block-wise in float64,
+// then atomically into their state slot; the order of calls in fisher.cpp (cg_start once, then
+// cg_dots, cg_update_, cg_direction_ per iteration) keeps those slots zeroed before each use:
+// cg_start zeroes the whole state and the scalar update at the end of cg_update_ re-zeroes the
+// per-iteration slots (pAp, pp, rsnew).
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+
+#include "kernels.h"
+
+namespace trpo_ext {
+namespace cuda {
+namespace {
+
+constexpr int kBlock = 256;
+using BlockSum = cub::BlockReduce<double, kBlock>;
+
+// At most as many blocks as the device keeps resident at once: grid-stride loops cover the rest,
+// and the reductions make one atomic per block.
+int64_t grid_for(int64_t n) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t max_blocks =
+      static_cast<int64_t>(props->multiProcessorCount) * (props->maxThreadsPerMultiProcessor / kBlock);
+  return std::min((n + kBlock - 1) / kBlock, max_blocks);
+}
+
+// Runs `kernel` on the current stream with a grid-stride grid over n elements; n == 0 launches
+// nothing.
+template <typename... Params, typename... Args>
+void launch(int64_t n, void (*kernel)(Params...), Args... args) {
+  if (n == 0) return;
+  kernel<<<grid_for(n), kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename F>
+__device__ void grid_stride(int64_t n, const F& body) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) body(i);
+}
+
+// Adds the block's sum of `value` to *dst. Every thread of the block must call it; each call in a
+// kernel needs its own temp storage.
+__device__ void block_accumulate(double value, double* dst, BlockSum::TempStorage& temp) {
+  const double total = BlockSum(temp).Sum(value);
+  if (threadIdx.x == 0) atomicAdd(dst, total);
+}
+
+__device__ float tanh_of(float v) { return tanhf(v); }
+__device__ double tanh_of(double v) { return tanh(v); }
+
+template <typename scalar_t, Activation act>
+__global__ void activation_forward_kernel(scalar_t* z, scalar_t* d, int64_t n) {
+  grid_stride(n, [&](int64_t i) {
+    if constexpr (act == Activation::Tanh) {
+      const scalar_t h = tanh_of(z[i]);
+      z[i] = h;
+      d[i] = scalar_t(1) - h * h;
+    } else {
+      const bool on = z[i] > scalar_t(0);
+      z[i] = on ? z[i] : scalar_t(0);
+      d[i] = on ? scalar_t(1) : scalar_t(0);
+    }
+  });
+}
+
+// One row per thread: K is small (the number of actions), and with fisher.cpp's transposed u
+// (stride 1 between rows) neighbouring threads touch neighbouring elements of u.
+template <typename scalar_t>
+__global__ void categorical_fisher_kernel(const scalar_t* p, scalar_t* u, int64_t rows, int64_t k,
+                                          int64_t su0, int64_t su1, scalar_t scale) {
+  grid_stride(rows, [&](int64_t row) {
+    const scalar_t* pr = p + row * k;
+    scalar_t* ur = u + row * su0;
+    scalar_t pu = 0;
+    for (int64_t j = 0; j < k; ++j) pu += pr[j] * ur[j * su1];
+    for (int64_t j = 0; j < k; ++j) ur[j * su1] = scale * pr[j] * (ur[j * su1] - pu);
+  });
+}
+
+// *out += a'b in float64.
+template <typename scalar_t>
+__global__ void dot_kernel(const scalar_t* a, const scalar_t* b, int64_t n, double* out) {
+  __shared__ BlockSum::TempStorage temp;
+  double acc = 0.0;
+  grid_stride(n, [&](int64_t i) { acc += double(a[i]) * double(b[i]); });
+  block_accumulate(acc, out, temp);
+}
+
+// state[kPAp] += p'Ap, state[kPP] += p'p in one pass.
+template <typename scalar_t>
+__global__ void cg_dots_kernel(const scalar_t* p, const scalar_t* Ap, int64_t n, double* state) {
+  __shared__ BlockSum::TempStorage temp[2];
+  double pAp = 0.0, pp = 0.0;
+  grid_stride(n, [&](int64_t i) {
+    const double pi = p[i];
+    pAp += pi * double(Ap[i]);
+    pp += pi * pi;
+  });
+  block_accumulate(pAp, state + kPAp, temp[0]);
+  block_accumulate(pp, state + kPP, temp[1]);
+}
+
+// Whether this iteration takes its step. A NaN in p'Ap fails the test too, so a poisoned
+// direction never reaches x.
+__device__ bool cg_step_ok(const double* state, double eps) {
+  return state[kActive] != 0.0 && state[kPAp] > eps * state[kPP];
+}
+
+__global__ void cg_start_finalize_kernel(double* state, double rtol) {
+  state[kTol2] = rtol * rtol * state[kRs];
+  state[kActive] = state[kRs] > state[kTol2] ? 1.0 : 0.0;
+}
+
+// x += a p, r -= a Ap, state[kRsNew] += r'r; a no-op (uniformly across the grid, so the block
+// reduction is never half-entered) when the step is not taken.
+template <typename scalar_t>
+__global__ void cg_update_kernel(scalar_t* x, scalar_t* r, const scalar_t* p, const scalar_t* Ap,
+                                 int64_t n, double* state, double eps) {
+  if (!cg_step_ok(state, eps)) return;
+  __shared__ BlockSum::TempStorage temp;
+  const scalar_t a = static_cast<scalar_t>(state[kRs] / state[kPAp]);
+  double rr = 0.0;
+  grid_stride(n, [&](int64_t i) {
+    x[i] += a * p[i];
+    const scalar_t ri = r[i] - a * Ap[i];
+    r[i] = ri;
+    rr += double(ri) * double(ri);
+  });
+  block_accumulate(rr, state + kRsNew, temp);
+}
+
+// The scalar half of cg_update_, after its vector kernel has finished; re-zeroes the slots that
+// the next iteration accumulates into.
+__global__ void cg_update_finalize_kernel(double* state, double eps) {
+  if (cg_step_ok(state, eps)) {
+    state[kIters] += 1.0;
+    state[kBeta] = state[kRsNew] / state[kRs];
+    state[kRs] = state[kRsNew];
+    state[kActive] = state[kRs] > state[kTol2] ? 1.0 : 0.0;
+  } else {
+    state[kActive] = 0.0;
+    state[kBeta] = 0.0;
+  }
+  state[kPAp] = 0.0;
+  state[kPP] = 0.0;
+  state[kRsNew] = 0.0;
+}
+
+template <typename scalar_t>
+__global__ void cg_direction_kernel(scalar_t* p, const scalar_t* r, int64_t n, const double* state) {
+  if (state[kActive] == 0.0) return;
+  const scalar_t beta = static_cast<scalar_t>(state[kBeta]);
+  grid_stride(n, [&](int64_t i) { p[i] = r[i] + beta * p[i]; });
+}
+
+}  // namespace
+
+void activation_forward_(at::Tensor& z, at::Tensor& d, Activation act) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const int64_t n = z.numel();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_forward_", [&] {
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    scalar_t* dp = d.data_ptr<scalar_t>();
+    if (act == Activation::Tanh) {
+      launch(n, activation_forward_kernel<scalar_t, Activation::Tanh>, zp, dp, n);
+    } else {
+      launch(n, activation_forward_kernel<scalar_t, Activation::Relu>, zp, dp, n);
+    }
+  });
+}
+
+void categorical_fisher_(const at::Tensor& p, at::Tensor& u, double scale) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t rows = u.size(0);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "categorical_fisher_", [&] {
+    launch(rows, categorical_fisher_kernel<scalar_t>, p.const_data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+           rows, u.size(1), u.stride(0), u.stride(1), static_cast<scalar_t>(scale));
+  });
+}
+
+at::Tensor dot64(const at::Tensor& a, const at::Tensor& b) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t n = a.numel();
+  at::Tensor result = at::zeros({}, a.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dot64", [&] {
+    launch(n, dot_kernel<scalar_t>, a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), n,
+           result.data_ptr<double>());
+  });
+  return result;
+}
+
+void cg_start(const at::Tensor& b, at::Tensor& state, double rtol) {
+  const c10::cuda::CUDAGuard guard(b.device());
+  const int64_t n = b.numel();
+  state.zero_();
+  double* s = state.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "cg_start", [&] {
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    launch(n, dot_kernel<scalar_t>, bp, bp, n, s + kRs);
+  });
+  cg_start_finalize_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(s, rtol);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void cg_dots(const at::Tensor& p, const at::Tensor& Ap, at::Tensor& state) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  const int64_t n = p.numel();
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_dots", [&] {
+    launch(n, cg_dots_kernel<scalar_t>, p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(), n,
+           state.data_ptr<double>());
+  });
+}
+
+void cg_update_(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const at::Tensor& Ap,
+                at::Tensor& state, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.numel();
+  double* s = state.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_update_", [&] {
+    launch(n, cg_update_kernel<scalar_t>, x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
+           p.const_data_ptr<scalar_t>(), Ap.const_data_ptr<scalar_t>(), n, s, eps);
+  });
+  cg_update_finalize_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(s, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void cg_direction_(at::Tensor& p, const at::Tensor& r, const at::Tensor& state) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  const int64_t n = p.numel();
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_direction_", [&] {
+    launch(n, cg_direction_kernel<scalar_t>, p.data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), n,
+           state.const_data_ptr<double>());
+  });
+}
+
+}  // namespace cuda
+}  // namespace trpo_ext
