@@ -1,0 +1,114 @@
+"""Whole-run training speed: trpo_ext.TRPO vs sb3-contrib's TRPO, plus the bare env stepping rate.
+
+For each env, in one process and interleaved over --repeats rounds (medians reported):
+  bare          the same SyncVectorEnv stepped with fixed actions: the limit any rollout can reach
+  trpo_ext      trpo_ext.TRPO(n_envs=E, n_steps=S).learn(budget)
+  sb3-same      sb3-contrib TRPO("MlpPolicy", E envs, n_steps=S), the same settings
+  sb3-default   sb3-contrib TRPO("MlpPolicy", env) with its defaults (one env, n_steps 2048)
+Matched settings (sb3-contrib's defaults): critic Adam lr 1e-3, 10 epochs of minibatches of 128,
+15 CG iterations, damping 0.1, max_kl 0.01, line search 10 x 0.8, gamma 0.99, GAE 0.95, 64x64 tanh.
+
+    python bench/agent_speed.py --env CartPole-v1 --env Hopper-v5 --timesteps 20000 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import trpo_ext
+
+MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters=15, damping=0.1, max_kl=0.01,
+               backtrack_factor=0.8, max_backtracks=10, gamma=0.99, gae_lambda=0.95)
+
+
+def bare_rate(env_id: str, n_envs: int, steps: int) -> float:
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * n_envs,
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs.reset(seed=0)
+    action = np.stack([envs.single_action_space.sample() for _ in range(n_envs)])
+    t = time.perf_counter()
+    for _ in range(steps // n_envs):
+        envs.step(action)
+    rate = (steps // n_envs) * n_envs / (time.perf_counter() - t)
+    envs.close()
+    return rate
+
+
+def run_trpo_ext(env_id, n_envs, n_steps, steps, seed):
+    records = []
+    agent = trpo_ext.TRPO(env_id, n_envs=n_envs, n_steps=n_steps, seed=seed, **MATCHED)
+    t = time.perf_counter()
+    agent.learn(steps, callback=lambda a, r: records.append(r), progress_bar=False)
+    wall = time.perf_counter() - t
+    split = {k: sum(r[k] for r in records) for k in ("time_rollout", "time_cg", "time_line_search", "time_critic")}
+    ret = records[-1]["ep_return_mean"] if records else float("nan")
+    agent.close()
+    return agent.num_timesteps / wall, ret, split
+
+
+def run_sb3(env_id, n_envs, n_steps, steps, seed):
+    from sb3_contrib import TRPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    if n_envs is None:  # sb3-contrib's default set-up
+        model = TRPO("MlpPolicy", env_id, seed=seed, verbose=0)
+    else:
+        model = TRPO("MlpPolicy", make_vec_env(env_id, n_envs=n_envs, seed=seed), n_steps=n_steps,
+                     batch_size=128, n_critic_updates=10, cg_max_steps=15, cg_damping=0.1, target_kl=0.01,
+                     learning_rate=1e-3, gamma=0.99, gae_lambda=0.95, seed=seed, verbose=0)
+    t = time.perf_counter()
+    model.learn(steps)
+    wall = time.perf_counter() - t
+    infos = list(model.ep_info_buffer)
+    ret = float(np.mean([i["r"] for i in infos])) if infos else float("nan")
+    return model.num_timesteps / wall, ret
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", action="append", default=None)
+    parser.add_argument("--n-envs", type=int, default=16)
+    parser.add_argument("--n-steps", type=int, default=128)
+    parser.add_argument("--timesteps", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    envs = args.env or ["CartPole-v1", "Hopper-v5"]
+    print(f"torch {torch.__version__} ({args.threads} thread), gymnasium {gym.__version__}, "
+          f"python {platform.python_version()}, {platform.machine()}; {args.timesteps} steps per run, "
+          f"{args.repeats} interleaved repeats, medians; E={args.n_envs} envs x S={args.n_steps} steps\n")
+    print("| env | setup | steps/s | trpo_ext speed-up | mean episode return at the end |")
+    print("|---|---|---|---|---|")
+    for env_id in envs:
+        rates = {k: [] for k in ("bare", "trpo_ext", "sb3-same", "sb3-default")}
+        rets = {k: [] for k in rates}
+        rollout_rates = []
+        for rep in range(args.repeats):
+            rates["bare"].append(bare_rate(env_id, args.n_envs, args.timesteps))
+            sps, ret, split = run_trpo_ext(env_id, args.n_envs, args.n_steps, args.timesteps, rep)
+            rates["trpo_ext"].append(sps)
+            rets["trpo_ext"].append(ret)
+            rollout_rates.append(args.timesteps / split["time_rollout"])
+            for key, n in (("sb3-same", args.n_envs), ("sb3-default", None)):
+                sps, ret = run_sb3(env_id, n, args.n_steps, args.timesteps, rep)
+                rates[key].append(sps)
+                rets[key].append(ret)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        for key in ("trpo_ext", "sb3-same", "sb3-default"):
+            ratio = med["trpo_ext"] / med[key]
+            print(f"| {env_id} | {key} | {med[key]:,.0f} | {ratio:.2f}x | {statistics.median(rets[key]):.1f} |")
+        rollout = statistics.median(rollout_rates)
+        print(f"| {env_id} | bare vector env, fixed actions | {med['bare']:,.0f} | | |")
+        print(f"| {env_id} | trpo_ext rollout phase (incl. values, GAE) | {rollout:,.0f} "
+              f"| {rollout / med['bare']:.0%} of bare | |")
+
+
+if __name__ == "__main__":
+    main()

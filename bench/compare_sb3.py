@@ -1,0 +1,545 @@
+"""trpo_ext vs sb3-contrib TRPO: learning curves, final evaluation and whole-run speed.
+
+Trains trpo_ext.TRPO and sb3_contrib.TRPO on the same machine with matched hyperparameters (per-env
+presets below, from rl-baselines3-zoo's hyperparams/trpo.yml), several seeds and a fixed step budget,
+plus sb3-contrib's out-of-the-box set-up (`TRPO("MlpPolicy", env)`, one env) for reference.
+
+    python bench/compare_sb3.py --env CartPole-v1                      # 3 seeds, all three libs
+    python bench/compare_sb3.py --env Hopper-v5 --seeds 0 1 2 3 4
+    python bench/compare_sb3.py --env CartPole-v1 --libs trpo_ext sb3 --timesteps 20000
+    python bench/compare_sb3.py --summary-only                         # rebuild every summary / plot
+    python bench/compare_sb3.py --env suite                            # the whole suite (hours)
+
+Each finished run writes <out>/<env>/<lib>_seed<k>.csv (one row per policy update: timesteps,
+wall-clock seconds, mean return of the last 100 training episodes, ...) and <lib>_seed<k>.json (final
+deterministic evaluation, wall-clock, steps/s, time split, hyperparameters, versions, load average).
+A run whose JSON exists is skipped, so an interrupted invocation can simply be started again. A
+budget other than the preset's goes to <out>/<env>-<N>/ so that it never mixes with preset results.
+Every invocation ends by rebuilding <out>/<env>/summary.md, return_vs_steps.png,
+return_vs_wallclock.png and the cross-env <out>/summary.md.
+
+Runs go seed by seed, the libraries alternating within each seed, each in a fresh Python process
+(`--in-process` to disable), so that drift in machine load affects every library alike. Wall-clock is
+measured around `learn()` only (construction and evaluation excluded) with
+torch.set_num_threads(--threads) in both libraries.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+
+LIBS = ("trpo_ext", "sb3", "sb3-default")
+LIB_LABELS = {"trpo_ext": "trpo_ext", "sb3": "sb3-contrib (matched)", "sb3-default": "sb3-contrib defaults, 1 env"}
+LIB_COLORS = {"trpo_ext": "tab:blue", "sb3": "tab:orange", "sb3-default": "tab:gray"}
+SUITE = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
+
+# ----------------------------------------------------------------------------- presets
+# Matched hyperparameters, from rl-baselines3-zoo hyperparams/trpo.yml (DLR-RM/rl-baselines3-zoo);
+# keys the zoo leaves out are sb3-contrib's TRPO defaults (n_steps 2048, batch_size 128, gamma 0.99,
+# gae_lambda 0.95, cg_max_steps 15, cg_damping 0.1, n_critic_updates 10, learning_rate 1e-3,
+# target_kl 0.01). The zoo's MuJoCo entries are for -v4; the same values are used for -v5.
+# Deviations from the zoo (trpo_ext has no equivalent, and both libraries must run the same thing):
+#   * zoo `normalize: true` is VecNormalize(norm_obs=True, norm_reward=True); here only observations
+#     are normalized (trpo_ext has no reward normalization): VecNormalize(norm_reward=False).
+#   * Pendulum-v1: the zoo uses gSDE (use_sde=True, sde_sample_freq=4); here a plain diagonal Gaussian.
+#   * budgets are the issue's (Pendulum 200k rather than the zoo's 100k).
+# Key names are the generic ones; see `trpo_ext_kwargs` / `sb3_kwargs` for the mapping.
+_SB3_DEFAULTS = dict(n_steps=2048, batch_size=128, gamma=0.99, gae_lambda=0.95, cg_iters=15, damping=0.1,
+                     critic_epochs=10, critic_lr=1e-3, max_kl=0.01, normalize_obs=False)
+_MUJOCO = dict(_SB3_DEFAULTS, timesteps=1_000_000, n_envs=2, n_steps=1024, batch_size=128, gamma=0.99,
+               gae_lambda=0.95, cg_iters=25, damping=0.1, critic_epochs=20, critic_lr=1e-3, normalize_obs=True)
+PRESETS = {
+    "CartPole-v1": dict(_SB3_DEFAULTS, timesteps=100_000, n_envs=2, n_steps=512, batch_size=512, damping=1e-3,
+                        gae_lambda=0.98, gamma=0.99, critic_lr=1e-3, critic_epochs=20),
+    "Acrobot-v1": dict(_SB3_DEFAULTS, timesteps=100_000, n_envs=2, n_steps=1024, normalize_obs=True),
+    "Pendulum-v1": dict(_SB3_DEFAULTS, timesteps=200_000, n_envs=2, n_steps=1024, gamma=0.9, critic_epochs=15),
+    "Hopper-v5": dict(_MUJOCO),
+    "HalfCheetah-v5": dict(_MUJOCO, max_kl=0.04),
+    "Walker2d-v5": dict(_MUJOCO),
+}
+# Shared by both matched set-ups: separate 64-64 tanh actor and critic, log-std 0, orthogonal init
+# (sb3's MlpPolicy default; trpo_ext's policies use the same scheme), advantage normalization,
+# line search 0.8^k for k < 10, no FVP sub-sampling, obs clip 10.
+NET = dict(hidden=(64, 64), activation="tanh", log_std_init=0.0)
+
+
+def trpo_ext_kwargs(p: dict, seed: int, device: str) -> dict:
+    return dict(n_envs=p["n_envs"], n_steps=p["n_steps"], gamma=p["gamma"], gae_lambda=p["gae_lambda"],
+                max_kl=p["max_kl"], damping=p["damping"], cg_iters=p["cg_iters"], backtrack_factor=0.8,
+                max_backtracks=10, fvp_fraction=1.0, normalize_advantage=True, normalize_obs=p["normalize_obs"],
+                obs_clip=10.0, critic_lr=p["critic_lr"], critic_epochs=p["critic_epochs"],
+                critic_batch_size=p["batch_size"], policy_kwargs=dict(NET), stats_window=100, seed=seed,
+                device=device)
+
+
+def sb3_kwargs(p: dict, seed: int, device: str) -> dict:
+    import torch.nn as nn
+
+    return dict(n_steps=p["n_steps"], batch_size=p["batch_size"], gamma=p["gamma"], gae_lambda=p["gae_lambda"],
+                target_kl=p["max_kl"], cg_damping=p["damping"], cg_max_steps=p["cg_iters"],
+                line_search_shrinking_factor=0.8, line_search_max_iter=10, n_critic_updates=p["critic_epochs"],
+                learning_rate=p["critic_lr"], normalize_advantage=True, sub_sampling_factor=1,
+                stats_window_size=100,
+                policy_kwargs=dict(net_arch=dict(pi=list(NET["hidden"]), vf=list(NET["hidden"])),
+                                   activation_fn=nn.Tanh, log_std_init=NET["log_std_init"], ortho_init=True),
+                seed=seed, device=device)
+
+
+# ----------------------------------------------------------------------------- one run
+def _run_dir(out: str, env_id: str, timesteps: int) -> str:
+    default = PRESETS[env_id]["timesteps"]
+    return os.path.join(out, env_id if timesteps == default else f"{env_id}-{timesteps}")
+
+
+def _paths(run_dir: str, lib: str, seed: int) -> tuple[str, str]:
+    stem = os.path.join(run_dir, f"{lib}_seed{seed}")
+    return stem + ".csv", stem + ".json"
+
+
+def _eval_seed(seed: int) -> int:  # identical evaluation episodes for every library at one training seed
+    return 1_000_003 + 1000 * seed
+
+
+def _evaluate(env_id: str, act, seed: int, n_episodes: int) -> list[float]:
+    """Returns of `n_episodes` episodes on a fresh gym.make(env_id), same reset seeds for every library;
+    `act(raw_obs)` applies the library's own observation normalization and deterministic policy."""
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    returns = []
+    for episode in range(n_episodes):
+        obs, _ = env.reset(seed=_eval_seed(seed) + episode)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    fields = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    import gymnasium
+    import numpy
+    import torch
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gymnasium.__version__,
+         "numpy": numpy.__version__}
+    for name in ("trpo_ext", "sb3_contrib", "stable_baselines3", "mujoco"):
+        try:
+            v[name] = __import__(name).__version__
+        except Exception:  # not installed / no version attribute
+            pass
+    return v
+
+
+def run_trpo_ext(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int, device: str):
+    import trpo_ext
+
+    kwargs = trpo_ext_kwargs(p, seed, device)
+    agent = trpo_ext.TRPO(env_id, **kwargs)
+    rows = []
+    split = {"rollout": 0.0, "cg": 0.0, "line_search": 0.0, "critic": 0.0}
+    t0 = time.perf_counter()
+
+    def callback(_agent, record):
+        for k in split:
+            split[k] += record[f"time_{k}"]
+        rows.append({"update": record["update"], "timesteps": record["timesteps"],
+                     "wall_s": time.perf_counter() - t0, "ep_return_mean": record["ep_return_mean"],
+                     "ep_length_mean": record["ep_length_mean"], "time_rollout": record["time_rollout"],
+                     "time_cg": record["time_cg"], "time_line_search": record["time_line_search"],
+                     "time_critic": record["time_critic"], "kl": record["kl"],
+                     "line_search_failed": record["line_search_failed"], "cg_iterations": record["cg_iterations"]})
+
+    agent.learn(timesteps, callback=callback, progress_bar=False)
+    wall = time.perf_counter() - t0
+    n_steps = agent.num_timesteps
+    returns = _evaluate(env_id, lambda obs: agent.predict(obs, deterministic=True), seed, eval_episodes)
+    agent.close()
+    kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"], hidden=list(NET["hidden"]))
+    return rows, wall, n_steps, returns, split, kwargs
+
+
+class _SB3Recorder:
+    """BaseCallback factory (sb3 is imported lazily). One row per update, written once the update
+    (train()) is done, like trpo_ext's callback: at the next rollout's start or at training end."""
+
+    @staticmethod
+    def make(t0_box: list):
+        from stable_baselines3.common.callbacks import BaseCallback
+
+        class Recorder(BaseCallback):
+            def __init__(self):
+                super().__init__()
+                self.rows, self.pending = [], None
+                self.rollout_time = self.train_time = 0.0
+                self.t_rollout_start = self.t_rollout_end = None
+
+            def _flush(self, now):
+                if self.pending is not None:
+                    self.train_time += now - self.t_rollout_end
+                    self.pending["time_train"] = now - self.t_rollout_end
+                    self.pending["wall_s"] = now - t0_box[0]
+                    self.rows.append(self.pending)
+                    self.pending = None
+
+            def _on_rollout_start(self):
+                now = time.perf_counter()
+                self._flush(now)
+                self.t_rollout_start = now
+
+            def _on_rollout_end(self):
+                now = time.perf_counter()
+                self.t_rollout_end = now
+                self.rollout_time += now - self.t_rollout_start
+                buf = self.model.ep_info_buffer
+                ret = float(sum(e["r"] for e in buf) / len(buf)) if buf else float("nan")
+                length = float(sum(e["l"] for e in buf) / len(buf)) if buf else float("nan")
+                self.pending = {"update": len(self.rows) + 1, "timesteps": self.model.num_timesteps,
+                                "wall_s": float("nan"), "ep_return_mean": ret, "ep_length_mean": length,
+                                "time_rollout": now - self.t_rollout_start}
+
+            def _on_training_end(self):
+                self._flush(time.perf_counter())
+
+            def _on_step(self):
+                return True
+
+        return Recorder()
+
+
+def run_sb3(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int, device: str, default: bool):
+    from sb3_contrib import TRPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if default:  # TRPO("MlpPolicy", env) as documented: one env, all defaults, no normalization
+        env = make_vec_env(env_id, n_envs=1, seed=seed)
+        kwargs = dict(seed=seed, device=device)
+        normalize = False
+    else:
+        env = make_vec_env(env_id, n_envs=p["n_envs"], seed=seed)
+        kwargs = sb3_kwargs(p, seed, device)
+        normalize = p["normalize_obs"]
+        if normalize:
+            env = VecNormalize(env, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=p["gamma"])
+    model = TRPO("MlpPolicy", env, **kwargs)
+    t0_box = [0.0]
+    recorder = _SB3Recorder.make(t0_box)
+    t0_box[0] = time.perf_counter()
+    model.learn(timesteps, callback=recorder, progress_bar=False)
+    wall = time.perf_counter() - t0_box[0]
+    n_steps = model.num_timesteps
+
+    vec_normalize = model.get_vec_normalize_env() if normalize else None
+    if vec_normalize is not None:
+        vec_normalize.training = False
+
+    def act(obs):
+        if vec_normalize is not None:
+            obs = vec_normalize.normalize_obs(obs)
+        return model.predict(obs, deterministic=True)[0]
+
+    returns = _evaluate(env_id, act, seed, eval_episodes)
+    env.close()
+    split = {"rollout": recorder.rollout_time, "train": recorder.train_time}
+    if not default:
+        kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"], activation_fn="Tanh")
+        kwargs["n_envs"], kwargs["normalize_obs"] = p["n_envs"], normalize
+    else:
+        kwargs["n_envs"] = 1
+    return recorder.rows, wall, n_steps, returns, split, kwargs
+
+
+def run_one(args, env_id: str, lib: str, seed: int) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    p = PRESETS[env_id]
+    timesteps = args.timesteps or p["timesteps"]
+    run_dir = _run_dir(args.out, env_id, timesteps)
+    os.makedirs(run_dir, exist_ok=True)
+    csv_path, json_path = _paths(run_dir, lib, seed)
+    load_start = os.getloadavg()
+    if lib == "trpo_ext":
+        rows, wall, n_steps, returns, split, kwargs = run_trpo_ext(env_id, p, seed, timesteps, args.eval_episodes,
+                                                                   args.device)
+    else:
+        rows, wall, n_steps, returns, split, kwargs = run_sb3(env_id, p, seed, timesteps, args.eval_episodes,
+                                                              args.device, default=lib == "sb3-default")
+    _write_csv(csv_path, rows)
+    result = {
+        "env": env_id, "lib": lib, "seed": seed, "budget": timesteps, "timesteps": n_steps,
+        "n_envs": kwargs["n_envs"], "wall_clock_s": wall, "steps_per_sec": n_steps / wall,
+        "eval_mean": float(np.mean(returns)), "eval_std": float(np.std(returns)), "eval_returns": returns,
+        "eval_episodes": len(returns), "eval_seed": _eval_seed(seed),
+        "final_train_return": rows[-1]["ep_return_mean"] if rows else float("nan"),
+        "updates": len(rows), "time_split_s": split, "threads": args.threads, "device": args.device,
+        "hyperparameters": kwargs, "versions": _versions(),
+        "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()},
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, json_path)  # the JSON marks the run finished (resumability)
+    print(f"  {lib} seed {seed}: {n_steps} steps in {wall:.1f} s ({n_steps / wall:.0f} steps/s), "
+          f"eval {result['eval_mean']:.1f} +/- {result['eval_std']:.1f}", flush=True)
+
+
+# ----------------------------------------------------------------------------- summaries and plots
+def _load_runs(run_dir: str) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "*_seed*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        csv_path = path[:-5] + ".csv"
+        r["curve"] = []
+        if os.path.exists(csv_path):
+            with open(csv_path, newline="") as f:
+                for row in csv.DictReader(f):
+                    r["curve"].append((float(row["timesteps"]), float(row["wall_s"]), float(row["ep_return_mean"])))
+        runs.setdefault(r["lib"], []).append(r)
+    return {lib: sorted(runs[lib], key=lambda r: r["seed"]) for lib in sorted(runs, key=_lib_order)}
+
+
+def _lib_order(lib: str) -> int:
+    return LIBS.index(lib) if lib in LIBS else len(LIBS)
+
+
+def _mean_std(values) -> tuple[float, float]:
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std())
+
+
+def _split_text(run_list: list[dict]) -> str:
+    keys = list(run_list[0]["time_split_s"])
+    total = sum(r["wall_clock_s"] for r in run_list)
+    parts = [(k, sum(r["time_split_s"].get(k, 0.0) for r in run_list)) for k in keys]
+    other = total - sum(v for _, v in parts)
+    if abs(other) > 0.005 * total:
+        parts.append(("other", other))
+    return " / ".join(f"{k} {100 * v / total:.0f}%" for k, v in parts)
+
+
+def _table_rows(env_label: str, runs: dict[str, list[dict]], with_env: bool) -> list[str]:
+    base = runs.get("sb3")
+    base_sps = _mean_std([r["steps_per_sec"] for r in base])[0] if base else None
+    lines = []
+    for lib, run_list in runs.items():
+        ev, ev_std = _mean_std([r["eval_mean"] for r in run_list])
+        tr, tr_std = _mean_std([r["final_train_return"] for r in run_list])
+        wall, _ = _mean_std([r["wall_clock_s"] for r in run_list])
+        sps, sps_std = _mean_std([r["steps_per_sec"] for r in run_list])
+        ratio = f"{sps / base_sps:.2f}x" if base_sps else "-"
+        seeds = ",".join(str(r["seed"]) for r in run_list)
+        cells = ([env_label] if with_env else []) + [
+            LIB_LABELS.get(lib, lib), str(run_list[0]["n_envs"]), seeds, f"{int(run_list[0]['timesteps']):,}",
+            f"{ev:.1f} ± {ev_std:.1f}", f"{tr:.1f} ± {tr_std:.1f}", f"{wall:.1f}", f"{sps:.0f} ± {sps_std:.0f}",
+            ratio]
+        if not with_env:
+            cells.append(_split_text(run_list))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+_HEADER = ["lib", "n_envs", "seeds", "steps/run", "final eval (mean ± std over seeds)",
+           "final train return", "wall-clock s (mean)", "steps/s", "speed vs sb3 matched"]
+
+
+def _plot(runs: dict[str, list[dict]], x_index: int, xlabel: str, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
+    for lib, run_list in runs.items():
+        curves = []
+        for r in run_list:
+            c = np.array([row for row in r["curve"] if math.isfinite(row[2])], dtype=float).reshape(-1, 3)
+            if len(c):
+                curves.append(c)
+        if not curves:
+            continue
+        hi = max(c[-1, x_index] for c in curves)
+        grid = np.linspace(min(c[0, x_index] for c in curves), hi, 200)
+        ys = np.array([np.interp(grid, c[:, x_index], c[:, 2], left=np.nan, right=np.nan) for c in curves])
+        ok = (~np.isnan(ys)).sum(0) > 0
+        with warnings.catch_warnings():  # all-NaN columns (outside every seed's range) are masked by `ok`
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, lo, up = np.nanmean(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+        color = LIB_COLORS.get(lib)
+        ax.plot(grid[ok], mean[ok], color=color, label=f"{LIB_LABELS.get(lib, lib)} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(grid[ok], lo[ok], up[ok], color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean training episode return (last 100)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def summarize_env(run_dir: str) -> dict[str, list[dict]] | None:
+    runs = _load_runs(run_dir)
+    if not runs:
+        return None
+    env_label = os.path.basename(os.path.normpath(run_dir))
+    _plot(runs, 0, "environment steps", f"{env_label}: return vs steps (mean, min-max over seeds)",
+          os.path.join(run_dir, "return_vs_steps.png"))
+    _plot(runs, 1, "wall-clock seconds (learn only)", f"{env_label}: return vs wall-clock (mean, min-max)",
+          os.path.join(run_dir, "return_vs_wallclock.png"))
+    any_run = next(iter(runs.values()))[0]
+    lines = [f"# {env_label}: trpo_ext vs sb3-contrib TRPO", "",
+             "Generated by `bench/compare_sb3.py`. Final eval: deterministic policy, "
+             f"{any_run['eval_episodes']} episodes on a fresh env with the training observation statistics, "
+             "same episode seeds for every library; mean over those episodes per seed, then mean ± std over "
+             "seeds. Final train return: mean of the last 100 training episodes at the end. Wall-clock: "
+             "`learn()` only. Time split: share of total wall-clock (trpo_ext: rollout incl. values and GAE / "
+             "gradient + CG / line search / critic; sb3: collect_rollouts / train()).", "",
+             "| " + " | ".join(_HEADER + ["time split"]) + " |", "|" + "---|" * (len(_HEADER) + 1)]
+    lines += _table_rows(env_label, runs, with_env=False)
+    lines += ["", "![return vs steps](return_vs_steps.png) ![return vs wall-clock](return_vs_wallclock.png)", "",
+              "## Runs", "", "| lib | seed | eval | wall-clock s | steps/s | load avg (start → end) | finished |",
+              "|---|---|---|---|---|---|---|"]
+    for lib, run_list in runs.items():
+        for r in run_list:
+            m = r["machine"]
+            lines.append(f"| {lib} | {r['seed']} | {r['eval_mean']:.1f} ± {r['eval_std']:.1f} | "
+                         f"{r['wall_clock_s']:.1f} | {r['steps_per_sec']:.0f} | "
+                         f"{m['loadavg_start'][0]:.2f} → {m['loadavg_end'][0]:.2f} | {r['finished']} |")
+    lines += ["", "## Set-up", "", f"- threads: {any_run['threads']}, device: {any_run['device']}, "
+              f"machine: {any_run['machine']['machine']}, {any_run['machine']['cpus']} CPUs",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in any_run["versions"].items())]
+    for lib, run_list in runs.items():
+        hp = {k: v for k, v in run_list[0]["hyperparameters"].items() if k != "seed"}
+        lines.append(f"- {lib}: `{json.dumps(hp, default=str)}`")
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return runs
+
+
+def summarize_all(out: str) -> None:
+    rows = []
+    for run_dir in sorted(d for d in glob.glob(os.path.join(out, "*")) if os.path.isdir(d)):
+        runs = _load_runs(run_dir)
+        if runs:
+            name = os.path.basename(run_dir)
+            rows.append((SUITE.index(name) if name in SUITE else len(SUITE), name, runs))
+    if not rows:
+        return
+    lines = ["# trpo_ext vs sb3-contrib TRPO: all environments", "",
+             "Generated by `bench/compare_sb3.py`; per-env details, plots and hyperparameters in "
+             "`<env>/summary.md`. Speed vs sb3 matched = steps/s ratio at the same number of envs and "
+             "the same hyperparameters.", "",
+             "| env | " + " | ".join(_HEADER) + " |", "|" + "---|" * (len(_HEADER) + 1)]
+    for _, name, runs in sorted(rows):
+        lines += _table_rows(f"[{name}]({name}/summary.md)", runs, with_env=True)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", nargs="+", help=f"env id(s) from {list(PRESETS)}, or 'suite' for all of them")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--timesteps", type=int, default=None,
+                        help="steps per run (default: the preset's budget; another budget writes <out>/<env>-<N>/)")
+    parser.add_argument("--libs", nargs="+", choices=LIBS, default=list(LIBS))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every run")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild summaries and plots")
+    parser.add_argument("--in-process", action="store_true", help="run everything in this process")
+    parser.add_argument("--list-presets", action="store_true")
+    parser.add_argument("--worker", nargs=2, metavar=("LIB", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.list_presets:
+        for env_id, p in PRESETS.items():
+            print(env_id, json.dumps(p))
+        return 0
+    envs = list(SUITE) if args.env and args.env == ["suite"] else (args.env or [])
+    unknown = [e for e in envs if e not in PRESETS]
+    if unknown:
+        parser.error(f"no preset for {unknown}; presets: {list(PRESETS)}")
+    if args.worker:
+        run_one(args, envs[0], args.worker[0], int(args.worker[1]))
+        return 0
+    if not envs and not args.summary_only:
+        parser.error("--env is required (or --summary-only)")
+
+    failures = []
+    if not args.summary_only:
+        for env_id in envs:
+            timesteps = args.timesteps or PRESETS[env_id]["timesteps"]
+            run_dir = _run_dir(args.out, env_id, timesteps)
+            print(f"{env_id}: {timesteps} steps per run -> {run_dir}", flush=True)
+            for seed in args.seeds:
+                for lib in args.libs:  # libraries alternate within each seed
+                    if os.path.exists(_paths(run_dir, lib, seed)[1]):
+                        print(f"  {lib} seed {seed}: done already, skipped", flush=True)
+                        continue
+                    if args.in_process:
+                        run_one(args, env_id, lib, seed)
+                        continue
+                    cmd = [sys.executable, os.path.abspath(__file__), "--env", env_id, "--worker", lib, str(seed),
+                           "--out", args.out, "--threads", str(args.threads), "--device", args.device,
+                           "--eval-episodes", str(args.eval_episodes)]
+                    if args.timesteps:
+                        cmd += ["--timesteps", str(args.timesteps)]
+                    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+                    if subprocess.run(cmd, env=env).returncode != 0:
+                        failures.append(f"{env_id} {lib} seed {seed}")
+                        print(f"  {lib} seed {seed}: FAILED", flush=True)
+            summarize_env(run_dir)
+    else:
+        dirs = ([_run_dir(args.out, e, args.timesteps or PRESETS[e]["timesteps"]) for e in envs] if envs
+                else sorted(d for d in glob.glob(os.path.join(args.out, "*")) if os.path.isdir(d)))
+        for run_dir in dirs:
+            if summarize_env(run_dir) is not None:
+                print(f"wrote {os.path.join(run_dir, 'summary.md')} and plots")
+    summarize_all(args.out)
+    if failures:
+        print("failed runs: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
