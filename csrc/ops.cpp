@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "critic.h"
 #include "fisher.h"
 
 extern "C" {
@@ -19,6 +20,9 @@ TORCH_LIBRARY(trpo_ext, m) {
   m.def("mlp_fvp(Tensor obs, Tensor[] params, Tensor v, str kind, str activation, float damping) -> Tensor");
   m.def("mlp_cg(Tensor obs, Tensor[] params, Tensor b, str kind, str activation, float damping, "
         "int iters, float rtol) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mlp_value_fit(Tensor obs, Tensor returns, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
+        "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps, Tensor order, int batch_size, float lr, float beta1, "
+        "float beta2, float eps, str activation) -> Tensor");
   m.def("cuda_built() -> bool", []() {
 #ifdef WITH_CUDA
     return true;
@@ -31,12 +35,14 @@ TORCH_LIBRARY(trpo_ext, m) {
 TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
+  m.impl("mlp_value_fit", &mlp_value_fit);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
+  m.impl("mlp_value_fit", &mlp_value_fit);
 }
 #endif
 

@@ -33,3 +33,9 @@ def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol):
     scalar = dict(device=b.device, dtype=torch.float64)
     return (torch.empty_like(b), b.new_empty((), dtype=torch.int64), b.new_empty((), **scalar),
             b.new_empty((), **scalar))
+
+
+@torch.library.register_fake("trpo_ext::mlp_value_fit")
+def _mlp_value_fit_fake(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size, lr, beta1, beta2,
+                        eps, activation):
+    return obs.new_empty((), dtype=torch.float64)

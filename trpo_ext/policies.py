@@ -134,7 +134,8 @@ class ValueNetwork(nn.Module):
 
     def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh"):
         super().__init__()
-        self.layers, self.act = _mlp((obs_dim, *_check_sizes("hidden", hidden), 1), _check_activation(activation))
+        self.activation = _check_activation(activation)
+        self.layers, self.act = _mlp((obs_dim, *_check_sizes("hidden", hidden), 1), self.activation)
         _orthogonal_init(self.layers, last_gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

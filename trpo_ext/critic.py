@@ -1,0 +1,50 @@
+"""The critic's regression step: Adam on mean((V(s) - R)^2) over epochs of shuffled minibatches.
+
+`fit_value_network` runs the whole loop as one extension op (forward, analytic backward and the
+Adam update per minibatch, no autograd), keeping its state in the given `torch.optim.Adam`, so
+checkpoints and a plain-PyTorch loop can take over at any point.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._ops import ops
+from .policies import ValueNetwork
+
+
+def _adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
+    group = optimizer.param_groups[0]
+    if len(optimizer.param_groups) != 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
+        raise ValueError("critic optimizer: one param group of plain Adam (no weight decay, amsgrad or maximize)")
+    steps, exp_avg, exp_avg_sq = [], [], []
+    for p in params:
+        state = optimizer.state[p]
+        if not state:  # what torch.optim.Adam creates on its first step
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps.append(state["step"])
+        exp_avg.append(state["exp_avg"])
+        exp_avg_sq.append(state["exp_avg_sq"])
+    return group, steps, exp_avg, exp_avg_sq
+
+
+def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs: torch.Tensor,
+                      returns: torch.Tensor, epochs: int, batch_size: int,
+                      generator: torch.Generator | None = None) -> float:
+    """`epochs` passes of Adam minibatch regression of value_net(obs) on returns; the mean loss.
+
+    Minibatches are consecutive slices of one `torch.randperm` per epoch drawn from `generator`,
+    the order a plain PyTorch loop over `randperm(n).split(batch_size)` would use.
+    """
+    if epochs == 0:
+        return float("nan")
+    params = list(value_net.parameters())
+    group, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
+    order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
+                         for _ in range(epochs)])
+    beta1, beta2 = group["betas"]
+    with torch.no_grad():
+        loss = ops.mlp_value_fit(obs, returns, [p.detach() for p in params], exp_avg, exp_avg_sq, steps, order,
+                                 batch_size, float(group["lr"]), beta1, beta2, group["eps"], value_net.activation)
+    return loss.item()
