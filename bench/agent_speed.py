@@ -40,9 +40,9 @@ def bare_rate(env_id: str, n_envs: int, steps: int) -> float:
     return rate
 
 
-def run_trpo_ext(env_id, n_envs, n_steps, steps, seed):
+def run_trpo_ext(env_id, n_envs, n_steps, steps, seed, vectorization="sync"):
     records = []
-    agent = trpo_ext.TRPO(env_id, n_envs=n_envs, n_steps=n_steps, seed=seed, **MATCHED)
+    agent = trpo_ext.TRPO(env_id, n_envs=n_envs, n_steps=n_steps, seed=seed, vectorization=vectorization, **MATCHED)
     t = time.perf_counter()
     agent.learn(steps, callback=lambda a, r: records.append(r), progress_bar=False)
     wall = time.perf_counter() - t
@@ -78,12 +78,15 @@ def main():
     parser.add_argument("--timesteps", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vectorization", default="sync", choices=["sync", "async"],
+                        help="trpo_ext's vector env; async steps the envs in worker processes (both cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     envs = args.env or ["CartPole-v1", "Hopper-v5"]
     print(f"torch {torch.__version__} ({args.threads} thread), gymnasium {gym.__version__}, "
           f"python {platform.python_version()}, {platform.machine()}; {args.timesteps} steps per run, "
-          f"{args.repeats} interleaved repeats, medians; E={args.n_envs} envs x S={args.n_steps} steps\n")
+          f"{args.repeats} interleaved repeats, medians; E={args.n_envs} envs x S={args.n_steps} steps; "
+          f"trpo_ext vectorization={args.vectorization} (bare and sb3: one process)\n")
     print("| env | setup | steps/s | trpo_ext speed-up | mean episode return at the end |")
     print("|---|---|---|---|---|")
     for env_id in envs:
@@ -92,7 +95,7 @@ def main():
         rollout_rates = []
         for rep in range(args.repeats):
             rates["bare"].append(bare_rate(env_id, args.n_envs, args.timesteps))
-            sps, ret, split = run_trpo_ext(env_id, args.n_envs, args.n_steps, args.timesteps, rep)
+            sps, ret, split = run_trpo_ext(env_id, args.n_envs, args.n_steps, args.timesteps, rep, args.vectorization)
             rates["trpo_ext"].append(sps)
             rets["trpo_ext"].append(ret)
             rollout_rates.append(args.timesteps / split["time_rollout"])

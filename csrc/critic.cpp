@@ -4,8 +4,6 @@
 // minibatch) spends most of its time in per-op overhead at these sizes.
 #include "critic.h"
 
-#include <cmath>
-
 namespace trpo_ext {
 namespace {
 
@@ -62,8 +60,10 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
   std::vector<at::Tensor> inputs(n_layers);  // h_l, the input of layer l, for this minibatch
   at::Tensor loss_sum = at::zeros({}, obs.options().dtype(at::kDouble));
   int64_t n_batches = 0;
-  // torch.optim.Adam keeps one step count per parameter; they move together, so read one once.
-  const double first_step = steps[0].item<double>();
+  // The fused Adam kernel wants its step counts on the parameters' device (torch keeps them on the
+  // CPU for the unfused optimizer): work on device copies, write them back at the end.
+  std::vector<at::Tensor> device_steps;
+  for (const at::Tensor& step : steps) device_steps.push_back(step.to(obs.device(), at::kFloat, false, true));
 
   for (int64_t epoch = 0; epoch < order.size(0); ++epoch) {
     const at::Tensor perm = order[epoch];
@@ -92,19 +92,13 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
           g = at::mm(g, params[2 * l]).mul_(act_grad);
         }
       }
-      // Adam, as torch.optim.Adam computes it (no weight decay, no amsgrad).
-      const double t = first_step + static_cast<double>(n_batches);
-      for (size_t i = 0; i < params.size(); ++i) {
-        at::Tensor m = exp_avg[i], v = exp_avg_sq[i], p = params[i];
-        m.lerp_(grads[i], 1 - beta1);
-        v.mul_(beta2).addcmul_(grads[i], grads[i], 1 - beta2);
-        const double step_size = lr / (1 - std::pow(beta1, t));
-        const double bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, t));
-        p.addcdiv_(m, v.sqrt().div_(bias_correction2_sqrt).add_(eps), -step_size);
-      }
+      // Adam, through the kernel torch.optim.Adam(fused=True) uses (no weight decay, no amsgrad).
+      at::_foreach_add_(device_steps, 1);
+      at::_fused_adam_(params, grads, exp_avg, exp_avg_sq, {}, device_steps, lr, beta1, beta2, 0.0, eps, false,
+                       false);
     }
   }
-  for (const at::Tensor& step : steps) step.add_(static_cast<double>(n_batches));
+  for (size_t i = 0; i < steps.size(); ++i) steps[i].copy_(device_steps[i]);
   return n_batches ? loss_sum / static_cast<double>(n_batches) : loss_sum;
 }
 
