@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "act.h"
 #include "critic.h"
 #include "fisher.h"
 
@@ -23,6 +24,8 @@ TORCH_LIBRARY(trpo_ext, m) {
   m.def("mlp_value_fit(Tensor obs, Tensor returns, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
         "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps, Tensor order, int batch_size, float lr, float beta1, "
         "float beta2, float eps, str activation) -> Tensor");
+  m.def("mlp_act(Tensor obs, Tensor? obs_mean, Tensor? obs_inv_std, float obs_clip, Tensor[] params, str kind, "
+        "str activation, bool deterministic, Generator? generator) -> (Tensor, Tensor)");
   m.def("cuda_built() -> bool", []() {
 #ifdef WITH_CUDA
     return true;
@@ -36,6 +39,7 @@ TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
   m.impl("mlp_value_fit", &mlp_value_fit);
+  m.impl("mlp_act", &mlp_act);
 }
 
 #ifdef WITH_CUDA
@@ -43,6 +47,7 @@ TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
   m.impl("mlp_value_fit", &mlp_value_fit);
+  m.impl("mlp_act", &mlp_act);
 }
 #endif
 

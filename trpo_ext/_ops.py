@@ -39,3 +39,13 @@ def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol):
 def _mlp_value_fit_fake(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size, lr, beta1, beta2,
                         eps, activation):
     return obs.new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("trpo_ext::mlp_act")
+def _mlp_act_fake(obs, obs_mean, obs_inv_std, obs_clip, params, kind, activation, deterministic, generator):
+    dtype = params[0].dtype
+    n = obs.shape[0]
+    policy_obs = obs.new_empty(obs.shape, dtype=dtype)
+    if kind == "categorical":
+        return policy_obs, obs.new_empty((n,), dtype=torch.int64)
+    return policy_obs, obs.new_empty((n, params[-1].shape[0]), dtype=dtype)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from ._ops import ops
 from .policies import action_space_kind
 
 SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
@@ -97,12 +98,16 @@ class RunningNormalizer:
         self.count = total
         self._cache = None
 
-    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
-        if self._cache is None or self._cache[0].device != obs.device:
-            mean = torch.as_tensor(self.mean, dtype=torch.float32, device=obs.device)
-            inv_std = torch.as_tensor(1.0 / np.sqrt(self.var + self.eps), dtype=torch.float32, device=obs.device)
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / std) as float32 tensors on `device`, cached until the next update."""
+        if self._cache is None or self._cache[0].device != torch.device(device):
+            mean = torch.as_tensor(self.mean, dtype=torch.float32, device=device)
+            inv_std = torch.as_tensor(1.0 / np.sqrt(self.var + self.eps), dtype=torch.float32, device=device)
             self._cache = (mean, inv_std)
-        mean, inv_std = self._cache
+        return self._cache
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self.tensors(obs.device)
         return ((obs - mean) * inv_std).clamp_(-self.clip, self.clip)
 
     def state_dict(self) -> dict:
@@ -158,10 +163,11 @@ class EpisodeStats:
     def step(self, rewards: np.ndarray, done: np.ndarray) -> None:
         self.returns += rewards
         self.lengths += 1
-        for i in np.flatnonzero(done):
-            self.finished.append((self.returns[i], int(self.lengths[i])))
-        self.returns[done] = 0.0
-        self.lengths[done] = 0
+        if done.any():
+            for i in np.flatnonzero(done):
+                self.finished.append((self.returns[i], int(self.lengths[i])))
+            self.returns[done] = 0.0
+            self.lengths[done] = 0
 
     def means(self) -> tuple[float, float]:
         if not self.finished:
@@ -200,6 +206,20 @@ class RolloutCollector:
         t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         return t if self.normalizer is None else self.normalizer.normalize(t)
 
+    def act(self, policy, obs: np.ndarray, generator: torch.Generator | None = None, deterministic: bool = False,
+            params: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw observations (B, obs_dim) -> (the policy's input, actions), in one extension call:
+        normalization as `observe`, the policy's forward pass, and a sample (or the mode).
+        `params`: `list(policy.parameters())`, when the caller has it at hand (it costs a module walk)."""
+        obs = torch.as_tensor(obs, device=self.device)
+        mean = inv_std = None
+        clip = 1.0
+        if self.normalizer is not None:
+            mean, inv_std = self.normalizer.tensors(self.device)
+            clip = self.normalizer.clip
+        return ops.mlp_act(obs, mean, inv_std, clip, list(policy.parameters()) if params is None else params,
+                           policy.kind, policy.activation, deterministic, generator)
+
     def env_actions(self, actions: torch.Tensor) -> np.ndarray:
         """Sampled actions as the env takes them: Box actions clipped to the bounds."""
         a = actions.cpu().numpy()
@@ -218,11 +238,10 @@ class RolloutCollector:
         final_obs = []  # (t, env, observation) where an episode was truncated
 
         obs = self.last_obs
+        params = list(policy.parameters())
         for t in range(T):
             raw_obs[t] = obs
-            obs_t = self.observe(obs)
-            obs_buf[t] = obs_t
-            actions = sample(policy, obs_t, generator)
+            obs_buf[t], actions = self.act(policy, obs, generator, params=params)
             act_buf[t] = actions
             obs, rewards[t], terminated[t], truncated[t], infos = self.envs.step(self.env_actions(actions))
             done = terminated[t] | truncated[t]
@@ -255,16 +274,3 @@ class RolloutCollector:
         return Batch(obs=obs_buf.view(T * N, -1), actions=act_buf.view(T * N, *self.action_shape),
                      advantages=flat(advantages), returns=flat(returns), values=flat(values))
 
-
-def sample(policy, obs: torch.Tensor, generator: torch.Generator | None = None,
-           deterministic: bool = False) -> torch.Tensor:
-    """Actions for a batch of observations, without building a distribution object (hot path)."""
-    out = policy.distribution_params(obs)
-    if policy.kind == "categorical":
-        if deterministic:
-            return out.argmax(-1)
-        return torch.multinomial(out.softmax(-1), 1, generator=generator).squeeze(-1)
-    if deterministic:
-        return out
-    noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
-    return out + policy.log_std.exp() * noise

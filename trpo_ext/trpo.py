@@ -21,8 +21,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from .critic import fit_value_network
 from .fisher import cg_solve
 from .policies import MLPPolicy, ValueNetwork
-from .rollout import (SAME_STEP, EpisodeStats, RolloutCollector, RunningNormalizer, check_spaces, make_vec_env,
-                      sample)
+from .rollout import SAME_STEP, EpisodeStats, RolloutCollector, RunningNormalizer, check_spaces, make_vec_env
 
 CHECKPOINT_FORMAT = 1
 POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0}
@@ -275,8 +274,7 @@ class TRPO:
             raise ValueError(f"obs must have shape ({self.collector.obs_dim},) or (B, {self.collector.obs_dim}), "
                              f"got {obs.shape}")
         with torch.no_grad():
-            actions = sample(self.policy, self.collector.observe(obs[None] if single else obs),
-                             deterministic=deterministic)
+            _, actions = self.collector.act(self.policy, obs[None] if single else obs, deterministic=deterministic)
         actions = self.collector.env_actions(actions)
         return actions[0] if single else actions
 

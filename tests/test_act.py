@@ -1,0 +1,118 @@
+"""The rollout inference op (trpo_ext::mlp_act): normalization, forward pass and sampling against
+plain PyTorch; its distributions; bad input; opcheck."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_policy
+
+ops = torch.ops.trpo_ext
+
+
+def _params(policy):
+    return [p.detach() for p in policy.parameters()]
+
+
+def _normalized(obs, mean, inv_std, clip):
+    return ((obs - mean) * inv_std).clamp(-clip, clip)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_sample_is_mean_plus_std_times_the_same_randn(activation, dtype, device):
+    policy = make_policy("gaussian", 5, 3, (8, 7), activation, dtype, device)
+    obs = 3 * torch.randn(11, 5, dtype=torch.float64, device=device)  # raw obs in another dtype
+    mean, inv_std = torch.randn(5, dtype=dtype, device=device), torch.rand(5, dtype=dtype, device=device) + 0.5
+    x, actions = ops.mlp_act(obs, mean, inv_std, 1.5, _params(policy), "gaussian", activation, False,
+                             torch.Generator(device).manual_seed(3))
+    expected_x = _normalized(obs.to(dtype), mean, inv_std, 1.5)
+    noise = torch.randn((11, 3), generator=torch.Generator(device).manual_seed(3), dtype=dtype, device=device)
+    with torch.no_grad():
+        expected = policy.distribution_params(expected_x) + policy.log_std.exp() * noise
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert x.dtype == dtype and actions.shape == (11, 3)
+    assert x.abs().max() <= 1.5
+    torch.testing.assert_close(x, expected_x, **tol)
+    torch.testing.assert_close(actions, expected, **tol)
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_deterministic_is_the_mode_without_normalization(kind, device):
+    policy = make_policy(kind, 4, 3, (6,), "tanh", torch.float64, device)
+    obs = torch.randn(7, 4, dtype=torch.float64, device=device)
+    x, actions = ops.mlp_act(obs, None, None, 1.0, _params(policy), kind, "tanh", True, None)
+    with torch.no_grad():
+        out = policy.distribution_params(obs)
+    assert torch.equal(x, obs)
+    torch.testing.assert_close(actions, out.argmax(-1) if kind == "categorical" else out)
+
+
+def test_categorical_samples_follow_softmax(device):
+    policy = make_policy("categorical", 3, 4, (5,), "relu", torch.float64, device)
+    obs = torch.randn(1, 3, dtype=torch.float64, device=device).expand(200_000, 3)
+    _, actions = ops.mlp_act(obs, None, None, 1.0, _params(policy), "categorical", "relu", False,
+                             torch.Generator(device).manual_seed(0))
+    with torch.no_grad():
+        probs = policy(obs[:1]).probs[0]
+    assert actions.dtype == torch.int64 and actions.min() >= 0 and actions.max() <= 3
+    freq = torch.bincount(actions, minlength=4).double() / actions.numel()
+    # 200k draws: the standard error of each frequency is below 0.0012; 5 of them is a loose bound.
+    assert (freq - probs).abs().max() < 0.006, (freq, probs)
+
+
+def test_same_generator_state_same_actions():
+    policy = make_policy("categorical", 3, 5, (4,), "tanh", torch.float32)
+    obs = torch.randn(64, 3)
+    runs = [ops.mlp_act(obs, None, None, 1.0, _params(policy), "categorical", "tanh", False,
+                        torch.Generator().manual_seed(7))[1] for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_collector_act_matches_normalizer_and_policy():
+    import trpo_ext
+    from trpo_ext.rollout import EpisodeStats, RolloutCollector, RunningNormalizer
+
+    envs = trpo_ext.rollout.make_vec_env("Pendulum-v1", 2)
+    norm = RunningNormalizer(3, clip=2.0)
+    norm.update(np.random.default_rng(0).normal(size=(50, 3)) * 4)
+    collector = RolloutCollector(envs, 4, torch.device("cpu"), norm, EpisodeStats(2, 10))
+    policy = trpo_ext.MLPPolicy(3, envs.single_action_space)
+    raw = np.random.default_rng(1).normal(size=(2, 3)) * 5
+    x, actions = collector.act(policy, raw, deterministic=True)
+    torch.testing.assert_close(x, collector.observe(raw))
+    with torch.no_grad():
+        torch.testing.assert_close(actions, policy.distribution_params(x))
+    envs.close()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(kind="beta"), "kind must be"),
+    (dict(activation="gelu"), "activation must be"),
+    (dict(obs=torch.randn(4, 6)), "do not chain"),
+    (dict(obs=torch.randn(4)), "obs must have shape"),
+    (dict(obs=torch.zeros(4, 5, dtype=torch.long)), "obs must be a floating-point"),
+    (dict(mean=torch.zeros(5), inv_std=None), "given together"),
+    (dict(mean=torch.zeros(4), inv_std=torch.ones(4)), "obs_mean and obs_inv_std must be"),
+    (dict(clip=0.0, mean=torch.zeros(5), inv_std=torch.ones(5)), "obs_clip must be > 0"),
+    (dict(params="drop_log_std"), "params must be"),
+])
+def test_bad_input_names_the_argument(change, match):
+    policy = make_policy("gaussian", 5, 3, (8,), "tanh", torch.float32)
+    args = dict(obs=torch.randn(4, 5), mean=None, inv_std=None, clip=1.0, params=_params(policy),
+                kind="gaussian", activation="tanh")
+    args.update(change)
+    if args["params"] == "drop_log_std":
+        args["params"] = _params(policy)[:-1]
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        ops.mlp_act(args["obs"], args["mean"], args["inv_std"], args["clip"], args["params"], args["kind"],
+                    args["activation"], False, None)
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_opcheck_mlp_act(kind, device):
+    policy = make_policy(kind, 5, 3, (8, 7), "tanh", torch.float32, device)
+    obs = torch.randn(9, 5, device=device)
+    mean, inv_std = torch.zeros(5, device=device), torch.ones(5, device=device)
+    # deterministic: opcheck runs the op several times and compares the outputs
+    torch.library.opcheck(ops.mlp_act.default, (obs, mean, inv_std, 5.0, _params(policy), kind, "tanh", True, None))
