@@ -22,12 +22,16 @@ void normalize_rows(at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv
   const scalar_t hi = static_cast<scalar_t>(clip), lo = -hi;
   for (int64_t i = 0; i < n; ++i) {
     scalar_t* row = px + i * d;
-    for (int64_t j = 0; j < d; ++j) row[j] = std::min(hi, std::max(lo, (row[j] - pm[j]) * ps[j]));
+    for (int64_t j = 0; j < d; ++j) {
+      const scalar_t v = (row[j] - pm[j]) * ps[j];
+      row[j] = v < lo ? lo : (v > hi ? hi : v);  // NaN passes through, as with at::clamp
+    }
   }
 }
 
-// actions[i] = the first class k with softmax(logits[i])[0..k] summed > u[i] (the last class if
-// rounding leaves the total below u): inverse-CDF sampling from each row's categorical distribution.
+// actions[i] = the first class k with softmax(logits[i])[0..k] summed > u[i] (if rounding leaves the
+// total at or below u, the last class of nonzero probability): inverse-CDF sampling from each row's
+// categorical distribution. A class whose probability underflows to 0 is never picked.
 template <typename scalar_t>
 void sample_categorical_rows(const at::Tensor& logits, const at::Tensor& u, at::Tensor& actions) {
   const int64_t n = logits.size(0), k = logits.size(1);
@@ -41,14 +45,14 @@ void sample_categorical_rows(const at::Tensor& logits, const at::Tensor& u, at::
     for (int64_t j = 0; j < k; ++j) total += std::exp(row[j] - max);
     const scalar_t target = pu[i] * total;  // compare unnormalized: sum_j<=a exp(l_j - max) > u * total
     scalar_t cum = 0;
-    int64_t a = k - 1;
+    int64_t a = -1, last_positive = 0;
     for (int64_t j = 0; j < k; ++j) {
-      cum += std::exp(row[j] - max);
-      if (cum > target) {
-        a = j;
-        break;
-      }
+      const scalar_t e = std::exp(row[j] - max);
+      if (e > 0) last_positive = j;
+      cum += e;
+      if (a < 0 && cum > target && e > 0) a = j;
     }
+    if (a < 0) a = last_positive;
     pa[i] = a;
   }
 }
@@ -74,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::opt
   const at::ScalarType dtype = params[0].scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "trpo_ext: params must be float32 or float64, got ",
                    dtype);
-  TORCH_CHECK_TYPE(at::isFloatingType(obs.scalar_type()), "trpo_ext: obs must be a floating-point tensor, got ",
-                   obs.scalar_type());
+  TORCH_CHECK_TYPE(!at::isComplexType(obs.scalar_type()), "trpo_ext: obs must be a real tensor (floating point, "
+                   "integer or bool; it is converted to the weights' dtype), got ", obs.scalar_type());
   TORCH_CHECK_VALUE(obs.dim() == 2, "trpo_ext: obs must have shape (N, obs_dim), got ", obs.sizes());
   TORCH_CHECK_VALUE(obs.device() == params[0].device(), "trpo_ext: obs is on ", obs.device(),
                     " but the policy is on ", params[0].device());
@@ -136,9 +140,12 @@ std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::opt
           sample_categorical_rows<scalar_t>(out.contiguous(), u, actions);
         });
       } else {
-        // (The clamp guards against the last cumulative sum rounding below u.)
-        const at::Tensor cdf = out.softmax(-1).cumsum_(-1);
-        actions = cdf.lt(u.unsqueeze(1)).sum(-1).clamp_max_(out.size(1) - 1);
+        // Unnormalized, as on the CPU: count the classes whose cumulative weight is <= u * total
+        // (a zero-probability prefix is skipped even when u == 0); the clamp guards rounding at u ~ 1.
+        const at::Tensor weights = (out - std::get<0>(out.max(-1, true))).exp_();
+        const at::Tensor cdf = weights.cumsum(-1);
+        const at::Tensor target = cdf.narrow(1, out.size(1) - 1, 1) * u.unsqueeze(1);
+        actions = cdf.le(target).sum(-1).clamp_max_(out.size(1) - 1);
       }
     }
   } else if (deterministic) {

@@ -61,6 +61,37 @@ def test_categorical_samples_follow_softmax(device):
     assert (freq - probs).abs().max() < 0.006, (freq, probs)
 
 
+def test_integer_observations_are_converted():
+    # e.g. uint8 RAM observations: the op converts them like the weights' dtype, as the Python path did
+    policy = make_policy("categorical", 5, 3, (8,), "tanh", torch.float32)
+    obs = torch.randint(0, 255, (6, 5), dtype=torch.uint8)
+    x, actions = ops.mlp_act(obs, None, None, 1.0, _params(policy), "categorical", "tanh", True, None)
+    assert torch.equal(x, obs.float())
+    with torch.no_grad():
+        assert torch.equal(actions, policy.distribution_params(obs.float()).argmax(-1))
+
+
+def test_nan_observation_stays_nan_after_clipping(device):
+    policy = make_policy("gaussian", 2, 1, (4,), "tanh", torch.float32, device)
+    obs = torch.tensor([[float("nan"), 100.0]], device=device)
+    x, _ = ops.mlp_act(obs, torch.zeros(2, device=device), torch.ones(2, device=device), 5.0, _params(policy),
+                       "gaussian", "tanh", True, None)
+    assert torch.isnan(x[0, 0]) and x[0, 1] == 5.0
+
+
+def test_zero_probability_class_is_never_sampled(device):
+    # Class 1's logit is so low that its probability is exactly 0 in float32.
+    policy = make_policy("categorical", 2, 3, (4,), "relu", torch.float32, device)
+    with torch.no_grad():
+        policy.layers[-1].weight.zero_()
+        policy.layers[-1].bias.copy_(torch.tensor([0.0, -1e4, 0.0]))
+    obs = torch.randn(50_000, 2, device=device)
+    _, actions = ops.mlp_act(obs, None, None, 1.0, _params(policy), "categorical", "relu", False,
+                             torch.Generator(device).manual_seed(1))
+    counts = torch.bincount(actions, minlength=3)
+    assert counts[1] == 0 and counts[0] > 0 and counts[2] > 0
+
+
 def test_same_generator_state_same_actions():
     policy = make_policy("categorical", 3, 5, (4,), "tanh", torch.float32)
     obs = torch.randn(64, 3)
@@ -91,7 +122,7 @@ def test_collector_act_matches_normalizer_and_policy():
     (dict(activation="gelu"), "activation must be"),
     (dict(obs=torch.randn(4, 6)), "do not chain"),
     (dict(obs=torch.randn(4)), "obs must have shape"),
-    (dict(obs=torch.zeros(4, 5, dtype=torch.long)), "obs must be a floating-point"),
+    (dict(obs=torch.zeros(4, 5, dtype=torch.complex64)), "obs must be a real tensor"),
     (dict(mean=torch.zeros(5), inv_std=None), "given together"),
     (dict(mean=torch.zeros(4), inv_std=torch.ones(4)), "obs_mean and obs_inv_std must be"),
     (dict(clip=0.0, mean=torch.zeros(5), inv_std=torch.ones(5)), "obs_clip must be > 0"),

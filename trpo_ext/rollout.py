@@ -206,6 +206,7 @@ class RolloutCollector:
         t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         return t if self.normalizer is None else self.normalizer.normalize(t)
 
+    @torch.no_grad()
     def act(self, policy, obs: np.ndarray, generator: torch.Generator | None = None, deterministic: bool = False,
             params: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw observations (B, obs_dim) -> (the policy's input, actions), in one extension call:
@@ -215,7 +216,7 @@ class RolloutCollector:
         mean = inv_std = None
         clip = 1.0
         if self.normalizer is not None:
-            mean, inv_std = self.normalizer.tensors(self.device)
+            mean, inv_std = self.normalizer.tensors(obs.device)  # obs.device has an index; self.device may not
             clip = self.normalizer.clip
         return ops.mlp_act(obs, mean, inv_std, clip, list(policy.parameters()) if params is None else params,
                            policy.kind, policy.activation, deterministic, generator)
