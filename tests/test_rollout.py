@@ -98,6 +98,44 @@ def test_collector_rejects_non_finite_rewards():
         collector.collect(MLPPolicy(1, envs.single_action_space), lambda o: o[:, 0], torch.Generator(), 0.9, 0.9)
 
 
+def _pendulum_collector(n_steps, normalizer):
+    envs = make_vec_env("Pendulum-v1", n_envs=2)
+    return RolloutCollector(envs, n_steps, torch.device("cpu"), normalizer, EpisodeStats(2, 10))
+
+
+def test_normalizer_sees_each_observation_before_the_policy_does():
+    norm = RunningNormalizer(3, eps=0.0)
+    norm.count = 0.0
+    collector = _pendulum_collector(6, norm)
+    collector.reset(seed=0)
+    seen = [collector.last_obs.copy()]
+    policy = MLPPolicy(3, collector.envs.single_action_space)
+    batch = collector.collect(policy, lambda o: o[:, 0], torch.Generator().manual_seed(0), 0.9, 0.9)
+    # The statistics hold exactly the 6 x 2 observations the policy acted on (not the last one yet) ...
+    assert norm.count == 12
+    # ... and the first step was normalized with statistics of the first observations alone.
+    first = np.asarray(seen[0], dtype=np.float64)
+    expected = (first - first.mean(0)) / np.sqrt(first.var(0) + norm.eps)
+    np.testing.assert_allclose(batch.obs[:2].numpy(), np.clip(expected, -norm.clip, norm.clip), rtol=1e-4,
+                               atol=1e-4)
+    collector.envs.close()
+
+
+def test_non_finite_observation_leaves_statistics_unchanged():
+    class NaNObs(CounterEnv):
+        def step(self, action):
+            obs, r, te, tr, info = super().step(action)
+            return obs * np.nan, r, te, tr, info
+
+    envs = make_vec_env(NaNObs, n_envs=1)
+    norm = RunningNormalizer(1)
+    collector = RolloutCollector(envs, 4, torch.device("cpu"), norm, EpisodeStats(1, 10))
+    collector.reset(seed=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        collector.collect(MLPPolicy(1, envs.single_action_space), lambda o: o[:, 0], torch.Generator(), 0.9, 0.9)
+    assert np.isfinite(norm.mean).all() and np.isfinite(norm.var).all() and norm.count < 2
+
+
 # ----------------------------------------------------------------------------- normalizer
 def test_running_normalizer_matches_numpy():
     rng = np.random.default_rng(1)
