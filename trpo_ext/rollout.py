@@ -232,7 +232,6 @@ class RolloutCollector:
         obs_buf = torch.empty((T, N, self.obs_dim), dtype=torch.float32, device=self.device)
         act_buf = torch.empty((T, N, *self.action_shape), dtype=torch.long if self.discrete else torch.float32,
                               device=self.device)
-        raw_obs = np.empty((T, N, self.obs_dim), dtype=np.float64)
         rewards = np.empty((T, N))
         terminated = np.empty((T, N), dtype=bool)
         truncated = np.empty((T, N), dtype=bool)
@@ -241,11 +240,11 @@ class RolloutCollector:
         obs = self.last_obs
         params = list(policy.parameters())
         for t in range(T):
-            raw_obs[t] = obs
+            # Each observation is checked once, before it can reach the statistics or the policy.
+            if not np.isfinite(obs).all():
+                raise ValueError("the environment returned a non-finite observation; "
+                                 "the agent's parameters and observation statistics were left unchanged")
             if self.normalizer is not None:
-                if not np.isfinite(obs).all():  # before it can reach the statistics
-                    raise ValueError("the environment returned a non-finite observation; "
-                                     "the agent's parameters and observation statistics were left unchanged")
                 # Every observation enters the statistics before the policy sees it, one step at a
                 # time (as sb3's VecNormalize does). Updating once per rollout instead lags the
                 # statistics by a rollout and learned far worse on HalfCheetah-v5 (bench/README.md).
@@ -260,7 +259,9 @@ class RolloutCollector:
                 final_obs += [(t, i, final[i]) for i in np.flatnonzero(truncated[t])]
         self.last_obs = obs
 
-        if not (np.isfinite(raw_obs).all() and np.isfinite(rewards).all() and np.isfinite(obs).all()):
+        # Rewards, the observation after the last step and the truncated episodes' final observations.
+        if not (np.isfinite(rewards).all() and np.isfinite(obs).all()
+                and all(np.isfinite(o).all() for _, _, o in final_obs)):
             raise ValueError("the environment returned a non-finite observation or reward; "
                              "the agent's parameters were left unchanged")
 
