@@ -6,8 +6,8 @@ import torch
 from gymnasium import spaces
 
 from trpo_ext import MLPPolicy
-from trpo_ext.rollout import (SAME_STEP, EpisodeStats, RolloutCollector, RunningNormalizer, check_spaces,
-                              compute_gae, make_vec_env)
+from trpo_ext.rollout import (SAME_STEP, EpisodeStats, LeanSyncVectorEnv, RolloutCollector, RunningNormalizer,
+                              check_spaces, compute_gae, make_vec_env)
 
 
 class CounterEnv(gym.Env):
@@ -152,11 +152,59 @@ def test_running_normalizer_matches_numpy():
     other = RunningNormalizer(4)
     other.load_state_dict(norm.state_dict())
     np.testing.assert_array_equal(other.mean, norm.mean)
+    mean, inv_std = other.tensors("cpu")
+    torch.testing.assert_close(inv_std, torch.as_tensor(1 / np.sqrt(norm.var + other.eps), dtype=torch.float32))
+
+
+def test_normalizer_tensors_follow_every_update():
+    norm = RunningNormalizer(2, eps=0.0)
+    mean, inv_std = norm.tensors("cpu")
+    norm.update(np.array([[1.0, 10.0], [3.0, 30.0]]))
+    now_mean, now_inv_std = norm.tensors("cpu")
+    for t in (mean, now_mean):  # tensors handed out earlier see the update too (CPU views)
+        torch.testing.assert_close(t, torch.as_tensor(norm.mean, dtype=torch.float32))
+    torch.testing.assert_close(now_inv_std, torch.as_tensor(1 / np.sqrt(norm.var), dtype=torch.float32))
+    assert not np.allclose(norm.mean, 0.0)
+
+
+# ----------------------------------------------------------------------------- the lean vector env
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_lean_vector_env_steps_exactly_like_gymnasium(env_id):
+    lean = LeanSyncVectorEnv([lambda: gym.make(env_id, max_episode_steps=25)] * 3)
+    ref = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, max_episode_steps=25)] * 3, autoreset_mode=SAME_STEP)
+    assert lean.metadata["autoreset_mode"] == SAME_STEP
+    obs_l, _ = lean.reset(seed=7)
+    obs_r, _ = ref.reset(seed=7)
+    np.testing.assert_array_equal(obs_l, obs_r)
+    rng = np.random.default_rng(0)
+    ended = 0
+    for _ in range(120):
+        action = np.stack([lean.single_action_space.sample() for _ in range(3)])
+        if env_id == "CartPole-v1":
+            action = rng.integers(0, 2, size=3)
+        out_l, out_r = lean.step(action), ref.step(action)
+        for a, b in zip(out_l[:4], out_r[:4]):
+            np.testing.assert_array_equal(a, b)
+        info_l, info_r = out_l[4], out_r[4]
+        assert ("final_obs" in info_l) == ("final_obs" in info_r)
+        if "final_obs" in info_r:
+            np.testing.assert_array_equal(info_l["_final_obs"], info_r["_final_obs"])
+            for i in np.flatnonzero(info_r["_final_obs"]):
+                np.testing.assert_array_equal(info_l["final_obs"][i], info_r["final_obs"][i])
+                ended += 1
+        assert set(info_l) <= {"final_obs", "_final_obs"}
+        out_l[0][:] = np.nan  # the returned observations are copies: the env's state is untouched
+    assert ended >= 3  # episodes ended (time limit or termination) and reset inside step
+    assert np.isfinite(lean.step(action)[0]).all()
 
 
 # ----------------------------------------------------------------------------- env construction and spaces
 def test_make_vec_env_accepts_id_env_callable_and_vector_env():
     assert make_vec_env("CartPole-v1", 3).num_envs == 3
+    assert isinstance(make_vec_env("CartPole-v1", 2), LeanSyncVectorEnv)
+    async_envs = make_vec_env("CartPole-v1", 2, "async")
+    assert isinstance(async_envs, gym.vector.AsyncVectorEnv)
+    async_envs.close()
     assert make_vec_env(gym.make("CartPole-v1"), 1).num_envs == 1
     assert make_vec_env(lambda: gym.make("CartPole-v1"), 2).metadata["autoreset_mode"] == SAME_STEP
     vec = gym.make_vec("CartPole-v1", 2, vectorization_mode="sync", vector_kwargs={"autoreset_mode": SAME_STEP})

@@ -8,12 +8,14 @@ That is what a truncated episode needs to bootstrap from.
 from __future__ import annotations
 
 from collections import deque
+from copy import deepcopy
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.vector.utils import concatenate, iterate
 
 from ._ops import ops
 from .policies import action_space_kind
@@ -42,8 +44,40 @@ def _env_factory(env):
                     f"or a gymnasium.vector.VectorEnv, got {type(env).__name__}")
 
 
+class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
+    """gymnasium's SyncVectorEnv in SAME_STEP autoreset mode, without merging per-step infos.
+
+    `SyncVectorEnv.step` folds every sub-env's info dict into batched arrays, key by key, every step;
+    for 16 CartPole-v1 envs that bookkeeping costs as much as the physics, and the agent reads none
+    of it. Here `step` returns the same observations, rewards, terminations and truncations (the
+    same sub-envs stepped in the same order), and `infos` holds only what an agent needs:
+    `final_obs` (an object array, set where an episode ended this step) and its mask `_final_obs`.
+    """
+
+    def __init__(self, env_fns, copy: bool = True):
+        super().__init__(env_fns, copy=copy, autoreset_mode=SAME_STEP)
+
+    def step(self, actions):
+        final_obs = None
+        for i, (action, env) in enumerate(zip(iterate(self.action_space, actions), self.envs, strict=True)):
+            (self._env_obs[i], self._rewards[i], self._terminations[i], self._truncations[i], _) = env.step(action)
+            if self._terminations[i] or self._truncations[i]:
+                if final_obs is None:
+                    final_obs = np.full(self.num_envs, None, dtype=object)
+                final_obs[i] = self._env_obs[i]
+                self._env_obs[i], _ = env.reset()
+        self._observations = concatenate(self.single_observation_space, self._env_obs, self._observations)
+        self._autoreset_envs = self._terminations | self._truncations
+        infos = {} if final_obs is None else {"final_obs": final_obs, "_final_obs": self._autoreset_envs.copy()}
+        obs = self._observations
+        if self.copy:
+            obs = obs.copy() if isinstance(obs, np.ndarray) else deepcopy(obs)
+        return obs, self._rewards.copy(), self._terminations.copy(), self._truncations.copy(), infos
+
+
 def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vector.VectorEnv:
-    """One gymnasium vector env (SAME_STEP autoreset) from an id, an Env, a callable or a vector env.
+    """One gymnasium vector env (SAME_STEP autoreset) from an id, an Env, a callable or a vector env:
+    `LeanSyncVectorEnv` for "sync", gymnasium's AsyncVectorEnv (one subprocess per env) for "async".
 
     A single `gym.Env` instance cannot be copied, so it needs `n_envs=1`; a vector env is used as
     it is (its `num_envs` wins) and must have been built with `autoreset_mode=SAME_STEP`.
@@ -70,14 +104,16 @@ def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vecto
         fns = [_env_factory(env)] * n_envs
     if vectorization == "async":
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=SAME_STEP)
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=SAME_STEP)
+    return LeanSyncVectorEnv(fns)
 
 
 # ----------------------------------------------------------------------------- observation normalization
 class RunningNormalizer:
     """Running mean / variance of observations (parallel Welford update); normalizes and clips.
 
-    Statistics are float64 on the CPU; `normalize` works on float32 tensors on any device.
+    Statistics are float64 on the CPU; `normalize` works on float32 tensors on any device. The
+    rollout updates them every step, so `update` and `tensors` avoid numpy's Python-level wrappers
+    (np.mean / np.var) and refresh float32 CPU mirrors in place.
     """
 
     def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
@@ -86,25 +122,39 @@ class RunningNormalizer:
         self.count = eps
         self.clip = float(clip)
         self.eps = eps
-        self._cache = None
+        self._mean32 = np.zeros(dim, dtype=np.float32)  # float32 mean and 1 / std, viewed by the CPU tensors
+        self._inv_std32 = np.zeros(dim, dtype=np.float32)
+        self._cpu = (torch.from_numpy(self._mean32), torch.from_numpy(self._inv_std32))
+        self._device_cache = None  # (mean, inv_std) on a non-CPU device
+        self._refresh()
 
     def update(self, batch: np.ndarray) -> None:
-        batch = batch.reshape(-1, self.mean.shape[0]).astype(np.float64)
-        n, mean, var = batch.shape[0], batch.mean(0), batch.var(0)
+        batch = np.asarray(batch, dtype=np.float64).reshape(-1, self.mean.shape[0])
+        n = batch.shape[0]
+        mean = np.add.reduce(batch, axis=0) / n
+        centered = batch - mean
+        var = np.add.reduce(centered * centered, axis=0) / n
         total = self.count + n
         delta = mean - self.mean
         self.mean = self.mean + delta * n / total
         self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
         self.count = total
-        self._cache = None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        np.copyto(self._mean32, self.mean, casting="same_kind")
+        np.copyto(self._inv_std32, 1.0 / np.sqrt(self.var + self.eps), casting="same_kind")
+        self._device_cache = None
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1 / std) as float32 tensors on `device`, cached until the next update."""
-        if self._cache is None or self._cache[0].device != torch.device(device):
-            mean = torch.as_tensor(self.mean, dtype=torch.float32, device=device)
-            inv_std = torch.as_tensor(1.0 / np.sqrt(self.var + self.eps), dtype=torch.float32, device=device)
-            self._cache = (mean, inv_std)
-        return self._cache
+        """(mean, 1 / std) as float32 tensors on `device`. On the CPU they are live views that later
+        updates overwrite; elsewhere, copies cached until the next update."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self._cpu
+        if self._device_cache is None or self._device_cache[0].device != device:
+            self._device_cache = tuple(t.to(device) for t in self._cpu)
+        return self._device_cache
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         mean, inv_std = self.tensors(obs.device)
@@ -117,7 +167,7 @@ class RunningNormalizer:
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var = state["mean"].numpy().copy(), state["var"].numpy().copy()
         self.count, self.clip = float(state["count"]), float(state["clip"])
-        self._cache = None
+        self._refresh()
 
 
 # ----------------------------------------------------------------------------- GAE
@@ -224,14 +274,17 @@ class RolloutCollector:
     def env_actions(self, actions: torch.Tensor) -> np.ndarray:
         """Sampled actions as the env takes them: Box actions clipped to the bounds."""
         a = actions.cpu().numpy()
-        return a if self.discrete else np.clip(a, self.low, self.high)
+        if self.discrete:
+            return a
+        # In place on a fresh array: `actions` (the unclipped sample) must stay as it was.
+        a = a.copy() if actions.device.type == "cpu" else a
+        np.maximum(a, self.low, out=a)
+        return np.minimum(a, self.high, out=a)
 
     @torch.no_grad()
     def collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
         T, N = self.n_steps, self.n_envs
-        obs_buf = torch.empty((T, N, self.obs_dim), dtype=torch.float32, device=self.device)
-        act_buf = torch.empty((T, N, *self.action_shape), dtype=torch.long if self.discrete else torch.float32,
-                              device=self.device)
+        obs_steps, act_steps = [], []  # stacked once at the end: cheaper than T indexed copies
         rewards = np.empty((T, N))
         terminated = np.empty((T, N), dtype=bool)
         truncated = np.empty((T, N), dtype=bool)
@@ -249,8 +302,9 @@ class RolloutCollector:
                 # time (as sb3's VecNormalize does). Updating once per rollout instead lags the
                 # statistics by a rollout and learned far worse on HalfCheetah-v5 (bench/README.md).
                 self.normalizer.update(obs)
-            obs_buf[t], actions = self.act(policy, obs, generator, params=params)
-            act_buf[t] = actions
+            policy_obs, actions = self.act(policy, obs, generator, params=params)
+            obs_steps.append(policy_obs)
+            act_steps.append(actions)
             obs, rewards[t], terminated[t], truncated[t], infos = self.envs.step(self.env_actions(actions))
             done = terminated[t] | truncated[t]
             self.stats.step(rewards[t], done)
@@ -268,7 +322,8 @@ class RolloutCollector:
         # One value pass: all rollout observations, the observation after the last step, final observations.
         extra = [obs] + [o[None] for _, _, o in final_obs]
         extra = self.observe(np.concatenate(extra).astype(np.float32))
-        all_values = value_fn(torch.cat([obs_buf.view(T * N, -1), extra])).cpu().numpy().astype(np.float64)
+        obs_buf = torch.cat(obs_steps)  # (T * N, obs_dim), step-major like the (T, N) arrays
+        all_values = value_fn(torch.cat([obs_buf, extra])).cpu().numpy().astype(np.float64)
         values = all_values[: T * N].reshape(T, N)
         next_values = np.concatenate([values[1:], all_values[T * N: T * N + N][None]])
         for k, (t, i, _) in enumerate(final_obs):
@@ -278,6 +333,6 @@ class RolloutCollector:
         def flat(a):
             return torch.as_tensor(a.reshape(T * N), dtype=torch.float32, device=self.device)
 
-        return Batch(obs=obs_buf.view(T * N, -1), actions=act_buf.view(T * N, *self.action_shape),
+        return Batch(obs=obs_buf, actions=torch.cat(act_steps),
                      advantages=flat(advantages), returns=flat(returns), values=flat(values))
 

@@ -21,7 +21,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from .critic import fit_value_network
 from .fisher import cg_solve
 from .policies import MLPPolicy, ValueNetwork
-from .rollout import SAME_STEP, EpisodeStats, RolloutCollector, RunningNormalizer, check_spaces, make_vec_env
+from .rollout import (EpisodeStats, LeanSyncVectorEnv, RolloutCollector, RunningNormalizer, check_spaces,
+                      make_vec_env)
 
 CHECKPOINT_FORMAT = 1
 POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0}
@@ -54,7 +55,8 @@ class TRPO:
         critic_batch_size: minibatch size of the value-network regression.
         policy_kwargs: dict with `hidden` (layer widths, also used by the value network),
             `activation` ("tanh" or "relu") and `log_std_init` (Gaussian policies).
-        vectorization: "sync" (one process) or "async" (one subprocess per env).
+        vectorization: "sync" (one process; `rollout.LeanSyncVectorEnv`, which skips gymnasium's per-step
+            info merging) or "async" (gymnasium's AsyncVectorEnv, one subprocess per env).
         stats_window: episodes averaged for the reported episode return and length.
         log_dir: directory for progress.csv and TensorBoard event files; None logs nowhere.
         seed: seeds network initialisation, action sampling, minibatch order and env resets
@@ -359,7 +361,7 @@ class TRPO:
         resume_envs = env is None and state["env_states"] is not None and state["last_obs"] is not None
         if resume_envs:
             sub_envs = pickle.loads(state["env_states"])
-            env = gym.vector.SyncVectorEnv([(lambda e=e: e) for e in sub_envs], autoreset_mode=SAME_STEP)
+            env = LeanSyncVectorEnv([(lambda e=e: e) for e in sub_envs])
         elif env is None:
             if state["env_spec"] is None:
                 raise ValueError("this model was trained on an env without a registered id; pass env=")
