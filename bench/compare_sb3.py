@@ -37,9 +37,10 @@ import sys
 import time
 import warnings
 
-LIBS = ("trpo_ext", "sb3", "sb3-default")
-LIB_LABELS = {"trpo_ext": "trpo_ext", "sb3": "sb3-contrib (matched)", "sb3-default": "sb3-contrib defaults, 1 env"}
-LIB_COLORS = {"trpo_ext": "tab:blue", "sb3": "tab:orange", "sb3-default": "tab:gray"}
+LIBS = ("trpo_ext", "trpo_ext-sb3kl", "sb3", "sb3-default")
+LIB_LABELS = {"trpo_ext": "trpo_ext", "trpo_ext-sb3kl": "trpo_ext, sb3-contrib's trust region",
+              "sb3": "sb3-contrib (matched)", "sb3-default": "sb3-contrib defaults, 1 env"}
+LIB_COLORS = {"trpo_ext": "tab:blue", "trpo_ext-sb3kl": "tab:green", "sb3": "tab:orange", "sb3-default": "tab:gray"}
 SUITE = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
 
 # ----------------------------------------------------------------------------- presets
@@ -72,7 +73,27 @@ PRESETS = {
 NET = dict(hidden=(64, 64), activation="tanh", log_std_init=0.0)
 
 
-def trpo_ext_kwargs(p: dict, seed: int, device: str) -> dict:
+def sb3_kl_scale(env_id: str) -> int:
+    """How much larger sb3-contrib's trust region is than its target_kl says, for this env.
+
+    sb3-contrib's TRPO takes `kl_divergence(new, old).mean()` over a (batch, action_dim) tensor for
+    Box actions (its DiagGaussian KL is per dimension), so both its Fisher matrix and its KL
+    constraint are the paper's KL (summed over action dimensions) divided by d = action_dim. Its
+    update with (target_kl δ, cg_damping λ) is exactly trpo_ext's with (max_kl d·δ, damping d·λ):
+    bench/sb3_step_check.py checks that the two steps agree on the same batch. Discrete: d = 1.
+    """
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    space = env.action_space
+    env.close()
+    return int(space.shape[0]) if isinstance(space, gym.spaces.Box) else 1
+
+
+def trpo_ext_kwargs(p: dict, seed: int, device: str, kl_scale: int = 1) -> dict:
+    """trpo_ext.TRPO's arguments for preset `p`; kl_scale = d gives sb3-contrib's effective trust
+    region (see `sb3_kl_scale`)."""
+    p = dict(p, max_kl=p["max_kl"] * kl_scale, damping=p["damping"] * kl_scale)
     return dict(n_envs=p["n_envs"], n_steps=p["n_steps"], gamma=p["gamma"], gae_lambda=p["gae_lambda"],
                 max_kl=p["max_kl"], damping=p["damping"], cg_iters=p["cg_iters"], backtrack_factor=0.8,
                 max_backtracks=10, fvp_fraction=1.0, normalize_advantage=True, normalize_obs=p["normalize_obs"],
@@ -155,10 +176,11 @@ def _versions() -> dict:
     return v
 
 
-def run_trpo_ext(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int, device: str):
+def run_trpo_ext(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int, device: str,
+                 kl_scale: int = 1):
     import trpo_ext
 
-    kwargs = trpo_ext_kwargs(p, seed, device)
+    kwargs = trpo_ext_kwargs(p, seed, device, kl_scale)
     agent = trpo_ext.TRPO(env_id, **kwargs)
     rows = []
     split = {"rollout": 0.0, "cg": 0.0, "line_search": 0.0, "critic": 0.0}
@@ -285,9 +307,10 @@ def run_one(args, env_id: str, lib: str, seed: int) -> None:
     os.makedirs(run_dir, exist_ok=True)
     csv_path, json_path = _paths(run_dir, lib, seed)
     load_start = os.getloadavg()
-    if lib == "trpo_ext":
+    if lib in ("trpo_ext", "trpo_ext-sb3kl"):
+        scale = sb3_kl_scale(env_id) if lib == "trpo_ext-sb3kl" else 1
         rows, wall, n_steps, returns, split, kwargs = run_trpo_ext(env_id, p, seed, timesteps, args.eval_episodes,
-                                                                   args.device)
+                                                                   args.device, scale)
     else:
         rows, wall, n_steps, returns, split, kwargs = run_sb3(env_id, p, seed, timesteps, args.eval_episodes,
                                                               args.device, default=lib == "sb3-default")
