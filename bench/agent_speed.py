@@ -1,7 +1,9 @@
 """Whole-run training speed: trpo_ext.TRPO vs sb3-contrib's TRPO, plus the bare env stepping rate.
 
 For each env, in one process and interleaved over --repeats rounds (medians reported):
-  bare          the same SyncVectorEnv stepped with fixed actions: the limit any rollout can reach
+  bare-gym      gymnasium's SyncVectorEnv (SAME_STEP) of the same envs stepped with fixed actions
+  bare-lean     trpo_ext's LeanSyncVectorEnv, the vector env its rollouts step, with fixed actions: the
+                limit a trpo_ext rollout can reach (the rollout row is a percentage of it)
   trpo_ext      trpo_ext.TRPO(n_envs=E, n_steps=S).learn(budget)
   sb3-same      sb3-contrib TRPO("MlpPolicy", E envs, n_steps=S), the same settings
   sb3-default   sb3-contrib TRPO("MlpPolicy", env) with its defaults (one env, n_steps 2048)
@@ -27,9 +29,12 @@ MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters
                backtrack_factor=0.8, max_backtracks=10, gamma=0.99, gae_lambda=0.95)
 
 
-def bare_rate(env_id: str, n_envs: int, steps: int) -> float:
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * n_envs,
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+def bare_rate(env_id: str, n_envs: int, steps: int, lean: bool) -> float:
+    fns = [lambda: gym.make(env_id)] * n_envs
+    if lean:  # the vector env trpo_ext's rollouts step (vectorization="sync")
+        envs = trpo_ext.rollout.LeanSyncVectorEnv(fns)
+    else:
+        envs = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)
     action = np.stack([envs.single_action_space.sample() for _ in range(n_envs)])
     t = time.perf_counter()
@@ -49,7 +54,7 @@ def run_trpo_ext(env_id, n_envs, n_steps, steps, seed, vectorization="sync"):
     split = {k: sum(r[k] for r in records) for k in ("time_rollout", "time_cg", "time_line_search", "time_critic")}
     ret = records[-1]["ep_return_mean"] if records else float("nan")
     agent.close()
-    return agent.num_timesteps / wall, ret, split
+    return agent.num_timesteps / wall, ret, split, agent.num_timesteps
 
 
 def run_sb3(env_id, n_envs, n_steps, steps, seed):
@@ -90,15 +95,17 @@ def main():
     print("| env | setup | steps/s | trpo_ext speed-up | mean episode return at the end |")
     print("|---|---|---|---|---|")
     for env_id in envs:
-        rates = {k: [] for k in ("bare", "trpo_ext", "sb3-same", "sb3-default")}
+        rates = {k: [] for k in ("bare-gym", "bare-lean", "trpo_ext", "sb3-same", "sb3-default")}
         rets = {k: [] for k in rates}
         rollout_rates = []
         for rep in range(args.repeats):
-            rates["bare"].append(bare_rate(env_id, args.n_envs, args.timesteps))
-            sps, ret, split = run_trpo_ext(env_id, args.n_envs, args.n_steps, args.timesteps, rep, args.vectorization)
+            rates["bare-gym"].append(bare_rate(env_id, args.n_envs, args.timesteps, lean=False))
+            rates["bare-lean"].append(bare_rate(env_id, args.n_envs, args.timesteps, lean=True))
+            sps, ret, split, steps = run_trpo_ext(env_id, args.n_envs, args.n_steps, args.timesteps, rep,
+                                                  args.vectorization)
             rates["trpo_ext"].append(sps)
             rets["trpo_ext"].append(ret)
-            rollout_rates.append(args.timesteps / split["time_rollout"])
+            rollout_rates.append(steps / split["time_rollout"])
             for key, n in (("sb3-same", args.n_envs), ("sb3-default", None)):
                 sps, ret = run_sb3(env_id, n, args.n_steps, args.timesteps, rep)
                 rates[key].append(sps)
@@ -108,9 +115,11 @@ def main():
             ratio = med["trpo_ext"] / med[key]
             print(f"| {env_id} | {key} | {med[key]:,.0f} | {ratio:.2f}x | {statistics.median(rets[key]):.1f} |")
         rollout = statistics.median(rollout_rates)
-        print(f"| {env_id} | bare vector env, fixed actions | {med['bare']:,.0f} | | |")
+        bare = "bare-lean" if args.vectorization == "sync" else "bare-gym"
+        print(f"| {env_id} | bare gymnasium SyncVectorEnv, fixed actions | {med['bare-gym']:,.0f} | | |")
+        print(f"| {env_id} | bare trpo_ext LeanSyncVectorEnv, fixed actions | {med['bare-lean']:,.0f} | | |")
         print(f"| {env_id} | trpo_ext rollout phase (incl. values, GAE) | {rollout:,.0f} "
-              f"| {rollout / med['bare']:.0%} of bare | |")
+              f"| {rollout / med[bare]:.0%} of {bare} | |")
 
 
 if __name__ == "__main__":
