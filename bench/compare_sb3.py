@@ -502,7 +502,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--timesteps", type=int, default=None,
                         help="steps per run (default: the preset's budget; another budget writes <out>/<env>-<N>/)")
-    parser.add_argument("--libs", nargs="+", choices=LIBS, default=list(LIBS))
+    parser.add_argument("--libs", nargs="+", choices=LIBS, default=["trpo_ext", "sb3", "sb3-default"],
+                        help="set-ups to run (default: trpo_ext sb3 sb3-default; trpo_ext-sb3kl only differs "
+                             "from trpo_ext on Box action spaces with more than one dimension)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every run")
     parser.add_argument("--device", default="cpu")
