@@ -63,6 +63,23 @@ def test_fvp_non_contiguous_inputs(dtype, device):
     assert rel_err(trpo_ext.fvp(policy, obs_nc, v_nc), expected) <= RTOL[dtype]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_fvp_large_batch_across_threads(kind, threads, device):
+    # A batch large enough that the CPU kernels split their rows across threads (partial column
+    # sums per thread for the bias gradients).
+    case = (kind, 17, 4, (64, 48), "tanh", 3001)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in DTYPES:
+            policy, obs, v = _setup(case, dtype, device)
+            expected = reference.fvp(policy, obs, v, damping=0.01)
+            assert rel_err(trpo_ext.fvp(policy, obs, v, damping=0.01), expected) <= RTOL[dtype]
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_fvp_is_linear_and_symmetric(device):
     policy, obs, v = _setup(CASES[7], torch.float64, device)
     w = torch.randn_like(v)

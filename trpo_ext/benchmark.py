@@ -59,25 +59,33 @@ class _Generic(torch.nn.Module):
 
 
 def _gemm_floor(policy: MLPPolicy, obs: torch.Tensor):
-    """The GEMMs of one fused FVP on preallocated buffers, nothing else (the speed limit)."""
+    """The GEMMs of one fused FVP on preallocated buffers, in the fused op's orientations, and
+    nothing else (no element-wise work, no forward pass): the speed limit of the product."""
     weights = [layer.weight.detach() for layer in policy.layers]
+    last = len(weights) - 1
     inputs, h = [obs], obs
     for layer in policy.layers[:-1]:
         h = torch.tanh(layer(h)).detach()
         inputs.append(h)
-    tangents = [torch.empty(obs.shape[0], w.shape[0], device=obs.device, dtype=obs.dtype) for w in weights]
+    new = dict(device=obs.device, dtype=obs.dtype)
+    tangents = [torch.empty(obs.shape[0], w.shape[0], **new) for w in weights[:-1]]
+    out_t = torch.empty(weights[-1].shape[0], obs.shape[0], **new)  # the output layer: (K, N)
     grads = [torch.empty_like(w) for w in weights]
     dirs = [torch.randn_like(w) for w in weights]
 
     def run():
-        for i, (w, t) in enumerate(zip(weights, tangents)):
-            torch.mm(inputs[i], dirs[i].t(), out=t)
+        for i in range(last):
+            torch.mm(inputs[i], dirs[i].t(), out=tangents[i])
             if i:
-                t.addmm_(tangents[i - 1], w.t())
-        for i in reversed(range(len(weights))):
+                tangents[i].addmm_(tangents[i - 1], weights[i].t())
+        torch.mm(dirs[last], inputs[last].t(), out=out_t)
+        if last:
+            out_t.addmm_(weights[last], tangents[last - 1].t())
+        torch.mm(out_t, inputs[last], out=grads[last])
+        for i in reversed(range(last)):
+            upstream = out_t.t() if i + 1 == last else tangents[i + 1]
+            torch.mm(upstream, weights[i + 1], out=tangents[i])
             torch.mm(tangents[i].t(), inputs[i], out=grads[i])
-            if i:
-                torch.mm(tangents[i], weights[i], out=tangents[i - 1])
     return run
 
 
