@@ -66,9 +66,10 @@ def test_fvp_non_contiguous_inputs(dtype, device):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kind", ["categorical", "gaussian"])
 def test_fvp_large_batch_across_threads(kind, threads, device):
-    # A batch large enough that the CPU kernels split their rows across threads (partial column
-    # sums per thread for the bias gradients).
-    case = (kind, 17, 4, (64, 48), "tanh", 3001)
+    # A batch large enough that the CPU kernels' parallel loops split it across threads: the
+    # categorical Fisher rows (grain 16384 / K = 4096 rows here) and the relu forward (grain 16384
+    # elements), as well as MKL's GEMMs.
+    case = (kind, 17, 4, (64, 48), "relu", 5001)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

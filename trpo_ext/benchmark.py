@@ -67,9 +67,9 @@ def _gemm_floor(policy: MLPPolicy, obs: torch.Tensor):
     for layer in policy.layers[:-1]:
         h = torch.tanh(layer(h)).detach()
         inputs.append(h)
-    new = dict(device=obs.device, dtype=obs.dtype)
-    tangents = [torch.empty(obs.shape[0], w.shape[0], **new) for w in weights[:-1]]
-    out_t = torch.empty(weights[-1].shape[0], obs.shape[0], **new)  # the output layer: (K, N)
+    like = dict(device=obs.device, dtype=obs.dtype)
+    tangents = [torch.empty(obs.shape[0], w.shape[0], **like) for w in weights[:-1]]
+    out_t = torch.empty(weights[-1].shape[0], obs.shape[0], **like)  # the output layer: (K, N)
     grads = [torch.empty_like(w) for w in weights]
     dirs = [torch.randn_like(w) for w in weights]
 
