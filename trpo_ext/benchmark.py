@@ -4,8 +4,16 @@ One process; the methods are interleaved round by round, each round timing every
 inputs; the table reports medians over rounds and ratios to the reference. On CUDA the timings come
 from CUDA events after warm-up. "gemm floor" is the time of the FVP's GEMMs alone, on the same shapes.
 
+Methods: "reference" = double backprop (`trpo_ext.reference`); "fused" = the extension's op, eager
+(`fvp`, `cg_solve(..., cuda_graph=False)`); "fused+graph" (CUDA only) = CUDA-graph replay: for CG the
+library's own path, `cg_solve(..., cuda_graph=True)` (copies the inputs into the captured graph's
+buffers, replays, clones the outputs); for the FVP, which has no graph path in the library, a graph
+the benchmark captures around `fvp(...)` and replays with its inputs already in place; "generic" =
+the torch.func path (the MLPPolicy wrapped in a plain module).
+
     python -m trpo_ext.benchmark                 # the CPU configurations, 1 thread and all threads
     python -m trpo_ext.benchmark --device cuda   # the GPU configurations
+    python -m trpo_ext.benchmark --device cpu --sizes 256,1024 --hidden 16x16 --rounds 3   # dry run
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import torch
@@ -43,8 +51,15 @@ CPU_CONFIGS = [
     Config("gaussian", 17, (256, 256), 6, 16384),
     Config("categorical", 4, (64, 64), 2, 2048),
 ]
-GPU_CONFIGS = [Config("gaussian", 17, h, 6, n) for h in [(64, 64), (256, 256)]
-               for n in [2048, 16384, 131072, 1048576]]
+GPU_SIZES = (2048, 65536, 1048576)
+GPU_HIDDEN = ((64, 64), (256, 256))
+# Hidden-major, so that under a time budget every size of the small network is measured first.
+GPU_CONFIGS = [Config("gaussian", 17, h, 6, n) for h in GPU_HIDDEN for n in GPU_SIZES]
+
+# How each op is labelled in the table (an op missing here is shown under its own name).
+OP_LABELS = {"fvp": "fvp", "cg": "cg x{cg_iters}"}
+# --check: largest relative error of a method's output against the reference's, per op (float32).
+CHECK_BOUNDS = {"fvp": 1e-3, "cg": 1e-2}
 
 
 class _Generic(torch.nn.Module):
@@ -89,24 +104,68 @@ def _gemm_floor(policy: MLPPolicy, obs: torch.Tensor):
     return run
 
 
-def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool):
+def _graphed(fn):
+    """Captures fn() (which must not synchronise with the host) in a CUDA graph; returns a callable
+    that replays it and returns the output of the captured call (the graph's own buffer)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles and workspaces
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_graph: bool = True):
+    """{(op, method): callable}, in table order within each op. A callable returns the method's
+    output (compared against the reference's by --check) or None. Factories (builders that need
+    warm-up or capture) are wrapped in _Lazy so a failure is reported per method."""
     space = gym.spaces.Discrete(cfg.act_dim) if cfg.kind == "categorical" else gym.spaces.Box(-1, 1, (cfg.act_dim,))
     torch.manual_seed(0)
     policy = MLPPolicy(cfg.obs_dim, space, cfg.hidden).to(device)
     obs = torch.randn(cfg.batch, cfg.obs_dim, device=device)
     v = torch.randn(sum(p.numel() for p in policy.parameters()), device=device)
     generic = _Generic(policy)
-    m = {
-        ("fvp", "reference"): lambda: reference.fvp(policy, obs, v, 0.1),
-        ("fvp", "fused"): lambda: fvp(policy, obs, v, 0.1, check_finite=False),
-        ("fvp", "gemm floor"): _gemm_floor(policy, obs),
-        ("cg", "reference"): lambda: reference.cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0),
-        ("cg", "fused"): lambda: cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0, check_finite=False),
-    }
+    graphs = with_graph and device == "cuda"
+
+    def fused_fvp():
+        return fvp(policy, obs, v, 0.1, check_finite=False)
+
+    def fused_cg(cuda_graph):
+        return lambda: cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0, check_finite=False, cuda_graph=cuda_graph)
+
+    m = {("fvp", "reference"): lambda: reference.fvp(policy, obs, v, 0.1),
+         ("fvp", "fused"): fused_fvp}
+    if graphs:
+        m[("fvp", "fused+graph")] = _Lazy(lambda: _graphed(fused_fvp))
+    m[("fvp", "gemm floor")] = _Lazy(lambda: _gemm_floor(policy, obs))
     if with_generic:
         m[("fvp", "generic")] = lambda: fvp(generic, obs, v, 0.1, check_finite=False)
+    m[("cg", "reference")] = lambda: reference.cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0)
+    m[("cg", "fused")] = fused_cg(False)
+    if graphs:
+        m[("cg", "fused+graph")] = fused_cg(True)
+    if with_generic:
         m[("cg", "generic")] = lambda: cg_solve(generic, obs, v, cg_iters, 0.1, rtol=0.0, check_finite=False)
     return m
+
+
+class _Lazy:
+    """A method whose callable is built on first use (so building errors land in that method's row)."""
+
+    def __init__(self, factory):
+        self.factory, self.fn = factory, None
+
+    def __call__(self):
+        if self.fn is None:
+            self.fn = self.factory()
+        return self.fn()
 
 
 def _time(fn, device: str, inner: int) -> float:
@@ -124,37 +183,163 @@ def _time(fn, device: str, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def bench_config(cfg: Config, device: str, rounds: int, cg_iters: int, with_generic: bool):
-    methods = _methods(cfg, device, cg_iters, with_generic)
-    for fn in methods.values():  # warm-up (and CUDA graph capture)
-        fn(), fn()
+@dataclass
+class Result:
+    """One configuration: median seconds per method, in table order, and what went wrong."""
+
+    order: list  # every (op, method) attempted, in table order
+    times: dict = field(default_factory=dict)  # (op, method) -> median seconds
+    errors: dict = field(default_factory=dict)  # (op, method) -> "ExceptionType: message"
+    rel_err: dict = field(default_factory=dict)  # (op, method) -> |out - ref| / |ref| (with check)
+    rounds: int = 0
+
+
+def _output(out):
+    """The tensor a method's output is compared on: the FVP, or the CG solution."""
+    if isinstance(out, tuple):
+        out = out[0]
+    return out.detach().double().cpu() if isinstance(out, torch.Tensor) else None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
+
+
+def bench_config(cfg: Config, device: str, rounds: int, cg_iters: int, with_generic: bool,
+                 deadline: float | None = None, min_rounds: int = 3, check: bool = False,
+                 with_graph: bool = True) -> Result:
+    """Times every method of `cfg`; stops after `rounds` rounds, or after `min_rounds` once
+    time.perf_counter() passes `deadline`. A method that raises is dropped and reported."""
+    methods = _methods(cfg, device, cg_iters, with_generic, with_graph)
+    res = Result(order=list(methods))
+    outputs = {}
+    for key, fn in list(methods.items()):  # warm-up (and CUDA graph capture)
+        try:
+            out = fn()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            outputs[key] = _output(out)
+        except Exception as exc:  # noqa: BLE001 - an out-of-memory or capture failure is a table row
+            res.errors[key] = _describe(exc)
+            del methods[key]
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if check:
+        for (op, method), out in outputs.items():
+            ref = outputs.get((op, "reference"))
+            if method != "reference" and out is not None and ref is not None:
+                res.rel_err[(op, method)] = ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
     # Aim at ~20 ms per timing so short calls are not dominated by timer resolution.
     inner = {k: max(1, int(0.02 / max(_time(fn, device, 1), 1e-6))) for k, fn in methods.items()}
     samples = {k: [] for k in methods}
-    for _ in range(rounds):
+    for r in range(rounds):
+        if deadline is not None and r >= min_rounds and time.perf_counter() > deadline:
+            break
         for k, fn in methods.items():
             samples[k].append(_time(fn, device, inner[k]))
-    return {k: statistics.median(s) for k, s in samples.items()}
+        res.rounds = r + 1
+    res.times = {k: statistics.median(s) for k, s in samples.items() if s}
+    return res
 
 
 def environment(device: str) -> str:
     parts = [f"torch {torch.__version__}", f"python {platform.python_version()}",
              f"{platform.machine()} {os.cpu_count()} cpus", "float32"]
     if device == "cuda":
-        parts.append(f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        parts.append(f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
+                     f"CUDA {torch.version.cuda}, TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})")
     return ", ".join(parts)
 
 
+def _op_label(op: str, cg_iters: int) -> str:
+    return OP_LABELS.get(op, op).format(cg_iters=cg_iters)
+
+
 def table(results, cg_iters: int) -> str:
+    """The markdown table: one row per (config, threads, op, method), ops in order of appearance."""
     lines = ["| config | threads | op | method | median ms | vs reference |", "|---|---|---|---|---|---|"]
     for (cfg, threads), res in results:
-        for op in ("fvp", "cg"):
-            ref = res[(op, "reference")]
-            for (o, method), t in res.items():
-                if o == op:
-                    label = f"cg x{cg_iters}" if op == "cg" else "fvp"
-                    lines.append(f"| {cfg} | {threads} | {label} | {method} | {t * 1e3:.3f} | {ref / t:.2f}x |")
+        for op in dict.fromkeys(o for o, _ in res.order):
+            ref = res.times.get((op, "reference"))
+            for key in res.order:
+                if key[0] != op:
+                    continue
+                head = f"| {cfg} | {threads} | {_op_label(op, cg_iters)} | {key[1]} |"
+                if key in res.errors:
+                    lines.append(f"{head} failed | - |")
+                elif key in res.times:
+                    t = res.times[key]
+                    ratio = f"{ref / t:.2f}x" if ref else "-"
+                    lines.append(f"{head} {t * 1e3:.3f} | {ratio} |")
     return "\n".join(lines)
+
+
+def check_table(results, cg_iters: int) -> str:
+    lines = ["| config | op | method | rel. error vs reference | bound |", "|---|---|---|---|---|"]
+    for (cfg, _threads), res in results:
+        for (op, method), err in res.rel_err.items():
+            bound = CHECK_BOUNDS.get(op)
+            flag = "" if bound is None or err <= bound else " **exceeds**"
+            lines.append(f"| {cfg} | {_op_label(op, cg_iters)} | {method} | {err:.2e}{flag} | "
+                         f"{'-' if bound is None else f'{bound:.0e}'} |")
+    return "\n".join(lines)
+
+
+def problems(results) -> list[str]:
+    """Every failed method and every --check error above its bound, as text lines."""
+    out = []
+    for (cfg, threads), res in results:
+        for (op, method), why in res.errors.items():
+            out.append(f"{cfg}, {threads} thread(s), {op} {method}: {why}")
+        for (op, method), err in res.rel_err.items():
+            bound = CHECK_BOUNDS.get(op)
+            if bound is not None and not err <= bound:
+                out.append(f"{cfg}, {op} {method}: relative error {err:.2e} vs reference exceeds {bound:.0e}")
+    return out
+
+
+def report(results, cg_iters: int, env: str, rounds: int, check: bool, skipped=(), command: str = "") -> str:
+    """The whole markdown report: environment, table, notes (rounds, skips, failures), checks."""
+    parts = [f"Environment: {env}\n"]
+    if command:
+        parts.append(f"Command: `{command}`\n")
+    parts.append(table(results, cg_iters))
+    notes = []
+    short = [f"{cfg}: {res.rounds}" for (cfg, _), res in results if res.rounds < rounds]
+    if short:
+        notes.append(f"Fewer than {rounds} rounds (time budget): " + "; ".join(short))
+    if skipped:
+        notes.append("Skipped (time budget): " + "; ".join(map(str, skipped)))
+    notes += [f"FAILED: {p}" for p in problems(results)]
+    if notes:
+        parts.append("\n" + "\n".join(f"- {n}" for n in notes))
+    if check:
+        parts.append("\nOutputs against the reference's (FVP: the product; CG: the solution x):\n")
+        parts.append(check_table(results, cg_iters))
+    return "\n".join(parts) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def _hidden(text: str) -> list[tuple]:
+    return [tuple(int(w) for w in h.split("x")) if h else () for h in text.replace(" ", "").split(",")]
+
+
+def configurations(device: str, sizes=None, hidden=None) -> list[Config]:
+    """The default configurations of `device`, or, with sizes and/or hidden, every head (kind,
+    obs_dim, act_dim) of the defaults with those hidden layers and batch sizes."""
+    base = CPU_CONFIGS if device == "cpu" else GPU_CONFIGS
+    if not sizes and not hidden:
+        return list(base)
+    heads = dict.fromkeys((c.kind, c.obs_dim, c.act_dim) for c in base)
+    hidden = hidden or list(dict.fromkeys(c.hidden for c in base))
+    sizes = sizes or list(dict.fromkeys(c.batch for c in base))
+    return [Config(k, o, tuple(h), a, n) for (k, o, a) in heads for h in hidden for n in sizes]
 
 
 def main(argv=None) -> int:
@@ -165,31 +350,77 @@ def main(argv=None) -> int:
                         help="comma-separated torch thread counts (default: 1 and all cores; CPU only)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per configuration")
     parser.add_argument("--cg-iters", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="the first configuration only, 5 rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="5 rounds, and the first configuration only unless --sizes/--hidden are given")
     parser.add_argument("--no-generic", action="store_true", help="skip the torch.func generic path")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay rows (CUDA)")
+    parser.add_argument("--sizes", type=_ints, default=None,
+                        help="comma-separated batch sizes N, replacing the defaults' (e.g. 2048,65536)")
+    parser.add_argument("--hidden", type=_hidden, default=None,
+                        help="comma-separated hidden layers, replacing the defaults' (e.g. 64x64,256x256)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop starting configurations after this long; rounds are cut (to 3 at least) "
+                             "so the configurations share it")
+    parser.add_argument("--check", action="store_true",
+                        help="compare every method's output with the reference's; exceeding the bound fails")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="also write the markdown report here (rewritten after every configuration)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
-    configs = CPU_CONFIGS if args.device == "cpu" else GPU_CONFIGS
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    configs = configurations(args.device, args.sizes, args.hidden)
     rounds = args.rounds
     if args.quick:
-        configs, rounds = configs[:1], 5
+        rounds = min(rounds, 5)
+        if not args.sizes and not args.hidden:
+            configs = configs[:1]
     if args.device == "cpu":
         threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, os.cpu_count() or 1})
     else:
         threads = [torch.get_num_threads()]
-    print(f"# trpo_ext microbenchmark: {environment(args.device)}; {rounds} interleaved rounds, medians",
-          file=sys.stderr)
-    results = []
-    for n_threads in threads:
+    env = environment(args.device)
+    command = "python -m trpo_ext.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# trpo_ext microbenchmark: {env}; {rounds} interleaved rounds, medians", file=sys.stderr)
+    start = time.perf_counter()
+    deadline = None if args.time_budget is None else start + args.time_budget
+    runs = [(n, cfg) for n in threads for cfg in configs]
+    results, skipped = [], []
+
+    def write():
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(report(results, args.cg_iters, env, rounds, args.check, skipped, command))
+
+    for i, (n_threads, cfg) in enumerate(runs):
+        now = time.perf_counter()
+        if deadline is not None and now > deadline:
+            skipped.append(f"{cfg}, {n_threads} thread(s)")
+            print(f"  {cfg}, {n_threads} thread(s): skipped (time budget)", file=sys.stderr, flush=True)
+            continue
+        # Each remaining configuration gets an equal share of the remaining budget.
+        share = None if deadline is None else now + (deadline - now) / (len(runs) - i)
         torch.set_num_threads(n_threads)
-        for cfg in configs:
-            print(f"  {cfg}, {n_threads} thread(s) ...", file=sys.stderr, flush=True)
-            results.append(((cfg, n_threads), bench_config(cfg, args.device, rounds, args.cg_iters,
-                                                           not args.no_generic)))
-    print(f"Environment: {environment(args.device)}\n")
-    print(table(results, args.cg_iters))
-    return 0
+        print(f"  {cfg}, {n_threads} thread(s) ...", file=sys.stderr, flush=True)
+        res = bench_config(cfg, args.device, rounds, args.cg_iters, not args.no_generic, deadline=share,
+                           check=args.check, with_graph=not args.no_graph)
+        print(f"    {res.rounds} rounds, {time.perf_counter() - now:.1f} s"
+              + "".join(f"; {op} {m} FAILED: {why}" for (op, m), why in res.errors.items()),
+              file=sys.stderr, flush=True)
+        results.append(((cfg, n_threads), res))
+        if args.device == "cuda":
+            from . import cuda_graphs
+
+            getattr(cuda_graphs, "clear_graphs", lambda: None)()
+            torch.cuda.empty_cache()
+        write()
+    write()
+    print(report(results, args.cg_iters, env, rounds, args.check, skipped))
+    failed = problems(results)
+    if failed:
+        print(f"{len(failed)} problem(s):\n" + "\n".join(f"  {p}" for p in failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
