@@ -1,8 +1,13 @@
-"""The extension's torch ops and their fake (meta) implementations for torch.compile / FakeTensor.
+"""The extension's torch ops: one typed wrapper per op, keyword arguments only, next to its fake
+(meta) kernel for torch.compile / FakeTensor.
 
-Parameter lists are flat, in `MLPPolicy.parameters()` order: W1, b1, ..., WL, bL[, log_std].
+Parameter lists are flat, in `MLPPolicy.parameters()` order: W1, b1, ..., WL, bL[, log_std]
+(docs/design.md, "The parameter-order contract"). The wrappers pass their arguments through
+unchanged; the ops check them (docs/design.md, "Checks").
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -23,9 +28,32 @@ def cuda_built() -> bool:
     return bool(ops.cuda_built())
 
 
+class CGResult(NamedTuple):
+    """What `mlp_cg` returns; the scalars are 0-dim tensors on the solve's device."""
+
+    x: torch.Tensor  # the solution, flat
+    iterations: torch.Tensor  # CG iterations used (int64)
+    residual_norm: torch.Tensor  # ||b - A x|| as tracked by the recursion (float64)
+    xAx: torch.Tensor  # x'(F + damping I)x (float64)
+
+
+# ----------------------------------------------------------------------------- mlp_fvp
+def mlp_fvp(obs: torch.Tensor, params: Sequence[torch.Tensor], v: torch.Tensor, *, kind: str, activation: str,
+            damping: float) -> torch.Tensor:
+    """(F + damping I) v for an MLP policy, flat."""
+    return ops.mlp_fvp(obs, list(params), v, kind, activation, damping)
+
+
 @torch.library.register_fake("trpo_ext::mlp_fvp")
 def _mlp_fvp_fake(obs, params, v, kind, activation, damping):
     return torch.empty_like(v)
+
+
+# ----------------------------------------------------------------------------- mlp_cg
+def mlp_cg(obs: torch.Tensor, params: Sequence[torch.Tensor], b: torch.Tensor, *, kind: str, activation: str,
+           damping: float, iters: int, rtol: float) -> CGResult:
+    """Solves (F + damping I) x = b by CG for an MLP policy, the whole loop in one call."""
+    return CGResult(*ops.mlp_cg(obs, list(params), b, kind, activation, damping, iters, rtol))
 
 
 @torch.library.register_fake("trpo_ext::mlp_cg")
@@ -35,10 +63,31 @@ def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol):
             b.new_empty((), **scalar))
 
 
+# ----------------------------------------------------------------------------- mlp_value_fit
+def mlp_value_fit(obs: torch.Tensor, returns: torch.Tensor, params: Sequence[torch.Tensor], *,
+                  exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],
+                  steps: Sequence[torch.Tensor], order: torch.Tensor, batch_size: int, lr: float, beta1: float,
+                  beta2: float, eps: float, activation: str) -> torch.Tensor:
+    """Adam epochs of mean((V(obs) - returns)^2) for an MLP critic, in place; the mean loss (0-dim)."""
+    return ops.mlp_value_fit(obs, returns, list(params), list(exp_avg), list(exp_avg_sq), list(steps), order,
+                             batch_size, lr, beta1, beta2, eps, activation)
+
+
 @torch.library.register_fake("trpo_ext::mlp_value_fit")
 def _mlp_value_fit_fake(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size, lr, beta1, beta2,
                         eps, activation):
     return obs.new_empty((), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- mlp_act
+def mlp_act(obs: torch.Tensor, params: Sequence[torch.Tensor], *, kind: str, activation: str,
+            deterministic: bool, generator: torch.Generator | None = None,
+            obs_mean: torch.Tensor | None = None, obs_inv_std: torch.Tensor | None = None,
+            obs_clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rollout step: (normalized observations, actions). Normalization is skipped when
+    `obs_mean` is None."""
+    return ops.mlp_act(obs, obs_mean, obs_inv_std, obs_clip, list(params), kind, activation, deterministic,
+                       generator)
 
 
 @torch.library.register_fake("trpo_ext::mlp_act")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import ops
+from . import _ops
 from .policies import ValueNetwork
 
 
@@ -45,6 +45,7 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
                          for _ in range(epochs)])
     beta1, beta2 = group["betas"]
     with torch.no_grad():
-        loss = ops.mlp_value_fit(obs, returns, [p.detach() for p in params], exp_avg, exp_avg_sq, steps, order,
-                                 batch_size, float(group["lr"]), beta1, beta2, group["eps"], value_net.activation)
+        loss = _ops.mlp_value_fit(obs, returns, [p.detach() for p in params], exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                                  steps=steps, order=order, batch_size=batch_size, lr=float(group["lr"]), beta1=beta1,
+                                  beta2=beta2, eps=group["eps"], activation=value_net.activation)
     return loss.item()

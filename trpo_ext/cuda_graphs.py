@@ -10,39 +10,39 @@ from collections import OrderedDict
 
 import torch
 
-from ._ops import ops
+from . import _ops
 
 _MAX_GRAPHS = 8
 _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def _signature(obs, params, b, kind, activation, damping, iters, rtol):
+def _signature(obs, params, b, **options):
     return (obs.device, obs.dtype, tuple(obs.shape), tuple(tuple(p.shape) for p in params),
-            kind, activation, damping, iters, rtol)
+            tuple(sorted(options.items())))
 
 
-def _capture(obs, params, b, kind, activation, damping, iters, rtol):
+def _capture(obs, params, b, **options):
     static_obs = obs.detach().clone()
     static_params = [p.detach().clone() for p in params]
     static_b = b.detach().clone()
-    args = (static_obs, static_params, static_b, kind, activation, damping, iters, rtol)
     side = torch.cuda.Stream(device=obs.device)
     side.wait_stream(torch.cuda.current_stream(obs.device))
     with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles and workspaces
-        ops.mlp_cg(*args)
+        _ops.mlp_cg(static_obs, static_params, static_b, **options)
     torch.cuda.current_stream(obs.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = ops.mlp_cg(*args)
+        outputs = _ops.mlp_cg(static_obs, static_params, static_b, **options)
     return graph, static_obs, static_params, static_b, outputs
 
 
-def graphed_mlp_cg(obs, params, b, kind, activation, damping, iters, rtol):
-    """Same contract as `torch.ops.trpo_ext.mlp_cg`, replayed from a cached CUDA graph."""
-    key = _signature(obs, params, b, kind, activation, damping, iters, rtol)
+def graphed_mlp_cg(obs, params, b, **options) -> _ops.CGResult:
+    """Same contract as `trpo_ext._ops.mlp_cg` (keyword options: kind, activation, damping, iters,
+    rtol), replayed from a cached CUDA graph."""
+    key = _signature(obs, params, b, **options)
     entry = _graphs.get(key)
     if entry is None:
-        entry = _capture(obs, params, b, kind, activation, damping, iters, rtol)
+        entry = _capture(obs, params, b, **options)
         _graphs[key] = entry
         if len(_graphs) > _MAX_GRAPHS:
             _graphs.popitem(last=False)
@@ -54,7 +54,7 @@ def graphed_mlp_cg(obs, params, b, kind, activation, damping, iters, rtol):
         dst.copy_(src)
     static_b.copy_(b)
     graph.replay()
-    return tuple(t.clone() for t in outputs)
+    return _ops.CGResult(*(t.clone() for t in outputs))
 
 
 def clear_graphs() -> None:

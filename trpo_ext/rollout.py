@@ -17,7 +17,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector.utils import concatenate, iterate
 
-from ._ops import ops
+from . import _ops
 from .policies import action_space_kind
 
 SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
@@ -268,8 +268,9 @@ class RolloutCollector:
         if self.normalizer is not None:
             mean, inv_std = self.normalizer.tensors(obs.device)  # obs.device has an index; self.device may not
             clip = self.normalizer.clip
-        return ops.mlp_act(obs, mean, inv_std, clip, list(policy.parameters()) if params is None else params,
-                           policy.kind, policy.activation, deterministic, generator)
+        return _ops.mlp_act(obs, list(policy.parameters()) if params is None else params, kind=policy.kind,
+                            activation=policy.activation, deterministic=deterministic, generator=generator,
+                            obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip)
 
     def env_actions(self, actions: torch.Tensor) -> np.ndarray:
         """Sampled actions as the env takes them: Box actions clipped to the bounds."""
