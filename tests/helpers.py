@@ -1,7 +1,18 @@
+"""Shared test helpers: the device list, tolerances, relative error and small policies."""
 import gymnasium as gym
 import torch
 
 import trpo_ext
+
+# CPU always; CUDA whenever a GPU is visible and the extension was built with its CUDA kernels.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and trpo_ext.cuda_built() else [])
+
+# Relative error bounds against the double-backprop reference (docs/design.md, "Tolerances").
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def make_policy(kind="gaussian", obs_dim=5, act_dim=3, hidden=(8, 7), activation="tanh",
@@ -17,14 +28,3 @@ def make_policy(kind="gaussian", obs_dim=5, act_dim=3, hidden=(8, 7), activation
 
 def n_params(policy) -> int:
     return sum(p.numel() for p in policy.parameters())
-
-
-class Wrapped(torch.nn.Module):
-    """A module that is not an MLPPolicy, to force the generic torch.func path."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.inner = policy
-
-    def forward(self, obs):
-        return self.inner(obs)

@@ -7,8 +7,7 @@ import torch
 import trpo_ext
 from trpo_ext import cuda_graphs
 
-from conftest import DEVICES, rel_err
-from helpers import make_policy, n_params
+from helpers import DEVICES, make_policy, n_params, rel_err
 
 pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and a CUDA build of trpo_ext")
 

@@ -1,4 +1,4 @@
-"""Fused FVP / CG against the double-backprop reference and a dense solve (DESIGN §2, §5)."""
+"""Fused FVP / CG against the double-backprop reference and a dense solve (docs/design.md, "Tolerances")."""
 import copy
 import itertools
 
@@ -8,24 +8,28 @@ import torch
 import trpo_ext
 from trpo_ext import reference
 
-from conftest import RTOL, rel_err
-from helpers import Wrapped, make_policy, n_params
+from helpers import RTOL, make_policy, n_params, rel_err
 
 DTYPES = [torch.float64, torch.float32]
 
-# (kind, obs_dim, act_dim, hidden, activation, batch): every kind x activation x depth, odd sizes.
-CASES = [
-    (kind, 5, 3, hidden, act, 37)
+# name -> (kind, obs_dim, act_dim, hidden, activation, batch): every kind x activation x depth at odd
+# sizes, then edge cases.
+CASES = {
+    f"{kind}-{act}-h{'x'.join(map(str, hidden))}": (kind, 5, 3, hidden, act, 37)
     for kind, act, hidden in itertools.product(
         ["categorical", "gaussian"], ["tanh", "relu"], [(9,), (8, 7), (6, 5, 4)])
-] + [
-    ("gaussian", 1, 1, (1,), "tanh", 1),
-    ("categorical", 1, 2, (1,), "relu", 1),
-    ("gaussian", 3, 1, (), "tanh", 4),  # no hidden layer: a linear policy
-    ("categorical", 17, 1, (64, 64), "tanh", 64),  # one action: F is zero but the products are well defined
-    ("gaussian", 17, 6, (64, 64), "tanh", 257),
-]
-IDS = [f"{k}-o{o}-a{a}-h{'x'.join(map(str, h)) or 'none'}-{act}-n{n}" for k, o, a, h, act, n in CASES]
+}
+CASES.update({
+    "gaussian-single-sample": ("gaussian", 1, 1, (1,), "tanh", 1),
+    "categorical-single-sample": ("categorical", 1, 2, (1,), "relu", 1),
+    "gaussian-linear": ("gaussian", 3, 1, (), "tanh", 4),  # no hidden layer: a linear policy
+    "categorical-one-action": ("categorical", 17, 1, (64, 64), "tanh", 64),  # F = 0, products well defined
+    "gaussian-mujoco-size": ("gaussian", 17, 6, (64, 64), "tanh", 257),
+})
+
+
+def _case(name):
+    return pytest.param(CASES[name], id=name)
 
 
 def _setup(case, dtype, device, seed=0):
@@ -38,13 +42,13 @@ def _setup(case, dtype, device, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", [_case(name) for name in CASES])
 def test_fvp_matches_reference(case, dtype, device):
     policy, obs, v = _setup(case, dtype, device)
     before = [p.detach().clone() for p in policy.parameters()]
     expected = reference.fvp(policy, obs, v, damping=0.05)
     fused = trpo_ext.fvp(policy, obs, v, damping=0.05)
-    generic = trpo_ext.fvp(Wrapped(policy), obs, v, damping=0.05)
+    generic = trpo_ext.fvp(policy, obs, v, damping=0.05, path="generic")
     assert fused.shape == v.shape and fused.dtype == dtype and fused.device == v.device
     assert rel_err(fused, expected) <= RTOL[dtype]
     assert rel_err(generic, expected) <= RTOL[dtype]
@@ -54,7 +58,7 @@ def test_fvp_matches_reference(case, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fvp_non_contiguous_inputs(dtype, device):
-    policy, obs, v = _setup(CASES[4], dtype, device)
+    policy, obs, v = _setup(CASES["categorical-relu-h8x7"], dtype, device)
     wide_obs = torch.stack([obs, torch.full_like(obs, float("nan"))], dim=2).reshape(obs.shape[0], -1)
     obs_nc = wide_obs[:, ::2]
     v_nc = torch.stack([v, torch.zeros_like(v)], dim=1)[:, 0]
@@ -82,7 +86,7 @@ def test_fvp_large_batch_across_threads(kind, threads, device):
 
 
 def test_fvp_is_linear_and_symmetric(device):
-    policy, obs, v = _setup(CASES[7], torch.float64, device)
+    policy, obs, v = _setup(CASES["gaussian-tanh-h8x7"], torch.float64, device)
     w = torch.randn_like(v)
     Fv, Fw = trpo_ext.fvp(policy, obs, v), trpo_ext.fvp(policy, obs, w)
     assert rel_err(trpo_ext.fvp(policy, obs, 2 * v - w), 2 * Fv - Fw) <= 1e-12
@@ -111,8 +115,9 @@ def test_cg_matches_dense_solve(kind, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[10], CASES[-1]],
-                         ids=[IDS[1], IDS[4], IDS[10], IDS[-1]])
+@pytest.mark.parametrize("case", [_case(name) for name in
+                                  ["categorical-tanh-h8x7", "categorical-relu-h8x7", "gaussian-relu-h8x7",
+                                   "gaussian-mujoco-size"]])
 def test_cg_matches_reference_iterations(case, dtype, device):
     policy64, obs64, b64 = _setup(case, torch.float64, device)
     policy = copy.deepcopy(policy64).to(dtype)
@@ -134,16 +139,16 @@ def test_cg_matches_reference_iterations(case, dtype, device):
 
 
 def test_cg_generic_path_matches_fused(device):
-    policy, obs, b = _setup(CASES[10], torch.float64, device)
-    x_fused, info_fused = trpo_ext.cg_solve(policy, obs, b, iters=8, damping=0.1)
-    x_generic, info_generic = trpo_ext.cg_solve(Wrapped(policy), obs, b, iters=8, damping=0.1)
+    policy, obs, b = _setup(CASES["gaussian-relu-h8x7"], torch.float64, device)
+    x_fused, info_fused = trpo_ext.cg_solve(policy, obs, b, iters=8, damping=0.1, path="fused")
+    x_generic, info_generic = trpo_ext.cg_solve(policy, obs, b, iters=8, damping=0.1, path="generic")
     assert rel_err(x_generic, x_fused) <= 1e-10
     assert int(info_generic.iterations) == int(info_fused.iterations)
 
 
 @pytest.mark.parametrize("kind", ["categorical", "gaussian"])
 def test_cg_zero_rhs_gives_zero(kind, device):
-    policy, obs, _ = _setup(CASES[0] if kind == "categorical" else CASES[6], torch.float32, device)
+    policy, obs, _ = _setup(CASES[f"{kind}-tanh-h9"], torch.float32, device)
     b = torch.zeros(n_params(policy), device=device)
     x, info = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.1)
     assert torch.equal(x, torch.zeros_like(b))
@@ -154,7 +159,7 @@ def test_cg_zero_rhs_gives_zero(kind, device):
 def test_cg_tiny_damping_stays_finite(dtype, device):
     # With one action the categorical Fisher is exactly zero: only the damping is left, and the
     # solve must still return finite values (here x = b / damping after one step).
-    policy, obs, b = _setup(CASES[-2], dtype, device)
+    policy, obs, b = _setup(CASES["categorical-one-action"], dtype, device)
     x, info = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=1e-8)
     assert torch.isfinite(x).all() and torch.isfinite(info.xAx) and torch.isfinite(info.residual_norm)
     x0, info0 = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.0)

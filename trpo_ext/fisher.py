@@ -1,9 +1,12 @@
-"""Fisher-vector products and the conjugate-gradient solve (DESIGN §2).
+"""Fisher-vector products and the conjugate-gradient solve (docs/design.md, "The Fisher-vector product").
 
-For an `MLPPolicy` both run as one call into the extension (forward cache, JVP, analytic output
-Fisher, VJP; the whole CG loop in C++/CUDA). For any other module whose `forward(obs)` returns a
-Categorical or a (possibly Independent) Normal, a generic torch.func path computes the same
-product as a JVP, the analytic output Fisher and a VJP: never a second derivative.
+Two paths compute the same product, a JVP, the closed-form output Fisher and a VJP (never a second
+derivative):
+- fused: for an `MLPPolicy` whose class keeps `forward` and `distribution_params` as MLPPolicy
+  defines them, one call into the extension (the whole CG loop in C++/CUDA);
+- generic: torch.func, for any module whose `forward(obs)` returns a Categorical or a (possibly
+  Independent) Normal.
+`path="auto"` picks the fused one whenever `fused_mlp(policy)` allows it; "fused" and "generic" force one.
 """
 from __future__ import annotations
 
@@ -13,9 +16,45 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Categorical, Independent, Normal
 
-from ._ops import ops
+from . import _ops
 from .policies import MLPPolicy
 from .reference import conjugate_gradient
+
+
+PATHS = ("auto", "fused", "generic")
+
+
+@dataclass(frozen=True)
+class FusedMLP:
+    """What the fused ops need to know about a policy besides its parameters."""
+
+    kind: str  # "categorical" or "gaussian"
+    activation: str
+
+
+def fused_mlp(policy) -> FusedMLP | None:
+    """The fused-op description of `policy`, or None when only the generic path is exact for it.
+
+    The fused ops compute the Fisher of the plain MLP that `MLPPolicy` defines; a subclass that
+    overrides `forward` or `distribution_params` computes something else, so it gets None.
+    """
+    if not isinstance(policy, MLPPolicy):
+        return None
+    cls = type(policy)
+    if cls.forward is not MLPPolicy.forward or cls.distribution_params is not MLPPolicy.distribution_params:
+        return None
+    return FusedMLP(policy.kind, policy.activation)
+
+
+def choose_path(policy, path: str) -> FusedMLP | None:
+    """Resolves `path` for `policy`: the FusedMLP for the fused path, None for the generic one."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    fused = fused_mlp(policy) if path != "generic" else None
+    if path == "fused" and fused is None:
+        raise TypeError(f"path='fused' needs an MLPPolicy that does not override forward or distribution_params, "
+                        f"got {type(policy).__name__}; use path='auto' or 'generic'")
+    return fused
 
 
 @dataclass
@@ -50,12 +89,12 @@ def _check_tensor(name: str, t, params: list[torch.Tensor]) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have the policy's dtype {ref.dtype}, got {t.dtype}")
     if t.device != ref.device:
-        raise ValueError(f"{name} must be on the policy's device {ref.device}, got {t.device}")
+        raise TypeError(f"{name} must be on the policy's device {ref.device}, got {t.device}")
 
 
-def _check_obs(obs, params, policy) -> None:
+def _check_obs(obs, params, policy, fused: FusedMLP | None) -> None:
     _check_tensor("obs", obs, params)
-    if isinstance(policy, MLPPolicy):
+    if fused is not None:
         if obs.dim() != 2 or obs.shape[1] != policy.obs_dim:
             raise ValueError(f"obs must have shape (N, {policy.obs_dim}), got {tuple(obs.shape)}")
     elif obs.dim() < 1:
@@ -85,17 +124,18 @@ def _check_damping(damping) -> float:
     return damping
 
 
-def _validate(policy, obs, vec_name, vec, damping, check_finite):
+def _validate(policy, obs, vec_name, vec, damping, check_finite, path):
     params = _check_policy(policy)
-    _check_obs(obs, params, policy)
+    fused = choose_path(policy, path)
+    _check_obs(obs, params, policy, fused)
     _check_vector(vec_name, vec, params)
     damping = _check_damping(damping)
     if check_finite:
         _check_finite(obs=obs, **{vec_name: vec})
-    if isinstance(policy, MLPPolicy) and params[0].is_cuda and not ops.cuda_built():
+    if fused is not None and params[0].is_cuda and not _ops.cuda_built():
         raise RuntimeError("this trpo_ext build has no CUDA kernels (built CPU-only); "
                            "move the policy to the CPU or rebuild with a CUDA torch and nvcc")
-    return params, damping
+    return params, damping, fused
 
 
 # ----------------------------------------------------------------------------- generic path
@@ -147,50 +187,45 @@ def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[t
     return product
 
 
-def _mlp_args(policy: MLPPolicy, params):
-    return [p.detach() for p in params], policy.kind, policy.activation
-
-
 # ----------------------------------------------------------------------------- public API
 def fvp(policy: torch.nn.Module, obs: torch.Tensor, v: torch.Tensor, damping: float = 0.0,
-        check_finite: bool = True) -> torch.Tensor:
+        check_finite: bool = True, path: str = "auto") -> torch.Tensor:
     """(F + damping I) v, flat in `policy.parameters()` order; F is the Hessian of the batch-mean KL.
 
-    `check_finite` tests obs and v for NaN/Inf (one device sync on a GPU).
+    `check_finite` tests obs and v for NaN/Inf (one device sync on a GPU). `path`: "auto", "fused"
+    or "generic" (module docstring).
     """
-    params, damping = _validate(policy, obs, "v", v, damping, check_finite)
-    if isinstance(policy, MLPPolicy):
-        plist, kind, act = _mlp_args(policy, params)
-        return ops.mlp_fvp(obs, plist, v, kind, act, damping)
+    params, damping, fused = _validate(policy, obs, "v", v, damping, check_finite, path)
+    if fused is not None:
+        return _ops.mlp_fvp(obs, [p.detach() for p in params], v, kind=fused.kind, activation=fused.activation,
+                            damping=damping)
     with torch.no_grad():
         return _generic_products(policy, obs, params)(v) + damping * v
 
 
 def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters: int = 10,
              damping: float = 0.1, rtol: float = 1e-6, check_finite: bool = True,
-             cuda_graph: bool = True) -> tuple[torch.Tensor, CGInfo]:
+             cuda_graph: bool = True, path: str = "auto") -> tuple[torch.Tensor, CGInfo]:
     """Solves (F + damping I) x = b by conjugate gradient; returns (x, CGInfo).
 
     Stops after `iters` Fisher-vector products or when ||r|| <= rtol ||b||. For an `MLPPolicy`
     the whole loop is one extension call; on a GPU it never synchronises with the host, and with
     `cuda_graph=True` repeated solves of one shape replay a captured CUDA graph.
-    `check_finite` tests obs and b for NaN/Inf first (one device sync on a GPU).
+    `check_finite` tests obs and b for NaN/Inf first (one device sync on a GPU). `path`: "auto",
+    "fused" or "generic" (module docstring).
     """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     rtol = float(rtol)
     if not math.isfinite(rtol) or rtol < 0:
         raise ValueError(f"rtol must be a finite number >= 0, got {rtol}")
-    params, damping = _validate(policy, obs, "b", b, damping, check_finite)
-    if isinstance(policy, MLPPolicy):
-        plist, kind, act = _mlp_args(policy, params)
-        args = (obs, plist, b, kind, act, damping, iters, rtol)
+    params, damping, fused = _validate(policy, obs, "b", b, damping, check_finite, path)
+    if fused is not None:
+        solve = _ops.mlp_cg
         if b.is_cuda and cuda_graph:
-            from .cuda_graphs import graphed_mlp_cg
-
-            x, used, res, xAx = graphed_mlp_cg(*args)
-        else:
-            x, used, res, xAx = ops.mlp_cg(*args)
+            from .cuda_graphs import graphed_mlp_cg as solve
+        x, used, res, xAx = solve(obs, [p.detach() for p in params], b, kind=fused.kind,
+                                  activation=fused.activation, damping=damping, iters=iters, rtol=rtol)
         return x, CGInfo(used, res, xAx)
     with torch.no_grad():
         product = _generic_products(policy, obs, params)
