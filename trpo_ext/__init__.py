@@ -8,7 +8,9 @@ from . import reference
 from ._ops import cuda_built
 from .fisher import CGInfo, cg_solve, fvp
 from .policies import MLPPolicy, ValueNetwork
+from .step import StepRecord, trust_region_step
 from .trpo import TRPO
 
-__all__ = ["TRPO", "MLPPolicy", "ValueNetwork", "fvp", "cg_solve", "CGInfo", "reference", "cuda_built"]
+__all__ = ["TRPO", "MLPPolicy", "ValueNetwork", "trust_region_step", "StepRecord", "fvp", "cg_solve", "CGInfo",
+           "reference", "cuda_built"]
 __version__ = "0.1.0"

@@ -15,11 +15,9 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import torch
-from torch.distributions import Categorical, Independent, Normal, kl_divergence
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .critic import fit_value_network
-from .fisher import cg_solve
+from .step import trust_region_step
 from .policies import MLPPolicy, ValueNetwork
 from .rollout import (EpisodeStats, LeanSyncVectorEnv, RolloutCollector, RunningNormalizer, check_spaces,
                       make_vec_env)
@@ -196,66 +194,18 @@ class TRPO:
     def _policy_step(self, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor) -> dict:
         if self.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        params = list(self.policy.parameters())
-        old_params = parameters_to_vector(params).detach()
-        with torch.no_grad():
-            old_dist = _distribution(self.policy, obs)
-            old_log_prob = old_dist.log_prob(actions)
-
-        def surrogate(dist):  # importance-weighted advantage, E[π/π_old · A]
-            return (torch.exp(dist.log_prob(actions) - old_log_prob) * advantages).mean()
-
-        log = {"kl": 0.0, "surrogate_improvement": 0.0, "expected_improvement": float("nan"),
-               "line_search_steps": 0, "line_search_failed": 1, "cg_iterations": 0, "cg_residual": float("nan"),
-               "entropy": old_dist.entropy().mean().item(),
-               "policy_std": (self.policy.log_std.exp().mean().item() if self.policy.kind == "gaussian"
-                              else float("nan"))}
-
-        # Gradient g of the surrogate, then x ≈ (F + λI)⁻¹ g by CG on the fused Fisher-vector product.
-        t = time.perf_counter()
-        old_surrogate = surrogate(_distribution(self.policy, obs))
-        g = parameters_to_vector(torch.autograd.grad(old_surrogate, params))
-        old_surrogate = old_surrogate.detach()
-        fvp_obs = obs
+        fvp_obs = None
         if self.fvp_fraction < 1.0:
             k = max(1, int(round(self.fvp_fraction * obs.shape[0])))
             fvp_obs = obs[torch.randperm(obs.shape[0], generator=self.generator, device=obs.device)[:k]]
-        solved = bool(torch.isfinite(g).all())
-        if solved:
-            x, info = cg_solve(self.policy, fvp_obs, g, iters=self.cg_iters, damping=self.damping,
-                               rtol=self.cg_rtol, check_finite=False)
-            xAx = info.xAx.item()
-            log["cg_iterations"], log["cg_residual"] = int(info.iterations), info.residual_norm.item()
-            solved = math.isfinite(xAx) and xAx > 0 and bool(torch.isfinite(x).all())
-        log["time_cg"] = time.perf_counter() - t
-
-        # Backtracking line search on β·x, β = sqrt(2δ / xᵀAx): accept the first step that keeps the
-        # mean KL(old‖new) within max_kl and improves the surrogate; otherwise restore θ exactly.
-        t = time.perf_counter()
-        accepted = False
-        if solved:
-            full_step = math.sqrt(2.0 * self.max_kl / xAx) * x
-            log["expected_improvement"] = torch.dot(g, full_step).item()
-            fraction = 1.0
-            with torch.no_grad():
-                for step in range(1, self.max_backtracks + 1):
-                    log["line_search_steps"] = step
-                    candidate = old_params + fraction * full_step
-                    if bool(torch.isfinite(candidate).all()):
-                        vector_to_parameters(candidate, params)
-                        dist = _distribution(self.policy, obs)
-                        kl = kl_divergence(old_dist, dist).mean().item()
-                        improvement = (surrogate(dist) - old_surrogate).item()
-                        if math.isfinite(kl) and math.isfinite(improvement) and kl <= self.max_kl and improvement > 0:
-                            accepted = True
-                            log["kl"], log["surrogate_improvement"] = kl, improvement
-                            break
-                    fraction *= self.backtrack_factor
-        if not accepted:
-            vector_to_parameters(old_params, params)
-        log["line_search_failed"] = int(not accepted)
-        log["time_line_search"] = time.perf_counter() - t
-        return log
+        step = trust_region_step(self.policy, obs, actions, advantages, max_kl=self.max_kl, damping=self.damping,
+                                 cg_iters=self.cg_iters, cg_rtol=self.cg_rtol, backtrack_factor=self.backtrack_factor,
+                                 max_backtracks=self.max_backtracks, fvp_obs=fvp_obs)
+        return {"kl": step.kl, "surrogate_improvement": step.improvement,
+                "expected_improvement": step.expected_improvement, "line_search_steps": step.line_search_steps,
+                "line_search_failed": int(not step.accepted), "cg_iterations": step.cg_iterations,
+                "cg_residual": step.cg_residual, "entropy": step.entropy, "policy_std": step.policy_std,
+                "time_cg": step.time_cg, "time_line_search": step.time_line_search}
 
     # ------------------------------------------------------------------------- critic
     def _critic_step(self, obs: torch.Tensor, returns: torch.Tensor) -> float:
@@ -409,16 +359,6 @@ class TRPO:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _distribution(policy: MLPPolicy, obs: torch.Tensor):
-    """The policy's distribution without argument validation (the line search must be able to
-    look at any candidate θ without raising)."""
-    out = policy.distribution_params(obs)
-    if policy.kind == "categorical":
-        return Categorical(logits=out, validate_args=False)
-    normal = Normal(out, policy.log_std.exp().expand_as(out), validate_args=False)
-    return Independent(normal, 1, validate_args=False)
-
-
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     var = returns.var().item()
     return float("nan") if var == 0 else 1.0 - (returns - values).var().item() / var

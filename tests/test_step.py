@@ -1,0 +1,212 @@
+"""trpo_ext.trust_region_step: the line search's guarantees, the fused and generic paths, and the
+agent's update being exactly this function."""
+import copy
+import math
+
+import gymnasium as gym
+import pytest
+import torch
+from torch.distributions import Categorical, kl_divergence
+from torch.nn.utils import parameters_to_vector
+
+import trpo_ext
+from trpo_ext import TRPO, reference
+
+from helpers import make_policy, n_params, rel_err
+
+
+def _batch(policy, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(policy.parameters()).dtype
+    obs = torch.randn(n, policy.obs_dim, generator=g, dtype=dtype)
+    with torch.no_grad():
+        dist = policy(obs)
+        actions = dist.sample() if policy.kind == "gaussian" else dist.probs.multinomial(1, generator=g).squeeze(1)
+    advantages = torch.randn(n, generator=g, dtype=dtype)
+    return obs, actions, advantages
+
+
+def _vector(module):
+    return parameters_to_vector(module.parameters()).detach().clone()
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_accepted_step_is_beta_times_the_cg_direction_and_within_the_trust_region(kind):
+    policy = make_policy(kind, 5, 3, (8, 7), "tanh", torch.float64)
+    obs, actions, advantages = _batch(policy)
+    before = _vector(policy)
+    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=0.01, damping=0.1, cg_iters=10,
+                                        backtrack_factor=0.5)
+    assert record.accepted and 0 < record.kl <= 0.01 and record.improvement > 0
+
+    # The same step by hand: autograd gradient, reference CG, beta = sqrt(2 delta / x'Ax), factor 0.5^(k-1).
+    oracle = make_policy(kind, 5, 3, (8, 7), "tanh", torch.float64)
+    dist = oracle(obs)
+    surrogate = (torch.exp(dist.log_prob(actions) - dist.log_prob(actions).detach()) * advantages).mean()
+    g = parameters_to_vector(torch.autograd.grad(surrogate, list(oracle.parameters())))
+    x, used, _, xAx = reference.cg_solve(oracle, obs, g, iters=10, damping=0.1, rtol=1e-10)
+    step = math.sqrt(2 * 0.01 / xAx.item()) * x * 0.5 ** (record.line_search_steps - 1)
+    assert record.cg_iterations == used
+    assert record.expected_improvement == pytest.approx(math.sqrt(2 * 0.01 / xAx.item()) * (g @ x).item(),
+                                                        rel=1e-9)
+    torch.testing.assert_close(_vector(policy) - before, step, rtol=1e-8, atol=1e-12)
+    with torch.no_grad():
+        assert record.kl == pytest.approx(kl_divergence(dist, policy(obs)).mean().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_generic_path_takes_the_fused_step(kind):
+    fused = make_policy(kind, 5, 3, (8, 7), "relu", torch.float64)
+    generic = copy.deepcopy(fused)
+    before = _vector(fused)
+    obs, actions, advantages = _batch(fused)
+    a = trpo_ext.trust_region_step(fused, obs, actions, advantages, path="fused")
+    b = trpo_ext.trust_region_step(generic, obs, actions, advantages, path="generic")
+    assert a.accepted and b.accepted and a.line_search_steps == b.line_search_steps
+    assert a.cg_iterations == b.cg_iterations
+    # Ten CG steps amplify rounding by about the condition number (relu makes it large): 1e-8, not 1e-10.
+    assert rel_err(_vector(fused) - before, _vector(generic) - before) <= 1e-8
+    assert a.kl == pytest.approx(b.kl, rel=1e-8)
+
+
+class TrapPolicy(torch.nn.Module):
+    """A categorical policy whose logits move by `trap · |θ − θ₀|²` along `direction`: the term and
+    its gradient vanish at θ₀, so the Fisher and the CG direction are the linear model's, but any
+    step of a visible size changes the distribution a lot. `direction` picks what the trap breaks:
+    the KL (any non-constant direction) or the surrogate (lowering the rewarded action's logit)."""
+
+    def __init__(self, direction, trap=1e6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(3, 3).double()
+        self.origin = [p.detach().clone() for p in self.linear.parameters()]
+        self.direction = torch.tensor(direction, dtype=torch.float64)
+        self.trap = trap
+
+    def forward(self, obs):
+        moved = sum(((p - o) ** 2).sum() for p, o in zip(self.linear.parameters(), self.origin))
+        return Categorical(logits=self.linear(obs) + self.trap * moved * self.direction)
+
+
+def _trap_batch():
+    obs = torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    actions = torch.zeros(40, dtype=torch.int64)  # action 0 is rewarded everywhere
+    return obs, actions, torch.ones(40, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("why, direction, max_kl", [
+    ("kl", [0.0, 1.0, -1.0], 0.01),        # the KL of every trial is far above max_kl
+    ("surrogate", [-1.0, 0.0, 0.0], 1e30),  # any KL is allowed, but every trial lowers action 0's probability
+])
+def test_rejected_line_search_restores_parameters_exactly(why, direction, max_kl):
+    policy = TrapPolicy(direction)
+    obs, actions, advantages = _trap_batch()
+    before = _vector(policy)
+    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=max_kl, max_backtracks=4)
+    assert not record.accepted and record.kl == 0.0 and record.improvement == 0.0
+    assert record.line_search_steps == 4 and record.cg_iterations >= 1
+    assert torch.equal(_vector(policy), before)
+
+
+def test_zero_advantages_give_no_direction_and_no_change():
+    policy = make_policy("gaussian", 5, 3, (8,), "tanh", torch.float64)
+    obs, actions, advantages = _batch(policy)
+    before = _vector(policy)
+    record = trpo_ext.trust_region_step(policy, obs, actions, torch.zeros_like(advantages))
+    assert not record.accepted and record.line_search_steps == 0 and math.isnan(record.expected_improvement)
+    assert torch.equal(_vector(policy), before)
+
+
+def test_non_finite_trials_are_skipped_and_theta_stays_finite():
+    # max_kl = 1e30 makes the first trials overflow to inf in float32: they must be skipped, never applied.
+    policy = make_policy("categorical", 4, 3, (6,), "tanh", torch.float32)
+    obs, actions, advantages = _batch(policy)
+    before = _vector(policy)
+    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=1e30, max_backtracks=3)
+    assert torch.isfinite(_vector(policy)).all()
+    if not record.accepted:
+        assert torch.equal(_vector(policy), before)
+
+
+def test_fvp_obs_is_what_the_products_use():
+    policy = make_policy("gaussian", 5, 3, (8, 7), "tanh", torch.float64)
+    obs, actions, advantages = _batch(policy, n=64)
+    subset = obs[torch.randperm(64, generator=torch.Generator().manual_seed(3))[:16]]
+    full, sub = copy.deepcopy(policy), copy.deepcopy(policy)
+    trpo_ext.trust_region_step(full, obs, actions, advantages)
+    record = trpo_ext.trust_region_step(sub, obs, actions, advantages, fvp_obs=subset, backtrack_factor=0.5)
+    # The expected step: the gradient on the whole batch, the Fisher on the subset only.
+    dist = policy(obs)
+    surrogate = (torch.exp(dist.log_prob(actions) - dist.log_prob(actions).detach()) * advantages).mean()
+    g = parameters_to_vector(torch.autograd.grad(surrogate, list(policy.parameters())))
+    x, _, _, xAx = reference.cg_solve(policy, subset, g, iters=10, damping=0.1, rtol=1e-10)
+    step = math.sqrt(2 * 0.01 / xAx.item()) * x * 0.5 ** (record.line_search_steps - 1)
+    torch.testing.assert_close(_vector(sub) - _vector(policy), step, rtol=1e-8, atol=1e-12)
+    assert not torch.allclose(_vector(sub), _vector(full))
+
+
+def test_agent_update_is_trust_region_step_on_the_normalized_batch():
+    agent = TRPO("Pendulum-v1", n_envs=2, n_steps=64, critic_epochs=1, seed=0)
+    batches = []
+    collect = agent.collector.collect
+    agent.collector.collect = lambda *a, **k: batches.append(collect(*a, **k)) or batches[-1]
+    policy = copy.deepcopy(agent.policy)
+    agent.learn(128, progress_bar=False)
+    (batch,) = batches
+    advantages = (batch.advantages - batch.advantages.mean()) / (batch.advantages.std() + 1e-8)
+    record = trpo_ext.trust_region_step(policy, batch.obs, batch.actions, advantages, max_kl=agent.max_kl,
+                                        damping=agent.damping, cg_iters=agent.cg_iters, cg_rtol=agent.cg_rtol)
+    assert torch.equal(_vector(policy), _vector(agent.policy))
+    assert agent.last_record["kl"] == record.kl and agent.last_record["line_search_steps"] == record.line_search_steps
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(max_kl=0.0), ValueError, "max_kl must be a finite number in (0.0, inf]"),
+    (dict(max_kl=-0.01), ValueError, "max_kl must be"),
+    (dict(max_kl=float("inf")), ValueError, "max_kl must be a finite number"),
+    (dict(damping=float("nan")), ValueError, "damping must be"),
+    (dict(cg_iters=0), ValueError, "cg_iters must be an int >= 1"),
+    (dict(backtrack_factor=1.0), ValueError, "backtrack_factor must be a finite number in (0.0, 1.0)"),
+    (dict(max_backtracks=True), ValueError, "max_backtracks must be an int >= 1"),
+    (dict(path="fast"), ValueError, "path must be one of"),
+])
+def test_bad_settings_name_the_setting(kwargs, error, words):
+    policy = make_policy("categorical", 4, 3, (6,), "tanh", torch.float64)
+    obs, actions, advantages = _batch(policy)
+    before = _vector(policy)
+    with pytest.raises(error) as info:
+        trpo_ext.trust_region_step(policy, obs, actions, advantages, **kwargs)
+    assert words in str(info.value)
+    assert torch.equal(_vector(policy), before)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda o, a, adv: (o, a, adv[:-1]), ValueError, "advantages must have shape (64,)"),
+    (lambda o, a, adv: (o, a[:-1], adv), ValueError, "actions must have one row per observation (64)"),
+    (lambda o, a, adv: (o, a, adv.index_fill(0, torch.tensor([3]), float("nan"))), ValueError,
+     "advantages must be a finite"),
+    (lambda o, a, adv: (o[:0], a[:0], adv[:0]), ValueError, "obs must be a non-empty batch"),
+    (lambda o, a, adv: (o.numpy(), a, adv), TypeError, "obs must be a torch.Tensor"),
+])
+def test_bad_batch_names_the_argument(change, error, words):
+    policy = make_policy("categorical", 4, 3, (6,), "tanh", torch.float64)
+    before = _vector(policy)
+    with pytest.raises(error) as info:
+        trpo_ext.trust_region_step(policy, *change(*_batch(policy)))
+    assert words in str(info.value)
+    assert torch.equal(_vector(policy), before)
+
+
+def test_subclass_overriding_forward_is_not_given_the_plain_mlp_fisher():
+    class Tempered(trpo_ext.MLPPolicy):  # logits scaled by 3: a different Fisher than the plain MLP's
+        def forward(self, obs):
+            return Categorical(logits=3 * self.distribution_params(obs))
+
+    torch.manual_seed(0)
+    policy = Tempered(4, gym.spaces.Discrete(3)).double()
+    obs = torch.randn(20, 4, dtype=torch.float64)
+    v = torch.randn(n_params(policy), dtype=torch.float64)
+    expected = reference.fvp(policy, obs, v)
+    torch.testing.assert_close(trpo_ext.fvp(policy, obs, v), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="path='fused' needs an MLPPolicy"):
+        trpo_ext.fvp(policy, obs, v, path="fused")

@@ -1,0 +1,171 @@
+"""The TRPO policy step on a batch the caller collected (docs/design.md, "The trust-region step").
+
+    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=0.01)
+
+One forward pass of the policy gives the surrogate's gradient g and the old distribution; CG
+solves (F + λI) x = g; the step size β = sqrt(2δ / xᵀAx) needs no extra product (CG returns
+xᵀAx); the backtracking line search accepts the first trial β·fᵏ·x whose mean KL(old‖new) is ≤ δ
+and whose surrogate improved. Otherwise θ is restored exactly. Non-finite values never reach θ.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from .config import TrustRegionConfig
+from .fisher import cg_solve
+from .reference import detach_distribution
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one `trust_region_step` did."""
+
+    accepted: bool
+    """Whether a trial was accepted (θ moved); otherwise θ is exactly as before."""
+    kl: float
+    """Mean KL(old‖new) of the accepted step; 0.0 when none was accepted."""
+    improvement: float
+    """Surrogate improvement of the accepted step; 0.0 when none was accepted."""
+    expected_improvement: float
+    """β·gᵀx, the first-order prediction for the full step; NaN when CG gave no usable direction."""
+    line_search_steps: int
+    """Trials evaluated (0 when CG gave no usable direction)."""
+    cg_iterations: int
+    cg_residual: float
+    """||g − (F + λI)x|| as tracked by the CG recursion; NaN when the gradient was not finite."""
+    entropy: float
+    """Mean entropy of the old policy over the batch."""
+    policy_std: float
+    """Mean standard deviation of a Gaussian old policy over the batch and action dimensions; NaN otherwise."""
+    time_cg: float
+    """Seconds for the forward pass, the gradient and the CG solve."""
+    time_line_search: float
+    """Seconds for the step size and the line search."""
+
+
+@contextmanager
+def _unvalidated_distributions():
+    # The line search must be able to look at any candidate θ: a distribution whose argument
+    # checks raise would abort the step instead of rejecting the trial.
+    previous = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(previous)
+
+
+def _check_batch(obs, actions, advantages) -> None:
+    for name, t in (("obs", obs), ("actions", actions), ("advantages", advantages)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    n = obs.shape[0] if obs.dim() else 0
+    if n == 0:
+        raise ValueError(f"obs must be a non-empty batch (N, ...), got shape {tuple(obs.shape)}")
+    if advantages.shape != (n,):
+        raise ValueError(f"advantages must have shape ({n},) (one per observation), got {tuple(advantages.shape)}")
+    if actions.dim() == 0 or actions.shape[0] != n:
+        raise ValueError(f"actions must have one row per observation ({n}), got shape {tuple(actions.shape)}")
+    if not advantages.is_floating_point() or not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages must be a finite floating-point tensor")
+
+
+def _policy_std(dist) -> float:
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    return base.scale.mean().item() if isinstance(base, Normal) else float("nan")
+
+
+def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor,
+                      advantages: torch.Tensor, *, max_kl: float = 0.01, damping: float = 0.1,
+                      cg_iters: int = 10, cg_rtol: float = 1e-10, backtrack_factor: float = 0.8,
+                      max_backtracks: int = 10, fvp_obs: torch.Tensor | None = None,
+                      path: str = "auto") -> StepRecord:
+    """One TRPO policy step on (obs, actions, advantages); moves `policy`'s parameters in place.
+
+    Args:
+        policy: an `MLPPolicy` (fused Fisher-vector products) or any module whose `forward(obs)`
+            returns a Categorical or a (possibly Independent) Normal (generic path). Every
+            parameter is optimized and must require grad.
+        obs, actions: the batch the policy acted on; actions as the policy's distribution
+            samples them (int64 classes, or the unclipped Gaussian sample).
+        advantages: one per observation, used as given (normalize them first if you want that).
+        max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks: see
+            `trpo_ext.config.TrustRegionConfig`.
+        fvp_obs: observations for the Fisher-vector products only (e.g. a random subset of obs);
+            None uses obs.
+        path: "auto", "fused" or "generic" (`trpo_ext.fisher`).
+    Returns:
+        a `StepRecord`.
+    """
+    config = TrustRegionConfig(max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks)
+    _check_batch(obs, actions, advantages)
+    params = list(policy.parameters())
+    frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"policy: trust_region_step optimizes every parameter; these do not require grad: {frozen}")
+
+    start = time.perf_counter()
+    # One forward pass: the surrogate's gradient and the old distribution.
+    with _unvalidated_distributions(), torch.enable_grad():
+        dist = policy(obs)
+        log_prob = dist.log_prob(actions)
+        old_log_prob = log_prob.detach()
+
+        def surrogate(d, lp=None):  # E[π/π_old · A]
+            lp = d.log_prob(actions) if lp is None else lp
+            return (torch.exp(lp - old_log_prob) * advantages).mean()
+
+        old_surrogate = surrogate(dist, log_prob)
+        g = parameters_to_vector(torch.autograd.grad(old_surrogate, params))
+    old_dist = detach_distribution(dist)
+    old_surrogate = old_surrogate.detach()
+    old_params = parameters_to_vector(params).detach().clone()
+    record = dict(accepted=False, kl=0.0, improvement=0.0, expected_improvement=float("nan"), line_search_steps=0,
+                  cg_iterations=0, cg_residual=float("nan"), entropy=old_dist.entropy().mean().item(),
+                  policy_std=_policy_std(old_dist), time_cg=0.0, time_line_search=0.0)
+
+    def finish(**changes) -> StepRecord:
+        now = time.perf_counter()
+        if record["time_cg"] == 0.0:
+            record["time_cg"] = now - start
+        else:
+            record["time_line_search"] = now - start - record["time_cg"]
+        return StepRecord(**{**record, **changes})
+
+    # x ≈ (F + λI)⁻¹ g.
+    if not bool(torch.isfinite(g).all()):
+        return finish()
+    x, info = cg_solve(policy, obs if fvp_obs is None else fvp_obs, g, iters=config.cg_iters,
+                       damping=config.damping, rtol=config.cg_rtol, check_finite=False, path=path)
+    xAx = info.xAx.item()
+    record.update(cg_iterations=int(info.iterations), cg_residual=info.residual_norm.item())
+    if not (math.isfinite(xAx) and xAx > 0 and bool(torch.isfinite(x).all())):
+        return finish()
+    record["time_cg"] = time.perf_counter() - start
+
+    # Backtracking line search on β·x.
+    full_step = math.sqrt(2.0 * config.max_kl / xAx) * x
+    record["expected_improvement"] = torch.dot(g, full_step).item()
+    fraction = 1.0
+    with _unvalidated_distributions(), torch.no_grad():
+        for trial in range(1, config.max_backtracks + 1):
+            record["line_search_steps"] = trial
+            candidate = old_params + fraction * full_step
+            fraction *= config.backtrack_factor
+            if not bool(torch.isfinite(candidate).all()):
+                continue
+            vector_to_parameters(candidate, params)
+            dist = policy(obs)
+            kl = kl_divergence(old_dist, dist).mean().item()
+            improvement = (surrogate(dist) - old_surrogate).item()
+            if math.isfinite(kl) and math.isfinite(improvement) and kl <= config.max_kl and improvement > 0:
+                return finish(accepted=True, kl=kl, improvement=improvement)
+        vector_to_parameters(old_params, params)
+    return finish()
