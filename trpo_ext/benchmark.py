@@ -393,31 +393,35 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:
                 f.write(report(results, args.cg_iters, env, rounds, args.check, skipped, command))
 
-    for i, (n_threads, cfg) in enumerate(runs):
-        now = time.perf_counter()
-        if deadline is not None and now > deadline:
-            skipped.append(f"{cfg}, {n_threads} thread(s)")
-            print(f"  {cfg}, {n_threads} thread(s): skipped (time budget)", file=sys.stderr, flush=True)
-            continue
-        # Each remaining configuration gets an equal share of the remaining budget.
-        share = None if deadline is None else now + (deadline - now) / (len(runs) - i)
-        torch.set_num_threads(n_threads)
-        print(f"  {cfg}, {n_threads} thread(s) ...", file=sys.stderr, flush=True)
-        res = bench_config(cfg, args.device, rounds, args.cg_iters, not args.no_generic, deadline=share,
-                           check=args.check, with_graph=not args.no_graph)
-        print(f"    {res.rounds} rounds, {time.perf_counter() - now:.1f} s"
-              + "".join(f"; {op} {m} FAILED: {why}" for (op, m), why in res.errors.items()),
-              file=sys.stderr, flush=True)
-        results.append(((cfg, n_threads), res))
-        if args.device == "cuda":
-            from . import cuda_graphs
+    saved_threads = torch.get_num_threads()
+    try:
+        for i, (n_threads, cfg) in enumerate(runs):
+            now = time.perf_counter()
+            if deadline is not None and now > deadline:
+                skipped.append(f"{cfg}, {n_threads} thread(s)")
+                print(f"  {cfg}, {n_threads} thread(s): skipped (time budget)", file=sys.stderr, flush=True)
+                continue
+            # Each remaining configuration gets an equal share of the remaining budget.
+            share = None if deadline is None else now + (deadline - now) / (len(runs) - i)
+            torch.set_num_threads(n_threads)
+            print(f"  {cfg}, {n_threads} thread(s) ...", file=sys.stderr, flush=True)
+            res = bench_config(cfg, args.device, rounds, args.cg_iters, not args.no_generic, deadline=share,
+                               check=args.check, with_graph=not args.no_graph)
+            print(f"    {res.rounds} rounds, {time.perf_counter() - now:.1f} s"
+                  + "".join(f"; {op} {m} FAILED: {why}" for (op, m), why in res.errors.items()),
+                  file=sys.stderr, flush=True)
+            results.append(((cfg, n_threads), res))
+            if args.device == "cuda":
+                from . import cuda_graphs
 
-            getattr(cuda_graphs, "clear_graphs", lambda: None)()
-            torch.cuda.empty_cache()
-        write()
+                getattr(cuda_graphs, "clear_graphs", lambda: None)()
+                torch.cuda.empty_cache()
+            write()
+    finally:
+        torch.set_num_threads(saved_threads)
     write()
     print(report(results, args.cg_iters, env, rounds, args.check, skipped))
-    failed = problems(results)
+    failed = problems(results) + ([] if results else ["no configuration was measured"])
     if failed:
         print(f"{len(failed)} problem(s):\n" + "\n".join(f"  {p}" for p in failed), file=sys.stderr)
     return 1 if failed else 0
