@@ -4,40 +4,44 @@
 // minibatch) spends most of its time in per-op overhead at these sizes.
 #include "critic.h"
 
+#include "mlp.h"
+
 namespace trpo_ext {
 namespace {
 
+// The arguments besides the network (check_mlp's job): everything the loop reads or writes densely.
 void check_fit_args(const at::Tensor& obs, const at::Tensor& returns, at::TensorList params,
                     at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList steps,
                     const at::Tensor& order, int64_t batch_size) {
-  TORCH_CHECK_TYPE(obs.scalar_type() == at::kFloat || obs.scalar_type() == at::kDouble,
-                   "trpo_ext: obs must be float32 or float64, got ", obs.scalar_type());
-  TORCH_CHECK_VALUE(obs.dim() == 2 && obs.size(0) > 0, "trpo_ext: obs must have shape (N, obs_dim), N > 0, got ",
-                    obs.sizes());
+  check_dtype_device(returns, "returns", obs.scalar_type(), obs.device(), "obs's");
   TORCH_CHECK_VALUE(returns.dim() == 1 && returns.size(0) == obs.size(0), "trpo_ext: returns must have shape (",
                     obs.size(0), "), got ", returns.sizes());
-  TORCH_CHECK_TYPE(returns.scalar_type() == obs.scalar_type(), "trpo_ext: returns must have obs's dtype");
   const size_t n = params.size();
-  TORCH_CHECK_VALUE(n >= 2 && n % 2 == 0, "trpo_ext: params must be [W1, b1, ..., WL, bL], got ", n, " tensors");
   TORCH_CHECK_VALUE(exp_avg.size() == n && exp_avg_sq.size() == n && steps.size() == n,
-                    "trpo_ext: exp_avg, exp_avg_sq and steps need one tensor per parameter");
-  int64_t width = obs.size(1);
-  for (size_t l = 0; l < n / 2; ++l) {
-    const at::Tensor& W = params[2 * l];
-    TORCH_CHECK_VALUE(W.dim() == 2 && W.size(1) == width && params[2 * l + 1].dim() == 1 &&
-                          params[2 * l + 1].size(0) == W.size(0),
-                      "trpo_ext: params[", 2 * l, "] / params[", 2 * l + 1, "] do not chain from width ", width);
-    width = W.size(0);
-  }
-  TORCH_CHECK_VALUE(width == 1, "trpo_ext: the critic's last layer must have one output, got ", width);
+                    "trpo_ext: exp_avg, exp_avg_sq and steps need one tensor per parameter (", n, "), got ",
+                    exp_avg.size(), ", ", exp_avg_sq.size(), " and ", steps.size());
+  const int64_t n_layers = static_cast<int64_t>(n) / 2;
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_TYPE(params[i].scalar_type() == obs.scalar_type() && params[i].device() == obs.device() &&
-                         params[i].is_contiguous(),
-                     "trpo_ext: params[", i, "] must be contiguous with obs's dtype and device");
-    TORCH_CHECK_VALUE(exp_avg[i].sizes() == params[i].sizes() && exp_avg_sq[i].sizes() == params[i].sizes(),
-                      "trpo_ext: Adam state ", i, " does not match its parameter's shape");
+    const int64_t ii = static_cast<int64_t>(i);
+    // Updated in place by the fused Adam kernel, which walks them as flat dense arrays.
+    check_dense(params[i], [&] { return param_name(ii, n_layers); });
+    for (const auto& [state, what] : {std::pair{&exp_avg[i], "exp_avg"}, std::pair{&exp_avg_sq[i], "exp_avg_sq"}}) {
+      auto name = [&] { return c10::str(what, "[", i, "]"); };
+      check_dtype_device(*state, name, obs.scalar_type(), obs.device(), "obs's");
+      TORCH_CHECK_VALUE(state->sizes() == params[i].sizes(), "trpo_ext: ", name(), " must have the shape of ",
+                        param_name(ii, n_layers), ", ", params[i].sizes(), ", got ", state->sizes());
+      check_dense(*state, name);
+    }
+    const at::Tensor& step = steps[i];
+    TORCH_CHECK_TYPE(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, "trpo_ext: steps[", i,
+                     "] must be a float32 or float64 tensor, got ", step.scalar_type());
+    TORCH_CHECK_VALUE(step.numel() == 1 && step.dim() <= 1, "trpo_ext: steps[", i,
+                      "] must be a 0-dim or 1-element tensor, got shape ", step.sizes());
   }
-  TORCH_CHECK_VALUE(order.dim() == 2 && order.size(1) == obs.size(0) && order.scalar_type() == at::kLong,
+  TORCH_CHECK_TYPE(order.scalar_type() == at::kLong, "trpo_ext: order must be int64, got ", order.scalar_type());
+  TORCH_CHECK_TYPE(order.device() == obs.device(), "trpo_ext: order must be on obs's device ", obs.device(), ", got ",
+                   order.device());
+  TORCH_CHECK_VALUE(order.dim() == 2 && order.size(1) == obs.size(0),
                     "trpo_ext: order must be an int64 (epochs, N) tensor of permutations, got ", order.sizes());
   TORCH_CHECK_VALUE(batch_size >= 1, "trpo_ext: batch_size must be >= 1, got ", batch_size);
 }
@@ -48,35 +52,31 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
                          at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList steps,
                          const at::Tensor& order, int64_t batch_size, double lr, double beta1, double beta2,
                          double eps, c10::string_view activation) {
-  const bool tanh_act = activation == "tanh";
-  TORCH_CHECK_VALUE(tanh_act || activation == "relu", "trpo_ext: activation must be 'tanh' or 'relu', got '",
-                    std::string(activation), "'");
+  const Activation act = parse_activation(activation);
+  const int64_t n_layers = check_mlp(obs, params, MlpKind::Value, ObsRule::Match).n_layers;
   check_fit_args(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size);
-  const int64_t n = obs.size(0), n_layers = static_cast<int64_t>(params.size()) / 2;
+  const int64_t n = obs.size(0);
   const at::Tensor obs_c = obs.contiguous();
   const at::Tensor returns_c = returns.contiguous().unsqueeze(1);
   std::vector<at::Tensor> grads;
   for (const at::Tensor& p : params) grads.push_back(at::empty_like(p));
-  std::vector<at::Tensor> inputs(n_layers);  // h_l, the input of layer l, for this minibatch
+  std::vector<at::Tensor> inputs;     // h_l, the input of layer l, for this minibatch
+  std::vector<at::Tensor> act_grads;  // act'(z_l) of the hidden layers, for this minibatch
   at::Tensor loss_sum = at::zeros({}, obs.options().dtype(at::kDouble));
   int64_t n_batches = 0;
   // The fused Adam kernel wants its step counts on the parameters' device (torch keeps them on the
   // CPU for the unfused optimizer): work on device copies, write them back at the end.
   std::vector<at::Tensor> device_steps;
-  for (const at::Tensor& step : steps) device_steps.push_back(step.to(obs.device(), at::kFloat, false, true));
+  for (const at::Tensor& step : steps) {
+    device_steps.push_back(step.reshape({}).to(obs.device(), at::kFloat, false, true));
+  }
 
   for (int64_t epoch = 0; epoch < order.size(0); ++epoch) {
     const at::Tensor perm = order[epoch];
     for (int64_t start = 0; start < n; start += batch_size) {
       const int64_t b = std::min(batch_size, n - start);
       const at::Tensor idx = perm.narrow(0, start, b);
-      // Forward, keeping each layer's input.
-      inputs[0] = obs_c.index_select(0, idx);
-      at::Tensor out;
-      for (int64_t l = 0; l < n_layers; ++l) {
-        out = at::addmm(params[2 * l + 1], inputs[l], params[2 * l].t());
-        if (l + 1 < n_layers) inputs[l + 1] = tanh_act ? out.tanh_() : out.clamp_min_(0);
-      }
+      at::Tensor out = mlp_forward(obs_c.index_select(0, idx), params, n_layers, act, &inputs, &act_grads);
       // Loss mean((v - R)^2) and its gradient 2 (v - R) / b.
       at::Tensor diff = out.sub_(returns_c.index_select(0, idx));
       loss_sum.add_(diff.pow(2).mean());
@@ -86,11 +86,7 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
       for (int64_t l = n_layers - 1; l >= 0; --l) {
         at::mm_out(grads[2 * l], g.t(), inputs[l]);
         at::sum_out(grads[2 * l + 1], g, {0});
-        if (l > 0) {
-          const at::Tensor& h = inputs[l];
-          at::Tensor act_grad = tanh_act ? 1 - h * h : h.gt(0).to(h.scalar_type());
-          g = at::mm(g, params[2 * l]).mul_(act_grad);
-        }
+        if (l > 0) g = at::mm(g, params[2 * l]).mul_(act_grads[l - 1]);
       }
       // Adam, through the kernel torch.optim.Adam(fused=True) uses (no weight decay, no amsgrad).
       at::_foreach_add_(device_steps, 1);
@@ -98,7 +94,7 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
                        false);
     }
   }
-  for (size_t i = 0; i < steps.size(); ++i) steps[i].copy_(device_steps[i]);
+  for (size_t i = 0; i < steps.size(); ++i) steps[i].copy_(device_steps[i].reshape(steps[i].sizes()));
   return n_batches ? loss_sum / static_cast<double>(n_batches) : loss_sum;
 }
 

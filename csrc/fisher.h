@@ -8,15 +8,13 @@
 #include <tuple>
 #include <vector>
 
-#include "kernels.h"
+#include "mlp.h"
 
 namespace trpo_ext {
 
-enum class PolicyKind { Categorical, Gaussian };
-
 // Everything an FVP needs that does not depend on the vector: computed once per solve.
 struct MlpCache {
-  PolicyKind kind;
+  MlpKind kind;  // Categorical or Gaussian
   int64_t batch = 0;
   std::vector<at::Tensor> weights;  // W_l, (out_l, in_l), contiguous
   std::vector<at::Tensor> inputs;   // h_l, the input of layer l (h_0 = obs)
@@ -30,8 +28,8 @@ struct MlpCache {
   at::Tensor ones;                  // (N), turns bias gradients into GEMVs
 };
 
-MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, PolicyKind kind,
-                         Activation act);
+// obs and params as check_mlp accepted them (obs contiguous or not).
+MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act);
 
 // out = (F + damping I) v, all flat; `out` must not alias `v`.
 void mlp_fvp_into(MlpCache& cache, const at::Tensor& v, at::Tensor& out, double damping);

@@ -1,30 +1,19 @@
-// Fused element-wise kernels that sit between the GEMMs of the FVP and the CG loop.
-// Each has a CPU and a CUDA implementation with the same contract; `TRPO_EXT_DISPATCH` picks by
-// the device of the first tensor, so the orchestration in fisher.cpp never branches on the device.
+// Fused element-wise kernels that sit between the GEMMs of the FVP and the CG loop, and those of
+// rollout inference. Each has a CPU loop (csrc/cpu/kernels.cpp) and a CUDA kernel
+// (csrc/cuda/kernels.cu) with the same contract, both built on the formulas of elementwise.h;
+// `TRPO_EXT_DISPATCH` picks by the device of the first tensor, so the orchestration in fisher.cpp,
+// act.cpp and critic.cpp never branches on the device. Tensors are contiguous unless said otherwise.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include "elementwise.h"
+#include "mlp.h"
+
 namespace trpo_ext {
 
-enum class Activation { Tanh, Relu };
-
-// Slots of the CG state: a float64 tensor of kStateSize values on the solve's device. Keeping the
-// scalars on the device lets the CUDA loop run without host reads (and be captured in a graph).
-enum StateSlot : int64_t {
-  kRs = 0,      // r'r
-  kPAp = 1,     // p'Ap of this iteration
-  kPP = 2,      // p'p of this iteration
-  kRsNew = 3,   // r'r after this iteration's update
-  kTol2 = 4,    // rtol^2 b'b
-  kActive = 5,  // 1 while iterating, 0 once converged or broken down
-  kIters = 6,   // iterations taken
-  kBeta = 7,    // r'r_new / r'r, for the next direction
-  kStateSize = 8
-};
-
 #define TRPO_EXT_DECLARE_KERNELS                                                                  \
-  /* h = act(z) in place of z, d = act'(z). */                                                     \
+  /* h = act(z) in place of z; d = act'(z) unless d is undefined. */                              \
   void activation_forward_(at::Tensor& z, at::Tensor& d, Activation act);                        \
   /* Categorical output Fisher, row by row, in place: u <- scale * (p*u - p (p'u)). p is a       */ \
   /* contiguous (N, K); u is (N, K) with any strides (fisher.cpp passes a transposed view).     */ \
@@ -40,7 +29,14 @@ enum StateSlot : int64_t {
   /* If still active: p = r + beta p. */                                                           \
   void cg_direction_(at::Tensor& p, const at::Tensor& r, const at::Tensor& state);               \
   /* a'b accumulated in float64, as a 0-dim float64 tensor on the inputs' device. */              \
-  at::Tensor dot64(const at::Tensor& a, const at::Tensor& b);
+  at::Tensor dot64(const at::Tensor& a, const at::Tensor& b);                                    \
+  /* x (N, D) <- clamp((x - mean) * inv_std, -clip, clip), mean and inv_std (D). */                \
+  void normalize_rows_(at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std, double clip); \
+  /* actions[i] (int64) = the inverse-CDF sample of softmax(logits[i]) at u[i] (logits (N, K),   */ \
+  /* K >= 1, u (N) in [0, 1) of logits' dtype). */                                                   \
+  void sample_categorical_(const at::Tensor& logits, const at::Tensor& u, at::Tensor& actions);   \
+  /* noise (N, K) <- mean + exp(log_std) * noise, mean (N, K), log_std (K). */                      \
+  void sample_gaussian_(const at::Tensor& mean, const at::Tensor& log_std, at::Tensor& noise);
 
 namespace cpu {
 TRPO_EXT_DECLARE_KERNELS

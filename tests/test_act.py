@@ -117,27 +117,65 @@ def test_collector_act_matches_normalizer_and_policy():
     envs.close()
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(kind="beta"), "kind must be"),
-    (dict(activation="gelu"), "activation must be"),
-    (dict(obs=torch.randn(4, 6)), "do not chain"),
-    (dict(obs=torch.randn(4)), "obs must have shape"),
-    (dict(obs=torch.zeros(4, 5, dtype=torch.complex64)), "obs must be a real tensor"),
-    (dict(mean=torch.zeros(5), inv_std=None), "given together"),
-    (dict(mean=torch.zeros(4), inv_std=torch.ones(4)), "obs_mean and obs_inv_std must be"),
-    (dict(clip=0.0, mean=torch.zeros(5), inv_std=torch.ones(5)), "obs_clip must be > 0"),
-    (dict(params="drop_log_std"), "params must be"),
+def _zero_width(params, layer):
+    """params with layer `layer` given 0 output units (and the next layer 0 inputs)."""
+    params = list(params)
+    params[2 * layer], params[2 * layer + 1] = params[2 * layer][:0], params[2 * layer + 1][:0]
+    if 2 * layer + 2 < len(params) and params[2 * layer + 2].dim() == 2:
+        params[2 * layer + 2] = params[2 * layer + 2][:, :0]
+    return params
+
+
+@pytest.mark.parametrize("change, error, match", [
+    pytest.param(dict(kind="beta"), ValueError, "kind must be", id="bad-kind"),
+    pytest.param(dict(activation="gelu"), ValueError, "activation must be one of", id="bad-activation"),
+    pytest.param(dict(obs=torch.randn(4, 6)), ValueError, r"params\[0\] \(weight of layer 0\) must have shape \(out, 6\)",
+                 id="obs-width"),
+    pytest.param(dict(obs=torch.randn(4)), ValueError, "obs must have shape", id="obs-1d"),
+    pytest.param(dict(obs=torch.zeros(4, 5, dtype=torch.complex64)), TypeError, "obs must be a real tensor",
+                 id="obs-complex"),
+    pytest.param(dict(mean=torch.zeros(5), inv_std=None), ValueError, "given together", id="mean-without-inv-std"),
+    pytest.param(dict(mean=torch.zeros(4), inv_std=torch.ones(4)), ValueError, r"obs_mean must have shape \(5\)",
+                 id="mean-shape"),
+    pytest.param(dict(mean=torch.zeros(5), inv_std=torch.ones(5, dtype=torch.float64)), TypeError,
+                 "obs_inv_std must have params\\[0\\]'s dtype", id="inv-std-dtype"),
+    pytest.param(dict(clip=0.0, mean=torch.zeros(5), inv_std=torch.ones(5)), ValueError, "obs_clip must be > 0",
+                 id="clip-zero"),
+    pytest.param(dict(params="drop_log_std"), ValueError, "params must be", id="missing-log-std"),
+    pytest.param(dict(params="int_weights"), TypeError, r"params\[0\] \(weight of layer 0\) must be float32 or float64",
+                 id="int-params"),
+    pytest.param(dict(params="double_bias"), TypeError, r"params\[1\] \(bias of layer 0\) must have params\[0\]'s dtype",
+                 id="mixed-dtype-params"),
+    pytest.param(dict(params="zero_hidden"), ValueError, r"params\[0\] \(weight of layer 0\) has 0 output units",
+                 id="zero-width-hidden"),
+    pytest.param(dict(params="zero_output"), ValueError, r"params\[2\] \(weight of layer 1\) has 0 output units",
+                 id="zero-width-output"),
 ])
-def test_bad_input_names_the_argument(change, match):
+def test_bad_input_names_the_argument(change, error, match):
     policy = make_policy("gaussian", 5, 3, (8,), "tanh", torch.float32)
     args = dict(obs=torch.randn(4, 5), mean=None, inv_std=None, clip=1.0, params=_params(policy),
                 kind="gaussian", activation="tanh")
     args.update(change)
-    if args["params"] == "drop_log_std":
-        args["params"] = _params(policy)[:-1]
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+    params = _params(policy)
+    args["params"] = {
+        "drop_log_std": params[:-1],
+        "int_weights": [p.int() for p in params],
+        "double_bias": [params[0], params[1].double(), *params[2:]],
+        "zero_hidden": _zero_width(params, 0),
+        "zero_output": _zero_width(params, 1)[:-1] + [params[-1][:0]],
+    }.get(args["params"], args["params"]) if isinstance(args["params"], str) else args["params"]
+    with pytest.raises(error, match=match):
         ops.mlp_act(args["obs"], args["mean"], args["inv_std"], args["clip"], args["params"], args["kind"],
                     args["activation"], False, None)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["sample", "argmax"])
+def test_categorical_with_zero_actions_is_refused(deterministic):
+    # A categorical head with 0 units has nothing to sample: a ValueError naming the layer, not a crash.
+    policy = make_policy("categorical", 3, 2, (4,), "relu", torch.float32)
+    params = _zero_width(_params(policy), 1)
+    with pytest.raises(ValueError, match=r"params\[2\] \(weight of layer 1\) has 0 output units"):
+        ops.mlp_act(torch.randn(5, 3), None, None, 1.0, params, "categorical", "relu", deterministic, None)
 
 
 @pytest.mark.parametrize("kind", ["categorical", "gaussian"])

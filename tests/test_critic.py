@@ -1,5 +1,7 @@
-"""The fused critic fit against the plain PyTorch loop it replaces (autograd + torch.optim.Adam)."""
+"""The fused critic fit against the plain PyTorch loop it replaces (autograd + torch.optim.Adam); bad
+Adam state and network shapes at op level."""
 import copy
+import math
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 import trpo_ext
 from trpo_ext.critic import fit_value_network
 
-from conftest import rel_err
+from helpers import rel_err
 
 
 def _plain_fit(net, opt, obs, returns, epochs, batch_size, generator):
@@ -23,7 +25,7 @@ def _plain_fit(net, opt, obs, returns, epochs, batch_size, generator):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("activation, hidden", [("tanh", (16, 16)), ("relu", (8,)), ("tanh", ())])
+@pytest.mark.parametrize("activation, hidden", [("tanh", (16, 16)), ("relu", (8,)), ("elu", (16, 8)), ("tanh", ())])
 def test_fit_matches_plain_adam_loop(activation, hidden, dtype, tol, device):
     torch.manual_seed(0)
     net = trpo_ext.ValueNetwork(5, hidden, activation).to(device, dtype)
@@ -48,7 +50,7 @@ def test_zero_epochs_changes_nothing():
     net = trpo_ext.ValueNetwork(3)
     before = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(net.parameters())
-    assert fit_value_network(net, opt, torch.randn(10, 3), torch.randn(10), 0, 4) != 0  # nan
+    assert math.isnan(fit_value_network(net, opt, torch.randn(10, 3), torch.randn(10), 0, 4))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
@@ -75,3 +77,89 @@ def test_bad_critic_arguments():
     with pytest.raises(ValueError, match="plain Adam"):
         fit_value_network(net, torch.optim.Adam(net.parameters(), amsgrad=True), torch.randn(10, 3),
                           torch.randn(10), 1, 4)
+
+
+def _fit_args(hidden=(8,), n=12, obs_dim=4):
+    """mlp_value_fit's arguments for a fresh ValueNetwork, as a dict to change one at a time."""
+    torch.manual_seed(0)
+    net = trpo_ext.ValueNetwork(obs_dim, hidden)
+    params = [p.detach().clone() for p in net.parameters()]
+    return dict(obs=torch.randn(n, obs_dim), returns=torch.randn(n), params=params,
+                exp_avg=[torch.zeros_like(p) for p in params], exp_avg_sq=[torch.zeros_like(p) for p in params],
+                steps=[torch.tensor(0.0) for _ in params], order=torch.stack([torch.randperm(n)]), batch_size=4)
+
+
+def _fit(a, activation="tanh"):
+    return torch.ops.trpo_ext.mlp_value_fit(a["obs"], a["returns"], a["params"], a["exp_avg"], a["exp_avg_sq"],
+                                            a["steps"], a["order"], a["batch_size"], 1e-3, 0.9, 0.999, 1e-8,
+                                            activation)
+
+
+def _replace(a, key, i, value):
+    a[key] = list(a[key])
+    a[key][i] = value(a[key][i])
+    return a
+
+
+# params of ValueNetwork(4, (8,)): [W0 (8, 4), b0 (8), W1 (1, 8), b1 (1)].
+@pytest.mark.parametrize("change, error, words", [
+    pytest.param(lambda a: _replace(a, "exp_avg", 2, lambda t: torch.zeros(1).expand(t.shape)), ValueError,
+                 r"exp_avg\[2\] must be contiguous", id="exp-avg-stride-0"),
+    pytest.param(lambda a: _replace(a, "exp_avg_sq", 0, lambda t: torch.zeros(8, 8)[:, :4]), ValueError,
+                 r"exp_avg_sq\[0\] must be contiguous", id="exp-avg-sq-strided"),
+    pytest.param(lambda a: _replace(a, "exp_avg", 0, lambda t: t.t().contiguous()), ValueError,
+                 r"exp_avg\[0\] must have the shape of params\[0\] \(weight of layer 0\)", id="exp-avg-shape"),
+    pytest.param(lambda a: _replace(a, "exp_avg_sq", 1, lambda t: t.double()), TypeError,
+                 r"exp_avg_sq\[1\] must have obs's dtype", id="exp-avg-sq-dtype"),
+    pytest.param(lambda a: _replace(a, "params", 0, lambda t: t.t().contiguous().t()), ValueError,
+                 r"params\[0\] \(weight of layer 0\) must be contiguous", id="params-strided"),
+    pytest.param(lambda a: _replace(a, "params", 1, lambda t: t.double()), TypeError,
+                 r"params\[1\] \(bias of layer 0\) must have obs's dtype", id="params-dtype"),
+    pytest.param(lambda a: _replace(a, "steps", 3, lambda t: torch.zeros(2)), ValueError,
+                 r"steps\[3\] must be a 0-dim or 1-element tensor", id="steps-shape"),
+    pytest.param(lambda a: _replace(a, "steps", 0, lambda t: torch.tensor(0)), TypeError,
+                 r"steps\[0\] must be a float32 or float64 tensor", id="steps-int"),
+    pytest.param(lambda a: dict(a, steps=a["steps"][:-1]), ValueError, "one tensor per parameter",
+                 id="steps-count"),
+    pytest.param(lambda a: dict(a, returns=a["returns"].double()), TypeError, "returns must have obs's dtype",
+                 id="returns-dtype"),
+    pytest.param(lambda a: dict(a, returns=a["returns"][:-1]), ValueError, "returns must have shape",
+                 id="returns-shape"),
+    pytest.param(lambda a: dict(a, order=a["order"].int()), TypeError, "order must be int64", id="order-dtype"),
+    pytest.param(lambda a: dict(a, order=a["order"][:, :-1]), ValueError, "order must be an int64", id="order-shape"),
+    pytest.param(lambda a: dict(a, obs=a["obs"][:0], returns=a["returns"][:0], order=a["order"][:, :0]),
+                 ValueError, "empty batch", id="obs-empty"),
+    pytest.param(lambda a: dict(a, params=a["params"][:-1]), ValueError, "params must be", id="param-count"),
+    pytest.param(lambda a: _replace(_replace(_fit_args(hidden=(8, 2)), "params", 4, lambda t: torch.zeros(2, 2)),
+                                    "params", 5, lambda t: torch.zeros(2)), ValueError,
+                 "the critic's last layer must have one output",
+                 id="two-outputs"),
+])
+def test_op_rejects_bad_arguments(change, error, words):
+    a = change(_fit_args())
+    before = [p.clone() for p in a["params"]]
+    with pytest.raises(error, match=words):
+        _fit(a)
+    assert all(torch.equal(p, q) for p, q in zip(before, a["params"])), "a refused call changed params"
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["hidden", "output"])
+def test_op_rejects_zero_width_layers(layer):
+    a = _fit_args(hidden=(8,))
+    params = list(a["params"])
+    params[2 * layer], params[2 * layer + 1] = params[2 * layer][:0], params[2 * layer + 1][:0]
+    if layer == 0:
+        params[2] = params[2][:, :0]
+    a["params"] = params
+    a["exp_avg"] = [torch.zeros_like(p) for p in params]
+    a["exp_avg_sq"] = [torch.zeros_like(p) for p in params]
+    with pytest.raises(ValueError, match=rf"params\[{2 * layer}\] \(weight of layer {layer}\) has 0 output units"):
+        _fit(a)
+
+
+def test_one_element_steps_are_written_back():
+    # torch.optim keeps 0-dim steps; a (1,)-shaped one (e.g. a loaded checkpoint) works the same way.
+    a = _fit_args()
+    a["steps"] = [torch.zeros(1) for _ in a["params"]]
+    _fit(a)
+    assert all(s.shape == (1,) and float(s) == 3.0 for s in a["steps"])

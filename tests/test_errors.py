@@ -24,18 +24,20 @@ def _params_unchanged(policy, before):
 
 @pytest.mark.parametrize("fn", ["fvp", "cg_solve"])
 @pytest.mark.parametrize("mutate, error, words", [
-    (lambda p, o, v: (p, o.double(), v), TypeError, "obs must have the policy's dtype"),
-    (lambda p, o, v: (p, o, v.double()), TypeError, "must have the policy's dtype"),
-    (lambda p, o, v: (p, o.to("meta"), v), ValueError, "obs must be on the policy's device"),
-    (lambda p, o, v: (p, o[:, :3], v), ValueError, "obs must have shape (N, 4)"),
-    (lambda p, o, v: (p, o[0], v), ValueError, "obs must have shape (N, 4)"),
-    (lambda p, o, v: (p, o[:0], v), ValueError, "empty batch"),
-    (lambda p, o, v: (p, o, v[:-1]), ValueError, "flat vector of length"),
-    (lambda p, o, v: (p, o, v.view(1, -1)), ValueError, "flat vector of length"),
-    (lambda p, o, v: (p, o.index_fill(0, torch.tensor([2]), float("nan")), v), ValueError, "obs contains NaN"),
-    (lambda p, o, v: (p, o, v.index_fill(0, torch.tensor([0]), float("inf"))), ValueError, "contains NaN or Inf"),
-    (lambda p, o, v: ("not a module", o, v), TypeError, "policy must be a torch.nn.Module"),
-    (lambda p, o, v: (p, o.numpy(), v), TypeError, "obs must be a torch.Tensor"),
+    pytest.param(lambda p, o, v: (p, o.double(), v), TypeError, "obs must have the policy's dtype", id="obs-dtype"),
+    pytest.param(lambda p, o, v: (p, o, v.double()), TypeError, "must have the policy's dtype", id="v-dtype"),
+    pytest.param(lambda p, o, v: (p, o.to("meta"), v), TypeError, "obs must be on the policy's device", id="obs-device"),
+    pytest.param(lambda p, o, v: (p, o[:, :3], v), ValueError, "obs must have shape (N, 4)", id="obs-width"),
+    pytest.param(lambda p, o, v: (p, o[0], v), ValueError, "obs must have shape (N, 4)", id="obs-1d"),
+    pytest.param(lambda p, o, v: (p, o[:0], v), ValueError, "empty batch", id="obs-empty"),
+    pytest.param(lambda p, o, v: (p, o, v[:-1]), ValueError, "flat vector of length", id="v-length"),
+    pytest.param(lambda p, o, v: (p, o, v.view(1, -1)), ValueError, "flat vector of length", id="v-2d"),
+    pytest.param(lambda p, o, v: (p, o.index_fill(0, torch.tensor([2]), float("nan")), v), ValueError,
+                 "obs contains NaN", id="obs-nan"),
+    pytest.param(lambda p, o, v: (p, o, v.index_fill(0, torch.tensor([0]), float("inf"))), ValueError,
+                 "contains NaN or Inf", id="v-inf"),
+    pytest.param(lambda p, o, v: ("not a module", o, v), TypeError, "policy must be a torch.nn.Module", id="not-module"),
+    pytest.param(lambda p, o, v: (p, o.numpy(), v), TypeError, "obs must be a torch.Tensor", id="obs-numpy"),
 ])
 def test_bad_arguments(setup, fn, mutate, error, words):
     policy, obs, v = setup
@@ -79,13 +81,13 @@ def test_unsupported_action_space(space):
         trpo_ext.MLPPolicy(3, space)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(activation="gelu"), "activation must be one of"),
-    (dict(hidden=(64, 0)), "hidden must be a sequence of positive ints"),
-    (dict(hidden=64), "hidden must be a sequence of positive ints"),
+@pytest.mark.parametrize("kwargs, error, words", [
+    pytest.param(dict(activation="gelu"), ValueError, "activation must be one of", id="unknown-activation"),
+    pytest.param(dict(hidden=(64, 0)), ValueError, "hidden must be a sequence of positive ints", id="zero-width"),
+    pytest.param(dict(hidden=64), TypeError, "hidden must be a sequence of positive ints", id="not-a-sequence"),
 ])
-def test_bad_policy_config(kwargs, words):
-    with pytest.raises((ValueError, TypeError), match=words):
+def test_bad_policy_config(kwargs, error, words):
+    with pytest.raises(error, match=words):
         trpo_ext.MLPPolicy(3, gym.spaces.Discrete(2), **kwargs)
 
 
@@ -120,20 +122,62 @@ def _op_args(policy, obs, v):
     return obs, [p.detach() for p in policy.parameters()], v
 
 
+def _zero_width(params, layer):
+    """params with layer `layer` given 0 output units (and the next layer 0 inputs)."""
+    params = list(params)
+    params[2 * layer], params[2 * layer + 1] = params[2 * layer][:0], params[2 * layer + 1][:0]
+    if 2 * layer + 2 < len(params) and params[2 * layer + 2].dim() == 2:
+        params[2 * layer + 2] = params[2 * layer + 2][:, :0]
+    return params
+
+
+def _with(a, i, value):
+    params = list(a[1])
+    params[i] = value
+    return params
+
+
+# The setup's gaussian policy: params = [W0 (5, 4), b0, W1 (2, 5), b1, log_std].
 @pytest.mark.parametrize("change, error, words", [
-    (lambda a: (a[0][:, :2], a[1], a[2], "gaussian", "tanh", 0.0), ValueError, "weight of layer 0"),
-    (lambda a: (a[0], a[1][:-1], a[2], "gaussian", "tanh", 0.0), ValueError, "params must be"),
-    (lambda a: (a[0], a[1], a[2][:3], "gaussian", "tanh", 0.0), ValueError, "v must be a flat vector"),
-    (lambda a: (a[0], a[1], a[2], "beta", "tanh", 0.0), ValueError, "kind must be"),
-    (lambda a: (a[0], a[1], a[2], "gaussian", "swish", 0.0), ValueError, "activation must be"),
-    (lambda a: (a[0], a[1], a[2], "gaussian", "tanh", -1.0), ValueError, "damping must be"),
-    (lambda a: (a[0].double(), a[1], a[2], "gaussian", "tanh", 0.0), TypeError, "must have obs's dtype"),
-    (lambda a: (a[0].int(), a[1], a[2], "gaussian", "tanh", 0.0), TypeError, "obs must be float32 or float64"),
-    (lambda a: (a[0][:0], a[1], a[2], "gaussian", "tanh", 0.0), ValueError, "empty batch"),
+    pytest.param(lambda a: (a[0][:, :2], a[1], a[2], "gaussian", "tanh", 0.0), ValueError,
+                 r"params\[0\] \(weight of layer 0\) must have shape \(out, 2\)", id="obs-width"),
+    pytest.param(lambda a: (a[0], a[1][:-1], a[2], "gaussian", "tanh", 0.0), ValueError, "params must be",
+                 id="param-count"),
+    pytest.param(lambda a: (a[0], _with(a, 1, a[1][1][:2]), a[2], "gaussian", "tanh", 0.0), ValueError,
+                 r"params\[1\] \(bias of layer 0\) must have shape \(5\)", id="bias-shape"),
+    pytest.param(lambda a: (a[0], _with(a, 4, a[1][4][:1]), a[2], "gaussian", "tanh", 0.0), ValueError,
+                 r"params\[4\] \(log_std\) must have shape \(2\)", id="log-std-shape"),
+    pytest.param(lambda a: (a[0], _with(a, 2, a[1][2].double()), a[2], "gaussian", "tanh", 0.0), TypeError,
+                 r"params\[2\] \(weight of layer 1\) must have obs's dtype", id="param-dtype"),
+    pytest.param(lambda a: (a[0], _zero_width(a[1], 0), a[2], "gaussian", "tanh", 0.0), ValueError,
+                 r"params\[0\] \(weight of layer 0\) has 0 output units", id="zero-width-hidden"),
+    pytest.param(lambda a: (a[0], _zero_width(a[1], 1)[:-1] + [a[1][4][:0]], a[2], "gaussian", "tanh", 0.0),
+                 ValueError, r"params\[2\] \(weight of layer 1\) has 0 output units", id="zero-width-output"),
+    pytest.param(lambda a: (a[0], _zero_width(a[1][:-1], 1), a[2], "categorical", "tanh", 0.0), ValueError,
+                 r"params\[2\] \(weight of layer 1\) has 0 output units", id="zero-categorical-output"),
+    pytest.param(lambda a: (a[0], a[1], a[2][:3], "gaussian", "tanh", 0.0), ValueError, "v must be a flat vector",
+                 id="v-length"),
+    pytest.param(lambda a: (a[0], a[1], a[2].double(), "gaussian", "tanh", 0.0), TypeError,
+                 "v must have obs's dtype", id="v-dtype"),
+    pytest.param(lambda a: (a[0], a[1], a[2], "beta", "tanh", 0.0), ValueError, "kind must be", id="bad-kind"),
+    pytest.param(lambda a: (a[0], a[1], a[2], "gaussian", "swish", 0.0), ValueError,
+                 "activation must be one of 'tanh', 'relu', 'elu'", id="bad-activation"),
+    pytest.param(lambda a: (a[0], a[1], a[2], "gaussian", "tanh", -1.0), ValueError, "damping must be",
+                 id="negative-damping"),
+    pytest.param(lambda a: (a[0].double(), a[1], a[2], "gaussian", "tanh", 0.0), TypeError,
+                 "must have obs's dtype", id="obs-dtype"),
+    pytest.param(lambda a: (a[0].int(), a[1], a[2], "gaussian", "tanh", 0.0), TypeError,
+                 "obs must be float32 or float64", id="obs-int"),
+    pytest.param(lambda a: (a[0][:0], a[1], a[2], "gaussian", "tanh", 0.0), ValueError, "empty batch",
+                 id="obs-empty"),
 ])
 def test_op_checks(setup, change, error, words):
+    args = change(_op_args(*setup))
     with pytest.raises(error, match=words):
-        ops.mlp_fvp(*change(_op_args(*setup)))
+        ops.mlp_fvp(*args)
+    # mlp_cg runs the same checks: the same exception type and words (its vector is called b).
+    with pytest.raises(error, match=words.replace("v must", "b must")):
+        ops.mlp_cg(*args, 3, 1e-6)
 
 
 def test_op_cg_checks(setup):

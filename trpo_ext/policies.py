@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
 
 def _check_sizes(name: str, sizes) -> tuple[int, ...]:

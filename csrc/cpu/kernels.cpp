@@ -1,7 +1,11 @@
-// CPU implementations of the fused kernels in kernels.h.
+// CPU implementations of the fused kernels in kernels.h: at::parallel_for loops around the formulas
+// of elementwise.h (the same ones the CUDA kernels run).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
+#include "elementwise.h"
 #include "kernels.h"
 
 namespace trpo_ext {
@@ -9,6 +13,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kGrain = 16384;
+
+// Rows per task when each row has `width` elements (width >= 1 after check_mlp; max() guards 0).
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, width)); }
 
 template <typename scalar_t, typename F>
 double reduce_sum(int64_t n, const F& term) {
@@ -21,25 +28,46 @@ double reduce_sum(int64_t n, const F& term) {
       std::plus<double>());
 }
 
+// d[i] = Op::grad(h[i]) for h = act(z) already in place.
+template <typename scalar_t, typename Op>
+void activation_grad_loop(const scalar_t* h, scalar_t* d, int64_t n) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) d[i] = Op::grad(h[i]);
+  });
+}
+
 }  // namespace
 
 void activation_forward_(at::Tensor& z, at::Tensor& d, Activation act) {
+  const int64_t n = z.numel();
   if (act == Activation::Tanh) {
-    // ATen's tanh is vectorised for the host CPU (AVX2/AVX-512); a scalar std::tanh loop here
-    // costs more than all the GEMMs of an FVP at N = 2048.
+    // The value through ATen's tanh, vectorised for the host CPU (AVX2/AVX-512): a scalar std::tanh
+    // loop here costs more than all the GEMMs of an FVP at N = 2048. It computes ew::TanhAct::value
+    // to rounding; the derivative is ew::TanhAct::grad, as everywhere.
     z.tanh_();
-    d.fill_(1).addcmul_(z, z, -1);  // d = 1 - h^2
+    if (d.defined()) {
+      AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_forward_", [&] {
+        activation_grad_loop<scalar_t, ew::TanhAct>(z.const_data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), n);
+      });
+    }
     return;
   }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_forward_", [&] {
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    scalar_t* dp = d.data_ptr<scalar_t>();
-    at::parallel_for(0, z.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const bool on = zp[i] > scalar_t(0);
-        zp[i] = on ? zp[i] : scalar_t(0);
-        dp[i] = on ? scalar_t(1) : scalar_t(0);
-      }
+    visit_activation(act, [&](auto op) {
+      using Op = decltype(op);
+      scalar_t* zp = z.data_ptr<scalar_t>();
+      scalar_t* dp = d.defined() ? d.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        if (dp) {
+          for (int64_t i = begin; i < end; ++i) {
+            const scalar_t h = Op::value(zp[i]);
+            zp[i] = h;
+            dp[i] = Op::grad(h);
+          }
+        } else {
+          for (int64_t i = begin; i < end; ++i) zp[i] = Op::value(zp[i]);
+        }
+      });
     });
   });
 }
@@ -48,17 +76,11 @@ void categorical_fisher_(const at::Tensor& p, at::Tensor& u, double scale) {
   const int64_t rows = u.size(0), k = u.size(1);
   const int64_t su0 = u.stride(0), su1 = u.stride(1);  // u may be a transposed view
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "categorical_fisher_", [&] {
-    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
     scalar_t* up = u.data_ptr<scalar_t>();
     const scalar_t s = static_cast<scalar_t>(scale);
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / k), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* pr = pp + row * k;
-        scalar_t* ur = up + row * su0;
-        scalar_t pu = 0;
-        for (int64_t j = 0; j < k; ++j) pu += pr[j] * ur[j * su1];
-        for (int64_t j = 0; j < k; ++j) ur[j * su1] = s * pr[j] * (ur[j * su1] - pu);
-      }
+    at::parallel_for(0, rows, row_grain(k), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) ew::categorical_fisher_row(pp + row * k, up + row * su0, k, su1, s);
     });
   });
 }
@@ -66,8 +88,8 @@ void categorical_fisher_(const at::Tensor& p, at::Tensor& u, double scale) {
 at::Tensor dot64(const at::Tensor& a, const at::Tensor& b) {
   double result = 0.0;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dot64", [&] {
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
     result = reduce_sum<scalar_t>(a.numel(), [&](int64_t i) { return double(ap[i]) * double(bp[i]); });
   });
   return at::scalar_tensor(result, a.options().dtype(at::kDouble));
@@ -77,15 +99,14 @@ void cg_start(const at::Tensor& b, at::Tensor& state, double rtol) {
   double* s = state.data_ptr<double>();
   for (int64_t i = 0; i < kStateSize; ++i) s[i] = 0.0;
   s[kRs] = dot64(b, b).item<double>();
-  s[kTol2] = rtol * rtol * s[kRs];
-  s[kActive] = s[kRs] > s[kTol2] ? 1.0 : 0.0;
+  ew::cg_start_scalars(s, rtol);
 }
 
 void cg_dots(const at::Tensor& p, const at::Tensor& Ap, at::Tensor& state) {
   double* s = state.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_dots", [&] {
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* ap = Ap.data_ptr<scalar_t>();
+    const scalar_t* pp = p.const_data_ptr<scalar_t>();
+    const scalar_t* ap = Ap.const_data_ptr<scalar_t>();
     s[kPAp] = reduce_sum<scalar_t>(p.numel(), [&](int64_t i) { return double(pp[i]) * double(ap[i]); });
     s[kPP] = reduce_sum<scalar_t>(p.numel(), [&](int64_t i) { return double(pp[i]) * double(pp[i]); });
   });
@@ -94,40 +115,72 @@ void cg_dots(const at::Tensor& p, const at::Tensor& Ap, at::Tensor& state) {
 void cg_update_(at::Tensor& x, at::Tensor& r, const at::Tensor& p, const at::Tensor& Ap,
                 at::Tensor& state, double eps) {
   double* s = state.data_ptr<double>();
-  // A NaN in p'Ap fails this test too, so a poisoned direction never reaches x.
-  if (!(s[kActive] != 0.0 && s[kPAp] > eps * s[kPP])) {
-    s[kActive] = 0.0;
-    s[kBeta] = 0.0;
-    return;
-  }
-  const double alpha = s[kRs] / s[kPAp];
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_update_", [&] {
-    scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* rp = r.data_ptr<scalar_t>();
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* ap = Ap.data_ptr<scalar_t>();
-    const scalar_t a = static_cast<scalar_t>(alpha);
-    s[kRsNew] = reduce_sum<scalar_t>(x.numel(), [&](int64_t i) {
-      xp[i] += a * pp[i];
-      rp[i] -= a * ap[i];
-      return double(rp[i]) * double(rp[i]);
+  const bool ok = ew::cg_step_ok(s, eps);
+  if (ok) {
+    const double alpha = s[kRs] / s[kPAp];
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cg_update_", [&] {
+      scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* rp = r.data_ptr<scalar_t>();
+      const scalar_t* pp = p.const_data_ptr<scalar_t>();
+      const scalar_t* ap = Ap.const_data_ptr<scalar_t>();
+      const scalar_t a = static_cast<scalar_t>(alpha);
+      s[kRsNew] = reduce_sum<scalar_t>(x.numel(), [&](int64_t i) { return ew::cg_step(xp[i], rp[i], pp[i], ap[i], a); });
     });
-  });
-  s[kIters] += 1.0;
-  s[kBeta] = s[kRsNew] / s[kRs];
-  s[kRs] = s[kRsNew];
-  s[kActive] = s[kRs] > s[kTol2] ? 1.0 : 0.0;
+  }
+  ew::cg_update_scalars(s, ok);
 }
 
 void cg_direction_(at::Tensor& p, const at::Tensor& r, const at::Tensor& state) {
-  const double* s = state.data_ptr<double>();
-  if (s[kActive] == 0.0) return;
+  const double* s = state.const_data_ptr<double>();
+  if (!ew::cg_active(s)) return;
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_direction_", [&] {
     scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* rp = r.data_ptr<scalar_t>();
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
     const scalar_t beta = static_cast<scalar_t>(s[kBeta]);
     at::parallel_for(0, p.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) pp[i] = rp[i] + beta * pp[i];
+      for (int64_t i = begin; i < end; ++i) pp[i] = ew::cg_direction(rp[i], pp[i], beta);
+    });
+  });
+}
+
+void normalize_rows_(at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std, double clip) {
+  const int64_t n = x.size(0), d = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normalize_rows_", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+    const scalar_t* sp = inv_std.const_data_ptr<scalar_t>();
+    const scalar_t c = static_cast<scalar_t>(clip);
+    at::parallel_for(0, n, row_grain(d), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row = xp + i * d;
+        for (int64_t j = 0; j < d; ++j) row[j] = ew::normalize_obs(row[j], mp[j], sp[j], c);
+      }
+    });
+  });
+}
+
+void sample_categorical_(const at::Tensor& logits, const at::Tensor& u, at::Tensor& actions) {
+  const int64_t n = logits.size(0), k = logits.size(1);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample_categorical_", [&] {
+    const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    int64_t* ap = actions.data_ptr<int64_t>();
+    at::parallel_for(0, n, row_grain(k), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) ap[i] = ew::categorical_sample_row(lp + i * k, k, up[i]);
+    });
+  });
+}
+
+void sample_gaussian_(const at::Tensor& mean, const at::Tensor& log_std, at::Tensor& noise) {
+  const int64_t n = mean.size(0), k = mean.size(1);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "sample_gaussian_", [&] {
+    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+    const scalar_t* lp = log_std.const_data_ptr<scalar_t>();
+    scalar_t* np = noise.data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(k), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t j = 0; j < k; ++j) np[i * k + j] = ew::gaussian_sample(mp[i * k + j], lp[j], np[i * k + j]);
+      }
     });
   });
 }

@@ -1,4 +1,5 @@
-// CUDA implementations of the fused kernels in kernels.h, with the contract of csrc/cpu/kernels.cpp.
+// CUDA implementations of the fused kernels in kernels.h, with the contract of csrc/cpu/kernels.cpp
+// and its arithmetic: both run the formulas of elementwise.h.
 //
 // The CG kernels never read the state on the host: every thread reads the scalars it needs from the
 // float64 `state` tensor, and a single-thread kernel does the scalar update, so a whole solve runs
@@ -16,7 +17,9 @@
 
 #include <algorithm>
 
+#include "elementwise.h"
 #include "kernels.h"
+#include "mlp.h"
 
 namespace trpo_ext {
 namespace cuda {
@@ -56,21 +59,13 @@ __device__ void block_accumulate(double value, double* dst, BlockSum::TempStorag
   if (threadIdx.x == 0) atomicAdd(dst, total);
 }
 
-__device__ float tanh_of(float v) { return tanhf(v); }
-__device__ double tanh_of(double v) { return tanh(v); }
-
-template <typename scalar_t, Activation act>
+// h = act(z) in place, and d = act'(z) when kGrad.
+template <typename scalar_t, typename Op, bool kGrad>
 __global__ void activation_forward_kernel(scalar_t* z, scalar_t* d, int64_t n) {
   grid_stride(n, [&](int64_t i) {
-    if constexpr (act == Activation::Tanh) {
-      const scalar_t h = tanh_of(z[i]);
-      z[i] = h;
-      d[i] = scalar_t(1) - h * h;
-    } else {
-      const bool on = z[i] > scalar_t(0);
-      z[i] = on ? z[i] : scalar_t(0);
-      d[i] = on ? scalar_t(1) : scalar_t(0);
-    }
+    const scalar_t h = Op::value(z[i]);
+    z[i] = h;
+    if constexpr (kGrad) d[i] = Op::grad(h);
   });
 }
 
@@ -79,13 +74,7 @@ __global__ void activation_forward_kernel(scalar_t* z, scalar_t* d, int64_t n) {
 template <typename scalar_t>
 __global__ void categorical_fisher_kernel(const scalar_t* p, scalar_t* u, int64_t rows, int64_t k,
                                           int64_t su0, int64_t su1, scalar_t scale) {
-  grid_stride(rows, [&](int64_t row) {
-    const scalar_t* pr = p + row * k;
-    scalar_t* ur = u + row * su0;
-    scalar_t pu = 0;
-    for (int64_t j = 0; j < k; ++j) pu += pr[j] * ur[j * su1];
-    for (int64_t j = 0; j < k; ++j) ur[j * su1] = scale * pr[j] * (ur[j * su1] - pu);
-  });
+  grid_stride(rows, [&](int64_t row) { ew::categorical_fisher_row(p + row * k, u + row * su0, k, su1, scale); });
 }
 
 // *out += a'b in float64.
@@ -111,57 +100,55 @@ __global__ void cg_dots_kernel(const scalar_t* p, const scalar_t* Ap, int64_t n,
   block_accumulate(pp, state + kPP, temp[1]);
 }
 
-// Whether this iteration takes its step. A NaN in p'Ap fails the test too, so a poisoned
-// direction never reaches x.
-__device__ bool cg_step_ok(const double* state, double eps) {
-  return state[kActive] != 0.0 && state[kPAp] > eps * state[kPP];
-}
-
-__global__ void cg_start_finalize_kernel(double* state, double rtol) {
-  state[kTol2] = rtol * rtol * state[kRs];
-  state[kActive] = state[kRs] > state[kTol2] ? 1.0 : 0.0;
-}
+__global__ void cg_start_finalize_kernel(double* state, double rtol) { ew::cg_start_scalars(state, rtol); }
 
 // x += a p, r -= a Ap, state[kRsNew] += r'r; a no-op (uniformly across the grid, so the block
 // reduction is never half-entered) when the step is not taken.
 template <typename scalar_t>
 __global__ void cg_update_kernel(scalar_t* x, scalar_t* r, const scalar_t* p, const scalar_t* Ap,
                                  int64_t n, double* state, double eps) {
-  if (!cg_step_ok(state, eps)) return;
+  if (!ew::cg_step_ok(state, eps)) return;
   __shared__ BlockSum::TempStorage temp;
   const scalar_t a = static_cast<scalar_t>(state[kRs] / state[kPAp]);
   double rr = 0.0;
-  grid_stride(n, [&](int64_t i) {
-    x[i] += a * p[i];
-    const scalar_t ri = r[i] - a * Ap[i];
-    r[i] = ri;
-    rr += double(ri) * double(ri);
-  });
+  grid_stride(n, [&](int64_t i) { rr += ew::cg_step(x[i], r[i], p[i], Ap[i], a); });
   block_accumulate(rr, state + kRsNew, temp);
 }
 
 // The scalar half of cg_update_, after its vector kernel has finished; re-zeroes the slots that
 // the next iteration accumulates into.
 __global__ void cg_update_finalize_kernel(double* state, double eps) {
-  if (cg_step_ok(state, eps)) {
-    state[kIters] += 1.0;
-    state[kBeta] = state[kRsNew] / state[kRs];
-    state[kRs] = state[kRsNew];
-    state[kActive] = state[kRs] > state[kTol2] ? 1.0 : 0.0;
-  } else {
-    state[kActive] = 0.0;
-    state[kBeta] = 0.0;
-  }
-  state[kPAp] = 0.0;
-  state[kPP] = 0.0;
-  state[kRsNew] = 0.0;
+  ew::cg_update_scalars(state, ew::cg_step_ok(state, eps));
 }
 
 template <typename scalar_t>
 __global__ void cg_direction_kernel(scalar_t* p, const scalar_t* r, int64_t n, const double* state) {
-  if (state[kActive] == 0.0) return;
+  if (!ew::cg_active(state)) return;
   const scalar_t beta = static_cast<scalar_t>(state[kBeta]);
-  grid_stride(n, [&](int64_t i) { p[i] = r[i] + beta * p[i]; });
+  grid_stride(n, [&](int64_t i) { p[i] = ew::cg_direction(r[i], p[i], beta); });
+}
+
+// x (n rows of d) normalized in place, one element per thread.
+template <typename scalar_t>
+__global__ void normalize_rows_kernel(scalar_t* x, const scalar_t* mean, const scalar_t* inv_std, int64_t numel,
+                                      int64_t d, scalar_t clip) {
+  grid_stride(numel, [&](int64_t i) {
+    const int64_t j = i % d;
+    x[i] = ew::normalize_obs(x[i], mean[j], inv_std[j], clip);
+  });
+}
+
+// One row per thread, the CPU's inverse-CDF algorithm.
+template <typename scalar_t>
+__global__ void sample_categorical_kernel(const scalar_t* logits, const scalar_t* u, int64_t* actions, int64_t rows,
+                                          int64_t k) {
+  grid_stride(rows, [&](int64_t i) { actions[i] = ew::categorical_sample_row(logits + i * k, k, u[i]); });
+}
+
+template <typename scalar_t>
+__global__ void sample_gaussian_kernel(const scalar_t* mean, const scalar_t* log_std, scalar_t* noise, int64_t numel,
+                                       int64_t k) {
+  grid_stride(numel, [&](int64_t i) { noise[i] = ew::gaussian_sample(mean[i], log_std[i % k], noise[i]); });
 }
 
 }  // namespace
@@ -170,13 +157,15 @@ void activation_forward_(at::Tensor& z, at::Tensor& d, Activation act) {
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.numel();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_forward_", [&] {
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    scalar_t* dp = d.data_ptr<scalar_t>();
-    if (act == Activation::Tanh) {
-      launch(n, activation_forward_kernel<scalar_t, Activation::Tanh>, zp, dp, n);
-    } else {
-      launch(n, activation_forward_kernel<scalar_t, Activation::Relu>, zp, dp, n);
-    }
+    visit_activation(act, [&](auto op) {
+      using Op = decltype(op);
+      scalar_t* zp = z.data_ptr<scalar_t>();
+      if (d.defined()) {
+        launch(n, activation_forward_kernel<scalar_t, Op, true>, zp, d.data_ptr<scalar_t>(), n);
+      } else {
+        launch(n, activation_forward_kernel<scalar_t, Op, false>, zp, static_cast<scalar_t*>(nullptr), n);
+      }
+    });
   });
 }
 
@@ -241,6 +230,33 @@ void cg_direction_(at::Tensor& p, const at::Tensor& r, const at::Tensor& state) 
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "cg_direction_", [&] {
     launch(n, cg_direction_kernel<scalar_t>, p.data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), n,
            state.const_data_ptr<double>());
+  });
+}
+
+void normalize_rows_(at::Tensor& x, const at::Tensor& mean, const at::Tensor& inv_std, double clip) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t numel = x.numel();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normalize_rows_", [&] {
+    launch(numel, normalize_rows_kernel<scalar_t>, x.data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
+           inv_std.const_data_ptr<scalar_t>(), numel, x.size(1), static_cast<scalar_t>(clip));
+  });
+}
+
+void sample_categorical_(const at::Tensor& logits, const at::Tensor& u, at::Tensor& actions) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample_categorical_", [&] {
+    launch(rows, sample_categorical_kernel<scalar_t>, logits.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+           actions.data_ptr<int64_t>(), rows, logits.size(1));
+  });
+}
+
+void sample_gaussian_(const at::Tensor& mean, const at::Tensor& log_std, at::Tensor& noise) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const int64_t numel = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "sample_gaussian_", [&] {
+    launch(numel, sample_gaussian_kernel<scalar_t>, mean.const_data_ptr<scalar_t>(), log_std.const_data_ptr<scalar_t>(),
+           noise.data_ptr<scalar_t>(), numel, mean.size(1));
   });
 }
 
