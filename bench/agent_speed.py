@@ -32,7 +32,7 @@ MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters
 def bare_rate(env_id: str, n_envs: int, steps: int, lean: bool) -> float:
     fns = [lambda: gym.make(env_id)] * n_envs
     if lean:  # the vector env trpo_ext's rollouts step (vectorization="sync")
-        envs = trpo_ext.rollout.LeanSyncVectorEnv(fns)
+        envs = trpo_ext.envs.LeanSyncVectorEnv(fns)
     else:
         envs = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)

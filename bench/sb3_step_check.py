@@ -47,7 +47,8 @@ def one_step(env_id: str, kl_scale: int, updates: int, seed: int) -> None:
     p = PRESETS[env_id]
     agent = trpo_ext.TRPO(env_id, **trpo_ext_kwargs(p, seed, "cpu", kl_scale))
     agent.learn(p["n_steps"] * p["n_envs"] * updates, progress_bar=False)
-    batch = agent.collector.collect(agent.policy, agent.value_net, agent.generator, agent.gamma, agent.gae_lambda)
+    batch = agent.collector.collect(agent.policy, agent.value_net, agent.generator, agent.config.gamma,
+                                     agent.config.gae_lambda)
     model = SB3TRPO("MlpPolicy", make_vec_env(env_id, n_envs=p["n_envs"], seed=seed), **sb3_kwargs(p, seed, "cpu"))
     model._logger = configure(None, [])
     ours, theirs = list(agent.policy.parameters()), sb3_actor_params(model.policy)

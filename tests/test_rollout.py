@@ -1,4 +1,7 @@
-"""Rollouts, GAE and env handling (trpo_ext.rollout)."""
+"""Rollouts, GAE and the collector's state (trpo_ext.rollout), and env construction (trpo_ext.envs)."""
+import io
+import pickle
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -6,8 +9,8 @@ import torch
 from gymnasium import spaces
 
 from trpo_ext import MLPPolicy
-from trpo_ext.rollout import (SAME_STEP, EpisodeStats, LeanSyncVectorEnv, RolloutCollector, RunningNormalizer,
-                              check_spaces, compute_gae, make_vec_env)
+from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, check_spaces, make_vec_env
+from trpo_ext.rollout import EpisodeStats, RolloutCollector, RunningNormalizer, compute_gae
 
 
 class CounterEnv(gym.Env):
@@ -134,6 +137,70 @@ def test_non_finite_observation_leaves_statistics_unchanged():
     with pytest.raises(ValueError, match="non-finite"):
         collector.collect(MLPPolicy(1, envs.single_action_space), lambda o: o[:, 0], torch.Generator(), 0.9, 0.9)
     assert np.isfinite(norm.mean).all() and np.isfinite(norm.var).all() and norm.count < 2
+
+
+# ----------------------------------------------------------------------------- state_dict round trips
+def _through_weights_only_load(state):
+    """`state` saved and loaded back as a checkpoint is: torch.load(weights_only=True) must accept it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_episode_stats_state_dict_round_trip():
+    stats = EpisodeStats(3, window=2)
+    for rewards, done in [([1.0, 2.0, 0.5], [0, 0, 0]), ([1.0, 1.0, 1.0], [1, 0, 1]), ([2.0, 3.0, 4.0], [1, 0, 0])]:
+        stats.step(np.array(rewards), np.array(done, dtype=bool))
+    restored = EpisodeStats(3, window=2)
+    restored.finished.append((99.0, 99))  # loading replaces what was there
+    restored.load_state_dict(_through_weights_only_load(stats.state_dict()))
+    np.testing.assert_array_equal(restored.returns, stats.returns)
+    np.testing.assert_array_equal(restored.lengths, stats.lengths)
+    assert restored.lengths.dtype == np.int64 and list(restored.finished) == list(stats.finished)
+    assert len(restored.finished) == 2 and restored.means() == stats.means()
+    with pytest.raises(ValueError, match="saved for 3 envs, these stats track 2"):
+        EpisodeStats(2, window=2).load_state_dict(stats.state_dict())
+
+
+def test_collector_state_dict_continues_the_rollouts_exactly():
+    collector = _pendulum_collector(7, RunningNormalizer(3))
+    collector.reset(seed=0)
+    policy = MLPPolicy(3, collector.envs.single_action_space)
+    generator = torch.Generator().manual_seed(0)
+    collector.collect(policy, lambda o: o[:, 0], generator, 0.9, 0.9)  # mid-episode: Pendulum runs 200 steps
+
+    # A second collector on copies of the same env states, restored from the state dict.
+    copy = RolloutCollector(LeanSyncVectorEnv.from_envs(pickle.loads(pickle.dumps(collector.envs.envs))), 7,
+                            torch.device("cpu"), RunningNormalizer(3), EpisodeStats(2, 10))
+    copy.load_state_dict(_through_weights_only_load(collector.state_dict()))
+    assert copy.last_obs.dtype == collector.last_obs.dtype
+    np.testing.assert_array_equal(copy.last_obs, collector.last_obs)
+    np.testing.assert_array_equal(copy.stats.lengths, [7, 7])
+    copy_generator = torch.Generator().manual_seed(0)
+    copy_generator.set_state(generator.get_state())
+    a = collector.collect(policy, lambda o: o[:, 0], generator, 0.9, 0.9)
+    b = copy.collect(policy, lambda o: o[:, 0], copy_generator, 0.9, 0.9)
+    for name in ("obs", "actions", "advantages", "returns", "values"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    np.testing.assert_array_equal(copy.normalizer.mean, collector.normalizer.mean)
+    assert copy.normalizer.count == collector.normalizer.count
+    collector.envs.close()
+    copy.envs.close()
+
+
+def test_collector_load_without_resuming_episodes_keeps_only_the_normalizer():
+    collector = _pendulum_collector(5, RunningNormalizer(3))
+    collector.reset(seed=0)
+    collector.collect(MLPPolicy(3, collector.envs.single_action_space), lambda o: o[:, 0], torch.Generator(), 0.9, 0.9)
+    other = _pendulum_collector(5, RunningNormalizer(3))
+    other.load_state_dict(collector.state_dict(), resume_episodes=False)
+    assert other.last_obs is None and not other.stats.lengths.any()
+    np.testing.assert_array_equal(other.normalizer.var, collector.normalizer.var)
+    with pytest.raises(ValueError, match="saved with observation normalization"):
+        _pendulum_collector(5, None).load_state_dict(collector.state_dict())
+    for c in (collector, other):
+        c.envs.close()
 
 
 # ----------------------------------------------------------------------------- normalizer

@@ -154,8 +154,9 @@ def test_agent_update_is_trust_region_step_on_the_normalized_batch():
     agent.learn(128, progress_bar=False)
     (batch,) = batches
     advantages = (batch.advantages - batch.advantages.mean()) / (batch.advantages.std() + 1e-8)
-    record = trpo_ext.trust_region_step(policy, batch.obs, batch.actions, advantages, max_kl=agent.max_kl,
-                                        damping=agent.damping, cg_iters=agent.cg_iters, cg_rtol=agent.cg_rtol)
+    config = agent.config
+    record = trpo_ext.trust_region_step(policy, batch.obs, batch.actions, advantages, max_kl=config.max_kl,
+                                        damping=config.damping, cg_iters=config.cg_iters, cg_rtol=config.cg_rtol)
     assert torch.equal(_vector(policy), _vector(agent.policy))
     assert agent.last_record["kl"] == record.kl and agent.last_record["line_search_steps"] == record.line_search_steps
 

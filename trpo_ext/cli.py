@@ -40,8 +40,8 @@ def train(args) -> int:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=out, **options)
-    print(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {agent.n_envs} envs, "
-          f"{agent.batch_size} steps per update) -> {out}")
+    print(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {agent.config.n_envs} envs, "
+          f"{agent.config.batch_size} steps per update) -> {out}")
     start = time.perf_counter()
     agent.learn(args.timesteps, progress_bar=not args.no_progress)
     elapsed = time.perf_counter() - start

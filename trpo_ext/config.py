@@ -1,19 +1,35 @@
-"""Hyperparameters: validation written once, and the trust-region settings as one dataclass.
+"""Hyperparameters: validation written once, as two frozen dataclasses.
 
-Every check names the one parameter it refuses and says what was expected.
+`TrustRegionConfig` holds the settings of one policy step, `TRPOConfig` every hyperparameter of
+the agent (it builds a `TrustRegionConfig` from its trust-region fields, so those are checked in
+one place only).
+
+The rule for refused values: every check names the one parameter it refuses and says what was
+expected, and raises **ValueError** whatever is wrong with the value, its type included (a
+hyperparameter's type is part of its valid range: `normalize_obs="False"` is refused exactly like
+`gamma=1.5`). Numbers must be real numbers (bools are refused) and finite; ints may be numpy ints
+and are stored as Python ints, floats as Python floats, so a config holds plain Python data.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .policies import ACTIVATIONS
 
-def check_int(name: str, value, low: int) -> int:
-    """`value` as an int >= low; ValueError naming `name` otherwise (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """`value` as an int >= low (and <= high when given); ValueError naming `name` otherwise
+    (bools are refused)."""
+    expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
+            or (high is not None and value > high):
+        raise ValueError(f"{name} must be an int {expected}, got {value!r}")
     return int(value)
 
 
@@ -28,6 +44,21 @@ def check_float(name: str, value, low: float = -math.inf, high: float = math.inf
     inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not math.isfinite(value) or not inside:
         raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """`value` as a bool; ValueError naming `name` unless it is a bool (or numpy bool): strings,
+    0 / 1 and None are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """`value` if it is one of the strings `choices`; ValueError naming `name` otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return value
 
 
@@ -60,3 +91,121 @@ class TrustRegionConfig:
         }
         for name, value in checked.items():  # numpy scalars become plain Python numbers
             object.__setattr__(self, name, value)
+
+
+POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0}
+"""The defaults of `TRPOConfig.policy_kwargs`; a user's dict overrides some of them."""
+
+
+def _check_policy_kwargs(value) -> dict:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"policy_kwargs must be a dict (keys {sorted(POLICY_KWARGS)}) or None, got {value!r}")
+    unknown = set(value) - set(POLICY_KWARGS)
+    if unknown:
+        raise ValueError(f"policy_kwargs: unknown keys {sorted(unknown, key=repr)}; expected {sorted(POLICY_KWARGS)}")
+    kwargs = {**POLICY_KWARGS, **value}
+    hidden = kwargs["hidden"]
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or not all(
+            not isinstance(h, bool) and isinstance(h, (int, np.integer)) and h >= 1 for h in hidden):
+        raise ValueError(f"policy_kwargs['hidden'] must be a sequence of positive ints, got {hidden!r}")
+    return {"hidden": tuple(int(h) for h in hidden),
+            "activation": check_choice("policy_kwargs['activation']", kwargs["activation"], ACTIVATIONS),
+            "log_std_init": check_float("policy_kwargs['log_std_init']", kwargs["log_std_init"], -20.0, 2.0)}
+
+
+@dataclass(frozen=True)
+class TRPOConfig:
+    """Every hyperparameter of the `TRPO` agent, checked once at construction.
+
+    The trust-region fields (max_kl … max_backtracks) are validated by the `TrustRegionConfig` that
+    `trust_region` holds. `to_dict()` gives the fields as plain Python data (what a checkpoint
+    stores); `TRPOConfig(**config.to_dict())` rebuilds the same config.
+    """
+
+    n_envs: int = 8
+    """Environment copies stepped together as one vector env (a vector env's own `num_envs` wins)."""
+    n_steps: int = 128
+    """Steps per env per rollout; one policy update uses n_steps * n_envs transitions."""
+    gamma: float = 0.99
+    """Discount factor, in [0, 1]."""
+    gae_lambda: float = 0.95
+    """GAE λ in [0, 1] (bias/variance trade-off of the advantage estimate)."""
+    max_kl: float = 0.01
+    """Trust-region radius δ: an update is accepted only if the mean KL(old‖new) ≤ max_kl (`TrustRegionConfig`)."""
+    damping: float = 0.1
+    """λ in the CG system (F + λI) x = g (`TrustRegionConfig`)."""
+    cg_iters: int = 10
+    """Maximum conjugate-gradient iterations (Fisher-vector products) per update (`TrustRegionConfig`)."""
+    cg_rtol: float = 1e-10
+    """CG stops early when ||r|| ≤ cg_rtol·||g|| (`TrustRegionConfig`)."""
+    backtrack_factor: float = 0.8
+    """The line search shrinks the step by this factor after each rejection (`TrustRegionConfig`)."""
+    max_backtracks: int = 10
+    """Step sizes tried before the update is abandoned and θ restored (`TrustRegionConfig`)."""
+    fvp_fraction: float = 1.0
+    """Fraction in (0, 1] of the batch (a random subset) used for the Fisher-vector products only."""
+    normalize_advantage: bool = True
+    """Standardize advantages over the batch."""
+    normalize_obs: bool = False
+    """Running mean/std observation normalization (saved with the model)."""
+    obs_clip: float = 10.0
+    """Normalized observations are clipped to [-obs_clip, obs_clip]; > 0."""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the value network; > 0."""
+    critic_epochs: int = 10
+    """Passes over the batch per update for the value network (0 leaves it untrained)."""
+    critic_batch_size: int = 128
+    """Minibatch size of the value-network regression."""
+    policy_kwargs: dict | None = None
+    """Dict with `hidden` (layer widths, also used by the value network), `activation` (a key of
+    `trpo_ext.policies.ACTIVATIONS`) and `log_std_init` (Gaussian policies, in [-20, 2]); missing
+    keys take `POLICY_KWARGS`' values, and the field always holds all three."""
+    vectorization: str = "sync"
+    """"sync" (one process; `envs.LeanSyncVectorEnv`, which skips gymnasium's per-step info merging)
+    or "async" (gymnasium's AsyncVectorEnv, one subprocess per env)."""
+    stats_window: int = 100
+    """Episodes averaged for the reported episode return and length."""
+    seed: int | None = None
+    """Seeds network initialisation, action sampling, minibatch order and env resets; an int in
+    [0, 2**63 - 1]. None draws one, and the field then holds the drawn seed."""
+    trust_region: TrustRegionConfig = field(init=False, repr=False, compare=False)
+    """The policy-step settings, built from the fields above (`trpo_ext.trust_region_step`'s keywords)."""
+
+    def __post_init__(self):
+        seed = self.seed
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+        trust_region = TrustRegionConfig(self.max_kl, self.damping, self.cg_iters, self.cg_rtol,
+                                         self.backtrack_factor, self.max_backtracks)
+        checked = {
+            "n_envs": check_int("n_envs", self.n_envs, 1),
+            "n_steps": check_int("n_steps", self.n_steps, 1),
+            "gamma": check_float("gamma", self.gamma, 0.0, 1.0),
+            "gae_lambda": check_float("gae_lambda", self.gae_lambda, 0.0, 1.0),
+            **dataclasses.asdict(trust_region),
+            "fvp_fraction": check_float("fvp_fraction", self.fvp_fraction, 0.0, 1.0, low_open=True),
+            "normalize_advantage": check_bool("normalize_advantage", self.normalize_advantage),
+            "normalize_obs": check_bool("normalize_obs", self.normalize_obs),
+            "obs_clip": check_float("obs_clip", self.obs_clip, 0.0, low_open=True),
+            "critic_lr": check_float("critic_lr", self.critic_lr, 0.0, low_open=True),
+            "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0),
+            "critic_batch_size": check_int("critic_batch_size", self.critic_batch_size, 1),
+            "policy_kwargs": _check_policy_kwargs(self.policy_kwargs),
+            "vectorization": check_choice("vectorization", self.vectorization, ("sync", "async")),
+            "stats_window": check_int("stats_window", self.stats_window, 1),
+            "seed": check_int("seed", seed, 0, 2**63 - 1),
+            "trust_region": trust_region,
+        }
+        for name, value in checked.items():  # numpy scalars become plain Python values
+            object.__setattr__(self, name, value)
+
+    @property
+    def batch_size(self) -> int:
+        """Transitions per update: n_steps * n_envs."""
+        return self.n_steps * self.n_envs
+
+    def to_dict(self) -> dict:
+        """The hyperparameters as a plain dict of Python data (loadable with `torch.load(weights_only=True)`)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}

@@ -1,110 +1,21 @@
-"""Vectorized environments, running observation normalization, rollouts and GAE.
+"""Running observation normalization, rollouts and GAE: what turns a vector env (`trpo_ext.envs`)
+into the batch of one policy update.
 
-Every environment is stepped as one gymnasium vector env in SAME_STEP autoreset mode: when an
-episode ends, `step` already returns the first observation of the next one, and the last
-observation of the finished episode arrives in `infos["final_obs"]` (mask `infos["_final_obs"]`).
-That is what a truncated episode needs to bootstrap from.
+The collector steps a SAME_STEP-autoreset vector env: a truncated episode's last observation, to
+bootstrap from, arrives in `infos["final_obs"]`.
 """
 from __future__ import annotations
 
 from collections import deque
-from copy import deepcopy
 from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
-from gymnasium.vector.utils import concatenate, iterate
 
 from . import _ops
-from .policies import action_space_kind
-
-SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
-
-
-# ----------------------------------------------------------------------------- environments
-def check_spaces(observation_space, action_space) -> tuple[int, str]:
-    """(obs_dim, policy kind) for a flat 1-D Box observation and a Discrete / 1-D Box action space;
-    TypeError naming the space otherwise."""
-    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
-        raise TypeError("observation_space must be a flat 1-D gymnasium.spaces.Box (images, Dict, Tuple and "
-                        f"Discrete observations are not supported), got {observation_space!r}")
-    kind, _ = action_space_kind(action_space)
-    return int(observation_space.shape[0]), kind
-
-
-def _env_factory(env):
-    """A zero-argument callable that makes one copy of `env` (an id, an EnvSpec or a callable)."""
-    if isinstance(env, (str, gym.envs.registration.EnvSpec)):
-        return lambda: gym.make(env)
-    if callable(env) and not isinstance(env, gym.Env):
-        return env
-    raise TypeError(f"env must be a gymnasium id, an EnvSpec, a gymnasium.Env, a callable returning one, "
-                    f"or a gymnasium.vector.VectorEnv, got {type(env).__name__}")
-
-
-class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
-    """gymnasium's SyncVectorEnv in SAME_STEP autoreset mode, without merging per-step infos.
-
-    `SyncVectorEnv.step` folds every sub-env's info dict into batched arrays, key by key, every step;
-    for 16 CartPole-v1 envs that bookkeeping costs as much as the physics, and the agent reads none
-    of it. Here `step` returns the same observations, rewards, terminations and truncations (the
-    same sub-envs stepped in the same order), and `infos` holds only what an agent needs:
-    `final_obs` (an object array, set where an episode ended this step) and its mask `_final_obs`.
-    """
-
-    def __init__(self, env_fns, copy: bool = True):
-        super().__init__(env_fns, copy=copy, autoreset_mode=SAME_STEP)
-
-    def step(self, actions):
-        final_obs = None
-        for i, (action, env) in enumerate(zip(iterate(self.action_space, actions), self.envs, strict=True)):
-            (self._env_obs[i], self._rewards[i], self._terminations[i], self._truncations[i], _) = env.step(action)
-            if self._terminations[i] or self._truncations[i]:
-                if final_obs is None:
-                    final_obs = np.full(self.num_envs, None, dtype=object)
-                final_obs[i] = self._env_obs[i]
-                self._env_obs[i], _ = env.reset()
-        self._observations = concatenate(self.single_observation_space, self._env_obs, self._observations)
-        self._autoreset_envs = self._terminations | self._truncations
-        infos = {} if final_obs is None else {"final_obs": final_obs, "_final_obs": self._autoreset_envs.copy()}
-        obs = self._observations
-        if self.copy:
-            obs = obs.copy() if isinstance(obs, np.ndarray) else deepcopy(obs)
-        return obs, self._rewards.copy(), self._terminations.copy(), self._truncations.copy(), infos
-
-
-def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vector.VectorEnv:
-    """One gymnasium vector env (SAME_STEP autoreset) from an id, an Env, a callable or a vector env:
-    `LeanSyncVectorEnv` for "sync", gymnasium's AsyncVectorEnv (one subprocess per env) for "async".
-
-    A single `gym.Env` instance cannot be copied, so it needs `n_envs=1`; a vector env is used as
-    it is (its `num_envs` wins) and must have been built with `autoreset_mode=SAME_STEP`.
-    """
-    if isinstance(env, gym.vector.VectorEnv):
-        mode = env.metadata.get("autoreset_mode")
-        if mode != SAME_STEP:
-            raise ValueError(
-                f"env: vector envs must use autoreset_mode=AutoresetMode.SAME_STEP, got {mode!r}; build it with "
-                "gym.make_vec(id, n, vectorization_mode='sync', "
-                "vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP}) "
-                "or pass the env id and n_envs instead")
-        return env
-    if isinstance(n_envs, bool) or not isinstance(n_envs, int) or n_envs < 1:
-        raise ValueError(f"n_envs must be an int >= 1, got {n_envs!r}")
-    if vectorization not in ("sync", "async"):
-        raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")
-    if isinstance(env, gym.Env):
-        if n_envs != 1:
-            raise ValueError("env: a gymnasium.Env instance cannot be copied into n_envs > 1 environments; "
-                             "pass its id or a callable that makes one")
-        fns = [lambda: env]
-    else:
-        fns = [_env_factory(env)] * n_envs
-    if vectorization == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=SAME_STEP)
-    return LeanSyncVectorEnv(fns)
+from .envs import check_spaces
+from .envs import LeanSyncVectorEnv, make_vec_env  # noqa: F401  (re-exported: their import path before trpo_ext.envs)
 
 
 # ----------------------------------------------------------------------------- observation normalization
@@ -225,6 +136,20 @@ class EpisodeStats:
         r, n = zip(*self.finished)
         return float(np.mean(r)), float(np.mean(n))
 
+    def state_dict(self) -> dict:
+        """The episodes in flight and the finished ones in the window, as tensors and plain data."""
+        return {"returns": torch.from_numpy(self.returns.copy()), "lengths": torch.from_numpy(self.lengths.copy()),
+                "finished": [(float(r), int(n)) for r, n in self.finished]}
+
+    def load_state_dict(self, state: dict) -> None:
+        returns, lengths = state["returns"].numpy(), state["lengths"].numpy()
+        if returns.shape != self.returns.shape or lengths.shape != self.lengths.shape:
+            raise ValueError(f"EpisodeStats.load_state_dict: saved for {returns.shape[0]} envs, "
+                             f"these stats track {self.returns.shape[0]}")
+        self.returns[:], self.lengths[:] = returns, lengths
+        self.finished.clear()
+        self.finished.extend((float(r), int(n)) for r, n in state["finished"])
+
 
 class RolloutCollector:
     """Steps a vector env `n_steps` times with batched policy inference and turns it into a `Batch`.
@@ -250,6 +175,27 @@ class RolloutCollector:
         self.last_obs, _ = self.envs.reset(seed=seed)
         self.stats.returns[:] = 0.0
         self.stats.lengths[:] = 0
+
+    def state_dict(self) -> dict:
+        """What continues the rollouts exactly (given the same env states): the last observation,
+        the episode statistics and the normalizer's statistics (None when not normalizing)."""
+        return {"last_obs": None if self.last_obs is None else torch.from_numpy(
+                    np.asarray(self.last_obs, dtype=np.float64)),
+                "stats": self.stats.state_dict(),
+                "normalizer": None if self.normalizer is None else self.normalizer.state_dict()}
+
+    def load_state_dict(self, state: dict, *, resume_episodes: bool = True) -> None:
+        """Restores `state_dict()`. With `resume_episodes=False` only the normalizer's statistics
+        are restored (the envs are other ones: their episodes start afresh with `reset`)."""
+        if (state["normalizer"] is None) != (self.normalizer is None):
+            raise ValueError("RolloutCollector.load_state_dict: the state was saved "
+                             f"{'without' if state['normalizer'] is None else 'with'} observation normalization")
+        if self.normalizer is not None:
+            self.normalizer.load_state_dict(state["normalizer"])
+        if resume_episodes:
+            self.stats.load_state_dict(state["stats"])
+            self.last_obs = None if state["last_obs"] is None else \
+                state["last_obs"].numpy().astype(self.envs.single_observation_space.dtype)
 
     def observe(self, obs: np.ndarray) -> torch.Tensor:
         """Raw observations -> float32 tensor on the device, normalized when enabled."""

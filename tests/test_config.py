@@ -1,0 +1,176 @@
+"""trpo_ext.config.TRPOConfig: every refused value names its one parameter (always a ValueError,
+the rule in config.py's docstring); accepted values become plain Python data; TRPO builds its
+config before anything else and refuses a log_dir that is a file."""
+import dataclasses
+import inspect
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import trpo_ext.trpo
+from trpo_ext import TRPO
+from trpo_ext.config import POLICY_KWARGS, TRPOConfig, TrustRegionConfig
+from trpo_ext.policies import ACTIVATIONS
+
+FIELDS = [f.name for f in dataclasses.fields(TRPOConfig) if f.init]
+INF, NAN = float("inf"), float("nan")
+
+
+def case(name, value, words):
+    """One refused value: TRPOConfig(name=value) raises ValueError whose message starts with `words`."""
+    return pytest.param(name, value, words, id=f"{name}={value!r}")
+
+
+BAD = [
+    case("n_envs", 0, "n_envs must be an int >= 1"),
+    case("n_envs", 1.5, "n_envs must be an int >= 1"),
+    case("n_envs", True, "n_envs must be an int >= 1"),
+    case("n_envs", "2", "n_envs must be an int >= 1"),
+    case("n_steps", 0, "n_steps must be an int >= 1"),
+    case("gamma", 1.5, "gamma must be a finite number in [0.0, 1.0]"),
+    case("gamma", -0.1, "gamma must be a finite number in [0.0, 1.0]"),
+    case("gamma", NAN, "gamma must be a finite number in [0.0, 1.0]"),
+    case("gae_lambda", 1.01, "gae_lambda must be a finite number in [0.0, 1.0]"),
+    case("gae_lambda", None, "gae_lambda must be a finite number in [0.0, 1.0]"),
+    case("max_kl", 0.0, "max_kl must be a finite number in (0.0, inf]"),
+    case("max_kl", -0.01, "max_kl must be a finite number in (0.0, inf]"),
+    case("max_kl", INF, "max_kl must be a finite number in (0.0, inf]"),
+    case("damping", INF, "damping must be a finite number in [0.0, inf]"),
+    case("damping", -1.0, "damping must be a finite number in [0.0, inf]"),
+    case("cg_iters", 0, "cg_iters must be an int >= 1"),
+    case("cg_iters", 2.0, "cg_iters must be an int >= 1"),
+    case("cg_rtol", INF, "cg_rtol must be a finite number in [0.0, inf]"),
+    case("backtrack_factor", 0.0, "backtrack_factor must be a finite number in (0.0, 1.0)"),
+    case("backtrack_factor", 1.0, "backtrack_factor must be a finite number in (0.0, 1.0)"),
+    case("max_backtracks", 0, "max_backtracks must be an int >= 1"),
+    case("fvp_fraction", 0.0, "fvp_fraction must be a finite number in (0.0, 1.0]"),
+    case("fvp_fraction", 1.5, "fvp_fraction must be a finite number in (0.0, 1.0]"),
+    case("normalize_advantage", 1, "normalize_advantage must be True or False"),
+    case("normalize_obs", "False", "normalize_obs must be True or False"),
+    case("normalize_obs", None, "normalize_obs must be True or False"),
+    case("obs_clip", 0.0, "obs_clip must be a finite number in (0.0, inf]"),
+    case("obs_clip", INF, "obs_clip must be a finite number in (0.0, inf]"),
+    case("critic_lr", 0.0, "critic_lr must be a finite number in (0.0, inf]"),
+    case("critic_lr", INF, "critic_lr must be a finite number in (0.0, inf]"),
+    case("critic_epochs", -1, "critic_epochs must be an int >= 0"),
+    case("critic_batch_size", 0, "critic_batch_size must be an int >= 1"),
+    case("policy_kwargs", [("hidden", (8,))], "policy_kwargs must be a dict"),
+    case("policy_kwargs", "tanh", "policy_kwargs must be a dict"),
+    case("policy_kwargs", {"widths": (8,)}, "policy_kwargs: unknown keys ['widths']"),
+    case("policy_kwargs", {"a": 1, "c": 2}, "policy_kwargs: unknown keys ['a', 'c']"),
+    case("policy_kwargs", {"hidden": (0,)}, "policy_kwargs['hidden'] must be a sequence of positive ints"),
+    case("policy_kwargs", {"hidden": 64}, "policy_kwargs['hidden'] must be a sequence of positive ints"),
+    case("policy_kwargs", {"hidden": "64"}, "policy_kwargs['hidden'] must be a sequence of positive ints"),
+    case("policy_kwargs", {"hidden": (8.0,)}, "policy_kwargs['hidden'] must be a sequence of positive ints"),
+    case("policy_kwargs", {"hidden": (True,)}, "policy_kwargs['hidden'] must be a sequence of positive ints"),
+    case("policy_kwargs", {"activation": "gelu"}, f"policy_kwargs['activation'] must be one of {sorted(ACTIVATIONS)}"),
+    case("policy_kwargs", {"log_std_init": NAN}, "policy_kwargs['log_std_init'] must be a finite number in [-20.0, 2.0]"),
+    case("policy_kwargs", {"log_std_init": 3.0}, "policy_kwargs['log_std_init'] must be a finite number in [-20.0, 2.0]"),
+    case("vectorization", "gpu", "vectorization must be one of ['async', 'sync']"),
+    case("vectorization", None, "vectorization must be one of ['async', 'sync']"),
+    case("stats_window", 0, "stats_window must be an int >= 1"),
+    case("seed", -1, "seed must be an int in [0, 9223372036854775807]"),
+    case("seed", 2**63, "seed must be an int in [0, 9223372036854775807]"),
+    case("seed", 2**64, "seed must be an int in [0, 9223372036854775807]"),
+    case("seed", 1.0, "seed must be an int in [0, 9223372036854775807]"),
+    case("seed", True, "seed must be an int in [0, 9223372036854775807]"),
+]
+
+
+@pytest.mark.parametrize("name, value, words", BAD)
+def test_every_bad_value_is_a_value_error_naming_that_one_parameter(name, value, words):
+    with pytest.raises(ValueError) as info:
+        TRPOConfig(**{name: value})
+    message = str(info.value)
+    assert type(info.value) is ValueError
+    assert message.startswith(words), message
+    others = [f for f in FIELDS if f != name and re.search(rf"\b{f}\b", message)]
+    assert not others, f"the message also names {others}: {message}"
+
+
+def test_every_field_has_a_refused_value_here():
+    assert {p.values[0] for p in BAD} == set(FIELDS)
+
+
+@pytest.mark.parametrize("name, value, words", [
+    case("max_kl", 0.0, "max_kl must be"), case("gamma", 1.5, "gamma must be"),
+    case("policy_kwargs", {"widths": (8,)}, "policy_kwargs: unknown keys ['widths']"),
+    case("vectorization", "gpu", "vectorization must be"),
+])
+def test_trpo_refuses_bad_hyperparameters_before_building_envs(monkeypatch, name, value, words):
+    monkeypatch.setattr(trpo_ext.trpo, "make_vec_env", lambda *a: pytest.fail("envs built before the check"))
+    with pytest.raises(ValueError) as info:
+        TRPO("CartPole-v1", **{name: value})
+    assert str(info.value).startswith(words)
+
+
+def test_trust_region_settings_are_checked_by_trust_region_config_alone():
+    config = TRPOConfig(max_kl=0.02, damping=0.2, cg_iters=5, cg_rtol=1e-8, backtrack_factor=0.5, max_backtracks=3)
+    assert config.trust_region == TrustRegionConfig(0.02, 0.2, 5, 1e-8, 0.5, 3)
+    with pytest.raises(ValueError) as direct:
+        TrustRegionConfig(max_kl=-0.01)
+    with pytest.raises(ValueError) as through:
+        TRPOConfig(max_kl=-0.01)
+    assert str(direct.value) == str(through.value)
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
+    config = TRPOConfig(n_envs=np.int64(2), n_steps=np.int32(16), cg_iters=np.uint8(3), gamma=np.float32(0.5),
+                        normalize_obs=np.bool_(True), seed=np.uint64(2**63 - 1),
+                        policy_kwargs={"hidden": [np.int64(8), 4], "log_std_init": np.float64(-1)})
+    assert (config.n_envs, config.n_steps, config.cg_iters, config.batch_size) == (2, 16, 3, 32)
+    plain = config.to_dict()
+    assert plain["policy_kwargs"] == {"hidden": (8, 4), "activation": "tanh", "log_std_init": -1.0}
+    for value in [*plain.values(), *plain["policy_kwargs"].values(), *plain["policy_kwargs"]["hidden"]]:
+        assert type(value) in (int, float, bool, str, dict, tuple), (value, type(value))
+    buffer = io.BytesIO()
+    torch.save(plain, buffer)
+    buffer.seek(0)
+    assert TRPOConfig(**torch.load(buffer, weights_only=True)) == config
+    agent = TRPO("CartPole-v1", n_envs=np.int64(2), n_steps=np.int64(16), critic_epochs=np.int64(1), seed=np.int64(0))
+    assert agent.envs.num_envs == 2 and agent.learn(32, progress_bar=False).num_timesteps == 32
+    agent.close()
+
+
+def test_defaults_seed_and_policy_kwargs():
+    config = TRPOConfig()
+    assert 0 <= config.seed < 2**63 and config.policy_kwargs == POLICY_KWARGS
+    assert TRPOConfig(seed=0).seed == 0 and TRPOConfig(seed=2**63 - 1).seed == 2**63 - 1
+    assert dataclasses.replace(config, n_envs=3).seed == config.seed  # a drawn seed is kept
+    assert TRPOConfig(policy_kwargs={"hidden": ()}).policy_kwargs["hidden"] == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.gamma = 0.5
+
+
+def test_trpo_keyword_defaults_are_the_config_defaults():
+    signature = inspect.signature(TRPO.__init__).parameters
+    defaults = TRPOConfig(seed=0)
+    for f in dataclasses.fields(TRPOConfig):
+        if f.init and f.name not in ("seed", "policy_kwargs"):
+            assert signature[f.name].default == f.default, f.name
+    assert signature["seed"].default is None and signature["policy_kwargs"].default is None
+    assert TRPO("CartPole-v1", seed=0).config == defaults
+
+
+def test_log_dir_that_is_a_file_fails_at_construction(tmp_path, monkeypatch):
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    monkeypatch.setattr(trpo_ext.trpo, "make_vec_env", lambda *a: pytest.fail("envs built before the check"))
+    with pytest.raises(ValueError, match="log_dir .*not-a-dir.* exists and is not a directory"):
+        TRPO("CartPole-v1", log_dir=path, seed=0)
+    with pytest.raises(ValueError, match="log_dir must be a path or None"):
+        TRPO("CartPole-v1", log_dir=3, seed=0)
+
+
+def test_log_dir_is_created_at_the_first_update(tmp_path):
+    log_dir = tmp_path / "new" / "run"
+    agent = TRPO("CartPole-v1", n_envs=2, n_steps=16, critic_epochs=1, log_dir=log_dir, seed=0)
+    assert not log_dir.exists()
+    agent.learn(32, progress_bar=False)
+    agent.close()
+    assert (log_dir / "progress.csv").is_file()
+    assert math.isfinite(agent.last_record["kl"])
