@@ -250,6 +250,13 @@ if [ -n "$WHEELS" ]; then
         >>"$RES/wheels.log" 2>&1 || ok=0
     fi
   done
+  # $WHEELS/build/: setuptools>=77 for the build, installed only where setuptools is missing or older.
+  if ! "$PYTHON" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' >/dev/null 2>&1 \
+    && compgen -G "$WHEELS/build/setuptools-*.whl" >/dev/null; then
+    log "wheels: setuptools missing or < 77 here, installing $(basename "$WHEELS"/build/setuptools-*.whl)"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHEELS"/build/setuptools-*.whl >>"$RES/wheels.log" 2>&1 || ok=0
+  fi
   if [ $ok -eq 0 ]; then tail_of "$RES/wheels.log" 20; fi
 fi
 gym=$("$PYTHON" -c 'import gymnasium; print(gymnasium.__version__)' 2>&1 | tail -n 1)
@@ -281,15 +288,19 @@ if ! [ "$st_major" -ge 77 ] 2>/dev/null; then
   record build FAIL "$t0" "setuptools $st_major < 77 (PEP 639 license string); nothing built"
   finish 2
 fi
-if ! command -v ninja >/dev/null 2>&1 && ! "$PYTHON" -c 'import ninja' >/dev/null 2>&1; then
-  log "WARNING: no ninja: torch falls back to a serial, slow build"
-fi
+# torch finds ninja by running `ninja --version`: put the interpreter's bin/ (a venv's pip-installed
+# ninja) and the ninja package's own BIN_DIR on PATH, or it falls back to a slow serial build.
+PATH=$(dirname "$(command -v "$PYTHON")"):$PATH
+nbin=$("$PYTHON" -c 'import ninja; print(ninja.BIN_DIR)' 2>/dev/null || true)
+[ -z "$nbin" ] || PATH=$PATH:$nbin
+export PATH
+if ! ninja --version >/dev/null 2>&1; then log "WARNING: no ninja on PATH: torch falls back to a serial, slow build"; fi
 JOBS=$(nproc)
 SUFFIX=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 rm -f "trpo_ext/_C$SUFFIX"  # never let a stale extension pass for this build
 # Headers torch's CUDA headers include (cuBLAS, cuSPARSE, cuSOLVER) where the toolkit lacks them: the
 # nvidia-* wheels torch depends on carry them (as in .ci/run).
-if [ ! -f "$CUDA_HOME/include/cublas_v2.h" ]; then
+if [ "$DRY" -eq 0 ] && [ ! -f "$CUDA_HOME/include/cublas_v2.h" ]; then
   for inc in $("$PYTHON" -c 'import site, glob; print(" ".join(sorted(glob.glob(site.getsitepackages()[0] + "/nvidia/*/include"))))' 2>/dev/null); do
     CPATH=${CPATH:+$CPATH:}$inc
   done
@@ -362,7 +373,8 @@ elif [ "$BUILT" -ne 1 ]; then
 else
   T=$(cap 300 120)
   log "tests: $PYTHON -m pytest -q -p no:cacheprovider tests/ (timeout ${T}s, log pytest.log)"
-  timeout -k 10 "$T" "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$RES/junit.xml" --durations=15 tests/ \
+  # SIGINT first: pytest then prints where it was and still writes junit.xml.
+  timeout -s INT -k 20 "$T" "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$RES/junit.xml" --durations=15 tests/ \
     >"$RES/pytest.log" 2>&1
   rc=$?
   counts=$("$PYTHON" - "$RES/junit.xml" 2>/dev/null <<'EOF'
@@ -417,7 +429,7 @@ else
   BB=$(($(left) - 45))  # the benchmark's own budget: it stops starting rounds and configurations
   T=$(($(left) - 10))
   log "bench: $PYTHON -m trpo_ext.benchmark --check ${bargs[*]} --time-budget $BB (timeout ${T}s, log bench.log)"
-  timeout -k 10 "$T" "$PYTHON" -m trpo_ext.benchmark --check "${bargs[@]}" --time-budget "$BB" \
+  timeout -s INT -k 10 "$T" "$PYTHON" -m trpo_ext.benchmark --check "${bargs[@]}" --time-budget "$BB" \
     --out "$RES/bench.md" >"$RES/bench.log" 2>&1
   rc=$?
   grep -E 'FAILED|problem|Error' "$RES/bench.log" | head -n 20 | sed 's/^/    ! /'
