@@ -16,12 +16,13 @@ from trpo_ext import TRPO
 from trpo_ext.config import POLICY_KWARGS, TRPOConfig, TrustRegionConfig
 from trpo_ext.policies import ACTIVATIONS
 
-FIELDS = [f.name for f in dataclasses.fields(TRPOConfig) if f.init]
+FIELDS = list(TRPOConfig(seed=0).to_dict())  # TRPO's hyperparameter keywords
 INF, NAN = float("inf"), float("nan")
 
 
 def case(name, value, words):
-    """One refused value: TRPOConfig(name=value) raises ValueError whose message starts with `words`."""
+    """One refused value: the hyperparameter `name` = `value` (TRPO's keyword) raises ValueError whose
+    message starts with `words`."""
     return pytest.param(name, value, words, id=f"{name}={value!r}")
 
 
@@ -84,7 +85,7 @@ BAD = [
 @pytest.mark.parametrize("name, value, words", BAD)
 def test_every_bad_value_is_a_value_error_naming_that_one_parameter(name, value, words):
     with pytest.raises(ValueError) as info:
-        TRPOConfig(**{name: value})
+        TRPOConfig.from_dict({name: value})
     message = str(info.value)
     assert type(info.value) is ValueError
     assert message.startswith(words), message
@@ -109,20 +110,25 @@ def test_trpo_refuses_bad_hyperparameters_before_building_envs(monkeypatch, name
 
 
 def test_trust_region_settings_are_checked_by_trust_region_config_alone():
-    config = TRPOConfig(max_kl=0.02, damping=0.2, cg_iters=5, cg_rtol=1e-8, backtrack_factor=0.5, max_backtracks=3)
-    assert config.trust_region == TrustRegionConfig(0.02, 0.2, 5, 1e-8, 0.5, 3)
+    config = TRPOConfig.from_dict(dict(max_kl=0.02, damping=0.2, cg_iters=5, cg_rtol=1e-8, backtrack_factor=0.5,
+                                       max_backtracks=3, gamma=0.9))
+    assert config.trust_region == TrustRegionConfig(0.02, 0.2, 5, 1e-8, 0.5, 3) and config.gamma == 0.9
+    assert TRPOConfig().trust_region == TrustRegionConfig()
     with pytest.raises(ValueError) as direct:
         TrustRegionConfig(max_kl=-0.01)
     with pytest.raises(ValueError) as through:
-        TRPOConfig(max_kl=-0.01)
+        TRPOConfig.from_dict({"max_kl": -0.01})
     assert str(direct.value) == str(through.value)
+    with pytest.raises(ValueError, match="trust_region must be a TrustRegionConfig, got {'max_kl': 0.1}"):
+        TRPOConfig(trust_region={"max_kl": 0.1})
 
 
 def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
-    config = TRPOConfig(n_envs=np.int64(2), n_steps=np.int32(16), cg_iters=np.uint8(3), gamma=np.float32(0.5),
-                        normalize_obs=np.bool_(True), seed=np.uint64(2**63 - 1),
-                        policy_kwargs={"hidden": [np.int64(8), 4], "log_std_init": np.float64(-1)})
-    assert (config.n_envs, config.n_steps, config.cg_iters, config.batch_size) == (2, 16, 3, 32)
+    config = TRPOConfig.from_dict(dict(
+        n_envs=np.int64(2), n_steps=np.int32(16), cg_iters=np.uint8(3), gamma=np.float32(0.5),
+        normalize_obs=np.bool_(True), seed=np.uint64(2**63 - 1),
+        policy_kwargs={"hidden": [np.int64(8), 4], "log_std_init": np.float64(-1)}))
+    assert (config.n_envs, config.n_steps, config.trust_region.cg_iters, config.batch_size) == (2, 16, 3, 32)
     plain = config.to_dict()
     assert plain["policy_kwargs"] == {"hidden": (8, 4), "activation": "tanh", "log_std_init": -1.0}
     for value in [*plain.values(), *plain["policy_kwargs"].values(), *plain["policy_kwargs"]["hidden"]]:
@@ -130,7 +136,7 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
     buffer = io.BytesIO()
     torch.save(plain, buffer)
     buffer.seek(0)
-    assert TRPOConfig(**torch.load(buffer, weights_only=True)) == config
+    assert TRPOConfig.from_dict(torch.load(buffer, weights_only=True)) == config
     agent = TRPO("CartPole-v1", n_envs=np.int64(2), n_steps=np.int64(16), critic_epochs=np.int64(1), seed=np.int64(0))
     assert agent.envs.num_envs == 2 and agent.learn(32, progress_bar=False).num_timesteps == 32
     agent.close()
@@ -149,11 +155,13 @@ def test_defaults_seed_and_policy_kwargs():
 def test_trpo_keyword_defaults_are_the_config_defaults():
     signature = inspect.signature(TRPO.__init__).parameters
     defaults = TRPOConfig(seed=0)
-    for f in dataclasses.fields(TRPOConfig):
-        if f.init and f.name not in ("seed", "policy_kwargs"):
-            assert signature[f.name].default == f.default, f.name
+    for name, value in defaults.to_dict().items():
+        if name not in ("seed", "policy_kwargs"):  # both None in the signature; POLICY_KWARGS is what None means
+            assert signature[name].default == value, name
     assert signature["seed"].default is None and signature["policy_kwargs"].default is None
-    assert TRPO("CartPole-v1", seed=0).config == defaults
+    agent = TRPO("CartPole-v1", seed=0)
+    assert agent.config == defaults
+    agent.close()
 
 
 def test_log_dir_that_is_a_file_fails_at_construction(tmp_path, monkeypatch):

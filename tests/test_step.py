@@ -154,7 +154,7 @@ def test_agent_update_is_trust_region_step_on_the_normalized_batch():
     agent.learn(128, progress_bar=False)
     (batch,) = batches
     advantages = (batch.advantages - batch.advantages.mean()) / (batch.advantages.std() + 1e-8)
-    config = agent.config
+    config = agent.config.trust_region
     record = trpo_ext.trust_region_step(policy, batch.obs, batch.actions, advantages, max_kl=config.max_kl,
                                         damping=config.damping, cg_iters=config.cg_iters, cg_rtol=config.cg_rtol)
     assert torch.equal(_vector(policy), _vector(agent.policy))

@@ -99,7 +99,7 @@ def test_line_search_never_accepts_kl_above_max_kl():
     for r in records:
         assert r["kl"] <= 0.005
         assert r["line_search_failed"] or r["surrogate_improvement"] > 0
-        assert 1 <= r["cg_iterations"] <= agent.config.cg_iters
+        assert 1 <= r["cg_iterations"] <= agent.config.trust_region.cg_iters
 
 
 def test_fvp_subsampling_uses_a_random_subset_of_the_batch(monkeypatch):
@@ -155,6 +155,21 @@ def test_load_with_another_env_and_bad_file(tmp_path):
     torch.save({"something": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a trpo_ext TRPO checkpoint"):
         TRPO.load(tmp_path / "bad.pt")
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    agent = TRPO("CartPole-v1", normalize_obs=True, **FAST).learn(128, progress_bar=False)
+    agent.save(tmp_path / "new.pt")
+    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    collector = state.pop("collector")  # format 1 kept the collector's fields at the top level
+    state.update(format=1, last_obs=collector["last_obs"], normalizer=collector["normalizer"],
+                 episode_returns=collector["stats"]["returns"], episode_lengths=collector["stats"]["lengths"],
+                 finished_episodes=collector["stats"]["finished"])
+    torch.save(state, tmp_path / "old.pt")
+    old, new = (TRPO.load(tmp_path / name).learn(128, progress_bar=False) for name in ("old.pt", "new.pt"))
+    assert torch.equal(policy_vector(old), policy_vector(new))
+    np.testing.assert_array_equal(old.normalizer.mean, new.normalizer.mean)
+    assert old.collector.stats.finished == new.collector.stats.finished
 
 
 # ----------------------------------------------------------------------------- logs and CLI

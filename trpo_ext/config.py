@@ -119,9 +119,8 @@ def _check_policy_kwargs(value) -> dict:
 class TRPOConfig:
     """Every hyperparameter of the `TRPO` agent, checked once at construction.
 
-    The trust-region fields (max_kl … max_backtracks) are validated by the `TrustRegionConfig` that
-    `trust_region` holds. `to_dict()` gives the fields as plain Python data (what a checkpoint
-    stores); `TRPOConfig(**config.to_dict())` rebuilds the same config.
+    The trust-region settings are one `TrustRegionConfig` (which checks them). `to_dict()` gives
+    TRPO's flat keyword form as plain Python data (what a checkpoint stores); `from_dict` reads it.
     """
 
     n_envs: int = 8
@@ -132,18 +131,9 @@ class TRPOConfig:
     """Discount factor, in [0, 1]."""
     gae_lambda: float = 0.95
     """GAE λ in [0, 1] (bias/variance trade-off of the advantage estimate)."""
-    max_kl: float = 0.01
-    """Trust-region radius δ: an update is accepted only if the mean KL(old‖new) ≤ max_kl (`TrustRegionConfig`)."""
-    damping: float = 0.1
-    """λ in the CG system (F + λI) x = g (`TrustRegionConfig`)."""
-    cg_iters: int = 10
-    """Maximum conjugate-gradient iterations (Fisher-vector products) per update (`TrustRegionConfig`)."""
-    cg_rtol: float = 1e-10
-    """CG stops early when ||r|| ≤ cg_rtol·||g|| (`TrustRegionConfig`)."""
-    backtrack_factor: float = 0.8
-    """The line search shrinks the step by this factor after each rejection (`TrustRegionConfig`)."""
-    max_backtracks: int = 10
-    """Step sizes tried before the update is abandoned and θ restored (`TrustRegionConfig`)."""
+    trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
+    """The policy step's settings (max_kl, damping, cg_iters, cg_rtol, backtrack_factor,
+    max_backtracks), documented and checked in `TrustRegionConfig`; TRPO's keywords of those names."""
     fvp_fraction: float = 1.0
     """Fraction in (0, 1] of the batch (a random subset) used for the Fisher-vector products only."""
     normalize_advantage: bool = True
@@ -170,21 +160,18 @@ class TRPOConfig:
     seed: int | None = None
     """Seeds network initialisation, action sampling, minibatch order and env resets; an int in
     [0, 2**63 - 1]. None draws one, and the field then holds the drawn seed."""
-    trust_region: TrustRegionConfig = field(init=False, repr=False, compare=False)
-    """The policy-step settings, built from the fields above (`trpo_ext.trust_region_step`'s keywords)."""
 
     def __post_init__(self):
         seed = self.seed
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
-        trust_region = TrustRegionConfig(self.max_kl, self.damping, self.cg_iters, self.cg_rtol,
-                                         self.backtrack_factor, self.max_backtracks)
+        if not isinstance(self.trust_region, TrustRegionConfig):
+            raise ValueError(f"trust_region must be a TrustRegionConfig, got {self.trust_region!r}")
         checked = {
             "n_envs": check_int("n_envs", self.n_envs, 1),
             "n_steps": check_int("n_steps", self.n_steps, 1),
             "gamma": check_float("gamma", self.gamma, 0.0, 1.0),
             "gae_lambda": check_float("gae_lambda", self.gae_lambda, 0.0, 1.0),
-            **dataclasses.asdict(trust_region),
             "fvp_fraction": check_float("fvp_fraction", self.fvp_fraction, 0.0, 1.0, low_open=True),
             "normalize_advantage": check_bool("normalize_advantage", self.normalize_advantage),
             "normalize_obs": check_bool("normalize_obs", self.normalize_obs),
@@ -196,7 +183,6 @@ class TRPOConfig:
             "vectorization": check_choice("vectorization", self.vectorization, ("sync", "async")),
             "stats_window": check_int("stats_window", self.stats_window, 1),
             "seed": check_int("seed", seed, 0, 2**63 - 1),
-            "trust_region": trust_region,
         }
         for name, value in checked.items():  # numpy scalars become plain Python values
             object.__setattr__(self, name, value)
@@ -206,6 +192,25 @@ class TRPOConfig:
         """Transitions per update: n_steps * n_envs."""
         return self.n_steps * self.n_envs
 
+    @classmethod
+    def from_dict(cls, hyperparameters: dict) -> "TRPOConfig":
+        """The config from TRPO's flat keyword form (what `to_dict` returns): the trust-region
+        settings by their own names; missing ones take their defaults."""
+        flat = dict(hyperparameters)
+        trust_region = TrustRegionConfig(**{name: flat.pop(name) for name in _TRUST_REGION_FIELDS if name in flat})
+        return cls(**flat, trust_region=trust_region)
+
     def to_dict(self) -> dict:
-        """The hyperparameters as a plain dict of Python data (loadable with `torch.load(weights_only=True)`)."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
+        """TRPO's keyword arguments for this config, as plain Python data (what a checkpoint stores;
+        loadable with `torch.load(weights_only=True)`): the trust-region settings flattened in."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, TrustRegionConfig):
+                out.update(dataclasses.asdict(value))
+            else:
+                out[f.name] = copy.deepcopy(value)
+        return out
+
+
+_TRUST_REGION_FIELDS = tuple(f.name for f in dataclasses.fields(TrustRegionConfig))

@@ -49,13 +49,13 @@ class TRPO:
                  critic_batch_size: int = 128, policy_kwargs: dict | None = None, vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
                  device: str | torch.device = "cpu"):
-        config = TRPOConfig(
+        config = TRPOConfig.from_dict(dict(
             n_envs=n_envs, n_steps=n_steps, gamma=gamma, gae_lambda=gae_lambda, max_kl=max_kl, damping=damping,
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
             fvp_fraction=fvp_fraction, normalize_advantage=normalize_advantage, normalize_obs=normalize_obs,
             obs_clip=obs_clip, critic_lr=critic_lr, critic_epochs=critic_epochs,
             critic_batch_size=critic_batch_size, policy_kwargs=policy_kwargs, vectorization=vectorization,
-            stats_window=stats_window, seed=seed)
+            stats_window=stats_window, seed=seed))
         self.log_dir = check_log_dir(log_dir)
         self.device = _resolve_device(device)
 
