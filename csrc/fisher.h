@@ -1,10 +1,11 @@
-// Fisher-vector products of MLP policies and the conjugate-gradient solve (DESIGN §2), written once
+// Fisher-vector products of MLP policies and the conjugate-gradient solve (docs/design.md), written once
 // in ATen for every device: dense GEMMs go to MKL/oneDNN or cuBLAS, the fused kernels of kernels.h
 // do what sits between them.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -19,6 +20,7 @@ struct MlpCache {
   std::vector<at::Tensor> weights;  // W_l, (out_l, in_l), contiguous
   std::vector<at::Tensor> inputs;   // h_l, the input of layer l (h_0 = obs)
   std::vector<at::Tensor> act_grad; // act'(z_l) for the hidden layers
+  at::Tensor outputs;               // the output layer's result (logits or mean), (N, K), when asked for
   at::Tensor probs;                 // categorical: softmax(logits), (N, K)
   at::Tensor out_scale;             // Gaussian: exp(-2 log_std) / N, (K, 1)
   std::vector<int64_t> offsets;     // flat offsets: W_l at [2l], b_l at [2l+1], log_std at [2L]
@@ -28,18 +30,40 @@ struct MlpCache {
   at::Tensor ones;                  // (N), turns bias gradients into GEMVs
 };
 
-// obs and params as check_mlp accepted them (obs contiguous or not).
-MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act);
+// obs and params as check_mlp accepted them (obs contiguous or not). `with_outputs` keeps the output
+// layer's result in `outputs` (the Gaussian FVP does not need the mean, so it is skipped otherwise).
+MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act,
+                         bool with_outputs = false);
 
 // out = (F + damping I) v, all flat; `out` must not alias `v`.
 void mlp_fvp_into(MlpCache& cache, const at::Tensor& v, at::Tensor& out, double damping);
 
+// The VJP of the output cotangent held in cache.tangents.back() ((K, N)) into out's network slices
+// (everything but log_std); the other tangents are overwritten.
+void mlp_vjp_into(MlpCache& cache, at::Tensor& out);
+
+// out = the gradient of the surrogate mean(π/π_old · A) at θ = θ_old, flat (log_std included). The
+// cache must hold `outputs` for a Gaussian.
+void mlp_surrogate_grad_into(MlpCache& cache, const at::Tensor& actions, const at::Tensor& advantages,
+                             at::Tensor& out);
+
+// (x, iterations (int64), residual norm (float64), x'(F + damping I)x (float64)).
+using CgResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// CG on (F + damping I) x = b with the cache's products; the settings already checked.
+CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b, double damping, int64_t iters, double rtol);
+
 at::Tensor mlp_fvp(const at::Tensor& obs, at::TensorList params, const at::Tensor& v,
                    c10::string_view kind, c10::string_view activation, double damping);
 
-// Returns (x, iterations (int64), residual norm (float64), x'(F + damping I)x (float64)).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_cg(
-    const at::Tensor& obs, at::TensorList params, const at::Tensor& b, c10::string_view kind,
-    c10::string_view activation, double damping, int64_t iters, double rtol);
+CgResult mlp_cg(const at::Tensor& obs, at::TensorList params, const at::Tensor& b, c10::string_view kind,
+                c10::string_view activation, double damping, int64_t iters, double rtol);
+
+// The TRPO direction from one forward pass on obs: (g, x, iterations, residual norm, x'Ax, the
+// output layer's result (logits or mean)), with the solve's Fisher on fvp_obs when given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
+    const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
+    int64_t iters, double rtol);
 
 }  // namespace trpo_ext

@@ -21,6 +21,9 @@ TORCH_LIBRARY(trpo_ext, m) {
   m.def("mlp_fvp(Tensor obs, Tensor[] params, Tensor v, str kind, str activation, float damping) -> Tensor");
   m.def("mlp_cg(Tensor obs, Tensor[] params, Tensor b, str kind, str activation, float damping, "
         "int iters, float rtol) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mlp_policy_direction(Tensor obs, Tensor[] params, Tensor actions, Tensor advantages, Tensor? fvp_obs, "
+        "str kind, str activation, float damping, int iters, float rtol) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mlp_value_fit(Tensor obs, Tensor returns, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
         "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps, Tensor order, int batch_size, float lr, float beta1, "
         "float beta2, float eps, str activation) -> Tensor");
@@ -38,6 +41,7 @@ TORCH_LIBRARY(trpo_ext, m) {
 TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
+  m.impl("mlp_policy_direction", &mlp_policy_direction);
   m.impl("mlp_value_fit", &mlp_value_fit);
   m.impl("mlp_act", &mlp_act);
 }
@@ -46,6 +50,7 @@ TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
 TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
+  m.impl("mlp_policy_direction", &mlp_policy_direction);
   m.impl("mlp_value_fit", &mlp_value_fit);
   m.impl("mlp_act", &mlp_act);
 }

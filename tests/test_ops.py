@@ -53,3 +53,57 @@ def test_torch_compile_traces_the_ops():
 
 def test_cuda_built_reports_a_bool():
     assert isinstance(trpo_ext.cuda_built(), bool)
+
+
+def _direction_args(kind, dtype, device, n=9):
+    obs, params, _ = _args(kind, dtype, device)
+    g = torch.Generator().manual_seed(0)
+    actions = (torch.randint(0, 3, (n,), generator=g) if kind == "categorical"
+               else torch.randn(n, 3, generator=g, dtype=dtype)).to(device)
+    advantages = torch.randn(n, generator=g, dtype=dtype).to(device)
+    return obs, params, actions, advantages
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_opcheck_mlp_policy_direction(kind, dtype, device):
+    obs, params, actions, advantages = _direction_args(kind, dtype, device)
+    torch.library.opcheck(ops.mlp_policy_direction.default,
+                          (obs, params, actions, advantages, obs[:5], kind, "tanh", 0.1, 5, 1e-6))
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_policy_direction_is_the_autograd_gradient_and_the_cg_solution(kind, device):
+    policy = make_policy(kind, 5, 3, (8, 7), "tanh", torch.float64, device)
+    obs, params, actions, advantages = _direction_args(kind, torch.float64, device, n=9)
+    obs = torch.randn(9, 5, dtype=torch.float64, device=device)
+    fvp_obs = obs[:4]
+    result = trpo_ext._ops.mlp_policy_direction(obs, [p.detach() for p in policy.parameters()], actions, advantages,
+                                                kind=kind, activation="tanh", damping=0.1, iters=7, rtol=1e-12,
+                                                fvp_obs=fvp_obs)
+    dist = policy(obs)
+    surrogate = (torch.exp(dist.log_prob(actions) - dist.log_prob(actions).detach()) * advantages).mean()
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(surrogate, list(policy.parameters()))])
+    x, used, _, xAx = trpo_ext.reference.cg_solve(policy, fvp_obs, g, iters=7, damping=0.1, rtol=1e-12)
+    torch.testing.assert_close(result.gradient, g, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(result.x, x, rtol=1e-8, atol=1e-12)
+    assert int(result.iterations) == used
+    torch.testing.assert_close(result.dist_params, policy.distribution_params(obs).detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind, change, error, words", [
+    ("categorical", lambda a: a.__setitem__(2, a[2] + 3), ValueError, "actions must be class indices in [0, 3)"),
+    ("categorical", lambda a: a.__setitem__(2, a[2].double()), TypeError, "actions must be int64"),
+    ("gaussian", lambda a: a.__setitem__(2, a[2][:, :2]), ValueError, "actions must have shape (9, 3)"),
+    ("gaussian", lambda a: a.__setitem__(3, a[3][:4]), ValueError, "advantages must have shape (9)"),
+    ("gaussian", lambda a: a.__setitem__(3, a[3].float()), TypeError, "advantages must have obs's dtype"),
+    ("gaussian", lambda a: a.__setitem__(4, a[4][:, :2]), ValueError, "fvp_obs must have shape"),
+], ids=["class-out-of-range", "float-classes", "gaussian-action-width", "advantages-length", "advantages-dtype",
+        "fvp-obs-width"])
+def test_policy_direction_checks(kind, change, error, words):
+    obs, params, actions, advantages = _direction_args(kind, torch.float64, "cpu")
+    args = [obs, params, actions, advantages, obs[:4], kind, "tanh", 0.1, 5, 1e-6]
+    change(args)
+    with pytest.raises(error) as info:
+        ops.mlp_policy_direction(*args)
+    assert words in str(info.value)

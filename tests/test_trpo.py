@@ -103,16 +103,16 @@ def test_line_search_never_accepts_kl_above_max_kl():
 
 
 def test_fvp_subsampling_uses_a_random_subset_of_the_batch(monkeypatch):
-    import trpo_ext.step
+    import trpo_ext._ops
 
     seen = []
-    real_cg_solve = trpo_ext.step.cg_solve
+    real_direction = trpo_ext._ops.mlp_policy_direction
 
-    def spy(policy, obs, b, **kwargs):
-        seen.append(obs.clone())
-        return real_cg_solve(policy, obs, b, **kwargs)
+    def spy(*args, **kwargs):
+        seen.append(kwargs["fvp_obs"].clone())
+        return real_direction(*args, **kwargs)
 
-    monkeypatch.setattr(trpo_ext.step, "cg_solve", spy)
+    monkeypatch.setattr(trpo_ext._ops, "mlp_policy_direction", spy)
     batches = []
     agent = TRPO("CartPole-v1", fvp_fraction=0.25, **FAST)
     collect = agent.collector.collect

@@ -63,6 +63,38 @@ def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol):
             b.new_empty((), **scalar))
 
 
+# ----------------------------------------------------------------------------- mlp_policy_direction
+class DirectionResult(NamedTuple):
+    """What `mlp_policy_direction` returns; the scalars are 0-dim tensors on the batch's device."""
+
+    gradient: torch.Tensor  # g, the surrogate's gradient at the current θ, flat
+    x: torch.Tensor  # ≈ (F + damping I)⁻¹ g
+    iterations: torch.Tensor  # CG iterations used (int64)
+    residual_norm: torch.Tensor  # (float64)
+    xAx: torch.Tensor  # x'(F + damping I)x (float64)
+    dist_params: torch.Tensor  # the policy's logits or mean on obs, (N, K)
+
+
+def mlp_policy_direction(obs: torch.Tensor, params: Sequence[torch.Tensor], actions: torch.Tensor,
+                         advantages: torch.Tensor, *, kind: str, activation: str, damping: float, iters: int,
+                         rtol: float, fvp_obs: torch.Tensor | None = None) -> DirectionResult:
+    """The TRPO direction from one forward pass: g = ∇ mean(π/π_old · A) at ratio 1, then CG on
+    (F + damping I) x = g with the Fisher on `fvp_obs` (obs when None), plus the forward pass's
+    distribution parameters for the old distribution."""
+    return DirectionResult(*ops.mlp_policy_direction(obs, list(params), actions, advantages, fvp_obs, kind,
+                                                     activation, damping, iters, rtol))
+
+
+@torch.library.register_fake("trpo_ext::mlp_policy_direction")
+def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, activation, damping, iters, rtol):
+    numel = sum(p.numel() for p in params)
+    scalar = dict(device=obs.device, dtype=torch.float64)
+    flat = obs.new_empty((numel,), dtype=params[0].dtype)
+    # The output width K: the last parameter is the output bias (categorical) or log_std (gaussian), both (K,).
+    return (flat, torch.empty_like(flat), obs.new_empty((), dtype=torch.int64), obs.new_empty((), **scalar),
+            obs.new_empty((), **scalar), obs.new_empty((obs.shape[0], params[-1].shape[0]), dtype=params[0].dtype))
+
+
 # ----------------------------------------------------------------------------- mlp_value_fit
 def mlp_value_fit(obs: torch.Tensor, returns: torch.Tensor, params: Sequence[torch.Tensor], *,
                   exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],

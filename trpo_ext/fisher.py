@@ -2,8 +2,8 @@
 
 Two paths compute the same product, a JVP, the closed-form output Fisher and a VJP (never a second
 derivative):
-- fused: for an `MLPPolicy` whose class keeps `forward` and `distribution_params` as MLPPolicy
-  defines them, one call into the extension (the whole CG loop in C++/CUDA);
+- fused: for an `MLPPolicy` whose class keeps `forward`, `distribution_params` and `distribution`
+  as MLPPolicy defines them, one call into the extension (the whole CG loop in C++/CUDA);
 - generic: torch.func, for any module whose `forward(obs)` returns a Categorical or a (possibly
   Independent) Normal.
 `path="auto"` picks the fused one whenever `fused_mlp(policy)` allows it; "fused" and "generic" force one.
@@ -36,12 +36,13 @@ def fused_mlp(policy) -> FusedMLP | None:
     """The fused-op description of `policy`, or None when only the generic path is exact for it.
 
     The fused ops compute the Fisher of the plain MLP that `MLPPolicy` defines; a subclass that
-    overrides `forward` or `distribution_params` computes something else, so it gets None.
+    overrides `forward`, `distribution_params` or `distribution` computes something else, so it gets None.
     """
     if not isinstance(policy, MLPPolicy):
         return None
     cls = type(policy)
-    if cls.forward is not MLPPolicy.forward or cls.distribution_params is not MLPPolicy.distribution_params:
+    if any(getattr(cls, name) is not getattr(MLPPolicy, name) for name in ("forward", "distribution_params",
+                                                                          "distribution")):
         return None
     return FusedMLP(policy.kind, policy.activation)
 
@@ -67,7 +68,7 @@ class CGInfo:
 
 
 # ----------------------------------------------------------------------------- input checks
-def _check_policy(policy) -> list[torch.Tensor]:
+def check_policy(policy) -> list[torch.Tensor]:
     if not isinstance(policy, torch.nn.Module):
         raise TypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
     params = list(policy.parameters())
@@ -92,15 +93,15 @@ def _check_tensor(name: str, t, params: list[torch.Tensor]) -> None:
         raise TypeError(f"{name} must be on the policy's device {ref.device}, got {t.device}")
 
 
-def _check_obs(obs, params, policy, fused: FusedMLP | None) -> None:
-    _check_tensor("obs", obs, params)
+def _check_obs(name: str, obs, params, fused: FusedMLP | None, obs_dim: int | None) -> None:
+    _check_tensor(name, obs, params)
     if fused is not None:
-        if obs.dim() != 2 or obs.shape[1] != policy.obs_dim:
-            raise ValueError(f"obs must have shape (N, {policy.obs_dim}), got {tuple(obs.shape)}")
+        if obs.dim() != 2 or obs.shape[1] != obs_dim:
+            raise ValueError(f"{name} must have shape (N, {obs_dim}), got {tuple(obs.shape)}")
     elif obs.dim() < 1:
-        raise ValueError(f"obs must have a batch dimension, got shape {tuple(obs.shape)}")
+        raise ValueError(f"{name} must have a batch dimension, got shape {tuple(obs.shape)}")
     if obs.shape[0] == 0:
-        raise ValueError("obs is an empty batch (N = 0); the Fisher is a mean over at least one state")
+        raise ValueError(f"{name} is an empty batch (N = 0); the Fisher is a mean over at least one state")
 
 
 def _check_vector(name: str, v, params) -> None:
@@ -124,17 +125,24 @@ def _check_damping(damping) -> float:
     return damping
 
 
+def check_inputs(policy, params: list[torch.Tensor], fused: FusedMLP | None, **observations) -> None:
+    """Checks observation batches (keyword name -> tensor) against `policy` and its `params` (from
+    `check_policy`) for the path `fused` describes (None: generic)."""
+    for name, obs in observations.items():
+        _check_obs(name, obs, params, fused, getattr(policy, "obs_dim", None))
+    if fused is not None and params[0].is_cuda and not _ops.cuda_built():
+        raise RuntimeError("this trpo_ext build has no CUDA kernels (built CPU-only); "
+                           "move the policy to the CPU or rebuild with a CUDA torch and nvcc")
+
+
 def _validate(policy, obs, vec_name, vec, damping, check_finite, path):
-    params = _check_policy(policy)
+    params = check_policy(policy)
     fused = choose_path(policy, path)
-    _check_obs(obs, params, policy, fused)
+    check_inputs(policy, params, fused, obs=obs)
     _check_vector(vec_name, vec, params)
     damping = _check_damping(damping)
     if check_finite:
         _check_finite(obs=obs, **{vec_name: vec})
-    if fused is not None and params[0].is_cuda and not _ops.cuda_built():
-        raise RuntimeError("this trpo_ext build has no CUDA kernels (built CPU-only); "
-                           "move the policy to the CPU or rebuild with a CUDA torch and nvcc")
     return params, damping, fused
 
 

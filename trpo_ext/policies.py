@@ -2,7 +2,7 @@
 
 `MLPPolicy` is the network the fused extension ops understand: a plain MLP whose output is either
 categorical logits or the mean of a diagonal Gaussian with a state-independent log-std parameter
-(last in `parameters()` order, as DESIGN §2 requires).
+(last in `parameters()` order: docs/design.md, "Contracts across the C++ boundary").
 """
 from __future__ import annotations
 
@@ -119,11 +119,14 @@ class MLPPolicy(nn.Module):
         """Logits (categorical) or mean (Gaussian) for a batch of observations."""
         return _mlp_forward(self.layers, self.act, obs)
 
-    def forward(self, obs: torch.Tensor):
-        out = self.distribution_params(obs)
+    def distribution(self, out: torch.Tensor):
+        """The policy's distribution for distribution parameters `out` (logits or mean)."""
         if self.kind == "categorical":
             return Categorical(logits=out)
         return Independent(Normal(out, self.log_std.exp().expand_as(out)), 1)
+
+    def forward(self, obs: torch.Tensor):
+        return self.distribution(self.distribution_params(obs))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, obs_dim={self.obs_dim}, action_dim={self.action_dim}, activation={self.activation}"

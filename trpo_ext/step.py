@@ -18,8 +18,9 @@ import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from . import _ops
 from .config import TrustRegionConfig
-from .fisher import cg_solve
+from .fisher import CGInfo, cg_solve, check_inputs, check_policy, choose_path
 from .reference import detach_distribution
 
 
@@ -82,6 +83,35 @@ def _policy_std(dist) -> float:
     return base.scale.mean().item() if isinstance(base, Normal) else float("nan")
 
 
+def _direction(policy, params, obs, actions, advantages, config: TrustRegionConfig, fvp_obs, path):
+    """(g, x, CGInfo, old distribution) from one forward pass of the policy; x and the CGInfo are
+    None when g is not finite. The fused op computes g analytically and shares its forward pass with
+    the solve's cache; the generic path takes g from autograd."""
+    fused = choose_path(policy, path)
+    products_obs = obs if fvp_obs is None else fvp_obs
+    if fused is not None:
+        check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)  # actions: the op checks them
+        result = _ops.mlp_policy_direction(obs, [p.detach() for p in params], actions, advantages, kind=fused.kind,
+                                           activation=fused.activation, damping=config.damping,
+                                           iters=config.cg_iters, rtol=config.cg_rtol, fvp_obs=fvp_obs)
+        with torch.no_grad():
+            old_dist = policy.distribution(result.dist_params)
+        if not bool(torch.isfinite(result.gradient).all()):
+            return result.gradient, None, None, old_dist
+        return result.gradient, result.x, CGInfo(result.iterations, result.residual_norm, result.xAx), old_dist
+    with torch.enable_grad():
+        dist = policy(obs)
+        log_prob = dist.log_prob(actions)
+        surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).mean()
+        g = parameters_to_vector(torch.autograd.grad(surrogate, params))
+    old_dist = detach_distribution(dist)
+    if not bool(torch.isfinite(g).all()):
+        return g, None, None, old_dist
+    x, info = cg_solve(policy, products_obs, g, iters=config.cg_iters, damping=config.damping, rtol=config.cg_rtol,
+                       check_finite=False, path="generic")
+    return g, x, info, old_dist
+
+
 def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor,
                       advantages: torch.Tensor, *, max_kl: float = 0.01, damping: float = 0.1,
                       cg_iters: int = 10, cg_rtol: float = 1e-10, backtrack_factor: float = 0.8,
@@ -106,26 +136,19 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     """
     config = TrustRegionConfig(max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks)
     _check_batch(obs, actions, advantages)
-    params = list(policy.parameters())
+    params = check_policy(policy)
     frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
     if frozen:
         raise ValueError(f"policy: trust_region_step optimizes every parameter; these do not require grad: {frozen}")
 
     start = time.perf_counter()
-    # One forward pass: the surrogate's gradient and the old distribution.
-    with _unvalidated_distributions(), torch.enable_grad():
-        dist = policy(obs)
-        log_prob = dist.log_prob(actions)
-        old_log_prob = log_prob.detach()
+    g, x, info, old_dist = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path)
+    old_log_prob = old_dist.log_prob(actions)
 
-        def surrogate(d, lp=None):  # E[π/π_old · A]
-            lp = d.log_prob(actions) if lp is None else lp
-            return (torch.exp(lp - old_log_prob) * advantages).mean()
+    def surrogate(d):  # E[π/π_old · A]
+        return (torch.exp(d.log_prob(actions) - old_log_prob) * advantages).mean()
 
-        old_surrogate = surrogate(dist, log_prob)
-        g = parameters_to_vector(torch.autograd.grad(old_surrogate, params))
-    old_dist = detach_distribution(dist)
-    old_surrogate = old_surrogate.detach()
+    old_surrogate = advantages.mean()  # the surrogate at θ_old, where every ratio is 1
     old_params = parameters_to_vector(params).detach().clone()
     record = dict(accepted=False, kl=0.0, improvement=0.0, expected_improvement=float("nan"), line_search_steps=0,
                   cg_iterations=0, cg_residual=float("nan"), entropy=old_dist.entropy().mean().item(),
@@ -139,11 +162,8 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
             record["time_line_search"] = now - start - record["time_cg"]
         return StepRecord(**{**record, **changes})
 
-    # x ≈ (F + λI)⁻¹ g.
-    if not bool(torch.isfinite(g).all()):
+    if x is None:  # the gradient was not finite
         return finish()
-    x, info = cg_solve(policy, obs if fvp_obs is None else fvp_obs, g, iters=config.cg_iters,
-                       damping=config.damping, rtol=config.cg_rtol, check_finite=False, path=path)
     xAx = info.xAx.item()
     record.update(cg_iterations=int(info.iterations), cg_residual=info.residual_norm.item())
     if not (math.isfinite(xAx) and xAx > 0 and bool(torch.isfinite(x).all())):
