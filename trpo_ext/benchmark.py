@@ -9,7 +9,14 @@ Methods: "reference" = double backprop (`trpo_ext.reference`); "fused" = the ext
 library's own path, `cg_solve(..., cuda_graph=True)` (copies the inputs into the captured graph's
 buffers, replays, clones the outputs); for the FVP, which has no graph path in the library, a graph
 the benchmark captures around `fvp(...)` and replays with its inputs already in place; "generic" =
-the torch.func path (the MLPPolicy wrapped in a plain module).
+the torch.func path (`path="generic"`).
+
+"policy step" is the whole TRPO policy step up to its first line-search trial: the surrogate's
+gradient, a 10-iteration CG solve, the step size and one trial's KL and surrogate.
+"reference" = `trpo_ext.reference.sb3_policy_step`, the step as sb3-contrib computes it (double-backprop
+products, CG from 1e-4·randn, one more product for xᵀAx); "fused" / "generic" =
+`trpo_ext.trust_region_step` with `max_backtracks=1` on that path. Both sides run exactly 10 CG
+iterations (no early stop).
 
     python -m trpo_ext.benchmark                 # the CPU configurations, 1 thread and all threads
     python -m trpo_ext.benchmark --device cuda   # the GPU configurations
@@ -31,6 +38,7 @@ import torch
 from . import reference
 from .fisher import cg_solve, fvp
 from .policies import MLPPolicy
+from .step import trust_region_step
 
 
 @dataclass(frozen=True)
@@ -57,20 +65,9 @@ GPU_HIDDEN = ((64, 64), (256, 256))
 GPU_CONFIGS = [Config("gaussian", 17, h, 6, n) for h in GPU_HIDDEN for n in GPU_SIZES]
 
 # How each op is labelled in the table (an op missing here is shown under its own name).
-OP_LABELS = {"fvp": "fvp", "cg": "cg x{cg_iters}"}
+OP_LABELS = {"fvp": "fvp", "cg": "cg x{cg_iters}", "step": "policy step"}
 # --check: largest relative error of a method's output against the reference's, per op (float32).
 CHECK_BOUNDS = {"fvp": 1e-3, "cg": 1e-2}
-
-
-class _Generic(torch.nn.Module):
-    """Hides the MLPPolicy type so fvp / cg_solve take the generic torch.func path."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, obs):
-        return self.policy(obs)
 
 
 def _gemm_floor(policy: MLPPolicy, obs: torch.Tensor):
@@ -131,7 +128,6 @@ def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_g
     policy = MLPPolicy(cfg.obs_dim, space, cfg.hidden).to(device)
     obs = torch.randn(cfg.batch, cfg.obs_dim, device=device)
     v = torch.randn(sum(p.numel() for p in policy.parameters()), device=device)
-    generic = _Generic(policy)
     graphs = with_graph and device == "cuda"
 
     def fused_fvp():
@@ -146,14 +142,38 @@ def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_g
         m[("fvp", "fused+graph")] = _Lazy(lambda: _graphed(fused_fvp))
     m[("fvp", "gemm floor")] = _Lazy(lambda: _gemm_floor(policy, obs))
     if with_generic:
-        m[("fvp", "generic")] = lambda: fvp(generic, obs, v, 0.1, check_finite=False)
+        m[("fvp", "generic")] = lambda: fvp(policy, obs, v, 0.1, check_finite=False, path="generic")
     m[("cg", "reference")] = lambda: reference.cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0)
     m[("cg", "fused")] = fused_cg(False)
     if graphs:
         m[("cg", "fused+graph")] = fused_cg(True)
     if with_generic:
-        m[("cg", "generic")] = lambda: cg_solve(generic, obs, v, cg_iters, 0.1, rtol=0.0, check_finite=False)
+        m[("cg", "generic")] = lambda: cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0, check_finite=False,
+                                                path="generic")
+    # The whole policy step up to its first line-search trial, on a batch the policy acted on.
+    with torch.no_grad():
+        actions = policy(obs).sample()
+    advantages = torch.randn(cfg.batch, device=device)
+    m[("step", "reference")] = lambda: reference.sb3_policy_step(policy, obs, actions, advantages, 0.01, 0.1, cg_iters,
+                                                                residual_tol=0.0)
+    m[("step", "fused")] = _policy_step(policy, obs, actions, advantages, cg_iters, "fused")
+    if with_generic:
+        m[("step", "generic")] = _policy_step(policy, obs, actions, advantages, cg_iters, "generic")
     return m
+
+
+def _policy_step(policy, obs, actions, advantages, cg_iters: int, path: str):
+    """trust_region_step with exactly `cg_iters` CG iterations and one line-search trial; the
+    policy's parameters are put back after each call, so every call starts from the same θ."""
+    params = list(policy.parameters())
+    start = torch.nn.utils.parameters_to_vector(params).detach().clone()
+
+    def run():
+        record = trust_region_step(policy, obs, actions, advantages, cg_iters=cg_iters, cg_rtol=0.0,
+                                   max_backtracks=1, path=path)
+        torch.nn.utils.vector_to_parameters(start, params)
+        return record
+    return run
 
 
 class _Lazy:
@@ -277,6 +297,21 @@ def table(results, cg_iters: int) -> str:
     return "\n".join(lines)
 
 
+def cost_split(results, cg_iters: int) -> str:
+    """The fused solve split into a per-call cost c (checks, forward pass and cache, workspace) and a
+    per-product cost i, from FVP = c + i and CG = c + cg_iters·i, with i against the GEMM floor."""
+    lines = ["| config | threads | per call c, ms | per product i, ms | i / gemm floor |", "|---|---|---|---|---|"]
+    for (cfg, threads), res in results:
+        fvp_t, cg_t, floor = (res.times.get((op, m)) for op, m in
+                              [("fvp", "fused"), ("cg", "fused"), ("fvp", "gemm floor")])
+        if fvp_t is None or cg_t is None or cg_iters < 2:
+            continue
+        per_product = (cg_t - fvp_t) / (cg_iters - 1)
+        vs_floor = f"{per_product / floor:.2f}x" if floor else "-"
+        lines.append(f"| {cfg} | {threads} | {(fvp_t - per_product) * 1e3:.3f} | {per_product * 1e3:.3f} | {vs_floor} |")
+    return "\n".join(lines)
+
+
 def check_table(results, cg_iters: int) -> str:
     lines = ["| config | op | method | rel. error vs reference | bound |", "|---|---|---|---|---|"]
     for (cfg, _threads), res in results:
@@ -307,6 +342,8 @@ def report(results, cg_iters: int, env: str, rounds: int, check: bool, skipped=(
     if command:
         parts.append(f"Command: `{command}`\n")
     parts.append(table(results, cg_iters))
+    parts.append("\nThe fused CG solve's time split (FVP = c + i, CG = c + %d i):\n" % cg_iters)
+    parts.append(cost_split(results, cg_iters))
     notes = []
     short = [f"{cfg}: {res.rounds}" for (cfg, _), res in results if res.rounds < rounds]
     if short:

@@ -82,7 +82,7 @@ def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters:
 
 
 def sb3_policy_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor,
-                    max_kl: float = 0.01, damping: float = 0.1, cg_iters: int = 10,
+                    max_kl: float = 0.01, damping: float = 0.1, cg_iters: int = 10, residual_tol: float = 1e-10,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, float, float]:
     """The policy step as sb3-contrib's TRPO.train computes it, up to the first line-search trial:
     the speed baseline of `trpo_ext.trust_region_step`.
@@ -90,7 +90,8 @@ def sb3_policy_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.T
     A no-grad forward pass for the old distribution and one with grad; the surrogate's gradient and
     the KL's gradient (create_graph=True) by autograd; CG with double-backprop products started
     from x0 = 1e-4·randn (so its first residual costs one product); one more product for xᵀAx; the
-    first trial's KL and surrogate. sb3-contrib takes the two gradients parameter by parameter;
+    first trial's KL and surrogate. CG stops early once r'r < residual_tol (sb3-contrib's default
+    1e-10; 0 runs all `cg_iters`). sb3-contrib takes the two gradients parameter by parameter;
     here each is one autograd call, which is faster, so the baseline errs in sb3-contrib's favour.
     Returns (full step, trial KL, trial surrogate); the policy's parameters are left unchanged.
     """
@@ -113,7 +114,7 @@ def sb3_policy_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.T
     p = r.clone()
     rs = r @ r
     for _ in range(cg_iters):
-        if rs < 1e-10:
+        if rs < residual_tol:
             break
         Ap = product(p)
         alpha = rs / (p @ Ap)
