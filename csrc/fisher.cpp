@@ -23,17 +23,17 @@ void check_damping(double damping) {
                     damping);
 }
 
-void check_cg_settings(double damping, int64_t iters, double rtol) {
-  check_damping(damping);
-  TORCH_CHECK_VALUE(iters >= 1, "trpo_ext: iters must be >= 1, got ", iters);
-  TORCH_CHECK_VALUE(std::isfinite(rtol) && rtol >= 0, "trpo_ext: rtol must be finite and >= 0, got ", rtol);
-}
-
 at::Tensor flat_view(const at::Tensor& flat, int64_t offset, at::IntArrayRef shape) {
   return flat.narrow(0, offset, c10::multiply_integers(shape)).view(shape);
 }
 
 }  // namespace
+
+void check_cg_settings(double damping, int64_t iters, double rtol) {
+  check_damping(damping);
+  TORCH_CHECK_VALUE(iters >= 1, "trpo_ext: iters must be >= 1, got ", iters);
+  TORCH_CHECK_VALUE(std::isfinite(rtol) && rtol >= 0, "trpo_ext: rtol must be finite and >= 0, got ", rtol);
+}
 
 MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act,
                          bool with_outputs) {
@@ -121,26 +121,6 @@ void mlp_vjp_into(MlpCache& c, at::Tensor& out) {
   }
 }
 
-void mlp_surrogate_grad_into(MlpCache& c, const at::Tensor& actions, const at::Tensor& advantages, at::Tensor& out) {
-  // At θ_old every ratio π/π_old is 1, so ∇ mean(ratio · A) = mean(A ∇log π(a|s)); its cotangent on
-  // the network's output, divided by N like the Fisher's:
-  //   categorical: A (onehot(a) - p) / N;   gaussian mean: A (a - mean) e^{-2 log_std} / N,
-  //   and for log_std itself: mean(A ((a - mean)^2 e^{-2 log_std} - 1)).
-  at::Tensor& u_t = c.tangents.back();  // (K, N)
-  const at::Tensor weight = advantages.unsqueeze(0) / static_cast<double>(c.batch);  // (1, N)
-  if (c.kind == MlpKind::Categorical) {
-    at::mul_out(u_t, c.probs.t(), weight).neg_();
-    u_t.t().scatter_add_(1, actions.unsqueeze(1), weight.t());
-  } else {
-    const at::Tensor diff_t = (actions - c.outputs).t();  // (K, N)
-    at::mul_out(u_t, diff_t, c.out_scale).mul_(advantages.unsqueeze(0));
-    const int64_t k = c.out_scale.size(0);
-    at::Tensor out_log_std = out.narrow(0, c.offsets.back(), k);
-    at::mv_out(out_log_std, (diff_t * u_t), c.ones).sub_(weight.sum());
-  }
-  mlp_vjp_into(c, out);
-}
-
 at::Tensor mlp_fvp(const at::Tensor& obs, at::TensorList params, const at::Tensor& v,
                    c10::string_view kind, c10::string_view activation, double damping) {
   const MlpKind k = parse_kind(kind);
@@ -187,50 +167,6 @@ CgResult mlp_cg(const at::Tensor& obs, at::TensorList params, const at::Tensor& 
   check_cg_settings(damping, iters, rtol);
   MlpCache cache = build_mlp_cache(obs, params, k, act);
   return cg_solve_cached(cache, b, damping, iters, rtol);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
-    const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
-    int64_t iters, double rtol) {
-  const MlpKind k = parse_kind(kind);
-  const Activation act = parse_activation(activation);
-  const MlpShape shape = check_mlp(obs, params, k, ObsRule::Match);
-  const int64_t n = obs.size(0);
-  check_dtype_device(advantages, "advantages", obs.scalar_type(), obs.device(), "obs's");
-  TORCH_CHECK_VALUE(advantages.dim() == 1 && advantages.size(0) == n, "trpo_ext: advantages must have shape (", n,
-                    "), got ", advantages.sizes());
-  if (k == MlpKind::Categorical) {
-    TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong, "trpo_ext: actions must be int64 class indices, got ",
-                     actions.scalar_type());
-    check_dtype_device(actions, "actions", at::kLong, obs.device(), "obs's");
-    TORCH_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == n, "trpo_ext: actions must have shape (", n,
-                      "), got ", actions.sizes());
-    // One host read per call: an index out of range would be undefined behaviour in the scatter.
-    const auto [lo, hi] = at::aminmax(actions);
-    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < shape.out_width,
-                      "trpo_ext: actions must be class indices in [0, ", shape.out_width, "), got values in [",
-                      lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
-  } else {
-    check_dtype_device(actions, "actions", obs.scalar_type(), obs.device(), "obs's");
-    TORCH_CHECK_VALUE(actions.dim() == 2 && actions.size(0) == n && actions.size(1) == shape.out_width,
-                      "trpo_ext: actions must have shape (", n, ", ", shape.out_width, "), got ", actions.sizes());
-  }
-  if (fvp_obs.has_value()) {
-    check_dtype_device(*fvp_obs, "fvp_obs", obs.scalar_type(), obs.device(), "obs's");
-    TORCH_CHECK_VALUE(fvp_obs->dim() == 2 && fvp_obs->size(0) > 0 && fvp_obs->size(1) == obs.size(1),
-                      "trpo_ext: fvp_obs must have shape (M, ", obs.size(1), ") with M > 0, got ", fvp_obs->sizes());
-  }
-  check_cg_settings(damping, iters, rtol);
-
-  // One forward pass serves the gradient, the distribution parameters and (without fvp_obs) the solve.
-  MlpCache cache = build_mlp_cache(obs, params, k, act, /*with_outputs=*/true);
-  at::Tensor g = at::empty({shape.numel}, obs.options());
-  mlp_surrogate_grad_into(cache, actions.contiguous(), advantages.contiguous(), g);
-  at::Tensor dist_params = cache.outputs;
-  if (fvp_obs.has_value()) cache = build_mlp_cache(*fvp_obs, params, k, act);
-  auto [x, used, residual, xAx] = cg_solve_cached(cache, g, damping, iters, rtol);
-  return {g, x, used, residual, xAx, dist_params};
 }
 
 }  // namespace trpo_ext

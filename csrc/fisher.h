@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 
-#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -42,13 +41,11 @@ void mlp_fvp_into(MlpCache& cache, const at::Tensor& v, at::Tensor& out, double 
 // (everything but log_std); the other tangents are overwritten.
 void mlp_vjp_into(MlpCache& cache, at::Tensor& out);
 
-// out = the gradient of the surrogate mean(π/π_old · A) at θ = θ_old, flat (log_std included). The
-// cache must hold `outputs` for a Gaussian.
-void mlp_surrogate_grad_into(MlpCache& cache, const at::Tensor& actions, const at::Tensor& advantages,
-                             at::Tensor& out);
-
 // (x, iterations (int64), residual norm (float64), x'(F + damping I)x (float64)).
 using CgResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ValueError unless damping is finite and >= 0, iters >= 1 and rtol finite and >= 0.
+void check_cg_settings(double damping, int64_t iters, double rtol);
 
 // CG on (F + damping I) x = b with the cache's products; the settings already checked.
 CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b, double damping, int64_t iters, double rtol);
@@ -58,12 +55,5 @@ at::Tensor mlp_fvp(const at::Tensor& obs, at::TensorList params, const at::Tenso
 
 CgResult mlp_cg(const at::Tensor& obs, at::TensorList params, const at::Tensor& b, c10::string_view kind,
                 c10::string_view activation, double damping, int64_t iters, double rtol);
-
-// The TRPO direction from one forward pass on obs: (g, x, iterations, residual norm, x'Ax, the
-// output layer's result (logits or mean)), with the solve's Fisher on fvp_obs when given.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
-    const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
-    int64_t iters, double rtol);
 
 }  // namespace trpo_ext

@@ -6,6 +6,7 @@
 #include "act.h"
 #include "critic.h"
 #include "fisher.h"
+#include "step.h"
 
 extern "C" {
 // An empty Python module: importing trpo_ext._C runs the static op registrations below.
@@ -24,6 +25,8 @@ TORCH_LIBRARY(trpo_ext, m) {
   m.def("mlp_policy_direction(Tensor obs, Tensor[] params, Tensor actions, Tensor advantages, Tensor? fvp_obs, "
         "str kind, str activation, float damping, int iters, float rtol) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("mlp_policy_trial(Tensor obs, Tensor[] params, Tensor actions, Tensor advantages, Tensor old_dist_params, "
+        "Tensor? old_log_std, str kind, str activation) -> (Tensor, Tensor)");
   m.def("mlp_value_fit(Tensor obs, Tensor returns, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
         "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps, Tensor order, int batch_size, float lr, float beta1, "
         "float beta2, float eps, str activation) -> Tensor");
@@ -42,6 +45,7 @@ TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
   m.impl("mlp_policy_direction", &mlp_policy_direction);
+  m.impl("mlp_policy_trial", &mlp_policy_trial);
   m.impl("mlp_value_fit", &mlp_value_fit);
   m.impl("mlp_act", &mlp_act);
 }
@@ -51,6 +55,7 @@ TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
   m.impl("mlp_policy_direction", &mlp_policy_direction);
+  m.impl("mlp_policy_trial", &mlp_policy_trial);
   m.impl("mlp_value_fit", &mlp_value_fit);
   m.impl("mlp_act", &mlp_act);
 }

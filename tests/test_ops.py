@@ -107,3 +107,40 @@ def test_policy_direction_checks(kind, change, error, words):
     with pytest.raises(error) as info:
         ops.mlp_policy_direction(*args)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_policy_trial_is_the_kl_and_surrogate_of_torch_distributions(kind, device):
+    old = make_policy(kind, 5, 3, (8, 7), "relu", torch.float64, device, seed=0)
+    new = make_policy(kind, 5, 3, (8, 7), "relu", torch.float64, device, seed=1)
+    obs, _, actions, advantages = _direction_args(kind, torch.float64, device)
+    with torch.no_grad():
+        old_dist, new_dist = old(obs), new(obs)
+        expected_kl = torch.distributions.kl_divergence(old_dist, new_dist).mean()
+        expected_surrogate = (torch.exp(new_dist.log_prob(actions) - old_dist.log_prob(actions)) * advantages).mean()
+    kl, surrogate = trpo_ext._ops.mlp_policy_trial(
+        obs, [p.detach() for p in new.parameters()], actions, advantages,
+        old_dist_params=old.distribution_params(obs).detach(),
+        old_log_std=old.log_std.detach() if kind == "gaussian" else None, kind=kind, activation="relu")
+    assert kl.dtype == surrogate.dtype == torch.float64 and kl.shape == surrogate.shape == ()
+    assert float(kl) == pytest.approx(float(expected_kl), rel=1e-12) and float(kl) > 0
+    assert float(surrogate) == pytest.approx(float(expected_surrogate), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+def test_opcheck_mlp_policy_trial(kind, device):
+    obs, params, actions, advantages = _direction_args(kind, torch.float32, device)
+    old_dist_params = torch.randn(9, 3, device=device)
+    old_log_std = params[-1].clone() if kind == "gaussian" else None
+    torch.library.opcheck(ops.mlp_policy_trial.default,
+                          (obs, params, actions, advantages, old_dist_params, old_log_std, kind, "tanh"))
+
+
+def test_policy_trial_checks_the_old_distribution():
+    obs, params, actions, advantages = _direction_args("gaussian", torch.float64, "cpu")
+    with pytest.raises(ValueError, match="old_log_std must be given for a gaussian policy"):
+        ops.mlp_policy_trial(obs, params, actions, advantages, torch.zeros(9, 3, dtype=torch.float64), None,
+                             "gaussian", "tanh")
+    with pytest.raises(ValueError, match=r"old_dist_params must have shape \(9, 3\)"):
+        ops.mlp_policy_trial(obs, params, actions, advantages, torch.zeros(9, 2, dtype=torch.float64), params[-1],
+                             "gaussian", "tanh")

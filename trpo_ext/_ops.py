@@ -95,6 +95,21 @@ def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, 
             obs.new_empty((), **scalar), obs.new_empty((obs.shape[0], params[-1].shape[0]), dtype=params[0].dtype))
 
 
+# ----------------------------------------------------------------------------- mlp_policy_trial
+def mlp_policy_trial(obs: torch.Tensor, params: Sequence[torch.Tensor], actions: torch.Tensor,
+                     advantages: torch.Tensor, *, old_dist_params: torch.Tensor, old_log_std: torch.Tensor | None,
+                     kind: str, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One line-search trial at `params`: (mean KL(old ‖ new), surrogate mean(π/π_old · A)) as 0-dim
+    float64 tensors; the old policy is its output on obs (and its log_std for a Gaussian)."""
+    return ops.mlp_policy_trial(obs, list(params), actions, advantages, old_dist_params, old_log_std, kind,
+                                activation)
+
+
+@torch.library.register_fake("trpo_ext::mlp_policy_trial")
+def _mlp_policy_trial_fake(obs, params, actions, advantages, old_dist_params, old_log_std, kind, activation):
+    return obs.new_empty((), dtype=torch.float64), obs.new_empty((), dtype=torch.float64)
+
+
 # ----------------------------------------------------------------------------- mlp_value_fit
 def mlp_value_fit(obs: torch.Tensor, returns: torch.Tensor, params: Sequence[torch.Tensor], *,
                   exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],

@@ -13,6 +13,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
@@ -83,33 +84,61 @@ def _policy_std(dist) -> float:
     return base.scale.mean().item() if isinstance(base, Normal) else float("nan")
 
 
-def _direction(policy, params, obs, actions, advantages, config: TrustRegionConfig, fvp_obs, path):
-    """(g, x, CGInfo, old distribution) from one forward pass of the policy; x and the CGInfo are
-    None when g is not finite. The fused op computes g analytically and shares its forward pass with
-    the solve's cache; the generic path takes g from autograd."""
+class _Direction(NamedTuple):
+    gradient: torch.Tensor
+    x: torch.Tensor | None  # None when the gradient is not finite
+    info: CGInfo | None
+    old_dist: Distribution
+    trial: Callable[[torch.Tensor], tuple[float, float]]  # candidate θ (flat) -> (mean KL(old‖new), surrogate)
+
+
+def _direction(policy, params, obs, actions, advantages, config: TrustRegionConfig, fvp_obs, path) -> _Direction:
+    """The gradient, the CG solve and the line search's trial function, from one forward pass of the
+    policy. The fused ops compute g analytically, share the forward pass with the solve's cache, and
+    evaluate a trial without touching θ; the generic path takes g from autograd and evaluates a
+    trial by loading it into the policy."""
     fused = choose_path(policy, path)
     products_obs = obs if fvp_obs is None else fvp_obs
     if fused is not None:
-        check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)  # actions: the op checks them
+        check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)  # actions: the ops check them
         result = _ops.mlp_policy_direction(obs, [p.detach() for p in params], actions, advantages, kind=fused.kind,
                                            activation=fused.activation, damping=config.damping,
                                            iters=config.cg_iters, rtol=config.cg_rtol, fvp_obs=fvp_obs)
         with torch.no_grad():
             old_dist = policy.distribution(result.dist_params)
-        if not bool(torch.isfinite(result.gradient).all()):
-            return result.gradient, None, None, old_dist
-        return result.gradient, result.x, CGInfo(result.iterations, result.residual_norm, result.xAx), old_dist
-    with torch.enable_grad():
-        dist = policy(obs)
-        log_prob = dist.log_prob(actions)
-        surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).mean()
-        g = parameters_to_vector(torch.autograd.grad(surrogate, params))
-    old_dist = detach_distribution(dist)
-    if not bool(torch.isfinite(g).all()):
-        return g, None, None, old_dist
-    x, info = cg_solve(policy, products_obs, g, iters=config.cg_iters, damping=config.damping, rtol=config.cg_rtol,
-                       check_finite=False, path="generic")
-    return g, x, info, old_dist
+        shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+        old_log_std = params[-1].detach().clone() if fused.kind == "gaussian" else None
+
+        def trial(candidate):
+            views = [t.view(shape) for t, shape in zip(candidate.split(sizes), shapes)]
+            kl, surrogate = _ops.mlp_policy_trial(obs, views, actions, advantages, old_dist_params=result.dist_params,
+                                                  old_log_std=old_log_std, kind=fused.kind,
+                                                  activation=fused.activation)
+            return kl.item(), surrogate.item()
+
+        g, x, info = result.gradient, result.x, CGInfo(result.iterations, result.residual_norm, result.xAx)
+        if not bool(torch.isfinite(g).all()):
+            x = info = None
+    else:
+        with torch.enable_grad():
+            dist = policy(obs)
+            log_prob = dist.log_prob(actions)
+            surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).mean()
+            g = parameters_to_vector(torch.autograd.grad(surrogate, params))
+        old_dist, old_log_prob = detach_distribution(dist), log_prob.detach()
+
+        def trial(candidate):
+            vector_to_parameters(candidate, params)
+            with _unvalidated_distributions(), torch.no_grad():
+                dist = policy(obs)
+                kl = kl_divergence(old_dist, dist).mean()
+                return kl.item(), (torch.exp(dist.log_prob(actions) - old_log_prob) * advantages).mean().item()
+
+        x = info = None
+        if bool(torch.isfinite(g).all()):
+            x, info = cg_solve(policy, products_obs, g, iters=config.cg_iters, damping=config.damping,
+                               rtol=config.cg_rtol, check_finite=False, path="generic")
+    return _Direction(g, x, info, old_dist, trial)
 
 
 def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor,
@@ -142,13 +171,9 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
         raise ValueError(f"policy: trust_region_step optimizes every parameter; these do not require grad: {frozen}")
 
     start = time.perf_counter()
-    g, x, info, old_dist = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path)
-    old_log_prob = old_dist.log_prob(actions)
-
-    def surrogate(d):  # E[π/π_old · A]
-        return (torch.exp(d.log_prob(actions) - old_log_prob) * advantages).mean()
-
-    old_surrogate = advantages.mean()  # the surrogate at θ_old, where every ratio is 1
+    direction = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path)
+    g, x, info, old_dist = direction.gradient, direction.x, direction.info, direction.old_dist
+    old_surrogate = advantages.mean().item()  # the surrogate at θ_old, where every ratio is 1
     old_params = parameters_to_vector(params).detach().clone()
     record = dict(accepted=False, kl=0.0, improvement=0.0, expected_improvement=float("nan"), line_search_steps=0,
                   cg_iterations=0, cg_residual=float("nan"), entropy=old_dist.entropy().mean().item(),
@@ -174,18 +199,17 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     full_step = math.sqrt(2.0 * config.max_kl / xAx) * x
     record["expected_improvement"] = torch.dot(g, full_step).item()
     fraction = 1.0
-    with _unvalidated_distributions(), torch.no_grad():
+    with torch.no_grad():
         for trial in range(1, config.max_backtracks + 1):
             record["line_search_steps"] = trial
             candidate = old_params + fraction * full_step
             fraction *= config.backtrack_factor
             if not bool(torch.isfinite(candidate).all()):
                 continue
-            vector_to_parameters(candidate, params)
-            dist = policy(obs)
-            kl = kl_divergence(old_dist, dist).mean().item()
-            improvement = (surrogate(dist) - old_surrogate).item()
+            kl, surrogate = direction.trial(candidate)
+            improvement = surrogate - old_surrogate
             if math.isfinite(kl) and math.isfinite(improvement) and kl <= config.max_kl and improvement > 0:
+                vector_to_parameters(candidate, params)
                 return finish(accepted=True, kl=kl, improvement=improvement)
-        vector_to_parameters(old_params, params)
+        vector_to_parameters(old_params, params)  # a trial may have loaded its candidate into the policy
     return finish()

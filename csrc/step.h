@@ -1,0 +1,29 @@
+// The two halves of a TRPO policy step on an MLP policy, as ops (see step.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace trpo_ext {
+
+// The direction from one forward pass on obs: (g, x, iterations (int64), residual norm (float64),
+// x'(F + damping I)x (float64), the output layer's result (logits or mean), (N, K)), where g is the
+// surrogate's gradient at θ_old and x solves (F + damping I) x = g by CG, with the Fisher on fvp_obs
+// when given (else on obs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
+    const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
+    int64_t iters, double rtol);
+
+// One line-search trial at the parameters `params`: (mean KL(old ‖ new), surrogate mean(π/π_old · A)),
+// both 0-dim float64, for the old policy given by its output on obs (old_dist_params, (N, K)) and,
+// for a Gaussian, its log_std.
+std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::TensorList params,
+                                                    const at::Tensor& actions, const at::Tensor& advantages,
+                                                    const at::Tensor& old_dist_params,
+                                                    const std::optional<at::Tensor>& old_log_std,
+                                                    c10::string_view kind, c10::string_view activation);
+
+}  // namespace trpo_ext
