@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import DEVICES, rel_err  # noqa: F401  (rel_err: until test_critic imports it from helpers)
+from helpers import DEVICES
 
 
 @pytest.fixture(params=DEVICES)
