@@ -28,3 +28,12 @@ def make_policy(kind="gaussian", obs_dim=5, act_dim=3, hidden=(8, 7), activation
 
 def n_params(policy) -> int:
     return sum(p.numel() for p in policy.parameters())
+
+
+def zero_width(params, layer):
+    """params with layer `layer` given 0 output units (and the next layer 0 inputs)."""
+    params = list(params)
+    params[2 * layer], params[2 * layer + 1] = params[2 * layer][:0], params[2 * layer + 1][:0]
+    if 2 * layer + 2 < len(params) and params[2 * layer + 2].dim() == 2:
+        params[2 * layer + 2] = params[2 * layer + 2][:, :0]
+    return params

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_policy
+from helpers import make_policy, zero_width
 
 ops = torch.ops.trpo_ext
 
@@ -117,15 +117,6 @@ def test_collector_act_matches_normalizer_and_policy():
     envs.close()
 
 
-def _zero_width(params, layer):
-    """params with layer `layer` given 0 output units (and the next layer 0 inputs)."""
-    params = list(params)
-    params[2 * layer], params[2 * layer + 1] = params[2 * layer][:0], params[2 * layer + 1][:0]
-    if 2 * layer + 2 < len(params) and params[2 * layer + 2].dim() == 2:
-        params[2 * layer + 2] = params[2 * layer + 2][:, :0]
-    return params
-
-
 @pytest.mark.parametrize("change, error, match", [
     pytest.param(dict(kind="beta"), ValueError, "kind must be", id="bad-kind"),
     pytest.param(dict(activation="gelu"), ValueError, "activation must be one of", id="bad-activation"),
@@ -161,8 +152,8 @@ def test_bad_input_names_the_argument(change, error, match):
         "drop_log_std": params[:-1],
         "int_weights": [p.int() for p in params],
         "double_bias": [params[0], params[1].double(), *params[2:]],
-        "zero_hidden": _zero_width(params, 0),
-        "zero_output": _zero_width(params, 1)[:-1] + [params[-1][:0]],
+        "zero_hidden": zero_width(params, 0),
+        "zero_output": zero_width(params, 1)[:-1] + [params[-1][:0]],
     }.get(args["params"], args["params"]) if isinstance(args["params"], str) else args["params"]
     with pytest.raises(error, match=match):
         ops.mlp_act(args["obs"], args["mean"], args["inv_std"], args["clip"], args["params"], args["kind"],
@@ -173,7 +164,7 @@ def test_bad_input_names_the_argument(change, error, match):
 def test_categorical_with_zero_actions_is_refused(deterministic):
     # A categorical head with 0 units has nothing to sample: a ValueError naming the layer, not a crash.
     policy = make_policy("categorical", 3, 2, (4,), "relu", torch.float32)
-    params = _zero_width(_params(policy), 1)
+    params = zero_width(_params(policy), 1)
     with pytest.raises(ValueError, match=r"params\[2\] \(weight of layer 1\) has 0 output units"):
         ops.mlp_act(torch.randn(5, 3), None, None, 1.0, params, "categorical", "relu", deterministic, None)
 

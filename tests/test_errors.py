@@ -5,7 +5,7 @@ import torch
 
 import trpo_ext
 
-from helpers import make_policy, n_params
+from helpers import make_policy, n_params, zero_width
 
 ops = torch.ops.trpo_ext
 
@@ -122,15 +122,6 @@ def _op_args(policy, obs, v):
     return obs, [p.detach() for p in policy.parameters()], v
 
 
-def _zero_width(params, layer):
-    """params with layer `layer` given 0 output units (and the next layer 0 inputs)."""
-    params = list(params)
-    params[2 * layer], params[2 * layer + 1] = params[2 * layer][:0], params[2 * layer + 1][:0]
-    if 2 * layer + 2 < len(params) and params[2 * layer + 2].dim() == 2:
-        params[2 * layer + 2] = params[2 * layer + 2][:, :0]
-    return params
-
-
 def _with(a, i, value):
     params = list(a[1])
     params[i] = value
@@ -149,11 +140,11 @@ def _with(a, i, value):
                  r"params\[4\] \(log_std\) must have shape \(2\)", id="log-std-shape"),
     pytest.param(lambda a: (a[0], _with(a, 2, a[1][2].double()), a[2], "gaussian", "tanh", 0.0), TypeError,
                  r"params\[2\] \(weight of layer 1\) must have obs's dtype", id="param-dtype"),
-    pytest.param(lambda a: (a[0], _zero_width(a[1], 0), a[2], "gaussian", "tanh", 0.0), ValueError,
+    pytest.param(lambda a: (a[0], zero_width(a[1], 0), a[2], "gaussian", "tanh", 0.0), ValueError,
                  r"params\[0\] \(weight of layer 0\) has 0 output units", id="zero-width-hidden"),
-    pytest.param(lambda a: (a[0], _zero_width(a[1], 1)[:-1] + [a[1][4][:0]], a[2], "gaussian", "tanh", 0.0),
+    pytest.param(lambda a: (a[0], zero_width(a[1], 1)[:-1] + [a[1][4][:0]], a[2], "gaussian", "tanh", 0.0),
                  ValueError, r"params\[2\] \(weight of layer 1\) has 0 output units", id="zero-width-output"),
-    pytest.param(lambda a: (a[0], _zero_width(a[1][:-1], 1), a[2], "categorical", "tanh", 0.0), ValueError,
+    pytest.param(lambda a: (a[0], zero_width(a[1][:-1], 1), a[2], "categorical", "tanh", 0.0), ValueError,
                  r"params\[2\] \(weight of layer 1\) has 0 output units", id="zero-categorical-output"),
     pytest.param(lambda a: (a[0], a[1], a[2][:3], "gaussian", "tanh", 0.0), ValueError, "v must be a flat vector",
                  id="v-length"),
