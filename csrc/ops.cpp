@@ -41,7 +41,8 @@ TORCH_LIBRARY(trpo_ext, m) {
   });
 }
 
-TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
+// The same functions serve every backend: they pick their kernels by the tensors' device (kernels.h).
+static void register_kernels(torch::Library& m) {
   m.impl("mlp_fvp", &mlp_fvp);
   m.impl("mlp_cg", &mlp_cg);
   m.impl("mlp_policy_direction", &mlp_policy_direction);
@@ -50,15 +51,10 @@ TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) {
   m.impl("mlp_act", &mlp_act);
 }
 
+TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) { register_kernels(m); }
+
 #ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) {
-  m.impl("mlp_fvp", &mlp_fvp);
-  m.impl("mlp_cg", &mlp_cg);
-  m.impl("mlp_policy_direction", &mlp_policy_direction);
-  m.impl("mlp_policy_trial", &mlp_policy_trial);
-  m.impl("mlp_value_fit", &mlp_value_fit);
-  m.impl("mlp_act", &mlp_act);
-}
+TORCH_LIBRARY_IMPL(trpo_ext, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace trpo_ext
