@@ -211,3 +211,23 @@ def test_subclass_overriding_forward_is_not_given_the_plain_mlp_fisher():
     torch.testing.assert_close(trpo_ext.fvp(policy, obs, v), expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(TypeError, match="path='fused' needs an MLPPolicy"):
         trpo_ext.fvp(policy, obs, v, path="fused")
+
+
+def test_a_trial_that_raises_leaves_theta_as_it_was():
+    class Fragile(torch.nn.Module):  # raises as soon as θ leaves its starting point
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3).double()
+            self.origin = self.linear.weight.detach().clone()
+
+        def forward(self, obs):
+            if not torch.equal(self.linear.weight, self.origin):
+                raise RuntimeError("simulator diverged")
+            return Categorical(logits=self.linear(obs))
+
+    policy = Fragile()
+    obs, actions, advantages = _trap_batch()
+    before = _vector(policy)
+    with pytest.raises(RuntimeError, match="simulator diverged"):
+        trpo_ext.trust_region_step(policy, obs, actions, advantages)
+    assert torch.equal(_vector(policy), before)

@@ -5,7 +5,8 @@
 One forward pass of the policy gives the surrogate's gradient g and the old distribution; CG
 solves (F + λI) x = g; the step size β = sqrt(2δ / xᵀAx) needs no extra product (CG returns
 xᵀAx); the backtracking line search accepts the first trial β·fᵏ·x whose mean KL(old‖new) is ≤ δ
-and whose surrogate improved. Otherwise θ is restored exactly. Non-finite values never reach θ.
+and whose surrogate improved; θ is written once, with that trial, and otherwise left exactly as it
+was. Non-finite values never reach θ.
 """
 from __future__ import annotations
 
@@ -198,18 +199,22 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     # Backtracking line search on β·x.
     full_step = math.sqrt(2.0 * config.max_kl / xAx) * x
     record["expected_improvement"] = torch.dot(g, full_step).item()
-    fraction = 1.0
+    fraction, accepted = 1.0, None
     with torch.no_grad():
-        for trial in range(1, config.max_backtracks + 1):
-            record["line_search_steps"] = trial
-            candidate = old_params + fraction * full_step
-            fraction *= config.backtrack_factor
-            if not bool(torch.isfinite(candidate).all()):
-                continue
-            kl, surrogate = direction.trial(candidate)
-            improvement = surrogate - old_surrogate
-            if math.isfinite(kl) and math.isfinite(improvement) and kl <= config.max_kl and improvement > 0:
-                vector_to_parameters(candidate, params)
-                return finish(accepted=True, kl=kl, improvement=improvement)
-        vector_to_parameters(old_params, params)  # a trial may have loaded its candidate into the policy
-    return finish()
+        try:
+            for trial in range(1, config.max_backtracks + 1):
+                record["line_search_steps"] = trial
+                candidate = old_params + fraction * full_step
+                fraction *= config.backtrack_factor
+                if not bool(torch.isfinite(candidate).all()):
+                    continue
+                kl, surrogate = direction.trial(candidate)
+                improvement = surrogate - old_surrogate
+                if math.isfinite(kl) and math.isfinite(improvement) and kl <= config.max_kl and improvement > 0:
+                    accepted = candidate, kl, improvement
+                    break
+        finally:  # also when a trial raised: a generic trial loads its candidate into the policy
+            vector_to_parameters(old_params if accepted is None else accepted[0], params)
+    if accepted is None:
+        return finish()
+    return finish(accepted=True, kl=accepted[1], improvement=accepted[2])
