@@ -134,7 +134,7 @@ def test_save_load_round_trip_identical_actions_and_continued_training(tmp_path)
     path = tmp_path / "model.pt"
     first.save(path)
     assert not [p for p in os.listdir(tmp_path) if p != "model.pt"]  # no temporary file left behind
-    loaded = TRPO.load(path)
+    loaded = TRPO.load(path, restore_env_states=True)
     obs = np.random.default_rng(0).normal(size=(20, 4))
     np.testing.assert_array_equal(loaded.predict(obs, deterministic=True), first.predict(obs, deterministic=True))
     assert loaded.hyperparameters == first.hyperparameters and loaded.num_timesteps == 128

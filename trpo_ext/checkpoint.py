@@ -1,11 +1,16 @@
 """Checkpoints of a `TRPO` agent: one file, written atomically, loadable with
 `torch.load(weights_only=True)` (plain data and tensors; the env states are one pickled bytes blob).
 
+Loading a file never runs code from it by default: the env is rebuilt only from an id registered in
+the loading process (the registry's spec, never an entry point or kwargs from the file), and the
+pickled env states are unpickled only with `restore_env_states=True`.
+
     trpo_ext.checkpoint.save(agent, "model.pt")        # what TRPO.save does
     agent = trpo_ext.checkpoint.load(TRPO, "model.pt")  # what TRPO.load does
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -24,8 +29,8 @@ episode / observation / normalizer keys) are still read."""
 def save(agent, path: str | os.PathLike) -> None:
     """Writes everything needed to resume `agent` into one file, atomically (temporary file + rename).
 
-    Env states are included when the envs are synchronous and picklable; then `load(path)`
-    continues the interrupted episodes exactly.
+    Env states are included when the envs are synchronous and picklable; then
+    `load(path, restore_env_states=True)` continues the interrupted episodes exactly.
     """
     state = {
         "format": FORMAT,
@@ -45,24 +50,31 @@ def save(agent, path: str | os.PathLike) -> None:
 
 
 def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device | None = None,
-         log_dir: str | os.PathLike | None = None):
+         log_dir: str | os.PathLike | None = None, restore_env_states: bool = False):
     """An agent of class `cls` (`TRPO`) restored from `path`; see `TRPO.load`."""
     state = read(path)
     hyperparameters = dict(state["hyperparameters"])
-    resume_envs = env is None and state["env_states"] is not None and state["collector"]["last_obs"] is not None
-    saved_spec = None if state["env_spec"] is None else gym.envs.registration.EnvSpec.from_json(state["env_spec"])
+    saved_id = saved_env_id(state)
+    registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
+    if restore_env_states and env is not None:
+        raise ValueError("load: restore_env_states=True continues the saved envs; it cannot be combined with env=")
+    resume_envs = restore_env_states and state["env_states"] is not None and state["collector"]["last_obs"] is not None
     if resume_envs:
-        env = LeanSyncVectorEnv.from_envs(pickle.loads(state["env_states"]))
+        env = LeanSyncVectorEnv.from_envs(pickle.loads(state["env_states"]))  # the caller opted in
     elif env is None:
-        if saved_spec is None:
-            raise ValueError("this model was trained on an env without a registered id; pass env=")
-        env = saved_spec
+        if saved_id is None:
+            raise ValueError(f"{os.fspath(path)!r}: this model was trained on an env without a registered id; "
+                             "pass env=")
+        if registered is None:
+            raise ValueError(f"{os.fspath(path)!r}: this model was trained on {saved_id!r}, which is not registered "
+                             "in this process; import the module that registers it, or pass env=")
+        env = registered
     if isinstance(env, gym.Env):  # one instance cannot be copied into the saved n_envs
         hyperparameters["n_envs"] = 1
     agent = cls(env, **hyperparameters, device=device or "cpu", log_dir=log_dir)
-    if resume_envs and saved_spec is not None:  # the unpickled envs do not know their id; the file does
-        agent.env_spec = saved_spec
-        agent.make_eval_env = eval_env_factory(saved_spec, saved_spec)
+    if resume_envs and registered is not None:  # the unpickled envs do not know their id; the file does
+        agent.env_spec = registered
+        agent.make_eval_env = eval_env_factory(registered, registered)
     agent.policy.load_state_dict(state["policy"])
     agent.value_net.load_state_dict(state["value_net"])
     agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -73,6 +85,18 @@ def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device |
     if not resume_envs:  # fresh envs: episodes restart, seeded so that resuming is still reproducible
         agent.collector.reset(seed=agent.config.seed + agent.num_timesteps)
     return agent
+
+
+def saved_env_id(state: dict) -> str | None:
+    """The env id a checkpoint names (plain data only: the id field of the saved spec's JSON), or None."""
+    spec = state.get("env_spec")
+    if not isinstance(spec, str):
+        return None
+    try:
+        env_id = json.loads(spec).get("id")
+    except (ValueError, AttributeError):
+        return None
+    return env_id if isinstance(env_id, str) else None
 
 
 def write_atomic(state: dict, path: str | os.PathLike) -> None:

@@ -221,20 +221,29 @@ class TRPO:
     def save(self, path: str | os.PathLike) -> None:
         """Writes everything needed to resume into one file, atomically (temporary file + rename).
 
-        Env states are included when the envs are synchronous and picklable; then `load(path)`
-        continues the interrupted episodes exactly. The format: `trpo_ext.checkpoint`.
+        Env states are included when the envs are synchronous and picklable; then
+        `load(path, restore_env_states=True)` continues the interrupted episodes exactly. The
+        format: `trpo_ext.checkpoint`.
         """
         checkpoint.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device | None = None,
-             log_dir: str | os.PathLike | None = None) -> "TRPO":
-        """Restores an agent saved by `save`. With `env=None` the envs are rebuilt from the saved
-        states (exact continuation) or from the saved env id; pass `env` (anything the
-        constructor takes; a single Env instance means n_envs=1) to train or evaluate elsewhere.
-        The env states in the file are unpickled: load only files you trust.
+             log_dir: str | os.PathLike | None = None, restore_env_states: bool = False) -> "TRPO":
+        """Restores an agent saved by `save`: networks, optimizer, statistics, RNG and step count.
+
+        With `env=None` fresh envs are made from the saved env id, looked up in this process's
+        gymnasium registry (the registered spec is used; nothing in the file names code to run);
+        pass `env` (anything the constructor takes; a single Env instance means n_envs=1) to train
+        or evaluate elsewhere, or when the id is not registered here.
+
+        `restore_env_states=True` instead continues the saved envs' interrupted episodes exactly.
+        **This unpickles the env states stored in the file, and unpickling runs whatever code the
+        file names: use it only on files you wrote yourself or fully trust.** Without it, loading
+        reads plain data and tensors only.
         """
-        return checkpoint.load(cls, path, env, device=device, log_dir=log_dir)
+        return checkpoint.load(cls, path, env, device=device, log_dir=log_dir,
+                               restore_env_states=restore_env_states)
 
     def close(self) -> None:
         """Closes the envs and the log files."""
