@@ -1,5 +1,6 @@
 """Checkpoint files: nothing in a file runs code on load, damaged and foreign files are named as such,
 saving always saves."""
+import copy
 import json
 import os
 import pickle
@@ -7,6 +8,7 @@ import pickle
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from trpo_ext import TRPO, checkpoint
 from trpo_ext.cli import main as cli_main
@@ -86,3 +88,96 @@ def test_restore_env_states_continues_the_episodes(saved):
         TRPO.load(saved, env="CartPole-v1", restore_env_states=True)
     np.testing.assert_array_equal(agent.collector.last_obs, checkpoint.read(saved)["collector"]["last_obs"].numpy()
                                   .astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- damaged and foreign files
+class Foreign:
+    pass
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p, good: _write(p, b""), r"is not a trpo_ext checkpoint \(the file is empty\)"),
+    (lambda p, good: _write(p, good[: len(good) // 2]), "is damaged"),
+    (lambda p, good: _write(p, np.random.default_rng(0).bytes(5000)), "is not a trpo_ext checkpoint"),
+    (lambda p, good: _write(p, b"hello, this is a text file\n" * 10), "is not a trpo_ext checkpoint"),
+    (lambda p, good: _write(p, pickle.dumps({"format": 2}, protocol=2)), "is not a trpo_ext checkpoint"),
+    (lambda p, good: torch.save({"something": 1}, p), r"is not a trpo_ext checkpoint \(it holds a dict with keys"),
+    (lambda p, good: torch.save([1, 2], p), r"is not a trpo_ext checkpoint \(it holds a list"),
+    (lambda p, good: torch.save({"x": Foreign()}, p), "is not a trpo_ext checkpoint .*other than plain data"),
+    (lambda p, good: torch.save({"format": 3, "sha256": "0" * 64, "payload": b"x"}, p), "is damaged .*sha256"),
+    (lambda p, good: torch.save({"format": 2, "policy": {}}, p), "is damaged .*no 'hyperparameters'"),
+], ids=["empty", "truncated", "random-bytes", "text", "plain-pickle", "foreign-dict", "foreign-list",
+        "foreign-object", "bad-checksum", "missing-keys"])
+def test_damaged_or_foreign_files_are_named_as_such(saved, tmp_path, make, message):
+    path = tmp_path / "file.pt"
+    make(path, saved.read_bytes())
+    with pytest.raises(ValueError, match=f"file.pt {message}"):
+        TRPO.load(path)
+
+
+def test_flipped_bytes_in_the_middle_are_detected(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 64] = bytes(b ^ 0xFF for b in data[middle: middle + 64])
+    path = _write(tmp_path / "flipped.pt", bytes(data))
+    with pytest.raises(ValueError, match="flipped.pt is damaged"):
+        TRPO.load(path)
+
+
+def test_format_2_files_still_load(saved, tmp_path):
+    state = checkpoint.read(saved)
+    state["format"] = 2
+    torch.save(state, tmp_path / "v2.pt")  # format 2: the state dict itself, no checksum
+    agent = TRPO.load(tmp_path / "v2.pt")
+    assert agent.num_timesteps == 64 and agent.evaluate(1)[0] > 0
+
+
+def test_saves_leave_no_temporary_files(saved, tmp_path, monkeypatch):
+    agent = TRPO.load(saved)
+    path = tmp_path / "model.pt"
+    (tmp_path / "model.pt.tmp").write_bytes(b"left by a save that was killed")
+    for _ in range(3):
+        agent.save(path)
+    assert os.listdir(tmp_path) == ["model.pt"]
+    before = path.read_bytes()
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        agent.learn(32, progress_bar=False).save(path)
+    assert os.listdir(tmp_path) == ["model.pt"] and path.read_bytes() == before
+    monkeypatch.undo()
+    assert TRPO.load(path).num_timesteps == 64
+
+
+def _optimizer_state(state, change):
+    state = copy.deepcopy(state)
+    change(state["critic_optimizer"])
+    return state
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda o: o["state"][0].update(exp_avg=torch.zeros(3)), r"state\[0\]\['exp_avg'\]: .*shape \(3,\)"),
+    (lambda o: o["state"][1].update(exp_avg_sq=o["state"][1]["exp_avg_sq"].double()),
+     r"state\[1\]\['exp_avg_sq'\]: torch.float64"),
+    (lambda o: o["state"][0].update(exp_avg=o["state"][0]["exp_avg"].t().contiguous().t()),
+     r"state\[0\]\['exp_avg'\]: .*not contiguous"),
+    (lambda o: o["state"][0].update(step=torch.tensor([1.0, 2.0])), r"state\[0\]\['step'\]: must be a 1-element"),
+    (lambda o: o["state"][0].update(step=3), r"state\[0\]\['step'\]: a int, not a tensor"),
+    (lambda o: o["state"][0].pop("exp_avg_sq"), r"state\[0\]: no 'exp_avg_sq'"),
+    (lambda o: o["state"].update({99: {}}), r"state\[99\]: no such parameter"),
+    (lambda o: o["param_groups"][0].update(params=[0]), "param_groups: parameters"),
+], ids=["shape", "dtype", "contiguous", "step-shape", "step-type", "missing", "extra", "groups"])
+def test_optimizer_state_is_validated_before_use(saved, tmp_path, change, message):
+    state = checkpoint.read(saved)
+    assert len(state["critic_optimizer"]["state"]) == 6  # the value net's 3 layers, trained
+    checkpoint.write_atomic(_optimizer_state(state, change), tmp_path / "opt.pt")
+    with pytest.raises(ValueError, match=f"opt.pt is damaged \\(critic_optimizer {message}"):
+        TRPO.load(tmp_path / "opt.pt")

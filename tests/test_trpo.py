@@ -9,7 +9,7 @@ import torch
 from gymnasium import spaces
 from torch.nn.utils import parameters_to_vector
 
-from trpo_ext import TRPO
+from trpo_ext import TRPO, checkpoint
 from trpo_ext.cli import main as cli_main
 
 FAST = dict(n_envs=2, n_steps=64, critic_epochs=2, seed=0)
@@ -153,14 +153,14 @@ def test_load_with_another_env_and_bad_file(tmp_path):
     other = TRPO.load(tmp_path / "m.pt", env=gym.make("CartPole-v1"))
     assert other.envs.num_envs == 1 and other.num_timesteps == agent.num_timesteps
     torch.save({"something": 1}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a trpo_ext TRPO checkpoint"):
+    with pytest.raises(ValueError, match="bad.pt is not a trpo_ext checkpoint"):
         TRPO.load(tmp_path / "bad.pt")
 
 
 def test_format_1_checkpoints_still_load(tmp_path):
     agent = TRPO("CartPole-v1", normalize_obs=True, **FAST).learn(128, progress_bar=False)
     agent.save(tmp_path / "new.pt")
-    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    state = checkpoint.read(tmp_path / "new.pt")
     collector = state.pop("collector")  # format 1 kept the collector's fields at the top level
     state.update(format=1, last_obs=collector["last_obs"], normalizer=collector["normalizer"],
                  episode_returns=collector["stats"]["returns"], episode_lengths=collector["stats"]["lengths"],

@@ -1,6 +1,11 @@
 """Checkpoints of a `TRPO` agent: one file, written atomically, loadable with
 `torch.load(weights_only=True)` (plain data and tensors; the env states are one pickled bytes blob).
 
+The file is `{"format": 3, "sha256": HEX, "payload": BYTES}`, BYTES being `torch.save` of the state
+dict, so damage anywhere in the payload is detected; formats 1 and 2 (the state dict itself) are
+still read. Every problem with a file is one ValueError: "PATH is not a trpo_ext checkpoint (...)"
+or "PATH is damaged (...)".
+
 Loading a file never runs code from it by default: the env is rebuilt only from an id registered in
 the loading process (the registry's spec, never an entry point or kwargs from the file), and the
 pickled env states are unpickled only with `restore_env_states=True`.
@@ -10,10 +15,11 @@ pickled env states are unpickled only with `restore_env_states=True`.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
-import tempfile
 import warnings
 
 import gymnasium as gym
@@ -21,9 +27,14 @@ import torch
 
 from .envs import LeanSyncVectorEnv, eval_env_factory
 
-FORMAT = 2
-"""Format 2 keeps the collector's state as `RolloutCollector.state_dict()`; format 1 files (flat
-episode / observation / normalizer keys) are still read."""
+FORMAT = 3
+"""Format 3 wraps the state dict with its sha256; format 2 (the same state dict, unwrapped, keeping
+the collector's state as `RolloutCollector.state_dict()`) and format 1 (flat episode / observation /
+normalizer keys) files are still read."""
+
+KEYS = ("hyperparameters", "env_spec", "policy", "value_net", "critic_optimizer", "generator", "generator_device",
+        "num_timesteps", "n_updates", "collector", "env_states")
+"""The fields of a (format 2 or 3) state dict."""
 
 
 def save(agent, path: str | os.PathLike) -> None:
@@ -77,6 +88,7 @@ def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device |
         agent.make_eval_env = eval_env_factory(registered, registered)
     agent.policy.load_state_dict(state["policy"])
     agent.value_net.load_state_dict(state["value_net"])
+    check_optimizer_state(state["critic_optimizer"], list(agent.value_net.parameters()), path)
     agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
     agent.num_timesteps, agent.n_updates = state["num_timesteps"], state["n_updates"]
     if state["generator_device"] == agent.device.type:  # a CPU and a CUDA generator state differ
@@ -100,36 +112,119 @@ def saved_env_id(state: dict) -> str | None:
 
 
 def write_atomic(state: dict, path: str | os.PathLike) -> None:
-    """`torch.save(state)` to `path` through a temporary file in the same directory, fsynced and
-    renamed over `path`: a crash leaves the old file or the new one, never a torn one."""
+    """Writes `state` to `path` as a format-3 file (the payload and its sha256) through the fixed
+    temporary file `PATH.tmp`, fsynced and renamed over `path`: a crash leaves the old file or the
+    new one, never a torn one, and at most that one temporary file, which the next save replaces."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    wrapper = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    tmp = path + ".tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, "wb") as f:
+            torch.save(wrapper, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
 def read(path: str | os.PathLike) -> dict:
-    """The checkpoint's state dict (format 1 upgraded to format 2); ValueError if `path` is not a
-    trpo_ext TRPO checkpoint."""
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
-        raise ValueError(f"{os.fspath(path)!r} is not a trpo_ext TRPO checkpoint (format {FORMAT})")
-    if state["format"] == 1:
-        stats = {"returns": state.pop("episode_returns"), "lengths": state.pop("episode_lengths"),
-                 "finished": state.pop("finished_episodes")}
-        state["collector"] = {"last_obs": state.pop("last_obs"), "normalizer": state.pop("normalizer"),
-                              "stats": stats}
-        state["format"] = FORMAT
+    """The checkpoint's state dict (formats 1 and 2 upgraded to the current fields); ValueError
+    "PATH is not a trpo_ext checkpoint (...)" or "PATH is damaged (...)" (FileNotFoundError when
+    there is no file)."""
+    name = os.fspath(path)
+    with open(name, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{name} is not a trpo_ext checkpoint (the file is empty)")
+    try:
+        outer = torch.load(name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{name} is not a trpo_ext checkpoint (it holds objects other than plain data and "
+                         f"tensors: {_first_line(e)})") from e
+    except Exception as e:
+        if head == b"PK\x03\x04":  # a zip archive, what torch.save writes, that torch cannot read
+            raise ValueError(f"{name} is damaged (torch.load: {_first_line(e)})") from e
+        raise ValueError(f"{name} is not a trpo_ext checkpoint (not a file written by torch.save)") from e
+    if not isinstance(outer, dict) or outer.get("format") not in (1, 2, FORMAT):
+        what = f"a dict with keys {sorted(map(str, outer))[:8]}" if isinstance(outer, dict) else \
+            f"a {type(outer).__name__}"
+        raise ValueError(f"{name} is not a trpo_ext checkpoint (it holds {what}, not a TRPO checkpoint of "
+                         f"format 1-{FORMAT})")
+    if outer["format"] == FORMAT:
+        payload, digest = outer.get("payload"), outer.get("sha256")
+        if not isinstance(payload, bytes) or not isinstance(digest, str):
+            raise ValueError(f"{name} is damaged (no payload or checksum)")
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise ValueError(f"{name} is damaged (its sha256 checksum does not match the contents)")
+        try:
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{name} is damaged (the payload does not load: {_first_line(e)})") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"{name} is damaged (the payload is a {type(state).__name__}, not a dict)")
+    else:
+        state = dict(outer)
+    if state.get("format") == 1:
+        try:
+            stats = {"returns": state.pop("episode_returns"), "lengths": state.pop("episode_lengths"),
+                     "finished": state.pop("finished_episodes")}
+            state["collector"] = {"last_obs": state.pop("last_obs"), "normalizer": state.pop("normalizer"),
+                                  "stats": stats}
+        except KeyError as e:
+            raise ValueError(f"{name} is damaged (format 1 without {e.args[0]!r})") from None
+    missing = [key for key in KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{name} is damaged (no {', '.join(map(repr, missing))})")
+    state["format"] = FORMAT
     return state
+
+
+def check_optimizer_state(state, params: list[torch.Tensor], path) -> None:
+    """ValueError "PATH is damaged (critic_optimizer ...)" unless `state` is an Adam state dict for
+    `params`: one group over all of them; per parameter exp_avg / exp_avg_sq (/ max_exp_avg_sq) of
+    its shape and dtype, contiguous, and `step` a 1-element float tensor."""
+    def fail(what):
+        raise ValueError(f"{os.fspath(path)} is damaged (critic_optimizer {what})")
+
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        fail("is not an optimizer state dict")
+    groups = state["param_groups"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        fail("param_groups: each group must be a dict with a 'params' list")
+    indices = [i for g in groups for i in g["params"]]
+    if indices != list(range(len(params))):
+        fail(f"param_groups: parameters {indices}, expected {list(range(len(params)))}")
+    for key, entry in state["state"].items():
+        if not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, dict):
+            fail(f"state[{key!r}]: no such parameter or not a dict")
+        param = params[key]
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            if field not in entry:
+                fail(f"state[{key}]: no {field!r}")
+        for field, value in entry.items():
+            where = f"state[{key}][{field!r}]"
+            if not isinstance(value, torch.Tensor):
+                fail(f"{where}: a {type(value).__name__}, not a tensor")
+            if field == "step":
+                if value.numel() != 1 or not value.is_floating_point():
+                    fail(f"{where}: must be a 1-element float tensor, got {value.dtype} of shape {tuple(value.shape)}")
+            elif value.shape != param.shape or value.dtype != param.dtype or not value.is_contiguous():
+                fail(f"{where}: {value.dtype} of shape {tuple(value.shape)}"
+                     f"{'' if value.is_contiguous() else ', not contiguous'}; the parameter is {param.dtype} "
+                     f"of shape {tuple(param.shape)}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _env_states(envs) -> bytes | None:
