@@ -78,13 +78,25 @@ struct EluAct {
 namespace ew {
 
 // ---- Categorical output Fisher -------------------------------------------------------------------
-// One row, in place: pu = sum_j p_j u_j; u_j <- scale * p_j (u_j - pu). p is contiguous, u has
-// stride `su` between classes (fisher.cpp passes a transposed view).
+// One row, in place: u_j <- scale * p_j (u_j - p'u). p is contiguous, u has stride `su` between
+// classes (fisher.cpp passes a transposed view).
+//
+// Not as p_j (u_j - p'u) with p'u summed directly: when a probability rounds to 1 (saturated
+// logits), u_j* - p'u cancels to rounding and the dominant term of the product is lost (70% relative
+// error at logits (50, 0, 0), tests/test_numerics.py). Since sum p = 1,
+// u_j - p'u = (u_j - u_j*) + d*,  d* = sum_{k != j*} p_k (u_j* - u_k),
+// with j* the argmax of p: d* sums only the small probabilities, so it is accurate, and every class
+// costs O(1) after it. A NaN in p still reaches u.
 template <typename T>
 C10_HOST_DEVICE inline void categorical_fisher_row(const T* p, T* u, int64_t k, int64_t su, T scale) {
-  T pu = 0;
-  for (int64_t j = 0; j < k; ++j) pu += p[j] * u[j * su];
-  for (int64_t j = 0; j < k; ++j) u[j * su] = scale * p[j] * (u[j * su] - pu);
+  int64_t top = 0;
+  for (int64_t j = 1; j < k; ++j) top = p[j] > p[top] ? j : top;
+  const T u_top = u[top * su];
+  T d = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    if (j != top) d += p[j] * (u_top - u[j * su]);
+  }
+  for (int64_t j = 0; j < k; ++j) u[j * su] = scale * p[j] * ((u[j * su] - u_top) + d);
 }
 
 // ---- Conjugate gradient ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ namespace trpo_ext {
 #define TRPO_EXT_DECLARE_KERNELS                                                                  \
   /* h = act(z) in place of z; d = act'(z) unless d is undefined. */                              \
   void activation_forward_(at::Tensor& z, at::Tensor& d, Activation act);                        \
-  /* Categorical output Fisher, row by row, in place: u <- scale * (p*u - p (p'u)). p is a       */ \
+  /* Categorical output Fisher, row by row, in place: u <- scale * (p*u - p (p'u)), in the form  */ \
+  /* of elementwise.h that stays accurate when a probability rounds to 1. p is a                */ \
   /* contiguous (N, K); u is (N, K) with any strides (fisher.cpp passes a transposed view).     */ \
   void categorical_fisher_(const at::Tensor& p, at::Tensor& u, double scale);                    \
   /* Zeroes the state, then rs = b'b, tol2 = rtol^2 rs, active = rs > tol2. */                    \
