@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import pickle
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -67,7 +68,11 @@ def test_saved_env_spec_entry_point_and_kwargs_are_never_used(saved, tmp_path, e
             "reward_threshold": None, "nondeterministic": False, "max_episode_steps": None,
             "order_enforce": True, "disable_env_checker": True, "additional_wrappers": [],
             "vector_entry_point": None}
-    path = rewrite(saved, tmp_path / "poisoned.pt", env_spec=json.dumps(spec), env_states=None)
+    state = checkpoint.read(saved)  # formats 1 and 2 stored the whole spec as JSON
+    del state["env_id"]
+    state.update(format=2, env_spec=json.dumps(spec), env_states=None)
+    path = tmp_path / "poisoned.pt"
+    torch.save(state, path)
     if env_id in gym.registry:  # the registered spec is used, not the file's
         agent = TRPO.load(path)
         assert agent.env_spec is gym.registry[env_id]
@@ -81,6 +86,14 @@ def test_saved_env_spec_entry_point_and_kwargs_are_never_used(saved, tmp_path, e
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("env_id", ["Evil-v0", "posix:Evil-v0"])
+def test_an_unregistered_saved_id_is_refused(saved, tmp_path, env_id):
+    path = rewrite(saved, tmp_path / "m.pt", env_id=env_id)
+    with pytest.raises(ValueError, match="which is not registered in this process; import the module"):
+        TRPO.load(path)
+    assert TRPO.load(path, env="CartPole-v1").num_timesteps == 64
+
+
 def test_restore_env_states_continues_the_episodes(saved):
     agent = TRPO.load(saved, restore_env_states=True)
     assert agent.env_spec is gym.registry["CartPole-v1"] and agent.evaluate(1)[0] > 0
@@ -88,6 +101,68 @@ def test_restore_env_states_continues_the_episodes(saved):
         TRPO.load(saved, env="CartPole-v1", restore_env_states=True)
     np.testing.assert_array_equal(agent.collector.last_obs, checkpoint.read(saved)["collector"]["last_obs"].numpy()
                                   .astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- save always saves
+class ClassEntryPointEnv(gym.Env):
+    observation_space = gym.spaces.Box(-1, 1, (3,))
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 1.0, False, bool(self.np_random.random() < 0.1), {}
+
+
+@pytest.fixture
+def class_entry_point_id():
+    gym.register("TrpoExtClassEntryPoint-v0", entry_point=ClassEntryPointEnv)
+    yield "TrpoExtClassEntryPoint-v0"
+    del gym.registry["TrpoExtClassEntryPoint-v0"]
+
+
+def test_save_with_a_class_entry_point(class_entry_point_id, tmp_path):
+    agent = TRPO(class_entry_point_id, **FAST).learn(64, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out
+        agent.save(tmp_path / "m.pt")
+    loaded = TRPO.load(tmp_path / "m.pt")
+    assert loaded.num_timesteps == 64 and loaded.evaluate(1)[0] > 0
+    del gym.registry[class_entry_point_id]  # a process that does not register it
+    with pytest.raises(ValueError, match="'TrpoExtClassEntryPoint-v0', which is not registered"):
+        TRPO.load(tmp_path / "m.pt")
+    gym.register(class_entry_point_id, entry_point=ClassEntryPointEnv)
+
+
+def test_save_with_a_make_vec_env(tmp_path):
+    vec = gym.make_vec("CartPole-v1", 3, vectorization_mode="sync",
+                       vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    agent = TRPO(vec, n_steps=32, critic_epochs=1, seed=0).learn(96, progress_bar=False)
+    assert agent.evaluate(1)[0] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agent.save(tmp_path / "m.pt")
+    loaded = TRPO.load(tmp_path / "m.pt")
+    assert loaded.envs.num_envs == 3 and loaded.num_timesteps == 96
+    np.testing.assert_array_equal(loaded.predict(np.zeros((5, 4)), deterministic=True),
+                                  agent.predict(np.zeros((5, 4)), deterministic=True))
+
+
+def test_what_cannot_be_saved_about_the_env_is_left_out_with_a_warning(tmp_path):
+    agent = TRPO(lambda: ClassEntryPointEnv(), **FAST).learn(64, progress_bar=False)  # no registered id
+    with pytest.warns(UserWarning, match="no registered id and is not saved: TRPO.load will need env="):
+        agent.save(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="trained on an env without a registered id; pass env="):
+        TRPO.load(tmp_path / "m.pt")
+    loaded = TRPO.load(tmp_path / "m.pt", env=lambda: ClassEntryPointEnv())
+    assert loaded.num_timesteps == 64 and loaded.envs.num_envs == 2
+
+    pendulum = TRPO(lambda: gym.make("Pendulum-v1", g=5.0), **FAST)
+    with pytest.warns(UserWarning, match="kwargs .*'g': 5.0.* are not saved"):
+        pendulum.save(tmp_path / "p.pt")
+    assert TRPO.load(tmp_path / "p.pt").envs.envs[0].unwrapped.g == 10.0
 
 
 # ----------------------------------------------------------------------------- damaged and foreign files
@@ -131,7 +206,8 @@ def test_flipped_bytes_in_the_middle_are_detected(saved, tmp_path):
 
 def test_format_2_files_still_load(saved, tmp_path):
     state = checkpoint.read(saved)
-    state["format"] = 2
+    state.update(format=2, env_spec=gym.spec("CartPole-v1").to_json())
+    del state["env_id"]
     torch.save(state, tmp_path / "v2.pt")  # format 2: the state dict itself, no checksum
     agent = TRPO.load(tmp_path / "v2.pt")
     assert agent.num_timesteps == 64 and agent.evaluate(1)[0] > 0

@@ -162,6 +162,7 @@ def test_format_1_checkpoints_still_load(tmp_path):
     agent.save(tmp_path / "new.pt")
     state = checkpoint.read(tmp_path / "new.pt")
     collector = state.pop("collector")  # format 1 kept the collector's fields at the top level
+    state["env_spec"] = gym.spec(state.pop("env_id")).to_json()  # formats 1 and 2 kept the spec as JSON
     state.update(format=1, last_obs=collector["last_obs"], normalizer=collector["normalizer"],
                  episode_returns=collector["stats"]["returns"], episode_lengths=collector["stats"]["lengths"],
                  finished_episodes=collector["stats"]["finished"])

@@ -32,7 +32,7 @@ FORMAT = 3
 the collector's state as `RolloutCollector.state_dict()`) and format 1 (flat episode / observation /
 normalizer keys) files are still read."""
 
-KEYS = ("hyperparameters", "env_spec", "policy", "value_net", "critic_optimizer", "generator", "generator_device",
+KEYS = ("hyperparameters", "env_id", "policy", "value_net", "critic_optimizer", "generator", "generator_device",
         "num_timesteps", "n_updates", "collector", "env_states")
 """The fields of a (format 2 or 3) state dict."""
 
@@ -40,13 +40,17 @@ KEYS = ("hyperparameters", "env_spec", "policy", "value_net", "critic_optimizer"
 def save(agent, path: str | os.PathLike) -> None:
     """Writes everything needed to resume `agent` into one file, atomically (temporary file + rename).
 
+    The networks, optimizer, statistics and step count are always saved. Of the env only its
+    registered id is kept (`load` rebuilds the env registered under it); an env without one, or
+    kwargs differing from the registered ones, are left out with a warning.
+
     Env states are included when the envs are synchronous and picklable; then
     `load(path, restore_env_states=True)` continues the interrupted episodes exactly.
     """
     state = {
         "format": FORMAT,
         "hyperparameters": agent.hyperparameters,
-        "env_spec": agent.env_spec.to_json() if agent.env_spec is not None else None,
+        "env_id": _env_id(agent.env_spec),
         "policy": agent.policy.state_dict(),
         "value_net": agent.value_net.state_dict(),
         "critic_optimizer": agent.critic_optimizer.state_dict(),
@@ -65,7 +69,7 @@ def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device |
     """An agent of class `cls` (`TRPO`) restored from `path`; see `TRPO.load`."""
     state = read(path)
     hyperparameters = dict(state["hyperparameters"])
-    saved_id = saved_env_id(state)
+    saved_id = state["env_id"]
     registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
     if restore_env_states and env is not None:
         raise ValueError("load: restore_env_states=True continues the saved envs; it cannot be combined with env=")
@@ -74,10 +78,10 @@ def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device |
         env = LeanSyncVectorEnv.from_envs(pickle.loads(state["env_states"]))  # the caller opted in
     elif env is None:
         if saved_id is None:
-            raise ValueError(f"{os.fspath(path)!r}: this model was trained on an env without a registered id; "
+            raise ValueError(f"{os.fspath(path)}: this model was trained on an env without a registered id; "
                              "pass env=")
         if registered is None:
-            raise ValueError(f"{os.fspath(path)!r}: this model was trained on {saved_id!r}, which is not registered "
+            raise ValueError(f"{os.fspath(path)}: this model was trained on {saved_id!r}, which is not registered "
                              "in this process; import the module that registers it, or pass env=")
         env = registered
     if isinstance(env, gym.Env):  # one instance cannot be copied into the saved n_envs
@@ -99,8 +103,22 @@ def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device |
     return agent
 
 
+def _env_id(spec) -> str | None:
+    """The id to save for the agent's env spec (None, with a warning, when there is none); warns
+    when the spec's kwargs, which are not saved, differ from the registered ones."""
+    if spec is None:
+        warnings.warn("the env has no registered id and is not saved: TRPO.load will need env=", stacklevel=4)
+        return None
+    registered = gym.registry.get(spec.id)
+    if registered is not None and spec.kwargs != registered.kwargs:
+        warnings.warn(f"the env's kwargs {spec.kwargs} are not saved: TRPO.load makes {spec.id!r} with its "
+                      f"registered kwargs {registered.kwargs} unless given env=", stacklevel=4)
+    return spec.id
+
+
 def saved_env_id(state: dict) -> str | None:
-    """The env id a checkpoint names (plain data only: the id field of the saved spec's JSON), or None."""
+    """The env id a format 1 or 2 checkpoint names (plain data only: the id field of the saved
+    spec's JSON), or None."""
     spec = state.get("env_spec")
     if not isinstance(spec, str):
         return None
@@ -179,9 +197,13 @@ def read(path: str | os.PathLike) -> dict:
                                   "stats": stats}
         except KeyError as e:
             raise ValueError(f"{name} is damaged (format 1 without {e.args[0]!r})") from None
+    if state.get("format") in (1, 2):
+        state["env_id"] = saved_env_id(state)
     missing = [key for key in KEYS if key not in state]
     if missing:
         raise ValueError(f"{name} is damaged (no {', '.join(map(repr, missing))})")
+    if state["env_id"] is not None and not isinstance(state["env_id"], str):
+        raise ValueError(f"{name} is damaged (env_id is a {type(state['env_id']).__name__}, not a string)")
     state["format"] = FORMAT
     return state
 

@@ -8,6 +8,7 @@ That is what a truncated episode needs to bootstrap from.
 """
 from __future__ import annotations
 
+import dataclasses
 from copy import deepcopy
 
 import gymnasium as gym
@@ -19,6 +20,8 @@ from .config import check_choice, check_int
 from .policies import action_space_kind
 
 SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
+VECTOR_KWARGS = ("num_envs", "vectorization_mode", "vector_kwargs", "wrappers")
+"""What `gym.make_vec` adds to a vector env's spec.kwargs besides the env's own kwargs."""
 
 
 def check_spaces(observation_space, action_space) -> tuple[int, str]:
@@ -114,8 +117,10 @@ def registered_spec(env, envs: gym.vector.VectorEnv) -> gym.envs.registration.En
         return gym.spec(env)
     if isinstance(env, gym.envs.registration.EnvSpec):
         return env
-    if isinstance(env, gym.vector.VectorEnv):
-        return getattr(env, "spec", None)
+    if isinstance(env, gym.vector.VectorEnv):  # make_vec's spec, less its vectorization kwargs
+        spec = getattr(env, "spec", None)
+        return None if spec is None else dataclasses.replace(
+            spec, kwargs={k: v for k, v in spec.kwargs.items() if k not in VECTOR_KWARGS})
     if isinstance(envs, gym.vector.SyncVectorEnv):  # an Env instance or a callable's product
         return envs.envs[0].spec
     return None
