@@ -45,7 +45,30 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
                          for _ in range(epochs)])
     beta1, beta2 = group["betas"]
     with torch.no_grad():
-        loss = _ops.mlp_value_fit(obs, returns, [p.detach() for p in params], exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+        tensors = {"parameters": [p.detach() for p in params], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        before = [[t.clone() for t in group_] for group_ in tensors.values()] + [[s.clone() for s in steps]]
+        loss = _ops.mlp_value_fit(obs, returns, tensors["parameters"], exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                                   steps=steps, order=order, batch_size=batch_size, lr=float(group["lr"]), beta1=beta1,
                                   beta2=beta2, eps=group["eps"], activation=value_net.activation)
+        # One sync for the whole check (the step counts, on the CPU, stay finite). An overflow need
+        # not show in the loss or the parameters: an infinite second moment makes every later step
+        # 0, silently.
+        finite = torch.stack([torch.isfinite(loss)] + [torch.stack([torch.isfinite(t).all() for t in group_]).all()
+                                                       for group_ in tensors.values()])
+        finite = finite.tolist()
+        if not all(finite):
+            for now, old in zip([*tensors.values(), steps], before):
+                for t, b in zip(now, old):
+                    t.copy_(b)
+            bad = [name for name, ok in zip(["the loss", *tensors], finite) if not ok]
+            raise ValueError(_overflow_message(bad, loss.item(), returns))
     return loss.item()
+
+
+def _overflow_message(bad: list[str], loss: float, returns: torch.Tensor) -> str:
+    finite = returns[torch.isfinite(returns)]
+    span = f"[{finite.min().item():.3g}, {finite.max().item():.3g}]" if finite.numel() else "(none finite)"
+    n_bad = returns.numel() - finite.numel()
+    targets = f"the value targets lie in {span}" + (f", {n_bad} of them inf or NaN" if n_bad else "")
+    return (f"critic fit: {', '.join(bad)} became inf or NaN in {returns.dtype} (loss {loss:.3g}; {targets}); "
+            "the critic's parameters and Adam state were restored to their values before the call")

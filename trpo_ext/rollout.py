@@ -102,6 +102,31 @@ def compute_gae(rewards, values, next_values, terminated, truncated, gamma: floa
 
 
 # ----------------------------------------------------------------------------- rollouts
+MAX_ABS_REWARD = 1e12
+"""The largest reward magnitude the collector accepts; a larger, infinite or NaN reward is a
+ValueError at the step that produced it. Why a bound and why this one: the critic trains in
+float32, where Adam squares the gradient, about 2 |V - R| |h| per parameter (R the value target, h
+a layer input); that square overflows past 3.4e38, so |R| |h| must stay well below 1e19, or every
+later critic step is silently 0 (an infinite second moment) or NaN. The targets are discounted sums
+of rewards, |R| <~ |r| / (1 - gamma): 1e14 at gamma = 0.99 and 1e15 at 0.999 for |r| = 1e12, which
+leaves four orders of magnitude for |h| and the batch sums. (The critic's fit checks its own result
+too: see trpo_ext.critic.)"""
+
+
+def check_rewards(rewards: np.ndarray, step: int, episode_lengths: np.ndarray) -> None:
+    """ValueError naming the env, the step (1-based, in the rollout and in the episode, whose length
+    so far is `episode_lengths`) and the value if any reward is non-finite or larger in magnitude
+    than MAX_ABS_REWARD (NaN fails the comparison too)."""
+    if np.abs(rewards).max(initial=0.0) <= MAX_ABS_REWARD:
+        return
+    i = int(np.flatnonzero(~(np.abs(rewards) <= MAX_ABS_REWARD))[0])
+    raise ValueError(
+        f"env {i} returned reward {float(rewards[i])!r} at step {step} of this rollout (step "
+        f"{int(episode_lengths[i]) + 1} of its episode): rewards must be finite with |r| <= {MAX_ABS_REWARD:g} "
+        "(trpo_ext.rollout.MAX_ABS_REWARD: the float32 critic's Adam squares its gradients); "
+        "the agent's parameters and episode statistics were left unchanged")
+
+
 @dataclass
 class Batch:
     """One rollout, flattened to (n_steps * n_envs, ...) tensors on the agent's device."""
@@ -253,6 +278,7 @@ class RolloutCollector:
             obs_steps.append(policy_obs)
             act_steps.append(actions)
             obs, rewards[t], terminated[t], truncated[t], infos = self.envs.step(self.env_actions(actions))
+            check_rewards(rewards[t], t + 1, self.stats.lengths)  # before the statistics see them
             done = terminated[t] | truncated[t]
             self.stats.step(rewards[t], done)
             if truncated[t].any():
@@ -260,10 +286,10 @@ class RolloutCollector:
                 final_obs += [(t, i, final[i]) for i in np.flatnonzero(truncated[t])]
         self.last_obs = obs
 
-        # Rewards, the observation after the last step and the truncated episodes' final observations.
-        if not (np.isfinite(rewards).all() and np.isfinite(obs).all()
-                and all(np.isfinite(o).all() for _, _, o in final_obs)):
-            raise ValueError("the environment returned a non-finite observation or reward; "
+        # The observation after the last step and the truncated episodes' final observations (the
+        # rewards were checked step by step).
+        if not (np.isfinite(obs).all() and all(np.isfinite(o).all() for _, _, o in final_obs)):
+            raise ValueError("the environment returned a non-finite observation; "
                              "the agent's parameters were left unchanged")
 
         # One value pass: all rollout observations, the observation after the last step, final observations.
