@@ -199,7 +199,7 @@ def run_trpo_ext(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes:
     agent.learn(timesteps, callback=callback, progress_bar=False)
     wall = time.perf_counter() - t0
     n_steps = agent.num_timesteps
-    returns = _evaluate(env_id, lambda obs: agent.predict(obs, deterministic=True), seed, eval_episodes)
+    returns = _evaluate(env_id, lambda obs: agent.predict(obs, deterministic=True)[0], seed, eval_episodes)
     agent.close()
     kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"], hidden=list(NET["hidden"]))
     return rows, wall, n_steps, returns, split, kwargs

@@ -146,8 +146,8 @@ def test_save_with_a_make_vec_env(tmp_path):
         agent.save(tmp_path / "m.pt")
     loaded = TRPO.load(tmp_path / "m.pt")
     assert loaded.envs.num_envs == 3 and loaded.num_timesteps == 96
-    np.testing.assert_array_equal(loaded.predict(np.zeros((5, 4)), deterministic=True),
-                                  agent.predict(np.zeros((5, 4)), deterministic=True))
+    np.testing.assert_array_equal(loaded.predict(np.zeros((5, 4)), deterministic=True)[0],
+                                  agent.predict(np.zeros((5, 4)), deterministic=True)[0])
 
 
 def test_what_cannot_be_saved_about_the_env_is_left_out_with_a_warning(tmp_path):

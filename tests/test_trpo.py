@@ -81,13 +81,66 @@ def test_box_actions_are_clipped_for_the_env_and_predict_shapes():
     agent.learn(128, progress_bar=False)
     record = agent.last_record
     assert record["policy_std"] > 0 and np.isfinite(record["entropy"])
-    single = agent.predict(np.zeros(3))
-    batch = agent.predict(np.random.default_rng(0).normal(size=(50, 3)))
-    assert single.shape == (1,) and batch.shape == (50, 1)
+    single, state = agent.predict(np.zeros(3))
+    batch, _ = agent.predict(np.random.default_rng(0).normal(size=(50, 3)))
+    assert single.shape == (1,) and batch.shape == (50, 1) and state is None
     assert np.all(np.abs(batch) <= 2.0)  # Pendulum's torque bounds
     assert agent.normalizer.count > 128
     with pytest.raises(ValueError, match="obs must have shape"):
         agent.predict(np.zeros(4))
+
+
+def test_predict_has_sb3s_signature_for_discrete_and_box_actions():
+    agent = TRPO("CartPole-v1", **FAST)
+    env = gym.make("CartPole-v1")
+    obs, _ = env.reset(seed=0)
+    action, state = agent.predict(obs, deterministic=True)
+    assert state is None and np.ndim(action) == 0 and agent.action_space.contains(action)
+    env.step(action)
+    action, state = agent.predict(obs, state=None, episode_start=np.array([True]), deterministic=False)
+    assert state is None and np.ndim(action) == 0
+    assert agent.observation_space == env.observation_space and agent.action_space == env.action_space
+
+    box = TRPO(lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2,))), **FAST)
+    action, state = box.predict(np.zeros(3), deterministic=True)  # a 2-D action is not split in two
+    assert action.shape == (2,) and state is None
+    actions, _ = box.predict(np.zeros((5, 3)))
+    assert actions.shape == (5, 2) and box.action_space.shape == (2,)
+
+
+def test_predict_refuses_non_finite_observations_and_the_reset_tuple():
+    agent = TRPO("CartPole-v1", **FAST)
+    with pytest.raises(ValueError, match=r"obs contains NaN or inf \(obs\[2\] = nan\)"):
+        agent.predict(np.array([0.0, 0.0, np.nan, 0.0]))
+    with pytest.raises(ValueError, match=r"NaN or inf \(obs\[1, 0\] = inf\)"):
+        agent.predict(np.array([[0.0] * 4, [np.inf, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"the \(obs, info\) tuple that env.reset\(\) returns"):
+        agent.predict(gym.make("CartPole-v1").reset(seed=0))
+
+
+def test_learn_accepts_integral_floats_and_checks_callbacks_before_training():
+    agent = TRPO("CartPole-v1", **FAST)
+    assert agent.learn(128.0, progress_bar=False).num_timesteps == 128
+    assert agent.learn(np.float64(1e2), progress_bar=False).num_timesteps == 256
+    with pytest.raises(ValueError, match="total_timesteps must be an int >= 0, got 1.5"):
+        agent.learn(1.5, progress_bar=False)
+    for bad in (3, "print", [lambda a, r: None, None]):
+        with pytest.raises(ValueError, match="callback must be a callable"):
+            agent.learn(128, callback=bad, progress_bar=False)
+    assert agent.n_updates == 2  # refused before any update
+    seen = []
+    agent.learn(4 * 128, progress_bar=False,
+                callback=[lambda a, r: seen.append(("a", r["update"])), lambda a, r: r["update"] < 4])
+    assert agent.n_updates == 4 and seen == [("a", 3), ("a", 4)]
+
+
+def test_load_with_n_envs(tmp_path):
+    TRPO("CartPole-v1", **FAST).save(tmp_path / "m.pt")
+    agent = TRPO.load(tmp_path / "m.pt", n_envs=3)
+    assert agent.envs.num_envs == 3 and agent.config.n_envs == 3
+    assert TRPO.load(tmp_path / "m.pt", env="CartPole-v1", n_envs=1).envs.num_envs == 1
+    with pytest.raises(ValueError, match="cannot be combined with env= or n_envs="):
+        TRPO.load(tmp_path / "m.pt", n_envs=3, restore_env_states=True)
 
 
 # ----------------------------------------------------------------------------- the policy step
@@ -136,7 +189,8 @@ def test_save_load_round_trip_identical_actions_and_continued_training(tmp_path)
     assert not [p for p in os.listdir(tmp_path) if p != "model.pt"]  # no temporary file left behind
     loaded = TRPO.load(path, restore_env_states=True)
     obs = np.random.default_rng(0).normal(size=(20, 4))
-    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True), first.predict(obs, deterministic=True))
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0],
+                                  first.predict(obs, deterministic=True)[0])
     assert loaded.hyperparameters == first.hyperparameters and loaded.num_timesteps == 128
 
     loaded.learn(2 * 128, progress_bar=False)

@@ -64,15 +64,17 @@ def save(agent, path: str | os.PathLike) -> None:
     write_atomic(state, path)
 
 
-def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device | None = None,
-         log_dir: str | os.PathLike | None = None, restore_env_states: bool = False):
+def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
+         device: str | torch.device | None = None, log_dir: str | os.PathLike | None = None,
+         restore_env_states: bool = False):
     """An agent of class `cls` (`TRPO`) restored from `path`; see `TRPO.load`."""
     state = read(path)
     hyperparameters = dict(state["hyperparameters"])
     saved_id = state["env_id"]
     registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
-    if restore_env_states and env is not None:
-        raise ValueError("load: restore_env_states=True continues the saved envs; it cannot be combined with env=")
+    if restore_env_states and (env is not None or n_envs is not None):
+        raise ValueError("load: restore_env_states=True continues the saved envs; it cannot be combined with "
+                         "env= or n_envs=")
     resume_envs = restore_env_states and state["env_states"] is not None and state["collector"]["last_obs"] is not None
     if resume_envs:
         env = LeanSyncVectorEnv.from_envs(pickle.loads(state["env_states"]))  # the caller opted in
@@ -84,7 +86,9 @@ def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device |
             raise ValueError(f"{os.fspath(path)}: this model was trained on {saved_id!r}, which is not registered "
                              "in this process; import the module that registers it, or pass env=")
         env = registered
-    if isinstance(env, gym.Env):  # one instance cannot be copied into the saved n_envs
+    if n_envs is not None:
+        hyperparameters["n_envs"] = n_envs
+    elif isinstance(env, gym.Env):  # one instance cannot be copied into the saved n_envs
         hyperparameters["n_envs"] = 1
     agent = cls(env, **hyperparameters, device=device or "cpu", log_dir=log_dir)
     if resume_envs and registered is not None:  # the unpickled envs do not know their id; the file does

@@ -96,10 +96,11 @@ class TRPO:
 
     # ------------------------------------------------------------------------- training loop
     def learn(self, total_timesteps: int, callback=None, progress_bar: bool = True) -> "TRPO":
-        """Trains for `total_timesteps` more environment steps (rounded up to whole rollouts).
+        """Trains for `total_timesteps` more environment steps (rounded up to whole rollouts; an
+        integral float such as 1e5 is accepted).
 
-        `callback(agent, record)` runs after every update with that update's log record (a dict);
-        returning False stops training. The record (also `agent.last_record`, and a row of
+        `callback(agent, record)` (or each of a list of them) runs after every update with that
+        update's log record (a dict); one returning False stops training. The record (also `agent.last_record`, and a row of
         progress.csv / TensorBoard scalars when `log_dir` is set) holds: update, timesteps,
         ep_return_mean / ep_length_mean (last `stats_window` episodes), kl and surrogate_improvement
         of the accepted step (0 when rejected), expected_improvement (β·gᵀx), line_search_steps,
@@ -109,7 +110,8 @@ class TRPO:
         """
         from tqdm.auto import tqdm
 
-        total_timesteps = check_int("total_timesteps", total_timesteps, 0)
+        total_timesteps = _check_timesteps(total_timesteps)
+        callbacks = _check_callback(callback)
         if self.collector.last_obs is None:
             self.collector.reset(seed=self.config.seed)
         batch_size = self.config.batch_size
@@ -120,7 +122,7 @@ class TRPO:
                 bar.update(batch_size)
                 bar.set_postfix(ret=f"{record['ep_return_mean']:.1f}", sps=f"{record['steps_per_sec']:.0f}",
                                 refresh=False)
-                if callback is not None and callback(self, record) is False:
+                if any([cb(self, record) is False for cb in callbacks]):  # every callback sees every update
                     break
         if self._logger is not None:
             self._logger.flush()
@@ -176,21 +178,41 @@ class TRPO:
                 "time_cg": step.time_cg, "time_line_search": step.time_line_search}
 
     # ------------------------------------------------------------------------- use
-    def predict(self, obs, deterministic: bool = False) -> np.ndarray:
-        """Actions for raw observations: one observation (obs_dim,) or a batch (B, obs_dim).
+    @property
+    def observation_space(self) -> gym.spaces.Box:
+        """The space of one observation (what `predict` takes)."""
+        return self.envs.single_observation_space
+
+    @property
+    def action_space(self) -> gym.spaces.Space:
+        """The space of one action (what `predict` returns for one observation)."""
+        return self.envs.single_action_space
+
+    def predict(self, observation, state=None, episode_start=None,
+                deterministic: bool = False) -> tuple[np.ndarray, None]:
+        """`(actions, None)` for raw observations, as stable-baselines3's `predict`: one observation
+        (obs_dim,) gives one action, a batch (B, obs_dim) B actions. The policy is not recurrent:
+        `state` and `episode_start` are accepted and ignored, and the returned state is None.
 
         Normalization is applied inside; Box actions are clipped to the action space. Sampling uses
-        torch's global RNG, so predicting never changes the training random stream.
+        torch's global RNG, so predicting never changes the training random stream. ValueError for
+        the `(obs, info)` tuple `reset()` returns, a wrong shape, or NaN / inf in the observation.
         """
-        obs = np.asarray(obs, dtype=np.float32)
+        if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
+            raise ValueError("predict got the (obs, info) tuple that env.reset() returns; pass the observation: "
+                             "obs, info = env.reset()")
+        obs = np.asarray(observation, dtype=np.float32)
         single = obs.ndim == 1
         if obs.shape[-1:] != (self.collector.obs_dim,) or obs.ndim > 2:
             raise ValueError(f"obs must have shape ({self.collector.obs_dim},) or (B, {self.collector.obs_dim}), "
                              f"got {obs.shape}")
+        if not np.isfinite(obs).all():
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(obs))[0])
+            raise ValueError(f"obs contains NaN or inf (obs{list(where)} = {obs[where]})")
         with torch.no_grad():
             _, actions = self.collector.act(self.policy, obs[None] if single else obs, deterministic=deterministic)
         actions = self.collector.env_actions(actions)
-        return actions[0] if single else actions
+        return (actions[0] if single else actions), None
 
     def evaluate(self, n_episodes: int = 10, deterministic: bool = True, env=None,
                  seed: int | None = None) -> tuple[float, float]:
@@ -211,7 +233,7 @@ class TRPO:
             obs, _ = env.reset(seed=seed + episode)
             total, done = 0.0, False
             while not done:
-                obs, reward, terminated, truncated, _ = env.step(self.predict(obs, deterministic))
+                obs, reward, terminated, truncated, _ = env.step(self.predict(obs, deterministic=deterministic)[0])
                 total += float(reward)
                 done = terminated or truncated
             returns.append(total)
@@ -228,21 +250,23 @@ class TRPO:
         checkpoint.save(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, env=None, *, device: str | torch.device | None = None,
-             log_dir: str | os.PathLike | None = None, restore_env_states: bool = False) -> "TRPO":
+    def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
+             device: str | torch.device | None = None, log_dir: str | os.PathLike | None = None,
+             restore_env_states: bool = False) -> "TRPO":
         """Restores an agent saved by `save`: networks, optimizer, statistics, RNG and step count.
 
         With `env=None` fresh envs are made from the saved env id, looked up in this process's
         gymnasium registry (the registered spec is used; nothing in the file names code to run);
         pass `env` (anything the constructor takes; a single Env instance means n_envs=1) to train
-        or evaluate elsewhere, or when the id is not registered here.
+        or evaluate elsewhere, or when the id is not registered here. `n_envs` replaces the saved
+        number of env copies.
 
         `restore_env_states=True` instead continues the saved envs' interrupted episodes exactly.
         **This unpickles the env states stored in the file, and unpickling runs whatever code the
         file names: use it only on files you wrote yourself or fully trust.** Without it, loading
         reads plain data and tensors only.
         """
-        return checkpoint.load(cls, path, env, device=device, log_dir=log_dir,
+        return checkpoint.load(cls, path, env, n_envs=n_envs, device=device, log_dir=log_dir,
                                restore_env_states=restore_env_states)
 
     def close(self) -> None:
@@ -251,6 +275,26 @@ class TRPO:
         if self._logger is not None:
             self._logger.close()
             self._logger = None
+
+
+def _check_timesteps(total_timesteps) -> int:
+    """total_timesteps as an int >= 0; integral floats (1e5) are accepted, 1.5 is refused."""
+    if isinstance(total_timesteps, (float, np.floating)) and float(total_timesteps).is_integer():
+        total_timesteps = int(total_timesteps)
+    return check_int("total_timesteps", total_timesteps, 0)
+
+
+def _check_callback(callback) -> list:
+    """`callback` as a list of callables: None, a callable, or a list / tuple of callables;
+    ValueError for anything else, before any training."""
+    if callback is None:
+        return []
+    callbacks = list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    for cb in callbacks:
+        if not callable(cb):
+            raise ValueError(f"callback must be a callable callback(agent, record) or a list of them, "
+                             f"got {type(cb).__name__} {cb!r:.60}")
+    return callbacks
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
