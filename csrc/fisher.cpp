@@ -59,6 +59,12 @@ MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind k
                                           : at::empty({W.size(0), c.batch}, obs.options()));
   }
   c.offsets.push_back(offset);
+  // Transposed views, made once per solve rather than once per product.
+  for (int64_t l = 0; l < n_layers; ++l) {
+    c.weights_t.push_back(c.weights[l].t());
+    c.tangents_t.push_back(c.tangents[l].t());
+  }
+  c.inputs_t_last = c.inputs.back().t();
   if (kind == MlpKind::Categorical) {
     c.probs = at::softmax(out, 1);
   } else {
@@ -68,54 +74,65 @@ MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind k
   return c;
 }
 
+FlatSlices& MlpCache::slices(const at::Tensor& flat) {
+  // A solve passes the same few buffers (p, Ap, g) again and again: their views are made once. A
+  // cached view keeps its storage alive, so a new tensor can never reuse a cached address.
+  for (auto& [key, views] : slice_cache) {
+    if (key == flat.data_ptr()) return views;
+  }
+  FlatSlices views;
+  const int64_t n_layers = static_cast<int64_t>(weights.size());
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const at::Tensor& W = weights[l];
+    views.W.push_back(flat_view(flat, offsets[2 * l], W.sizes()));
+    views.b.push_back(flat_view(flat, offsets[2 * l + 1], {W.size(0)}));
+  }
+  views.b_column = views.b.back().unsqueeze(1);
+  if (kind == MlpKind::Gaussian) views.log_std = flat.narrow(0, offsets.back(), out_scale.size(0));
+  slice_cache.emplace_back(flat.data_ptr(), std::move(views));
+  return slice_cache.back().second;
+}
+
 void mlp_fvp_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, double damping) {
-  const int64_t n_layers = static_cast<int64_t>(c.weights.size());
-  const int64_t last = n_layers - 1;
+  const int64_t last = static_cast<int64_t>(c.weights.size()) - 1;
+  const FlatSlices& dir = c.slices(v);
   // JVP: tangent_l = h_l Wdot_l' + hdot_l W_l' + bdot_l, times act'(z_l) on hidden layers.
   for (int64_t l = 0; l < last; ++l) {
-    const at::Tensor& W = c.weights[l];
     at::Tensor& t = c.tangents[l];
-    at::addmm_out(t, flat_view(v, c.offsets[2 * l + 1], {W.size(0)}), c.inputs[l],
-                  flat_view(v, c.offsets[2 * l], W.sizes()).t());
-    if (l > 0) t.addmm_(c.tangents[l - 1], W.t());
+    at::addmm_out(t, dir.b[l], c.inputs[l], dir.W[l].t());
+    if (l > 0) t.addmm_(c.tangents[l - 1], c.weights_t[l]);
     t.mul_(c.act_grad[l]);
   }
   // The output layer, feature-major: u' = Wdot_L h_L' + W_L hdot_L' + bdot_L.
-  const at::Tensor& W_out = c.weights[last];
   at::Tensor& u_t = c.tangents[last];
-  at::addmm_out(u_t, flat_view(v, c.offsets[2 * last + 1], {W_out.size(0), 1}),
-                flat_view(v, c.offsets[2 * last], W_out.sizes()), c.inputs[last].t());
-  if (last > 0) u_t.addmm_(W_out, c.tangents[last - 1].t());
+  at::addmm_out(u_t, dir.b_column, dir.W[last], c.inputs_t_last);
+  if (last > 0) u_t.addmm_(c.weights[last], c.tangents_t[last - 1]);
   // Output Fisher, divided by N.
   if (c.kind == MlpKind::Categorical) {
-    at::Tensor u = u_t.t();  // (N, K) view
-    TRPO_EXT_DISPATCH(u, categorical_fisher_, c.probs, u, 1.0 / static_cast<double>(c.batch));
+    TRPO_EXT_DISPATCH(u_t, categorical_fisher_, c.probs, c.tangents_t[last], 1.0 / static_cast<double>(c.batch));
   } else {
     u_t.mul_(c.out_scale);
   }
   mlp_vjp_into(c, out);
   if (c.kind == MlpKind::Gaussian) {
     // log_std is state-independent: its block of F is exactly 2 I.
-    const int64_t k = c.out_scale.size(0);
-    out.narrow(0, c.offsets.back(), k).copy_(v.narrow(0, c.offsets.back(), k)).mul_(2.0);
+    at::mul_out(c.slices(out).log_std, dir.log_std, 2.0);
   }
   if (damping != 0.0) out.add_(v, damping);
 }
 
 void mlp_vjp_into(MlpCache& c, at::Tensor& out) {
   const int64_t last = static_cast<int64_t>(c.weights.size()) - 1;
+  FlatSlices& grad = c.slices(out);
   // Straight into the output vector's slices; the tangents are reused as cotangents.
   for (int64_t l = last; l >= 0; --l) {
-    const at::Tensor& W = c.weights[l];
     // g_l' (K, N) for the output layer, g_l (N, out) below it.
-    const at::Tensor g_t = l == last ? c.tangents[l] : c.tangents[l].t();
-    at::Tensor out_W = flat_view(out, c.offsets[2 * l], W.sizes());
-    at::Tensor out_b = flat_view(out, c.offsets[2 * l + 1], {W.size(0)});
-    at::mm_out(out_W, g_t, c.inputs[l]);
-    at::mv_out(out_b, g_t, c.ones);
+    const at::Tensor& g_t = l == last ? c.tangents[l] : c.tangents_t[l];
+    at::mm_out(grad.W[l], g_t, c.inputs[l]);
+    at::mv_out(grad.b[l], g_t, c.ones);
     if (l > 0) {
       at::Tensor& g_prev = c.tangents[l - 1];
-      at::mm_out(g_prev, g_t.t(), W);
+      at::mm_out(g_prev, l == last ? c.tangents_t[l] : c.tangents[l], c.weights[l]);
       g_prev.mul_(c.act_grad[l - 1]);
     }
   }

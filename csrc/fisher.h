@@ -5,12 +5,21 @@
 
 #include <ATen/ATen.h>
 
+#include <deque>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "mlp.h"
 
 namespace trpo_ext {
+
+// Views of a flat vector in parameters() order, one per parameter tensor.
+struct FlatSlices {
+  std::vector<at::Tensor> W, b;  // (out_l, in_l) and (out_l) per layer
+  at::Tensor b_column;           // the output layer's bias as a (K, 1) column
+  at::Tensor log_std;            // Gaussian only
+};
 
 // Everything an FVP needs that does not depend on the vector: computed once per solve.
 struct MlpCache {
@@ -27,6 +36,12 @@ struct MlpCache {
   // for hidden layers, (K, N) for the output layer.
   std::vector<at::Tensor> tangents;
   at::Tensor ones;                  // (N), turns bias gradients into GEMVs
+  std::vector<at::Tensor> weights_t, tangents_t;  // transposed views of weights and tangents
+  at::Tensor inputs_t_last;         // the output layer's input, transposed
+  std::deque<std::pair<const void*, FlatSlices>> slice_cache;  // a deque: references stay valid as it grows
+
+  // The views of `flat` (a contiguous vector of the parameter count), made on first use.
+  FlatSlices& slices(const at::Tensor& flat);
 };
 
 // obs and params as check_mlp accepted them (obs contiguous or not). `with_outputs` keeps the output
