@@ -51,6 +51,7 @@ def save(agent, path: str | os.PathLike) -> None:
         "format": FORMAT,
         "hyperparameters": agent.hyperparameters,
         "env_id": _env_id(agent.env_spec),
+        "spaces": {"observation": str(agent.observation_space), "action": str(agent.action_space)},
         "policy": agent.policy.state_dict(),
         "value_net": agent.value_net.state_dict(),
         "critic_optimizer": agent.critic_optimizer.state_dict(),
@@ -94,8 +95,14 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
     if resume_envs and registered is not None:  # the unpickled envs do not know their id; the file does
         agent.env_spec = registered
         agent.make_eval_env = eval_env_factory(registered, registered)
-    agent.policy.load_state_dict(state["policy"])
-    agent.value_net.load_state_dict(state["value_net"])
+    try:
+        agent.policy.load_state_dict(state["policy"])
+        agent.value_net.load_state_dict(state["value_net"])
+    except RuntimeError as e:  # the networks' shapes: the env's spaces differ from the model's
+        agent.close()
+        raise ValueError(f"{os.fspath(path)} does not fit this env: the model was trained on {_model_spaces(state)}; "
+                         f"the env has observation space {agent.observation_space}, action space "
+                         f"{agent.action_space}") from e
     check_optimizer_state(state["critic_optimizer"], list(agent.value_net.parameters()), path)
     agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
     agent.num_timesteps, agent.n_updates = state["num_timesteps"], state["n_updates"]
@@ -105,6 +112,21 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
     if not resume_envs:  # fresh envs: episodes restart, seeded so that resuming is still reproducible
         agent.collector.reset(seed=agent.config.seed + agent.num_timesteps)
     return agent
+
+
+def _model_spaces(state: dict) -> str:
+    """The spaces a checkpoint's model was trained on, in words (from the policy's shapes in files
+    older than the stored `spaces`)."""
+    spaces = state.get("spaces")
+    if isinstance(spaces, dict):
+        return f"observation space {spaces.get('observation')}, action space {spaces.get('action')}"
+    policy = state["policy"]
+    weights = [v for k, v in policy.items() if k.endswith(".weight")]
+    if not weights:
+        return "unknown spaces"
+    n = weights[-1].shape[0]
+    actions = f"Box actions of shape ({n},)" if "std.log_std" in policy else f"Discrete({n}) actions"
+    return f"observations of shape ({weights[0].shape[1]},) and {actions}"
 
 
 def _env_id(spec) -> str | None:

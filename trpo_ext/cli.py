@@ -9,10 +9,54 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import inspect
 import math
 import os
 import sys
 import time
+
+
+class UsageError(Exception):
+    """A mistake in the command line: main() prints its one-line message and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors reach main() as UsageError (one line, return code 2) instead
+    of printing the usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help where X says something (not None / False / [])."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _trpo_defaults() -> dict:
+    """TRPO's keyword arguments and their defaults."""
+    from .trpo import TRPO
+
+    return {name: p.default for name, p in inspect.signature(TRPO.__init__).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _hyperparameter(text: str) -> tuple[str, object]:
@@ -36,6 +80,13 @@ def train(args) -> int:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join("runs", f"{args.env_id}-seed{args.seed}")
     options = dict(args.set)
+    known = _trpo_defaults()
+    for key in options:
+        own = {"seed": "--seed", "device": "--device", "log_dir": "--out"}.get(key)
+        if own:
+            raise UsageError(f"--set {key}=...: use {own}")
+        if key not in known:
+            raise UsageError(f"--set: unknown hyperparameter {key!r} (known: {', '.join(sorted(set(known) - {'seed', 'device', 'log_dir'}))})")
     for name in ("n_envs", "n_steps", "max_kl", "normalize_obs"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -60,6 +111,8 @@ def train(args) -> int:
 def evaluate(args) -> int:
     from .trpo import TRPO
 
+    if not os.path.isfile(args.model_path):
+        raise UsageError(f"{args.model_path}: no such file")
     agent = TRPO.load(args.model_path, env=args.env, device=args.device)
     mean, std = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed)
     agent.close()
@@ -112,39 +165,44 @@ def plot(args) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trpo-ext", description="TRPO with a fused Fisher-vector-product CG solve")
+    defaults = _trpo_defaults()
+    parser = _Parser(prog="trpo-ext", description="TRPO with a fused Fisher-vector-product CG solve")
     commands = parser.add_subparsers(dest="command", required=True)
+    add = lambda *a, **k: commands.add_parser(*a, formatter_class=_DefaultsHelp, **k)  # noqa: E731
 
-    p = commands.add_parser("train", help="train an agent; write logs, the model and a learning curve")
+    p = add("train", help="train an agent; write logs, the model and a learning curve")
     p.add_argument("env_id", help="gymnasium environment id, e.g. CartPole-v1")
-    p.add_argument("--timesteps", type=int, default=100_000, help="environment steps (default 100000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-envs", type=int, default=None, help="parallel env copies (default: TRPO's)")
-    p.add_argument("--n-steps", type=int, default=None, help="steps per env per update (default: TRPO's)")
-    p.add_argument("--max-kl", type=float, default=None, help="trust-region radius (default: TRPO's)")
-    p.add_argument("--normalize-obs", action="store_true", default=None, help="running observation normalization")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="run directory (default runs/ENV_ID-seedSEED)")
-    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--timesteps", type=_int_at_least(0), default=100_000, help="environment steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the networks, the envs and the sampling")
+    p.add_argument("--n-envs", type=int, default=None, help=f"parallel env copies (default: {defaults['n_envs']})")
+    p.add_argument("--n-steps", type=int, default=None,
+                   help=f"steps per env per update (default: {defaults['n_steps']})")
+    p.add_argument("--max-kl", type=float, default=None, help=f"trust-region radius (default: {defaults['max_kl']})")
+    p.add_argument("--normalize-obs", action="store_true", default=None,
+                   help=f"running observation normalization (default: {defaults['normalize_obs']})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=_int_at_least(0), default=0,
+                   help="torch.set_num_threads; 0: torch's choice (default: 0)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/ENV_ID-seedSEED)")
+    p.add_argument("--eval-episodes", type=_int_at_least(1), default=10, help="episodes of the final evaluation")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--set", type=_hyperparameter, action="append", default=[], metavar="KEY=VALUE",
                    help="any other TRPO hyperparameter (repeatable), e.g. --set cg_iters=15 "
                         "--set 'policy_kwargs={\"hidden\": (32, 32)}'")
     p.set_defaults(func=train)
 
-    p = commands.add_parser("eval", help="evaluate a saved model")
+    p = add("eval", help="evaluate a saved model")
     p.add_argument("model_path")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--episodes", type=_int_at_least(1), default=10, help="episodes to run")
+    p.add_argument("--seed", type=int, default=None, help="first episode's seed (default: the model's seed + 1000003)")
     p.add_argument("--env", default=None, help="env id to evaluate on (default: the one it was trained on)")
     p.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mode")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=evaluate)
 
-    p = commands.add_parser("plot", help="overlay the learning curves of run directories")
+    p = add("plot", help="overlay the learning curves of run directories")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/learning_curves.png of the first run)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/learning_curves.png of the first run)")
     p.add_argument("--title", default=None)
     p.set_defaults(func=plot)
 
@@ -154,14 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv=None) -> int:
+    """The command line; returns the exit status: 0, or 2 for a user error (one line on stderr)."""
+    import gymnasium as gym
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         from .benchmark import main as bench_main
 
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    command = argv[0] if argv and argv[0] in ("train", "eval", "plot") else None
+    prog = "trpo-ext" if command is None else f"trpo-ext {command}"
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UsageError, ValueError, TypeError, gym.error.Error, OSError) as e:
+        # A wrong id, device, file or hyperparameter: one line naming it, no traceback.
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -303,6 +303,20 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 
 
 def _resolve_device(device) -> torch.device:
+    """`device` as a torch.device; ValueError for a name torch does not know or a CUDA device this
+    process cannot use (no CUDA build, no GPU, or no GPU of that index)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device, got {device!r}") from e
+    if resolved.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"device={device!r}: this torch ({torch.__version__}) was built without CUDA; "
+                             "use device='cpu'")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available (no GPU visible); use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return resolved
