@@ -99,6 +99,8 @@ def test_restore_env_states_continues_the_episodes(saved):
     assert agent.env_spec is gym.registry["CartPole-v1"] and agent.evaluate(1)[0] > 0
     with pytest.raises(ValueError, match="cannot be combined with env="):
         TRPO.load(saved, env="CartPole-v1", restore_env_states=True)
+    with pytest.warns(UserWarning, match="holds no env states"):
+        TRPO.load(rewrite(saved, saved.with_name("no-states.pt"), env_states=None), restore_env_states=True)
     np.testing.assert_array_equal(agent.collector.last_obs, checkpoint.read(saved)["collector"]["last_obs"].numpy()
                                   .astype(np.float32))
 
@@ -192,6 +194,21 @@ def test_damaged_or_foreign_files_are_named_as_such(saved, tmp_path, make, messa
     path = tmp_path / "file.pt"
     make(path, saved.read_bytes())
     with pytest.raises(ValueError, match=f"file.pt {message}"):
+        TRPO.load(path)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("hyperparameters", [1, 2], "hyperparameters is a list, expected a dict"),
+    ("policy", {"layers.0.weight": 3}, "policy is a dict, expected a dict of tensors"),
+    ("num_timesteps", "64", "num_timesteps is a str, expected an int"),
+    ("num_timesteps", True, "num_timesteps is a bool, expected an int"),
+    ("env_id", 3, "env_id is a int, expected a string or None"),
+    ("env_states", "abc", "env_states is a str, expected bytes or None"),
+    ("collector", {"stats": {}}, "collector lacks last_obs, stats or normalizer"),
+])
+def test_fields_of_the_wrong_type_are_damage(saved, tmp_path, field, value, expected):
+    path = rewrite(saved, tmp_path / "m.pt", **{field: value})
+    with pytest.raises(ValueError, match=f"m.pt is damaged \\({expected}\\)"):
         TRPO.load(path)
 
 

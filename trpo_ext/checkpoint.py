@@ -36,6 +36,14 @@ KEYS = ("hyperparameters", "env_id", "policy", "value_net", "critic_optimizer", 
         "num_timesteps", "n_updates", "collector", "env_states")
 """The fields of a (format 2 or 3) state dict."""
 
+FIELD_TYPES = (
+    ("hyperparameters", dict, "a dict"), ("env_id", (str, type(None)), "a string or None"),
+    ("policy", dict, "a dict of tensors"), ("value_net", dict, "a dict of tensors"),
+    ("generator", torch.Tensor, "a tensor"), ("generator_device", str, "a string"),
+    ("num_timesteps", int, "an int"), ("n_updates", int, "an int"), ("collector", dict, "a dict"),
+    ("env_states", (bytes, type(None)), "bytes or None"))
+"""What each field must be, checked by `read` before any of it is used."""
+
 
 def save(agent, path: str | os.PathLike) -> None:
     """Writes everything needed to resume `agent` into one file, atomically (temporary file + rename).
@@ -87,6 +95,9 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
             raise ValueError(f"{os.fspath(path)}: this model was trained on {saved_id!r}, which is not registered "
                              "in this process; import the module that registers it, or pass env=")
         env = registered
+    if restore_env_states and not resume_envs:
+        warnings.warn(f"{os.fspath(path)} holds no env states (the envs were not picklable, or not synchronous); "
+                      "the loaded agent starts fresh episodes", stacklevel=3)
     if n_envs is not None:
         hyperparameters["n_envs"] = n_envs
     elif isinstance(env, gym.Env):  # one instance cannot be copied into the saved n_envs
@@ -228,8 +239,13 @@ def read(path: str | os.PathLike) -> dict:
     missing = [key for key in KEYS if key not in state]
     if missing:
         raise ValueError(f"{name} is damaged (no {', '.join(map(repr, missing))})")
-    if state["env_id"] is not None and not isinstance(state["env_id"], str):
-        raise ValueError(f"{name} is damaged (env_id is a {type(state['env_id']).__name__}, not a string)")
+    for key, types, expected in FIELD_TYPES:
+        value = state[key]
+        if not isinstance(value, types) or isinstance(value, bool) \
+                or (key in ("policy", "value_net") and not all(isinstance(v, torch.Tensor) for v in value.values())):
+            raise ValueError(f"{name} is damaged ({key} is a {type(value).__name__}, expected {expected})")
+    if not {"last_obs", "stats", "normalizer"} <= set(state["collector"]):
+        raise ValueError(f"{name} is damaged (collector lacks last_obs, stats or normalizer)")
     state["format"] = FORMAT
     return state
 
