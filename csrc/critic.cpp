@@ -43,6 +43,14 @@ void check_fit_args(const at::Tensor& obs, const at::Tensor& returns, at::Tensor
                    order.device());
   TORCH_CHECK_VALUE(order.dim() == 2 && order.size(1) == obs.size(0),
                     "trpo_ext: order must be an int64 (epochs, N) tensor of permutations, got ", order.sizes());
+  if (order.numel() > 0) {
+    // One host read per call: an index out of range would be an IndexError from index_select on the
+    // CPU and a device-side assert (a dead CUDA context) on a GPU.
+    const auto [lo, hi] = at::aminmax(order);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < obs.size(0), "trpo_ext: order must hold row indices in [0, ", obs.size(0),
+                      "), got values in [", lo_v, ", ", hi_v, "]");
+  }
   TORCH_CHECK_VALUE(batch_size >= 1, "trpo_ext: batch_size must be >= 1, got ", batch_size);
 }
 

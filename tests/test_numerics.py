@@ -1,5 +1,6 @@
 """Numerics at the edges: saturated softmax in the fused Fisher, against an exact (mpmath) oracle;
-rewards and value targets that float32 cannot train on."""
+rewards and value targets that float32 cannot train on; every op on stride-0, strided and
+zero-size inputs."""
 import re
 
 import gymnasium as gym
@@ -9,11 +10,12 @@ import pytest
 import torch
 
 import trpo_ext
+from trpo_ext import _ops
 from trpo_ext.critic import fit_value_network
 from trpo_ext.envs import make_vec_env
 from trpo_ext.rollout import MAX_ABS_REWARD, EpisodeStats, RolloutCollector
 
-from helpers import RTOL, rel_err
+from helpers import RTOL, make_policy, rel_err
 
 
 def _linear_policy(bias, obs_dim, dtype, device, seed=0):
@@ -201,3 +203,164 @@ def test_float64_critic_on_large_targets_stays_finite_and_moves(device):
     after = _critic_state(net, opt)
     assert all(torch.isfinite(t).all() for t in after)
     assert not torch.equal(before[0], after[0])
+
+
+# ----------------------------------------------------------------------------- every op on any layout
+# Each op, its tensor arguments (params element by element) and a function of them. Every op must
+# read a stride-0 (`.expand`) or strided argument exactly as a dense copy with the same values, or,
+# for what it writes in place (the critic's parameters and Adam state), refuse it with a ValueError.
+D = torch.float64
+
+
+def _policy_args(kind):
+    torch.manual_seed(0)
+    params = [p.detach().clone() for p in make_policy(kind, 4, 3, (5,), "tanh", D).parameters()]
+    obs = torch.randn(6, 4, dtype=D)
+    actions = torch.randint(0, 3, (6,)) if kind == "categorical" else torch.randn(6, 3, dtype=D)
+    return params, obs, actions, torch.randn(6, dtype=D)
+
+
+def _op_cases():
+    cases = {}
+    for kind in ["categorical", "gaussian"]:
+        params, obs, actions, adv = _policy_args(kind)
+        v = torch.randn(sum(p.numel() for p in params), dtype=D)
+        common = dict(kind=kind, activation="tanh")
+        cases[f"fvp-{kind}"] = (lambda obs, params, v, c=common: _ops.mlp_fvp(obs, params, v, damping=0.1, **c),
+                                dict(obs=obs, params=params, v=v))
+        cases[f"cg-{kind}"] = (lambda obs, params, b, c=common: tuple(_ops.mlp_cg(obs, params, b, damping=0.1, iters=4,
+                                                                                  rtol=0.0, **c)),
+                               dict(obs=obs, params=params, b=v))
+        cases[f"direction-{kind}"] = (
+            lambda obs, params, actions, advantages, fvp_obs, c=common: tuple(_ops.mlp_policy_direction(
+                obs, params, actions, advantages, damping=0.1, iters=4, rtol=0.0, fvp_obs=fvp_obs, **c)),
+            dict(obs=obs, params=params, actions=actions, advantages=adv, fvp_obs=obs[:4].clone()))
+        trial = dict(obs=obs, params=params, actions=actions, advantages=adv,
+                     old_dist_params=torch.randn(6, 3, dtype=D))
+        if kind == "gaussian":
+            trial["old_log_std"] = torch.randn(3, dtype=D)
+        cases[f"trial-{kind}"] = (
+            lambda obs, params, actions, advantages, old_dist_params, old_log_std=None, c=common: tuple(
+                _ops.mlp_policy_trial(obs, params, actions, advantages, old_dist_params=old_dist_params,
+                                      old_log_std=old_log_std, **c)), trial)
+        for det in [True, False]:
+            cases[f"act-{kind}-{'mode' if det else 'sample'}"] = (
+                lambda obs, params, obs_mean, obs_inv_std, c=common, det=det: tuple(_ops.mlp_act(
+                    obs, params, deterministic=det, generator=torch.Generator().manual_seed(0), obs_mean=obs_mean,
+                    obs_inv_std=obs_inv_std, obs_clip=5.0, **c)),
+                dict(obs=obs, params=params, obs_mean=torch.randn(4, dtype=D), obs_inv_std=torch.rand(4, dtype=D)))
+    torch.manual_seed(0)
+    params = [p.detach().clone() for p in trpo_ext.ValueNetwork(4, (5,)).double().parameters()]
+
+    def fit(obs, returns, params, exp_avg, exp_avg_sq, order):
+        steps = [torch.tensor(0.0) for _ in params]
+        loss = _ops.mlp_value_fit(obs, returns, params, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps,
+                                  order=order, batch_size=4, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                                  activation="tanh")
+        return (loss, *params, *exp_avg, *exp_avg_sq)
+
+    cases["value_fit"] = (fit, dict(obs=torch.randn(6, 4, dtype=D), returns=torch.randn(6, dtype=D), params=params,
+                                    exp_avg=[torch.rand_like(p) for p in params],
+                                    exp_avg_sq=[torch.rand_like(p) for p in params],
+                                    order=torch.stack([torch.randperm(6), torch.randperm(6)])))
+    return cases
+
+
+OPS = _op_cases()
+WRITTEN = {"value_fit": ("params", "exp_avg", "exp_avg_sq")}  # updated in place: must be dense
+
+
+def _layouts(t):
+    """(name, dense, other) with equal values: stride 0 everywhere, and every other element of a
+    twice-as-wide tensor (strided last dimension)."""
+    c = t.flatten()[0].clone()
+    yield "stride-0", torch.full_like(t, c.item()), c.expand(t.shape)
+    if t.dim() >= 1:
+        wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)
+        wide[..., ::2] = t
+        yield "strided", t.clone(), wide[..., ::2]
+
+
+def _arguments(name):
+    for key, value in OPS[name][1].items():
+        for i in (range(len(value)) if isinstance(value, list) else [None]):
+            yield pytest.param(name, key, i, id=f"{name}-{key}" + ("" if i is None else f"[{i}]"))
+
+
+def _with(args, key, i, tensor):
+    out = {k: [t.clone() for t in v] if isinstance(v, list) else v.clone() for k, v in args.items()}
+    if i is None:
+        out[key] = tensor
+    else:
+        out[key][i] = tensor
+    return out
+
+
+@pytest.mark.parametrize("name, key, index", [p for name in OPS for p in _arguments(name)])
+def test_every_op_reads_any_layout_like_a_dense_copy(name, key, index):
+    fn, args = OPS[name]
+    original = args[key] if index is None else args[key][index]
+    for layout, dense, other in _layouts(original):
+        if other.is_contiguous():
+            continue  # a 1-element stride-0 tensor is contiguous
+        if key in WRITTEN.get(name, ()):
+            with pytest.raises(ValueError, match="must be contiguous"):
+                fn(**_with(args, key, index, other))
+            continue
+        expected = fn(**_with(args, key, index, dense))
+        got = fn(**_with(args, key, index, other))
+        expected, got = (x if isinstance(x, tuple) else (x,) for x in (expected, got))
+        for e, g in zip(expected, got):  # the GEMMs may take another path: rounding, not more
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14, msg=lambda m: f"{layout}: {m}")
+
+
+def test_value_fit_refuses_order_out_of_range():
+    fn, args = OPS["value_fit"]
+    for bad in [torch.full((1, 6), 6), torch.full((1, 6), -1)]:
+        with pytest.raises(ValueError, match=r"order must hold row indices in \[0, 6\), got values in"):
+            fn(**_with(args, "order", None, bad))
+
+
+# Zero-size tensors where the ops accept them: an empty batch at inference, no epochs, and an
+# observation of width 0 (a network of biases alone), which must act like an input column of zeros.
+def test_act_on_an_empty_batch():
+    for name in ["act-categorical-sample", "act-gaussian-sample", "act-categorical-mode"]:
+        fn, args = OPS[name]
+        x, actions = fn(**_with(args, "obs", None, args["obs"][:0]))
+        assert x.shape == (0, 4) and actions.shape[0] == 0
+
+
+def test_value_fit_with_no_epochs_changes_nothing():
+    fn, args = OPS["value_fit"]
+    args = _with(args, "order", None, torch.empty(0, 6, dtype=torch.long))
+    before = [t.clone() for t in args["params"] + args["exp_avg"] + args["exp_avg_sq"]]
+    loss, *after = fn(**args)
+    assert loss.item() == 0.0 and all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("name", ["fvp-categorical", "fvp-gaussian", "cg-gaussian", "direction-categorical",
+                                  "trial-gaussian", "act-categorical-mode", "act-gaussian-mode"])
+def test_zero_width_observation_acts_like_a_zero_column(name):
+    fn, args = OPS[name]
+    zero = _with(args, "obs", None, torch.zeros(6, 1, dtype=D))
+    zero["params"][0] = zero["params"][0][:, :1].contiguous()
+    empty = _with(zero, "obs", None, torch.empty(6, 0, dtype=D))
+    empty["params"][0] = zero["params"][0][:, :0]
+    for key in ["v", "b"]:
+        if key in zero:
+            # params[0] is (5, 1): its entries come first, zero so that the CG solves agree too.
+            zero[key] = torch.cat([torch.zeros(5, dtype=D), args[key][20:]])
+            empty[key] = zero[key][5:]
+    if "fvp_obs" in zero:
+        zero["fvp_obs"], empty["fvp_obs"] = torch.zeros(4, 1, dtype=D), torch.empty(4, 0, dtype=D)
+    if "obs_mean" in zero:
+        zero["obs_mean"], zero["obs_inv_std"] = torch.zeros(1, dtype=D), torch.ones(1, dtype=D)
+        empty["obs_mean"], empty["obs_inv_std"] = torch.empty(0, dtype=D), torch.empty(0, dtype=D)
+    with_column, without = (x if isinstance(x, tuple) else (x,) for x in (fn(**zero), fn(**empty)))
+    n_params = sum(p.numel() for p in zero["params"])
+    for a, b in zip(with_column, without):
+        if a.dim() == 1 and a.numel() == n_params:
+            a = a[5:]  # the zero column's entries: their gradient and curvature are 0
+        elif a.dim() == 2 and a.shape[1] == 1 and b.shape[1] == 0:
+            continue  # the normalized observations themselves
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
