@@ -257,6 +257,39 @@ def test_cli_train_eval_plot(tmp_path, capsys):
     assert (tmp_path / "curves.png").is_file()
 
 
+def _rows(run_dir):
+    with open(run_dir / "progress.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_second_cli_run_into_the_same_directory_gets_a_fresh_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "CartPole-v1", "--timesteps", "128", "--n-envs", "2", "--n-steps", "64", "--out", str(out),
+            "--no-progress", "--eval-episodes", "1", "--set", "critic_epochs=1"]
+    assert cli_main(args) == 0
+    first_model = (out / "model.pt").read_bytes()
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    second = tmp_path / "run_2"
+    assert f"-> {second} ({out} already holds a run)" in printed
+    assert len(_rows(out)) == 1 and len(_rows(second)) == 1  # no rows appended to the first run
+    assert (out / "model.pt").read_bytes() == first_model  # the first model is not overwritten
+    assert len(list((out / "tb").iterdir())) == 1
+    for name in ("model.pt", "progress.csv", "learning_curve.png"):
+        assert (second / name).is_file()
+    assert cli_main(["plot", str(out)]) == 0  # the same PNG name as train writes
+    assert "learning_curve.png" in capsys.readouterr().out
+
+
+def test_two_agents_with_one_log_dir_log_to_two_directories(tmp_path):
+    TRPO("CartPole-v1", log_dir=tmp_path / "logs", **FAST).learn(128, progress_bar=False).close()
+    with pytest.warns(UserWarning, match="already holds a run"):
+        second = TRPO("CartPole-v1", log_dir=tmp_path / "logs", **FAST)
+    second.learn(128, progress_bar=False).close()
+    assert second.log_dir == str(tmp_path / "logs_2")
+    assert len(_rows(tmp_path / "logs")) == 1 and len(_rows(tmp_path / "logs_2")) == 1
+
+
 # ----------------------------------------------------------------------------- learning
 def test_short_cartpole_run_beats_random_policy():
     agent = TRPO("CartPole-v1", seed=0)  # the defaults the README's main command uses

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 
 class UsageError(Exception):
@@ -90,9 +91,13 @@ def train(args) -> int:
     for name in ("n_envs", "n_steps", "max_kl", "normalize_obs"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=out, **options)
+    with warnings.catch_warnings():  # the line below says where the run goes instead
+        warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
+        agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=out, **options)
+    elsewhere = f" ({out} already holds a run)" if agent.log_dir != out else ""
+    out = agent.log_dir  # a fresh numbered directory when `out` already holds a run
     print(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {agent.config.n_envs} envs, "
-          f"{agent.config.batch_size} steps per update) -> {out}")
+          f"{agent.config.batch_size} steps per update) -> {out}{elsewhere}")
     start = time.perf_counter()
     agent.learn(args.timesteps, progress_bar=not args.no_progress)
     elapsed = time.perf_counter() - start
@@ -157,7 +162,7 @@ def plot_runs(run_dirs, out_path: str, title: str | None = None) -> None:
 
 
 def plot(args) -> int:
-    out = args.out or os.path.join(args.run_dirs[0], "learning_curves.png")
+    out = args.out or os.path.join(args.run_dirs[0], "learning_curve.png")
     plot_runs(args.run_dirs, out, title=args.title)
     print(f"wrote {out}")
     return 0
@@ -202,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("plot", help="overlay the learning curves of run directories")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/learning_curves.png of the first run)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/learning_curve.png of the first run)")
     p.add_argument("--title", default=None)
     p.set_defaults(func=plot)
 

@@ -3,18 +3,36 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
+
+
+# What a run leaves in its directory; a directory holding any of them is taken.
+RUN_FILES = ("progress.csv", "tb", "model.pt")
+
+
+def holds_run(path: str) -> bool:
+    """Whether `path` already holds a run's logs or model."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in RUN_FILES)
 
 
 def check_log_dir(log_dir: str | os.PathLike | None) -> str | None:
-    """`log_dir` as a path string (None stays None); ValueError if it exists and is not a directory.
-    Nothing is created: the agent opens its logger at the first update."""
+    """The directory a new run logs into: `log_dir` itself, or `log_dir_2`, `log_dir_3`, … when it
+    already holds a run (two runs never share a progress.csv or a TensorBoard directory; a warning
+    says where this one goes). None stays None. ValueError if the path is not a directory. Nothing
+    is created here: the agent opens its logger at the first update."""
     if log_dir is None:
         return None
     if not isinstance(log_dir, (str, os.PathLike)):
         raise ValueError(f"log_dir must be a path or None, got {log_dir!r}")
-    log_dir = os.fspath(log_dir)
-    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise ValueError(f"log_dir {log_dir!r} exists and is not a directory")
+    requested = os.fspath(log_dir)
+    log_dir, number = requested, 1
+    while holds_run(log_dir) or (os.path.exists(log_dir) and not os.path.isdir(log_dir)):
+        if os.path.exists(log_dir) and not os.path.isdir(log_dir) and log_dir == requested:
+            raise ValueError(f"log_dir {requested!r} exists and is not a directory")
+        number += 1
+        log_dir = f"{requested.rstrip(os.sep)}_{number}"
+    if log_dir != requested:
+        warnings.warn(f"log_dir {requested!r} already holds a run; this run logs to {log_dir!r}", stacklevel=3)
     return log_dir
 
 
