@@ -297,3 +297,21 @@ def test_short_cartpole_run_beats_random_policy():
     mean, _ = agent.evaluate(5)
     assert agent.last_record["ep_return_mean"] > 60  # random policy: about 22
     assert mean > 100
+
+
+def test_learn_uses_num_threads_and_puts_torch_back():
+    seen = []
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        TRPO("CartPole-v1", num_threads=1, **FAST).learn(128, progress_bar=False,
+                                                         callback=lambda a, r: seen.append(torch.get_num_threads()))
+        assert seen == [1] and torch.get_num_threads() == 2
+        TRPO("CartPole-v1", num_threads=None, **FAST).learn(128, progress_bar=False,
+                                                            callback=lambda a, r: seen.append(torch.get_num_threads()))
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(saved)
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="num_threads must be an int >= 1"):
+            TRPO("CartPole-v1", num_threads=bad, **FAST)

@@ -75,25 +75,22 @@ def _hyperparameter(text: str) -> tuple[str, object]:
 def train(args) -> int:
     from .trpo import TRPO
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     out = args.out or os.path.join("runs", f"{args.env_id}-seed{args.seed}")
     options = dict(args.set)
     known = _trpo_defaults()
     for key in options:
-        own = {"seed": "--seed", "device": "--device", "log_dir": "--out"}.get(key)
+        own = {"seed": "--seed", "device": "--device", "log_dir": "--out", "num_threads": "--threads"}.get(key)
         if own:
             raise UsageError(f"--set {key}=...: use {own}")
         if key not in known:
-            raise UsageError(f"--set: unknown hyperparameter {key!r} (known: {', '.join(sorted(set(known) - {'seed', 'device', 'log_dir'}))})")
+            raise UsageError(f"--set: unknown hyperparameter {key!r} (known: {', '.join(sorted(set(known) - {'seed', 'device', 'log_dir', 'num_threads'}))})")
     for name in ("n_envs", "n_steps", "max_kl", "normalize_obs"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     with warnings.catch_warnings():  # the line below says where the run goes instead
         warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
-        agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=out, **options)
+        agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=out,
+                     num_threads=args.threads or None, **options)
     elsewhere = f" ({out} already holds a run)" if agent.log_dir != out else ""
     out = agent.log_dir  # a fresh numbered directory when `out` already holds a run
     print(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {agent.config.n_envs} envs, "
@@ -186,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize-obs", action="store_true", default=None,
                    help=f"running observation normalization (default: {defaults['normalize_obs']})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=_int_at_least(0), default=0,
-                   help="torch.set_num_threads; 0: torch's choice (default: 0)")
+    p.add_argument("--threads", type=_int_at_least(0), default=1,
+                   help="torch threads while training (TRPO's num_threads); 0: torch's own choice (default: 1)")
     p.add_argument("--out", default=None, help="run directory (default: runs/ENV_ID-seedSEED)")
     p.add_argument("--eval-episodes", type=_int_at_least(1), default=10, help="episodes of the final evaluation")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

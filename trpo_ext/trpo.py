@@ -8,6 +8,7 @@ format in `checkpoint`, progress.csv / TensorBoard in `logger`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -39,6 +40,11 @@ class TRPO:
         log_dir: directory for progress.csv and TensorBoard event files (created at the first
             update; an existing file is refused here); None logs nowhere.
         device: "cpu", "cuda", a torch.device, or "auto" (CUDA when available).
+        num_threads: torch's CPU threads while `learn` runs (torch.set_num_threads, put back
+            afterwards); None leaves torch's own setting. The default, 1, because the networks are
+            small and the rollout steps the envs in one thread: more threads gain little there, and two
+            runs side by side (routine with seeds) oversubscribe the cores and slow both down many
+            times over (docs/benchmarks.md, "Threads"). Raise it for large networks or batches.
     """
 
     def __init__(self, env, *, n_envs: int = 8, n_steps: int = 128, gamma: float = 0.99,
@@ -48,7 +54,7 @@ class TRPO:
                  obs_clip: float = 10.0, critic_lr: float = 1e-3, critic_epochs: int = 10,
                  critic_batch_size: int = 128, policy_kwargs: dict | None = None, vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", num_threads: int | None = 1):
         config = TRPOConfig.from_dict(dict(
             n_envs=n_envs, n_steps=n_steps, gamma=gamma, gae_lambda=gae_lambda, max_kl=max_kl, damping=damping,
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
@@ -58,6 +64,7 @@ class TRPO:
             stats_window=stats_window, seed=seed))
         self.log_dir = check_log_dir(log_dir)
         self.device = _resolve_device(device)
+        self.num_threads = None if num_threads is None else check_int("num_threads", num_threads, 1)
 
         # Environments: a vector env's own num_envs wins over n_envs.
         self.envs = make_vec_env(env, config.n_envs, config.vectorization)
@@ -116,7 +123,8 @@ class TRPO:
             self.collector.reset(seed=self.config.seed)
         batch_size = self.config.batch_size
         n_updates = -(-total_timesteps // batch_size)
-        with tqdm(total=n_updates * batch_size, disable=not progress_bar, unit="step", dynamic_ncols=True) as bar:
+        with _torch_threads(self.num_threads), \
+                tqdm(total=n_updates * batch_size, disable=not progress_bar, unit="step", dynamic_ncols=True) as bar:
             for _ in range(n_updates):
                 record = self._update()
                 bar.update(batch_size)
@@ -300,6 +308,18 @@ def _check_callback(callback) -> list:
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     var = returns.var().item()
     return float("nan") if var == 0 else 1.0 - (returns - values).var().item() / var
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch.set_num_threads(n) for the block (nothing when n is None), then the previous setting."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _resolve_device(device) -> torch.device:
