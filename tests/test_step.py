@@ -11,6 +11,8 @@ from torch.nn.utils import parameters_to_vector
 
 import trpo_ext
 from trpo_ext import TRPO, reference
+from trpo_ext.config import TrustRegionConfig
+from trpo_ext.step import line_search
 
 from helpers import make_policy, n_params, rel_err
 
@@ -94,12 +96,14 @@ def _trap_batch():
     return obs, actions, torch.ones(40, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("why, direction, max_kl", [
-    ("kl", [0.0, 1.0, -1.0], 0.01),        # the KL of every trial is far above max_kl
-    ("surrogate", [-1.0, 0.0, 0.0], 1e30),  # any KL is allowed, but every trial lowers action 0's probability
+@pytest.mark.parametrize("why, direction, trap, max_kl", [
+    ("kl", [0.0, 1.0, -1.0], 1e6, 0.01),  # the KL of every trial is far above max_kl
+    # A mild trap and a loose trust region: trials 2-4 are inside it (KL 7.2, 4.1, 2.2), but every
+    # trial lowers action 0's probability, so the surrogate rejects them.
+    ("surrogate", [-1.0, 0.0, 0.0], 1.0, 10.0),
 ])
-def test_rejected_line_search_restores_parameters_exactly(why, direction, max_kl):
-    policy = TrapPolicy(direction)
+def test_rejected_line_search_restores_parameters_exactly(why, direction, trap, max_kl):
+    policy = TrapPolicy(direction, trap)
     obs, actions, advantages = _trap_batch()
     before = _vector(policy)
     record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=max_kl, max_backtracks=4)
@@ -117,15 +121,22 @@ def test_zero_advantages_give_no_direction_and_no_change():
     assert torch.equal(_vector(policy), before)
 
 
-def test_non_finite_trials_are_skipped_and_theta_stays_finite():
-    # max_kl = 1e30 makes the first trials overflow to inf in float32: they must be skipped, never applied.
-    policy = make_policy("categorical", 4, 3, (6,), "tanh", torch.float32)
-    obs, actions, advantages = _batch(policy)
-    before = _vector(policy)
-    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=1e30, max_backtracks=3)
-    assert torch.isfinite(_vector(policy)).all()
-    if not record.accepted:
-        assert torch.equal(_vector(policy), before)
+def test_line_search_never_evaluates_a_non_finite_candidate():
+    # float32: old + f·step overflows to inf for f = 1, 0.5, 0.25 and is finite from f = 0.125 on.
+    old = torch.full((4,), 3e38)
+    evaluated = []
+
+    def trial(candidate):
+        evaluated.append(candidate.clone())
+        return 0.0, 1.0  # within the trust region and an improvement: accepted
+
+    config = TrustRegionConfig(max_kl=0.01, backtrack_factor=0.5, max_backtracks=6)
+    trials, accepted = line_search(trial, old, torch.full((4,), 3e38), 0.0, config)
+    assert trials == 4 and len(evaluated) == 1 and torch.isfinite(evaluated[0]).all()
+    assert torch.equal(accepted[0], evaluated[0]) and accepted[1:] == (0.0, 1.0)
+    assert line_search(trial, old, torch.full((4,), 3e38), 0.0, TrustRegionConfig(backtrack_factor=0.5,
+                                                                                 max_backtracks=3)) == (3, None)
+    assert len(evaluated) == 1  # every candidate of the second search overflowed
 
 
 def test_fvp_obs_is_what_the_products_use():
@@ -162,7 +173,8 @@ def test_agent_update_is_trust_region_step_on_the_normalized_batch():
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    (dict(max_kl=0.0), ValueError, "max_kl must be a finite number in (0.0, inf]"),
+    (dict(max_kl=0.0), ValueError, "max_kl must be a finite number in (0.0, 10.0]"),
+    (dict(max_kl=1e300), ValueError, "max_kl must be a finite number in (0.0, 10.0]"),
     (dict(max_kl=-0.01), ValueError, "max_kl must be"),
     (dict(max_kl=float("inf")), ValueError, "max_kl must be a finite number"),
     (dict(damping=float("nan")), ValueError, "damping must be"),

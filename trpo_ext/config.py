@@ -81,10 +81,12 @@ class TrustRegionConfig:
 
     def __post_init__(self):
         checked = {
-            "max_kl": check_float("max_kl", self.max_kl, 0.0, low_open=True),
+            # Beyond a few nats the quadratic model behind the step means nothing (and a huge δ only
+            # makes every trial overflow): the bound turns a typo into an error instead of a no-op.
+            "max_kl": check_float("max_kl", self.max_kl, 0.0, 10.0, low_open=True),
             "damping": check_float("damping", self.damping, 0.0),
             "cg_iters": check_int("cg_iters", self.cg_iters, 1),
-            "cg_rtol": check_float("cg_rtol", self.cg_rtol, 0.0),
+            "cg_rtol": check_float("cg_rtol", self.cg_rtol, 0.0, 1.0, high_open=True),  # >= 1: no iteration
             "backtrack_factor": check_float("backtrack_factor", self.backtrack_factor, 0.0, 1.0,
                                             low_open=True, high_open=True),
             "max_backtracks": check_int("max_backtracks", self.max_backtracks, 1),
@@ -176,7 +178,7 @@ class TRPOConfig:
             "normalize_advantage": check_bool("normalize_advantage", self.normalize_advantage),
             "normalize_obs": check_bool("normalize_obs", self.normalize_obs),
             "obs_clip": check_float("obs_clip", self.obs_clip, 0.0, low_open=True),
-            "critic_lr": check_float("critic_lr", self.critic_lr, 0.0, low_open=True),
+            "critic_lr": check_float("critic_lr", self.critic_lr, 0.0, 1.0, low_open=True),
             "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0),
             "critic_batch_size": check_int("critic_batch_size", self.critic_batch_size, 1),
             "policy_kwargs": _check_policy_kwargs(self.policy_kwargs),

@@ -142,6 +142,25 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
     return _Direction(g, x, info, old_dist, trial)
 
 
+def line_search(trial: Callable[[torch.Tensor], tuple[float, float]], old_params: torch.Tensor,
+                full_step: torch.Tensor, old_surrogate: float, config: TrustRegionConfig):
+    """Backtracking on `full_step`: tries old_params + fᵏ·full_step for k = 0 … max_backtracks − 1
+    (f = backtrack_factor) and accepts the first whose `trial` KL is ≤ max_kl and whose surrogate
+    improved on `old_surrogate`. A candidate with a non-finite entry is skipped, never evaluated.
+    Returns (trials counted, (candidate, kl, improvement) or None)."""
+    fraction = 1.0
+    for k in range(1, config.max_backtracks + 1):
+        candidate = old_params + fraction * full_step
+        fraction *= config.backtrack_factor
+        if not bool(torch.isfinite(candidate).all()):
+            continue
+        kl, surrogate = trial(candidate)
+        improvement = surrogate - old_surrogate
+        if math.isfinite(kl) and math.isfinite(improvement) and kl <= config.max_kl and improvement > 0:
+            return k, (candidate, kl, improvement)
+    return config.max_backtracks, None
+
+
 def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor,
                       advantages: torch.Tensor, *, max_kl: float = 0.01, damping: float = 0.1,
                       cg_iters: int = 10, cg_rtol: float = 1e-10, backtrack_factor: float = 0.8,
@@ -199,20 +218,11 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     # Backtracking line search on β·x.
     full_step = math.sqrt(2.0 * config.max_kl / xAx) * x
     record["expected_improvement"] = torch.dot(g, full_step).item()
-    fraction, accepted = 1.0, None
+    accepted = None
     with torch.no_grad():
         try:
-            for trial in range(1, config.max_backtracks + 1):
-                record["line_search_steps"] = trial
-                candidate = old_params + fraction * full_step
-                fraction *= config.backtrack_factor
-                if not bool(torch.isfinite(candidate).all()):
-                    continue
-                kl, surrogate = direction.trial(candidate)
-                improvement = surrogate - old_surrogate
-                if math.isfinite(kl) and math.isfinite(improvement) and kl <= config.max_kl and improvement > 0:
-                    accepted = candidate, kl, improvement
-                    break
+            record["line_search_steps"], accepted = line_search(direction.trial, old_params, full_step,
+                                                                old_surrogate, config)
         finally:  # also when a trial raised: a generic trial loads its candidate into the policy
             vector_to_parameters(old_params if accepted is None else accepted[0], params)
     if accepted is None:
