@@ -243,3 +243,19 @@ def test_a_trial_that_raises_leaves_theta_as_it_was():
     with pytest.raises(RuntimeError, match="simulator diverged"):
         trpo_ext.trust_region_step(policy, obs, actions, advantages)
     assert torch.equal(_vector(policy), before)
+
+
+def test_the_generic_path_is_safe_from_several_threads():
+    # torch.func's forward-AD state is process-global: without the generic path's lock, concurrent
+    # products corrupt each other. Each thread must get exactly the single-threaded answer.
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy = make_policy("gaussian", 5, 3, (8, 7), "tanh", torch.float64)
+    obs = torch.randn(33, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    vectors = [torch.randn(n_params(policy), dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(16)]
+    expected = [trpo_ext.fvp(policy, obs, v, damping=0.1, path="generic") for v in vectors]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda v: trpo_ext.fvp(policy, obs, v, damping=0.1, path="generic"), vectors * 4))
+    for i, out in enumerate(got):
+        assert torch.equal(out, expected[i % len(vectors)])

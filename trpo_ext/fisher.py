@@ -11,6 +11,7 @@ derivative):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,12 @@ def _validate(policy, obs, vec_name, vec, damping, check_finite, path):
 
 
 # ----------------------------------------------------------------------------- generic path
+# torch.func's forward-mode AD keeps its levels in process-global state: two threads inside
+# torch.func.jvp at once corrupt each other (wrong products, heap corruption, segfaults were seen
+# with 4 threads, and a plain torch.func program fails the same way). The generic path therefore runs
+# one thread at a time; the fused ops need no lock.
+_GENERIC_LOCK = threading.Lock()
+
 def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
     """Linearises the policy's distribution parameters once; returns v -> F v (no damping)."""
     names = [name for name, _ in policy.named_parameters()]
@@ -207,7 +214,7 @@ def fvp(policy: torch.nn.Module, obs: torch.Tensor, v: torch.Tensor, damping: fl
     if fused is not None:
         return _ops.mlp_fvp(obs, [p.detach() for p in params], v, kind=fused.kind, activation=fused.activation,
                             damping=damping)
-    with torch.no_grad():
+    with _GENERIC_LOCK, torch.no_grad():
         return _generic_products(policy, obs, params)(v) + damping * v
 
 
@@ -235,7 +242,7 @@ def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters:
         x, used, res, xAx = solve(obs, [p.detach() for p in params], b, kind=fused.kind,
                                   activation=fused.activation, damping=damping, iters=iters, rtol=rtol)
         return x, CGInfo(used, res, xAx)
-    with torch.no_grad():
+    with _GENERIC_LOCK, torch.no_grad():
         product = _generic_products(policy, obs, params)
         x, used, res, xAx = conjugate_gradient(lambda p: product(p) + damping * p, b, iters, rtol)
     return x, CGInfo(torch.tensor(used, device=b.device), res, xAx)
