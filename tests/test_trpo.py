@@ -315,3 +315,36 @@ def test_learn_uses_num_threads_and_puts_torch_back():
     for bad in (0, 1.5, "2"):
         with pytest.raises(ValueError, match="num_threads must be an int >= 1"):
             TRPO("CartPole-v1", num_threads=bad, **FAST)
+
+
+class CrashingEnv(gym.Env):
+    """Raises at its 50th step, as a simulator that crashed would."""
+
+    observation_space = spaces.Box(-1, 1, (3,))
+    action_space = spaces.Discrete(2)
+
+    def __init__(self):
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == 50:
+            raise RuntimeError("simulator crashed")
+        return np.zeros(3, np.float32), 1.0, False, self.t % 20 == 0, {}
+
+
+def test_an_env_that_raised_is_named_on_the_next_learn():
+    agent = TRPO(CrashingEnv, vectorization="async", **FAST)
+    try:
+        before = policy_vector(agent)
+        with pytest.raises(RuntimeError, match="simulator crashed"):
+            agent.learn(128, progress_bar=False)
+        with pytest.raises(RuntimeError, match=r"failed in an earlier rollout \(RuntimeError: simulator crashed\)"):
+            agent.learn(128, progress_bar=False)
+        assert torch.equal(policy_vector(agent), before)
+    finally:
+        agent.close()

@@ -195,9 +195,24 @@ class RolloutCollector:
         self.low = None if self.discrete else space.low.astype(np.float32)
         self.high = None if self.discrete else space.high.astype(np.float32)
         self.last_obs: np.ndarray | None = None
+        self.env_failure: str | None = None  # what the vector env raised, once it has
+
+    def _envs(self, call, *args, **kwargs):
+        """envs.reset / envs.step, remembering a failure: a vector env whose worker raised (an
+        AsyncVectorEnv shuts that worker down) cannot step again, and saying so beats the
+        unrelated error its next call would give."""
+        if self.env_failure is not None:
+            raise RuntimeError(f"the environments failed in an earlier rollout ({self.env_failure}) and cannot "
+                               "step again; the agent's networks are unchanged: save it, then TRPO.load(path, env=...) "
+                               "with working envs")
+        try:
+            return getattr(self.envs, call)(*args, **kwargs)
+        except Exception as exc:
+            self.env_failure = f"{type(exc).__name__}: {exc}"
+            raise
 
     def reset(self, seed: int | None) -> None:
-        self.last_obs, _ = self.envs.reset(seed=seed)
+        self.last_obs, _ = self._envs("reset", seed=seed)
         self.stats.returns[:] = 0.0
         self.stats.lengths[:] = 0
 
@@ -277,7 +292,7 @@ class RolloutCollector:
             policy_obs, actions = self.act(policy, obs, generator, params=params)
             obs_steps.append(policy_obs)
             act_steps.append(actions)
-            obs, rewards[t], terminated[t], truncated[t], infos = self.envs.step(self.env_actions(actions))
+            obs, rewards[t], terminated[t], truncated[t], infos = self._envs("step", self.env_actions(actions))
             check_rewards(rewards[t], t + 1, self.stats.lengths)  # before the statistics see them
             done = terminated[t] | truncated[t]
             self.stats.step(rewards[t], done)
