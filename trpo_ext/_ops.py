@@ -7,13 +7,20 @@ unchanged; the ops check them (docs/design.md, "Checks").
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Sequence
 
 import torch
 
+# TRPO_EXT_OPS_LIBRARY: a path to the ops built by CMake (libtrpo_ext_ops.so), loaded instead of the
+# package's own extension — how .ci/sanitize runs the tests against an ASan/UBSan build.
+_library = os.environ.get("TRPO_EXT_OPS_LIBRARY")
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.trpo_ext.*)
-except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    if _library:
+        torch.ops.load_library(_library)
+    else:
+        from . import _C  # noqa: F401  (registers torch.ops.trpo_ext.*)
+except (ImportError, OSError) as exc:  # pragma: no cover - exercised only on broken installs
     raise ImportError(
         "trpo_ext._C, the compiled extension, could not be imported. Build it with "
         "`pip install . --no-build-isolation` against the torch you run "
