@@ -86,3 +86,11 @@ def test_help_shows_the_real_defaults(capsys):
     for default in ("environment steps (default: 100000)", "(default: 8)", "(default: 128)", "(default: 0.01)",
                     "(default: runs/ENV_ID-seedSEED)", "final evaluation (default: 10)", "(default: cpu)"):
         assert default in text, default
+
+
+def test_timesteps_take_integral_floats():
+    from trpo_ext.cli import build_parser
+
+    assert build_parser().parse_args(["train", "CartPole-v1", "--timesteps", "1e5"]).timesteps == 100_000
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "CartPole-v1", "--timesteps", "1.5"])
