@@ -337,6 +337,7 @@ class CrashingEnv(gym.Env):
         return np.zeros(3, np.float32), 1.0, False, self.t % 20 == 0, {}
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:gymnasium")  # the worker's own error report
 def test_an_env_that_raised_is_named_on_the_next_learn():
     agent = TRPO(CrashingEnv, vectorization="async", **FAST)
     try:
