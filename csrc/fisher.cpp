@@ -36,10 +36,12 @@ void check_cg_settings(double damping, int64_t iters, double rtol) {
 }
 
 MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act,
-                         bool with_outputs) {
+                         bool with_outputs, double mean_over, GroupSum group_sum) {
   MlpCache c;
   c.kind = kind;
   c.batch = obs.size(0);
+  c.mean_over = mean_over > 0 ? mean_over : static_cast<double>(c.batch);
+  c.group_sum = std::move(group_sum);
   const int64_t n_layers = (static_cast<int64_t>(params.size()) - (kind == MlpKind::Gaussian)) / 2;
   // The Gaussian FVP needs no mean, only the output layer's input.
   const at::Tensor out = mlp_forward(obs.contiguous(), params, n_layers, act, &c.inputs, &c.act_grad,
@@ -68,7 +70,7 @@ MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind k
   if (kind == MlpKind::Categorical) {
     c.probs = at::softmax(out, 1);
   } else {
-    c.out_scale = (at::exp(params.back() * -2.0) / static_cast<double>(c.batch)).unsqueeze(1);
+    c.out_scale = (at::exp(params.back() * -2.0) / c.mean_over).unsqueeze(1);
   }
   c.ones = at::ones({c.batch}, obs.options());
   return c;
@@ -109,11 +111,16 @@ void mlp_fvp_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, double damp
   if (last > 0) u_t.addmm_(c.weights[last], c.tangents_t[last - 1]);
   // Output Fisher, divided by N.
   if (c.kind == MlpKind::Categorical) {
-    TRPO_EXT_DISPATCH(u_t, categorical_fisher_, c.probs, c.tangents_t[last], 1.0 / static_cast<double>(c.batch));
+    TRPO_EXT_DISPATCH(u_t, categorical_fisher_, c.probs, c.tangents_t[last], 1.0 / c.mean_over);
   } else {
     u_t.mul_(c.out_scale);
   }
   mlp_vjp_into(c, out);
+  if (c.group_sum.active()) {
+    // The network's slices are the prefix of the vector; log_std's block below needs no states.
+    at::Tensor network = out.narrow(0, 0, c.offsets.back());
+    c.group_sum(network);
+  }
   if (c.kind == MlpKind::Gaussian) {
     // log_std is state-independent: its block of F is exactly 2 I.
     at::mul_out(c.slices(out).log_std, dir.log_std, 2.0);

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "collective.h"
 #include "mlp.h"
 
 namespace trpo_ext {
@@ -25,6 +26,10 @@ struct FlatSlices {
 struct MlpCache {
   MlpKind kind;  // Categorical or Gaussian
   int64_t batch = 0;
+  // The number of states the Fisher averages over: this batch's size, or with data-parallel ranks
+  // the size of all their batches together (each rank's products are then partial sums).
+  double mean_over = 0;
+  GroupSum group_sum;  // sums each product over the ranks (a no-op in one process)
   std::vector<at::Tensor> weights;  // W_l, (out_l, in_l), contiguous
   std::vector<at::Tensor> inputs;   // h_l, the input of layer l (h_0 = obs)
   std::vector<at::Tensor> act_grad; // act'(z_l) for the hidden layers
@@ -46,10 +51,12 @@ struct MlpCache {
 
 // obs and params as check_mlp accepted them (obs contiguous or not). `with_outputs` keeps the output
 // layer's result in `outputs` (the Gaussian FVP does not need the mean, so it is skipped otherwise).
+// `mean_over` > 0 and `group_sum` make the products data-parallel: each rank's product is its batch's
+// sum divided by mean_over, summed over the ranks by group_sum.
 MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act,
-                         bool with_outputs = false);
+                         bool with_outputs = false, double mean_over = 0, GroupSum group_sum = GroupSum());
 
-// out = (F + damping I) v, all flat; `out` must not alias `v`.
+// out = (F + damping I) v, all flat; `out` must not alias `v`. One reduction when the cache has a group.
 void mlp_fvp_into(MlpCache& cache, const at::Tensor& v, at::Tensor& out, double damping);
 
 // The VJP of the output cotangent held in cache.tangents.back() ((K, N)) into out's network slices

@@ -23,10 +23,10 @@ TORCH_LIBRARY(trpo_ext, m) {
   m.def("mlp_cg(Tensor obs, Tensor[] params, Tensor b, str kind, str activation, float damping, "
         "int iters, float rtol) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("mlp_policy_direction(Tensor obs, Tensor[] params, Tensor actions, Tensor advantages, Tensor? fvp_obs, "
-        "str kind, str activation, float damping, int iters, float rtol) "
+        "str kind, str activation, float damping, int iters, float rtol, str? group=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mlp_policy_trial(Tensor obs, Tensor[] params, Tensor actions, Tensor advantages, Tensor old_dist_params, "
-        "Tensor? old_log_std, str kind, str activation) -> (Tensor, Tensor)");
+        "Tensor? old_log_std, str kind, str activation, str? group=None) -> (Tensor, Tensor)");
   m.def("mlp_value_fit(Tensor obs, Tensor returns, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
         "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps, Tensor order, int batch_size, float lr, float beta1, "
         "float beta2, float eps, str activation) -> Tensor");

@@ -46,7 +46,7 @@ void surrogate_grad_into(MlpCache& c, const at::Tensor& actions, const at::Tenso
   //   categorical: A (onehot(a) - p) / N;   gaussian mean: A (a - mean) e^{-2 log_std} / N,
   //   and for log_std itself: mean(A ((a - mean)^2 e^{-2 log_std} - 1)).
   at::Tensor& u_t = c.tangents.back();  // (K, N)
-  const at::Tensor weight = advantages.unsqueeze(0) / static_cast<double>(c.batch);  // (1, N)
+  const at::Tensor weight = advantages.unsqueeze(0) / c.mean_over;  // (1, N)
   if (c.kind == MlpKind::Categorical) {
     at::mul_out(u_t, c.probs.t(), weight).neg_();
     u_t.t().scatter_add_(1, actions.unsqueeze(1), weight.t());
@@ -60,12 +60,21 @@ void surrogate_grad_into(MlpCache& c, const at::Tensor& actions, const at::Tenso
   mlp_vjp_into(c, out);
 }
 
+// The batch sizes summed over the group's ranks (one reduction), or the local ones without a group.
+std::vector<double> total_counts(const GroupSum& group_sum, std::vector<double> counts, const at::Tensor& like) {
+  if (!group_sum.active()) return counts;
+  at::Tensor t = at::tensor(counts, at::kDouble).to(like.device());
+  group_sum(t);
+  t = t.cpu();
+  return {t.data_ptr<double>(), t.data_ptr<double>() + t.numel()};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
     const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
     const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
-    int64_t iters, double rtol) {
+    int64_t iters, double rtol, std::optional<c10::string_view> group) {
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
   const MlpShape shape = check_mlp(obs, params, k, ObsRule::Match);
@@ -76,13 +85,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       "trpo_ext: fvp_obs must have shape (M, ", obs.size(1), ") with M > 0, got ", fvp_obs->sizes());
   }
   check_cg_settings(damping, iters, rtol);
+  const GroupSum group_sum(group);
+  // Data-parallel: every mean below is over all ranks' states, each rank adding its own.
+  const auto totals = total_counts(group_sum, {static_cast<double>(obs.size(0)),
+                                               static_cast<double>(fvp_obs ? fvp_obs->size(0) : obs.size(0))}, obs);
 
   // One forward pass serves the gradient, the distribution parameters and (without fvp_obs) the solve.
-  MlpCache cache = build_mlp_cache(obs, params, k, act, /*with_outputs=*/true);
+  MlpCache cache = build_mlp_cache(obs, params, k, act, /*with_outputs=*/true, totals[0], group_sum);
   at::Tensor g = at::empty({shape.numel}, obs.options());
   surrogate_grad_into(cache, actions.contiguous(), advantages.contiguous(), g);
+  group_sum(g);
   at::Tensor dist_params = cache.outputs;
-  if (fvp_obs.has_value()) cache = build_mlp_cache(*fvp_obs, params, k, act);
+  if (fvp_obs.has_value()) cache = build_mlp_cache(*fvp_obs, params, k, act, false, totals[1], group_sum);
   auto [x, used, residual, xAx] = cg_solve_cached(cache, g, damping, iters, rtol);
   return {g, x, used, residual, xAx, dist_params};
 }
@@ -92,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::T
                                                     const at::Tensor& actions, const at::Tensor& advantages,
                                                     const at::Tensor& old_dist_params,
                                                     const std::optional<at::Tensor>& old_log_std,
-                                                    c10::string_view kind, c10::string_view activation) {
+                                                    c10::string_view kind, c10::string_view activation,
+                                                    std::optional<c10::string_view> group) {
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
   const MlpShape shape = check_mlp(obs, params, k, ObsRule::Match);
@@ -128,7 +143,14 @@ std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::T
                     .sum(1)
                     .sub_(log_std_diff.sum());
   }
-  return {kl.mean().to(at::kDouble), (log_ratio.exp() * advantages).mean().to(at::kDouble)};
+  // The improvement over θ_old, where every ratio is 1: mean((π/π_old - 1) A), with expm1 for the
+  // small log-ratios of a trust region. Sums in float64, divided by the number of states (of all
+  // ranks: one reduction carries both sums and the count).
+  at::Tensor sums = at::stack({at::sum(kl, at::kDouble), at::sum(at::expm1(log_ratio) * advantages, at::kDouble),
+                               at::scalar_tensor(static_cast<double>(obs.size(0)), kl.options().dtype(at::kDouble))});
+  const GroupSum group_sum(group);
+  group_sum(sums);
+  return {sums[0] / sums[2], sums[1] / sums[2]};
 }
 
 }  // namespace trpo_ext

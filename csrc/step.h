@@ -11,19 +11,23 @@ namespace trpo_ext {
 // The direction from one forward pass on obs: (g, x, iterations (int64), residual norm (float64),
 // x'(F + damping I)x (float64), the output layer's result (logits or mean), (N, K)), where g is the
 // surrogate's gradient at θ_old and x solves (F + damping I) x = g by CG, with the Fisher on fvp_obs
-// when given (else on obs).
+// when given (else on obs). With `group` (a torch.distributed process group's name) each rank passes
+// its shard of the batch and every rank gets the result for all shards together: 2 + (CG iterations)
+// reductions (the batch sizes, the gradient, one per product).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
     const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
     const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
-    int64_t iters, double rtol);
+    int64_t iters, double rtol, std::optional<c10::string_view> group);
 
-// One line-search trial at the parameters `params`: (mean KL(old ‖ new), surrogate mean(π/π_old · A)),
+// One line-search trial at the parameters `params`: (mean KL(old ‖ new), the surrogate's improvement
+// mean((π/π_old - 1) · A) over the old policy),
 // both 0-dim float64, for the old policy given by its output on obs (old_dist_params, (N, K)) and,
-// for a Gaussian, its log_std.
+// for a Gaussian, its log_std. With `group`, over all ranks' shards: one reduction.
 std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::TensorList params,
                                                     const at::Tensor& actions, const at::Tensor& advantages,
                                                     const at::Tensor& old_dist_params,
                                                     const std::optional<at::Tensor>& old_log_std,
-                                                    c10::string_view kind, c10::string_view activation);
+                                                    c10::string_view kind, c10::string_view activation,
+                                                    std::optional<c10::string_view> group);
 
 }  // namespace trpo_ext

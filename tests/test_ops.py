@@ -110,21 +110,22 @@ def test_policy_direction_checks(kind, change, error, words):
 
 
 @pytest.mark.parametrize("kind", ["categorical", "gaussian"])
-def test_policy_trial_is_the_kl_and_surrogate_of_torch_distributions(kind, device):
+def test_policy_trial_is_the_kl_and_improvement_of_torch_distributions(kind, device):
     old = make_policy(kind, 5, 3, (8, 7), "relu", torch.float64, device, seed=0)
     new = make_policy(kind, 5, 3, (8, 7), "relu", torch.float64, device, seed=1)
     obs, _, actions, advantages = _direction_args(kind, torch.float64, device)
     with torch.no_grad():
         old_dist, new_dist = old(obs), new(obs)
         expected_kl = torch.distributions.kl_divergence(old_dist, new_dist).mean()
-        expected_surrogate = (torch.exp(new_dist.log_prob(actions) - old_dist.log_prob(actions)) * advantages).mean()
-    kl, surrogate = trpo_ext._ops.mlp_policy_trial(
+        expected_improvement = (torch.expm1(new_dist.log_prob(actions) - old_dist.log_prob(actions))
+                                * advantages).mean()
+    kl, improvement = trpo_ext._ops.mlp_policy_trial(
         obs, [p.detach() for p in new.parameters()], actions, advantages,
         old_dist_params=old.distribution_params(obs).detach(),
         old_log_std=old.log_std.detach() if kind == "gaussian" else None, kind=kind, activation="relu")
-    assert kl.dtype == surrogate.dtype == torch.float64 and kl.shape == surrogate.shape == ()
+    assert kl.dtype == improvement.dtype == torch.float64 and kl.shape == improvement.shape == ()
     assert float(kl) == pytest.approx(float(expected_kl), rel=1e-12) and float(kl) > 0
-    assert float(surrogate) == pytest.approx(float(expected_surrogate), rel=1e-12)
+    assert float(improvement) == pytest.approx(float(expected_improvement), rel=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["categorical", "gaussian"])

@@ -131,10 +131,10 @@ def test_line_search_never_evaluates_a_non_finite_candidate():
         return 0.0, 1.0  # within the trust region and an improvement: accepted
 
     config = TrustRegionConfig(max_kl=0.01, backtrack_factor=0.5, max_backtracks=6)
-    trials, accepted = line_search(trial, old, torch.full((4,), 3e38), 0.0, config)
+    trials, accepted = line_search(trial, old, torch.full((4,), 3e38), config)
     assert trials == 4 and len(evaluated) == 1 and torch.isfinite(evaluated[0]).all()
     assert torch.equal(accepted[0], evaluated[0]) and accepted[1:] == (0.0, 1.0)
-    assert line_search(trial, old, torch.full((4,), 3e38), 0.0, TrustRegionConfig(backtrack_factor=0.5,
+    assert line_search(trial, old, torch.full((4,), 3e38), TrustRegionConfig(backtrack_factor=0.5,
                                                                                  max_backtracks=3)) == (3, None)
     assert len(evaluated) == 1  # every candidate of the second search overflowed
 

@@ -84,16 +84,20 @@ class DirectionResult(NamedTuple):
 
 def mlp_policy_direction(obs: torch.Tensor, params: Sequence[torch.Tensor], actions: torch.Tensor,
                          advantages: torch.Tensor, *, kind: str, activation: str, damping: float, iters: int,
-                         rtol: float, fvp_obs: torch.Tensor | None = None) -> DirectionResult:
+                         rtol: float, fvp_obs: torch.Tensor | None = None,
+                         group: str | None = None) -> DirectionResult:
     """The TRPO direction from one forward pass: g = ∇ mean(π/π_old · A) at ratio 1, then CG on
     (F + damping I) x = g with the Fisher on `fvp_obs` (obs when None), plus the forward pass's
-    distribution parameters for the old distribution."""
+    distribution parameters for the old distribution. `group`: a torch.distributed process group's
+    `group_name`; each rank passes its shard and all get the result for the shards together
+    (reductions: the batch sizes, the gradient, one per CG product)."""
     return DirectionResult(*ops.mlp_policy_direction(obs, list(params), actions, advantages, fvp_obs, kind,
-                                                     activation, damping, iters, rtol))
+                                                     activation, damping, iters, rtol, group))
 
 
 @torch.library.register_fake("trpo_ext::mlp_policy_direction")
-def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, activation, damping, iters, rtol):
+def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, activation, damping, iters, rtol,
+                               group=None):
     numel = sum(p.numel() for p in params)
     scalar = dict(device=obs.device, dtype=torch.float64)
     flat = obs.new_empty((numel,), dtype=params[0].dtype)
@@ -105,15 +109,17 @@ def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, 
 # ----------------------------------------------------------------------------- mlp_policy_trial
 def mlp_policy_trial(obs: torch.Tensor, params: Sequence[torch.Tensor], actions: torch.Tensor,
                      advantages: torch.Tensor, *, old_dist_params: torch.Tensor, old_log_std: torch.Tensor | None,
-                     kind: str, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One line-search trial at `params`: (mean KL(old ‖ new), surrogate mean(π/π_old · A)) as 0-dim
-    float64 tensors; the old policy is its output on obs (and its log_std for a Gaussian)."""
+                     kind: str, activation: str, group: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One line-search trial at `params`: (mean KL(old ‖ new), the surrogate's improvement
+    mean((π/π_old − 1) · A)) as 0-dim float64 tensors; the old policy is its output on obs (and its
+    log_std for a Gaussian). `group` as for `mlp_policy_direction`: one reduction."""
     return ops.mlp_policy_trial(obs, list(params), actions, advantages, old_dist_params, old_log_std, kind,
-                                activation)
+                                activation, group)
 
 
 @torch.library.register_fake("trpo_ext::mlp_policy_trial")
-def _mlp_policy_trial_fake(obs, params, actions, advantages, old_dist_params, old_log_std, kind, activation):
+def _mlp_policy_trial_fake(obs, params, actions, advantages, old_dist_params, old_log_std, kind, activation,
+                           group=None):
     return obs.new_empty((), dtype=torch.float64), obs.new_empty((), dtype=torch.float64)
 
 

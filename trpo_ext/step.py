@@ -20,10 +20,10 @@ import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from . import _ops
+from . import _ops, distributed
 from .config import TrustRegionConfig
-from .fisher import CGInfo, cg_solve, check_inputs, check_policy, choose_path
-from .reference import detach_distribution
+from .fisher import _GENERIC_LOCK, CGInfo, _generic_products, check_inputs, check_policy, choose_path
+from .reference import conjugate_gradient, detach_distribution
 
 
 @dataclass(frozen=True)
@@ -90,21 +90,24 @@ class _Direction(NamedTuple):
     x: torch.Tensor | None  # None when the gradient is not finite
     info: CGInfo | None
     old_dist: Distribution
-    trial: Callable[[torch.Tensor], tuple[float, float]]  # candidate θ (flat) -> (mean KL(old‖new), surrogate)
+    trial: Callable[[torch.Tensor], tuple[float, float]]  # candidate θ (flat) -> (mean KL(old‖new), improvement)
 
 
-def _direction(policy, params, obs, actions, advantages, config: TrustRegionConfig, fvp_obs, path) -> _Direction:
+def _direction(policy, params, obs, actions, advantages, config: TrustRegionConfig, fvp_obs, path,
+               group) -> _Direction:
     """The gradient, the CG solve and the line search's trial function, from one forward pass of the
     policy. The fused ops compute g analytically, share the forward pass with the solve's cache, and
     evaluate a trial without touching θ; the generic path takes g from autograd and evaluates a
-    trial by loading it into the policy."""
+    trial by loading it into the policy. With a process group every mean is over all ranks' shards
+    (docs/distributed.md): 2 + (CG iterations) reductions here, one per trial."""
     fused = choose_path(policy, path)
     products_obs = obs if fvp_obs is None else fvp_obs
+    name = distributed.group_name(group)
     if fused is not None:
         check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)  # actions: the ops check them
         result = _ops.mlp_policy_direction(obs, [p.detach() for p in params], actions, advantages, kind=fused.kind,
                                            activation=fused.activation, damping=config.damping,
-                                           iters=config.cg_iters, rtol=config.cg_rtol, fvp_obs=fvp_obs)
+                                           iters=config.cg_iters, rtol=config.cg_rtol, fvp_obs=fvp_obs, group=name)
         with torch.no_grad():
             old_dist = policy.distribution(result.dist_params)
         shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
@@ -112,41 +115,57 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
 
         def trial(candidate):
             views = [t.view(shape) for t, shape in zip(candidate.split(sizes), shapes)]
-            kl, surrogate = _ops.mlp_policy_trial(obs, views, actions, advantages, old_dist_params=result.dist_params,
-                                                  old_log_std=old_log_std, kind=fused.kind,
-                                                  activation=fused.activation)
-            return kl.item(), surrogate.item()
+            kl, improvement = _ops.mlp_policy_trial(obs, views, actions, advantages,
+                                                    old_dist_params=result.dist_params, old_log_std=old_log_std,
+                                                    kind=fused.kind, activation=fused.activation, group=name)
+            return kl.item(), improvement.item()
 
         g, x, info = result.gradient, result.x, CGInfo(result.iterations, result.residual_norm, result.xAx)
         if not bool(torch.isfinite(g).all()):
             x = info = None
     else:
+        check_inputs(policy, params, None, obs=obs, fvp_obs=products_obs)
+        n_total, m_total = obs.shape[0], products_obs.shape[0]
+        if group is not None:  # the batch sizes of all ranks: one reduction
+            counts = distributed.all_reduce_sum_(torch.tensor([n_total, m_total], dtype=torch.float64,
+                                                              device=obs.device), group).tolist()
+            n_total, m_total = counts
         with torch.enable_grad():
             dist = policy(obs)
             log_prob = dist.log_prob(actions)
-            surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).mean()
-            g = parameters_to_vector(torch.autograd.grad(surrogate, params))
+            surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).sum() / n_total
+            g = distributed.all_reduce_sum_(parameters_to_vector(torch.autograd.grad(surrogate, params)), group)
         old_dist, old_log_prob = detach_distribution(dist), log_prob.detach()
 
         def trial(candidate):
             vector_to_parameters(candidate, params)
             with _unvalidated_distributions(), torch.no_grad():
                 dist = policy(obs)
-                kl = kl_divergence(old_dist, dist).mean()
-                return kl.item(), (torch.exp(dist.log_prob(actions) - old_log_prob) * advantages).mean().item()
+                sums = torch.stack([kl_divergence(old_dist, dist).sum(),
+                                    (torch.expm1(dist.log_prob(actions) - old_log_prob) * advantages).sum()])
+                kl, improvement = (distributed.all_reduce_sum_(sums.double(), group) / n_total).tolist()
+                return kl, improvement
 
         x = info = None
         if bool(torch.isfinite(g).all()):
-            x, info = cg_solve(policy, products_obs, g, iters=config.cg_iters, damping=config.damping,
-                               rtol=config.cg_rtol, check_finite=False, path="generic")
+            with _GENERIC_LOCK, torch.no_grad():
+                fisher = _generic_products(policy, products_obs, params)  # F v on this rank's states
+                share = products_obs.shape[0] / m_total
+
+                def product(v):  # (F + damping I) v over all ranks' states: one reduction
+                    return distributed.all_reduce_sum_(fisher(v) * share if group is not None else fisher(v),
+                                                       group) + config.damping * v
+
+                x, used, residual, xAx = conjugate_gradient(product, g, config.cg_iters, config.cg_rtol)
+            info = CGInfo(torch.tensor(used, device=g.device), residual, xAx)
     return _Direction(g, x, info, old_dist, trial)
 
 
 def line_search(trial: Callable[[torch.Tensor], tuple[float, float]], old_params: torch.Tensor,
-                full_step: torch.Tensor, old_surrogate: float, config: TrustRegionConfig):
+                full_step: torch.Tensor, config: TrustRegionConfig):
     """Backtracking on `full_step`: tries old_params + fᵏ·full_step for k = 0 … max_backtracks − 1
-    (f = backtrack_factor) and accepts the first whose `trial` KL is ≤ max_kl and whose surrogate
-    improved on `old_surrogate`. A candidate with a non-finite entry is skipped, never evaluated.
+    (f = backtrack_factor) and accepts the first whose `trial` (mean KL, surrogate improvement) has
+    KL ≤ max_kl and improvement > 0. A candidate with a non-finite entry is skipped, never evaluated.
     Returns (trials counted, (candidate, kl, improvement) or None)."""
     fraction = 1.0
     for k in range(1, config.max_backtracks + 1):
@@ -154,8 +173,7 @@ def line_search(trial: Callable[[torch.Tensor], tuple[float, float]], old_params
         fraction *= config.backtrack_factor
         if not bool(torch.isfinite(candidate).all()):
             continue
-        kl, surrogate = trial(candidate)
-        improvement = surrogate - old_surrogate
+        kl, improvement = trial(candidate)
         if math.isfinite(kl) and math.isfinite(improvement) and kl <= config.max_kl and improvement > 0:
             return k, (candidate, kl, improvement)
     return config.max_backtracks, None
@@ -165,7 +183,7 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
                       advantages: torch.Tensor, *, max_kl: float = 0.01, damping: float = 0.1,
                       cg_iters: int = 10, cg_rtol: float = 1e-10, backtrack_factor: float = 0.8,
                       max_backtracks: int = 10, fvp_obs: torch.Tensor | None = None,
-                      path: str = "auto") -> StepRecord:
+                      path: str = "auto", process_group=None) -> StepRecord:
     """One TRPO policy step on (obs, actions, advantages); moves `policy`'s parameters in place.
 
     Args:
@@ -180,8 +198,15 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
         fvp_obs: observations for the Fisher-vector products only (e.g. a random subset of obs);
             None uses obs.
         path: "auto", "fused" or "generic" (`trpo_ext.fisher`).
+        process_group: a torch.distributed ProcessGroup (or "auto": the default group when one is
+            initialised) for one data-parallel step: every rank of the group calls this with its own
+            shard of the batch (shards may differ in size; fvp_obs too is per rank), the same
+            policy parameters and settings, and every rank takes the step a single process would
+            take on all shards together. None: this process alone. Reductions: the batch sizes,
+            the gradient, one per CG product, one per line-search trial (docs/distributed.md).
     Returns:
-        a `StepRecord`.
+        a `StepRecord` (entropy and policy_std describe this rank's shard; the rest is the same on
+        every rank).
     """
     config = TrustRegionConfig(max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks)
     _check_batch(obs, actions, advantages)
@@ -190,10 +215,11 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     if frozen:
         raise ValueError(f"policy: trust_region_step optimizes every parameter; these do not require grad: {frozen}")
 
+    group = distributed.resolve_group(process_group)
+
     start = time.perf_counter()
-    direction = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path)
+    direction = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path, group)
     g, x, info, old_dist = direction.gradient, direction.x, direction.info, direction.old_dist
-    old_surrogate = advantages.mean().item()  # the surrogate at θ_old, where every ratio is 1
     old_params = parameters_to_vector(params).detach().clone()
     record = dict(accepted=False, kl=0.0, improvement=0.0, expected_improvement=float("nan"), line_search_steps=0,
                   cg_iterations=0, cg_residual=float("nan"), entropy=old_dist.entropy().mean().item(),
@@ -221,8 +247,7 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     accepted = None
     with torch.no_grad():
         try:
-            record["line_search_steps"], accepted = line_search(direction.trial, old_params, full_step,
-                                                                old_surrogate, config)
+            record["line_search_steps"], accepted = line_search(direction.trial, old_params, full_step, config)
         finally:  # also when a trial raised: a generic trial loads its candidate into the policy
             vector_to_parameters(old_params if accepted is None else accepted[0], params)
     if accepted is None:

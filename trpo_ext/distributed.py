@@ -1,0 +1,178 @@
+"""Data-parallel training on torch.distributed (docs/distributed.md): what the step and the agent
+need from a process group, and nothing home-made underneath (gloo on CPU, NCCL on GPU, launched by
+torchrun / torch.distributed.run).
+
+Every rank holds the same networks and collects its own rollouts; sums over the ranks make every
+rank compute the same update. Helpers here take the group (None: one process, every helper is then
+the identity) and are called by every rank in the same order.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+"""How long a collective waits for the other ranks before it raises (`--dist-timeout`)."""
+
+_PROGRESS_KEY = "trpo_ext/progress/{rank}"
+
+
+def resolve_group(process_group):
+    """`process_group` for the helpers: None (one process) or a ProcessGroup this rank belongs to.
+    "auto" is torch.distributed's default group when one is initialised, else None."""
+    if process_group is None:
+        return None
+    if isinstance(process_group, str) and process_group == "auto":
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group: torch.distributed is not initialised in this process "
+                         "(call torch.distributed.init_process_group first, or pass None)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be None, 'auto' or a torch.distributed ProcessGroup, "
+                        f"got {type(process_group).__name__}")
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("process_group: this rank is not a member of the group")
+    return process_group
+
+
+def rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def world_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_name(group) -> str | None:
+    """The name the extension's ops take to reduce over `group` (None: no reduction)."""
+    return None if group is None else group.group_name
+
+
+def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
+    """t = Σ_ranks t, in place (identity without a group)."""
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def broadcast_(tensors, group, src_rank: int = 0) -> None:
+    """Copies every tensor of `tensors` from the group's rank `src_rank` to all ranks, one
+    collective (flattened into one buffer)."""
+    tensors = list(tensors)
+    if group is None or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    dist.broadcast(flat, group=group, group_src=src_rank)
+    with torch.no_grad():
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
+
+def gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """The ranks' tensors concatenated along dim 0 in rank order, on every rank (row counts may
+    differ between ranks): two collectives, the row counts and the padded rows."""
+    if group is None:
+        return t
+    counts = torch.zeros(world_size(group), dtype=torch.int64, device=t.device)
+    counts[rank(group)] = t.shape[0]
+    all_reduce_sum_(counts, group)
+    longest = int(counts.max())
+    padded = t.new_zeros((longest, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    out = t.new_empty((world_size(group) * longest, *t.shape[1:]))
+    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    return torch.cat([out[r * longest: r * longest + int(n)] for r, n in enumerate(counts.tolist())])
+
+
+def checksum(tensors) -> torch.Tensor:
+    """A cheap fingerprint of a list of tensors: float64 sums of the values and of the values
+    weighted by their position (a swap or a sign flip changes it)."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    position = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) / flat.numel()
+    return torch.stack([flat.sum(), (flat * position).sum()])
+
+
+def check_replicas(named_tensors: dict[str, list[torch.Tensor]], group) -> None:
+    """RuntimeError naming the ranks and the part whose tensors differ from rank 0's (one collective):
+    the ranks apply the same updates to the same start, so any difference is a bug or a bad rank."""
+    if group is None:
+        return
+    sums = torch.stack([checksum(ts) for ts in named_tensors.values()]).reshape(-1)
+    everyone = sums.new_empty((world_size(group), sums.numel()))
+    dist.all_gather_into_tensor(everyone, sums, group=group)
+    bad = {}
+    for r in range(1, everyone.shape[0]):
+        parts = (everyone[r] != everyone[0]).reshape(len(named_tensors), -1).any(1)
+        if parts.any():
+            bad[r] = [name for name, differs in zip(named_tensors, parts.tolist()) if differs]
+    if bad:
+        raise RuntimeError(f"data-parallel replicas drifted apart: {', '.join(f'rank {r}: {names}' for r, names in bad.items())} "
+                           "differ from rank 0 (same updates from the same start should give identical tensors)")
+
+
+# ----------------------------------------------------------------------------- faults
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError, AttributeError):
+        return None
+
+
+def mark_progress(group, update: int) -> None:
+    """Records in the job's key-value store that this rank started `update` (what `collective_errors`
+    reads to name the ranks that fell behind)."""
+    store = _store() if group is not None else None
+    if store is not None:
+        store.set(_PROGRESS_KEY.format(rank=dist.get_rank()), str(update))
+
+
+def _lagging_ranks(timeout_s: float = 5.0) -> str:
+    store = _store()
+    if store is None:
+        return "unknown"
+    progress = {}
+    for r in range(dist.get_world_size()):
+        key = _PROGRESS_KEY.format(rank=r)
+        try:
+            progress[r] = int(store.get(key)) if store.check([key]) else -1
+        except Exception:  # the store itself is gone: nothing more to learn
+            return "unknown (the job's store is unreachable)"
+    latest = max(progress.values())
+    behind = [f"rank {r} ({'never started' if u < 0 else f'at update {u}'})"
+              for r, u in progress.items() if u < latest]
+    return ", ".join(behind) if behind else "none recorded (all ranks reached the same update)"
+
+
+@contextlib.contextmanager
+def collective_errors(group, timeout_s: float):
+    """Turns a failed or timed-out collective into a RuntimeError that says which ranks fell behind."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        if group is None or "data-parallel" in str(exc):
+            raise
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: a collective failed or waited longer than {timeout_s:g} s for the other ranks "
+            f"(ranks behind: {_lagging_ranks()}); a rank died or hangs. {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}") from exc
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Joins the process group torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR,
+    ...), once; gloo on CPU, NCCL when a GPU is visible and `backend` is None. Returns whether this
+    process is part of a multi-process job."""
+    import os
+
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout_s}")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
