@@ -1,0 +1,112 @@
+"""Worker programs of tests/test_distributed.py, run by torch.distributed.run (gloo, CPU):
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/dist_workers.py step OUT_DIR
+
+Each rank writes what it computed to OUT_DIR/rank{R}.pt; the tests compare the ranks with each
+other and with the single-process results rank 0 computes on the whole batch.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.utils import parameters_to_vector
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import trpo_ext  # noqa: E402
+from trpo_ext import step as step_module  # noqa: E402
+from trpo_ext.config import TrustRegionConfig  # noqa: E402
+
+from helpers import make_policy  # noqa: E402
+
+SETTINGS = dict(max_kl=0.01, damping=0.1, cg_iters=10, cg_rtol=1e-10, backtrack_factor=0.8, max_backtracks=10)
+
+
+def batch(kind, dtype, n, seed=0):
+    """The same values at every dtype (drawn in float64, then cast)."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
+    actions = torch.randint(0, 3, (n,), generator=g) if kind == "categorical" else \
+        torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype)
+    advantages = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    return obs, actions, advantages
+
+
+def shard(t, bounds, r):
+    return None if t is None else t[bounds[r]:bounds[r + 1]]
+
+
+def one_step(kind, dtype, path, group, obs, actions, advantages, fvp_obs):
+    """(g, x, xAx, StepRecord, new θ) of one trust-region step from the same start."""
+    policy = make_policy(kind, 5, 3, (8, 7), "tanh", torch.float64, "cpu", seed=3).to(dtype)  # one θ at every dtype
+    params = list(policy.parameters())
+    config = TrustRegionConfig(**SETTINGS)
+    direction = step_module._direction(policy, params, obs, actions, advantages, config, fvp_obs, path, group)
+    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, fvp_obs=fvp_obs, path=path,
+                                        process_group=group, **SETTINGS)
+    return dict(g=direction.gradient, x=direction.x, xAx=direction.info.xAx, record=record,
+                params=parameters_to_vector(policy.parameters()).detach())
+
+
+def count_collectives(fn):
+    """fn()'s result and the number of all-reduce collectives it ran (the profiler sees the c10d ops
+    both torch.distributed's Python calls and the extension's functional collectives go through)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    names = [e.name for e in prof.events()]
+    return result, sum(1 for n in names if n == "c10d::allreduce_")
+
+
+def step_case(out_dir):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    alone = dist.new_group([0])  # world size 1 through the distributed path (rank 0 only)
+    for dtype in (torch.float64, torch.float32):
+        for kind in ("categorical", "gaussian"):
+            for path in ("fused", "generic"):
+                for split in ("equal", "unequal"):
+                    for sub in (False, True):
+                        n = 40
+                        obs, actions, advantages = batch(kind, dtype, n)
+                        fvp_obs = obs[::3].clone() if sub else None
+                        bounds = [0, n // 2, n] if split == "equal" else [0, 13, n]
+                        fvp_bounds = None if fvp_obs is None else [0, 5, fvp_obs.shape[0]]
+                        key = (str(dtype), kind, path, split, sub)
+                        mine = one_step(kind, dtype, path, dist.group.WORLD, shard(obs, bounds, rank),
+                                        shard(actions, bounds, rank), shard(advantages, bounds, rank),
+                                        shard(fvp_obs, fvp_bounds, rank))
+                        entry = {"distributed": mine}
+                        if rank == 0:
+                            entry["single"] = one_step(kind, dtype, path, None, obs, actions, advantages, fvp_obs)
+                            if split == "equal" and not sub:
+                                plain = one_step(kind, dtype, path, None, obs[:20], actions[:20], advantages[:20],
+                                                 None)
+                                one = one_step(kind, dtype, path, alone, obs[:20], actions[:20], advantages[:20],
+                                               None)
+                                entry["plain_half"], entry["world1_half"] = plain, one
+                        results[key] = entry
+    # Collectives per step: the batch sizes, the gradient, one per CG product, one per trial.
+    obs, actions, advantages = batch("gaussian", torch.float64, 40)
+    policy = make_policy("gaussian", 5, 3, (8, 7), "tanh", torch.float64, "cpu", seed=3)
+    counts = {}
+    for path in ("fused", "generic"):
+        record, n = count_collectives(lambda: trpo_ext.trust_region_step(
+            policy, obs[rank * 20:(rank + 1) * 20], actions[rank * 20:(rank + 1) * 20],
+            advantages[rank * 20:(rank + 1) * 20], path=path, process_group=dist.group.WORLD, **SETTINGS))
+        counts[path] = (n, record.cg_iterations, record.line_search_steps)
+    results["collectives"] = counts
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+CASES = {"step": step_case}
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        CASES[sys.argv[1]](sys.argv[2])
+    finally:
+        dist.destroy_process_group()
