@@ -25,6 +25,7 @@ import warnings
 import gymnasium as gym
 import torch
 
+from . import distributed
 from .envs import LeanSyncVectorEnv, eval_env_factory
 
 FORMAT = 3
@@ -81,6 +82,9 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
     hyperparameters = dict(state["hyperparameters"])
     saved_id = state["env_id"]
     registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
+    if restore_env_states and distributed.world_size(distributed.resolve_group("auto")) > 1:
+        raise ValueError("load: restore_env_states=True continues one process's saved envs; in a data-parallel "
+                         "job every rank has its own envs (load without it: episodes restart, seeded per rank)")
     if restore_env_states and (env is not None or n_envs is not None):
         raise ValueError("load: restore_env_states=True continues the saved envs; it cannot be combined with "
                          "env= or n_envs=")
@@ -117,11 +121,14 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
     check_optimizer_state(state["critic_optimizer"], list(agent.value_net.parameters()), path)
     agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
     agent.num_timesteps, agent.n_updates = state["num_timesteps"], state["n_updates"]
-    if state["generator_device"] == agent.device.type:  # a CPU and a CUDA generator state differ
+    resume_seed = agent.rank_seed(agent.config.seed + agent.num_timesteps)
+    if agent.world_size > 1:  # data-parallel: each rank its own stream, reproducibly
+        agent.generator.manual_seed(resume_seed)
+    elif state["generator_device"] == agent.device.type:  # a CPU and a CUDA generator state differ
         agent.generator.set_state(state["generator"])
     agent.collector.load_state_dict(state["collector"], resume_episodes=resume_envs)
     if not resume_envs:  # fresh envs: episodes restart, seeded so that resuming is still reproducible
-        agent.collector.reset(seed=agent.config.seed + agent.num_timesteps)
+        agent.collector.reset(seed=resume_seed)
     return agent
 
 

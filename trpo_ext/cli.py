@@ -1,6 +1,9 @@
 """Command line: `trpo-ext train | eval | plot`.
 
     trpo-ext train CartPole-v1 --out runs/cartpole      # logs, model.pt, learning_curve.png, final eval
+    trpo-ext train Hopper-v5 --nproc 2                  # data-parallel on 2 local ranks (torch.distributed.run)
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m trpo_ext train Hopper-v5 --out /shared/runs/hopper   # across machines
     trpo-ext eval runs/cartpole/model.pt
     trpo-ext plot runs/cartpole runs/other --out curves.png
 """
@@ -78,10 +81,84 @@ def _hyperparameter(text: str) -> tuple[str, object]:
 
 
 # ----------------------------------------------------------------------------- train
+def _under_launcher() -> bool:
+    """Whether this process is a worker that torchrun / torch.distributed.run started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_local(args, argv: list[str]) -> int:
+    """`train --nproc N`: runs N local ranks of this same command through torch.distributed's
+    launcher (torchrun's engine, with its elastic restarts), in one fresh run directory they share;
+    0 when every rank finished, else 1."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .logger import check_log_dir
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
+        out = check_log_dir(args.out or os.path.join("runs", f"{args.env_id}-seed{args.seed}"))
+    os.makedirs(out, exist_ok=True)
+    worker_argv = _without_option(_without_option(argv, "--out"), "--nproc") + ["--out", out, "--resume"]
+    # What `torchrun --standalone` configures: a rendezvous on a free local port.
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=args.max_restarts,
+                          monitor_interval=0.5, start_method="spawn")
+    print(f"launching {args.nproc} ranks (torch.distributed launcher, max restarts {args.max_restarts}) -> {out}",
+          flush=True)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "trpo_ext", *worker_argv)
+    except ChildFailedError as e:
+        failures = "; ".join(f"rank {rank} exited with {f.exitcode}" for rank, f in e.failures.items())
+        print(f"trpo-ext train: error: the data-parallel run failed ({failures}); logs and the last checkpoint "
+              f"are in {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == name:
+            skip = True
+        elif not item.startswith(name + "="):
+            out.append(item)
+    return out
+
+
 def train(args) -> int:
     from .trpo import TRPO
 
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if args.nproc > 1 and not _under_launcher():
+        return launch_local(args, list(args.argv))
+    if _under_launcher():
+        from .distributed import init_from_env
+
+        init_from_env(None if args.backend == "auto" else args.backend, args.dist_timeout)
+    try:
+        return _train(args, TRPO)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, TRPO) -> int:
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    say = print if rank == 0 else (lambda *a, **k: None)
     out = args.out or os.path.join("runs", f"{args.env_id}-seed{args.seed}")
+    model_path = os.path.join(out, "model.pt")
+    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     options = dict(args.set)
     known = _trpo_defaults()
     for key in options:
@@ -93,25 +170,48 @@ def train(args) -> int:
     for name in ("n_envs", "n_steps", "max_kl", "normalize_obs"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    with warnings.catch_warnings():  # the line below says where the run goes instead
-        warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
-        agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=out,
-                     num_threads=args.threads or None, **options)
-    elsewhere = f" ({out} already holds a run)" if agent.log_dir != out else ""
-    out = agent.log_dir  # a fresh numbered directory when `out` already holds a run
-    print(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {agent.config.n_envs} envs, "
-          f"{agent.config.batch_size} steps per update) -> {out}{elsewhere}")
+    elsewhere = ""
+    if resume and os.path.isfile(model_path):
+        # A restart: continue the run from its last checkpoint, logging on in the same directory.
+        agent = TRPO.load(model_path, device=args.device, log_dir=out, continue_log=True)
+        agent.num_threads = args.threads or None
+        say(f"resuming {model_path} at {agent.num_timesteps} steps (world size {agent.world_size})")
+    else:
+        with warnings.catch_warnings():  # the line below says where the run goes instead
+            warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
+            agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=None if resume else out,
+                         num_threads=args.threads or None, **options)
+        if resume and agent.rank == 0:  # the launcher made this directory for this run (no checkpoint yet)
+            from .logger import RunLogger
+
+            agent.log_dir, agent._logger = out, RunLogger(out, resume_from=(0, 0))
+        elsewhere = f" ({out} already holds a run)" if agent.rank == 0 and agent.log_dir != out else ""
+        out = agent.log_dir if agent.rank == 0 else out  # a fresh numbered directory when `out` holds a run
+        model_path = os.path.join(out, "model.pt")
+    envs = f"{agent.world_size} ranks x {agent.config.n_envs} envs" if agent.world_size > 1 else \
+        f"{agent.config.n_envs} envs"
+    say(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {envs}, "
+        f"{agent.config.batch_size * agent.world_size} steps per update) -> {out}{elsewhere}", flush=True)
+    save_every = args.save_every if args.save_every is not None else (10 if args.max_restarts or resume else 0)
+
+    def checkpoint(agent, record):
+        if save_every and agent.n_updates % save_every == 0:
+            agent.save(model_path)  # rank 0 writes; atomically, so a kill never leaves a torn file
+
     start = time.perf_counter()
-    agent.learn(args.timesteps, progress_bar=not args.no_progress)
+    agent.learn(max(0, args.timesteps - agent.num_timesteps), callback=checkpoint,
+                progress_bar=not args.no_progress and rank == 0)
     elapsed = time.perf_counter() - start
-    model_path = os.path.join(out, "model.pt")
     agent.save(model_path)
-    plot_runs([out], os.path.join(out, "learning_curve.png"), title=args.env_id)
-    mean, std = agent.evaluate(args.eval_episodes)
+    if rank == 0:
+        plot_runs([out], os.path.join(out, "learning_curve.png"), title=args.env_id)
+        mean, std = agent.evaluate(args.eval_episodes)
     agent.close()
-    print(f"trained {agent.num_timesteps} steps in {elapsed:.1f} s ({agent.num_timesteps / elapsed:.0f} steps/s)")
-    print(f"saved {model_path}, {os.path.join(out, 'progress.csv')}, {os.path.join(out, 'learning_curve.png')}")
-    print(f"deterministic evaluation over {args.eval_episodes} episodes: {mean:.1f} +/- {std:.1f}")
+    say(f"trained to {agent.num_timesteps} steps in {elapsed:.1f} s ({agent.num_timesteps / elapsed:.0f} steps/s"
+        f"{f', {agent.world_size} ranks' if agent.world_size > 1 else ''})")
+    say(f"saved {model_path}, {os.path.join(out, 'progress.csv')}, {os.path.join(out, 'learning_curve.png')}")
+    if rank == 0:
+        say(f"deterministic evaluation over {args.eval_episodes} episodes: {mean:.1f} +/- {std:.1f}")
     return 0
 
 
@@ -197,6 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", type=_hyperparameter, action="append", default=[], metavar="KEY=VALUE",
                    help="any other TRPO hyperparameter (repeatable), e.g. --set cg_iters=15 "
                         "--set 'policy_kwargs={\"hidden\": (32, 32)}'")
+    p.add_argument("--nproc", type=_int_at_least(1), default=1,
+                   help="data-parallel ranks on this machine (torch.distributed.run; --n-envs is per rank)")
+    p.add_argument("--max-restarts", type=_int_at_least(0), default=0,
+                   help="with --nproc: restart the ranks this many times after a failure, resuming from the last "
+                        "checkpoint")
+    p.add_argument("--save-every", type=_int_at_least(0), default=None,
+                   help="write OUT/model.pt every this many updates; 0: only at the end (default: 10 when restarts "
+                        "are possible, else 0)")
+    p.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="data-parallel: seconds a rank waits for the others before it fails")
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="data-parallel: torch.distributed backend; auto: NCCL with a GPU, else gloo")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its model.pt when there is one (restarts do this)")
     p.set_defaults(func=train)
 
     p = add("eval", help="evaluate a saved model")
@@ -237,6 +351,7 @@ def main(argv=None) -> int:
     prog = "trpo-ext" if command is None else f"trpo-ext {command}"
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # what `train --nproc` hands on to its ranks
         return args.func(args)
     except (UsageError, ValueError, TypeError, gym.error.Error, OSError) as e:
         # A wrong id, device, file or hyperparameter: one line naming it, no traceback.

@@ -31,18 +31,29 @@ def _adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
 
 def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs: torch.Tensor,
                       returns: torch.Tensor, epochs: int, batch_size: int,
-                      generator: torch.Generator | None = None) -> float:
+                      generator: torch.Generator | None = None, process_group=None) -> float:
     """`epochs` passes of Adam minibatch regression of value_net(obs) on returns; the mean loss.
 
     Minibatches are consecutive slices of one `torch.randperm` per epoch drawn from `generator`,
     the order a plain PyTorch loop over `randperm(n).split(batch_size)` would use.
+
+    Data-parallel (`process_group`, from `trpo_ext.distributed.resolve_group`): every rank fits on
+    the ranks' batches gathered in rank order, in the order rank 0 drew, so every rank makes the
+    same fit (3 collectives: the row counts, the rows, the order). Gathering a few thousand rows
+    costs less than reducing the gradient of every minibatch (docs/distributed.md).
     """
+    from . import distributed
+
     if epochs == 0:
         return float("nan")
+    if process_group is not None:
+        rows = distributed.gather_rows(torch.cat([obs, returns.unsqueeze(1)], 1), process_group)
+        obs, returns = rows[:, :-1], rows[:, -1]
     params = list(value_net.parameters())
     group, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
     order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
                          for _ in range(epochs)])
+    distributed.broadcast_([order], process_group)
     beta1, beta2 = group["betas"]
     with torch.no_grad():
         tensors = {"parameters": [p.detach() for p in params], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}

@@ -60,12 +60,12 @@ def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def broadcast_(tensors, group, src_rank: int = 0) -> None:
-    """Copies every tensor of `tensors` from the group's rank `src_rank` to all ranks, one
-    collective (flattened into one buffer)."""
+    """Copies every tensor of `tensors` (one dtype and device) from the group's rank `src_rank` to
+    all ranks, in place: one collective, on one flat buffer."""
     tensors = list(tensors)
     if group is None or not tensors:
         return
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     dist.broadcast(flat, group=group, group_src=src_rank)
     with torch.no_grad():
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
@@ -83,9 +83,17 @@ def gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     longest = int(counts.max())
     padded = t.new_zeros((longest, *t.shape[1:]))
     padded[: t.shape[0]] = t
-    out = t.new_empty((world_size(group) * longest, *t.shape[1:]))
-    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
-    return torch.cat([out[r * longest: r * longest + int(n)] for r, n in enumerate(counts.tolist())])
+    parts = all_gather_rows(padded, group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts.tolist())])
+
+
+def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """(world size, *t.shape): every rank's `t` (one shape on all ranks), stacked in rank order."""
+    if group is None:
+        return t.unsqueeze(0)
+    parts = [torch.empty_like(t) for _ in range(world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
 
 
 def checksum(tensors) -> torch.Tensor:
@@ -101,9 +109,7 @@ def check_replicas(named_tensors: dict[str, list[torch.Tensor]], group) -> None:
     the ranks apply the same updates to the same start, so any difference is a bug or a bad rank."""
     if group is None:
         return
-    sums = torch.stack([checksum(ts) for ts in named_tensors.values()]).reshape(-1)
-    everyone = sums.new_empty((world_size(group), sums.numel()))
-    dist.all_gather_into_tensor(everyone, sums, group=group)
+    everyone = all_gather_rows(torch.stack([checksum(ts) for ts in named_tensors.values()]).reshape(-1), group)
     bad = {}
     for r in range(1, everyone.shape[0]):
         parts = (everyone[r] != everyone[0]).reshape(len(named_tensors), -1).any(1)
@@ -148,17 +154,25 @@ def _lagging_ranks(timeout_s: float = 5.0) -> str:
 
 
 @contextlib.contextmanager
-def collective_errors(group, timeout_s: float):
+def collective_errors(group):
     """Turns a failed or timed-out collective into a RuntimeError that says which ranks fell behind."""
     try:
         yield
     except (RuntimeError, dist.DistError) as exc:
-        if group is None or "data-parallel" in str(exc):
+        if group is None or "data-parallel" in str(exc) or not _is_collective_failure(exc):
             raise
         raise RuntimeError(
-            f"rank {dist.get_rank()}: a collective failed or waited longer than {timeout_s:g} s for the other ranks "
+            f"rank {dist.get_rank()}: a collective failed or waited past the process group's timeout for the other ranks "
             f"(ranks behind: {_lagging_ranks()}); a rank died or hangs. {type(exc).__name__}: "
             f"{' '.join(str(exc).split())[:300]}") from exc
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    # DistError covers the backend, network and store errors torch.distributed raises; older gloo
+    # builds raise a plain RuntimeError saying that a peer or the wait failed.
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(word in text for word in (
+        "timed out", "timeout", "connection closed", "connection reset", "peer"))
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributions import Categorical, Independent, Normal
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _ops
 from .policies import MLPPolicy
@@ -151,55 +153,422 @@ def _validate(policy, obs, vec_name, vec, damping, check_finite, path):
 # torch.func's forward-mode AD keeps its levels in process-global state: two threads inside
 # torch.func.jvp at once corrupt each other (wrong products, heap corruption, segfaults were seen
 # with 4 threads, and a plain torch.func program fails the same way). The generic path therefore runs
-# one thread at a time; the fused ops need no lock.
+# one thread at a time (the tape below also calls torch.func.jvp); the fused ops need no lock.
 _GENERIC_LOCK = threading.Lock()
 
-def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
-    """Linearises the policy's distribution parameters once; returns v -> F v (no damping)."""
-    names = [name for name, _ in policy.named_parameters()]
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
 
-    dist = policy(obs)
+def _distribution_outputs(dist) -> tuple[torch.distributions.Distribution, tuple[torch.Tensor, ...]]:
+    """(base distribution, the parameters the output Fisher acts on): logits, or (loc, scale)."""
     base = dist.base_dist if isinstance(dist, Independent) else dist
+    if isinstance(base, Categorical):
+        return base, (base.logits,)
+    if isinstance(base, Normal):
+        return base, (base.loc, base.scale)
+    raise TypeError("policy must return Categorical, Normal or Independent(Normal), "
+                    f"got {type(dist).__name__}")
+
+
+def _output_fisher(base, n: int):
+    """u -> M u / n on the distribution's parameters; a None block (a parameter that does not
+    depend on θ) stays None."""
     if isinstance(base, Categorical):
         probs = base.probs.detach()
 
-        def outputs(d):
-            return (d.logits,)
-
-        def output_fisher(t):  # M u = p * u - p (p'u)
+        def apply(t):  # M u = p * u - p (p'u)
             (u,) = t
-            return (probs * u - probs * (probs * u).sum(-1, keepdim=True),)
-    elif isinstance(base, Normal):
+            return ((probs * u - probs * (probs * u).sum(-1, keepdim=True)) / n,)
+    else:
         inv_var = base.scale.detach().pow(-2)
 
-        def outputs(d):
-            d = d.base_dist if isinstance(d, Independent) else d
-            return (d.loc, d.scale)
+        def apply(t):  # mean: 1/sigma^2, scale: 2/sigma^2 (a state-dependent scale is a network output)
+            return tuple(None if u is None else u * inv_var / n * w for u, w in zip(t, (1.0, 2.0)))
+    return apply
 
-        def output_fisher(t):  # mean: 1/sigma^2, scale: 2/sigma^2
-            return (t[0] * inv_var, 2.0 * t[1] * inv_var)
-    else:
-        raise TypeError("policy must return Categorical, Normal or Independent(Normal), "
-                        f"got {type(dist).__name__}")
+
+def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
+    """Linearises the policy's distribution parameters once; returns v -> F v (no damping): the
+    batch-mean Fisher times v, flat in `policy.parameters()` order.
+
+    One forward pass is recorded (`_Tape`); each product runs the tangent through the recorded calls
+    with the cached activations (no forward pass, no second derivative) and the VJP through that
+    pass's autograd graph. A forward pass the tape cannot follow exactly takes
+    `_functorch_products`, which computes the same product with a torch.func JVP per product.
+    """
+    try:
+        tape = _Tape(policy, obs, params)
+    except _Unsupported:
+        return _functorch_products(policy, obs, params)
+    return tape.products()
+
+
+def _functorch_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
+    """The fallback: torch.func's VJP closure built once, a full torch.func.jvp (which repeats the
+    forward pass) per product."""
+    names = [name for name, _ in policy.named_parameters()]
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    base, _ = _distribution_outputs(policy(obs))
+    fisher = _output_fisher(base, obs.shape[0])
 
     def f(*flat_params):
-        return outputs(torch.func.functional_call(policy, dict(zip(names, flat_params)), (obs,)))
+        return _distribution_outputs(torch.func.functional_call(policy, dict(zip(names, flat_params)), (obs,)))[1]
 
     primals = tuple(p.detach() for p in params)
-    # The VJP closure is built once; the JVP runs per product (torch.func.linearize would trace the
-    # module with make_fx, which breaks on the data-dependent argument checks of distributions).
+    # torch.func.linearize would trace the module with make_fx, which breaks on the data-dependent
+    # argument checks of distributions.
     _, vjp_fn = torch.func.vjp(f, *primals)
-    n = obs.shape[0]
 
     def product(v: torch.Tensor) -> torch.Tensor:
         tangents = tuple(t.view(s) for t, s in zip(torch.split(v, sizes), shapes))
-        u = output_fisher(torch.func.jvp(f, primals, tangents)[1])
-        cotangents = vjp_fn(tuple(t / n for t in u))
+        cotangents = vjp_fn(fisher(torch.func.jvp(f, primals, tangents)[1]))
         return torch.cat([c.reshape(-1) for c in cotangents])
 
     return product
+
+
+class _Unsupported(Exception):
+    """The forward pass did something the tape cannot linearise exactly."""
+
+
+def _bind(args, kwargs, names, defaults=None):
+    """The values of a call's arguments `names` (positional first, then keywords, then `defaults`)."""
+    defaults = defaults or {}
+    return [args[i] if i < len(args) else kwargs.get(name, defaults.get(name)) for i, name in enumerate(names)]
+
+
+_T, _F = torch.Tensor, torch.nn.functional
+# Linear in their first argument, the others only saying how (shapes, dims, indices, dtypes): the
+# tangent is the same call on the first argument's tangent.
+_STRUCTURAL = {
+    _T.view, _T.view_as, _T.reshape, torch.reshape, _T.reshape_as, _T.flatten, torch.flatten, _T.unflatten,
+    _T.expand, _T.expand_as, _T.squeeze, torch.squeeze, _T.unsqueeze, torch.unsqueeze, _T.t, torch.t,
+    _T.transpose, torch.transpose, _T.permute, torch.permute, _T.contiguous, _T.clone, torch.clone,
+    _T.__getitem__, _T.chunk, torch.chunk, _T.split, torch.split, _T.unbind, torch.unbind, _T.narrow,
+    torch.narrow, _T.select, torch.select, _T.index_select, torch.index_select, _T.repeat, _T.flip,
+    torch.flip, _T.movedim, torch.movedim, _T.sum, torch.sum, _T.mean, torch.mean, _T.neg, torch.neg,
+    _T.__neg__, _T.__pos__, _T.to, _T.float, _T.double, _T.type_as,
+}
+_ADD = {_T.__add__, _T.__radd__, _T.add, torch.add}
+_SUB = {_T.__sub__, _T.sub, torch.sub}
+_BILINEAR = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul, _T.__matmul__, _T.matmul, torch.matmul, _T.mm, torch.mm,
+             _T.bmm, torch.bmm}
+_DIV = {_T.__truediv__, _T.div, torch.div, _T.true_divide, torch.true_divide}
+_CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_TANH = {torch.tanh, _T.tanh, _F.tanh}
+_SIGMOID = {torch.sigmoid, _T.sigmoid, _F.sigmoid}
+_EXP = {torch.exp, _T.exp}
+_RELU = {torch.relu, _T.relu, _F.relu}
+_RELU_INPLACE = {torch.relu_, _T.relu_}
+_LOGSUMEXP = {torch.logsumexp, _T.logsumexp}
+# Element-wise in their first argument (scalar or constant options after it): the tangent is the
+# first argument's times the derivative, computed once per solve by torch.func.jvp.
+_POINTWISE = {
+    _F.elu, _F.leaky_relu, _F.gelu, _F.silu, _F.softplus, _F.mish, _F.selu, _F.celu, _F.hardtanh, _F.softsign,
+    _F.logsigmoid, torch.log, _T.log, torch.sqrt, _T.sqrt, torch.rsqrt, _T.rsqrt, torch.clamp, _T.clamp,
+    torch.clip, _T.clip, torch.pow, _T.pow, _T.__pow__, _T.__rpow__, torch.square, _T.square, torch.log1p,
+    _T.log1p, torch.expm1, _T.expm1, torch.sin, _T.sin, torch.cos, _T.cos, torch.reciprocal, _T.reciprocal,
+    _T.__rtruediv__, _T.__rsub__,
+}
+
+
+class _Tape(TorchFunctionMode):
+    """One forward pass of the policy recorded at the torch-function level, and linearised.
+
+    The pass runs on fresh leaves (detached copies of the parameters that require grad), so that
+    autograd records its graph for the VJP. A tensor is *dependent* when it came out of a recorded
+    call with a dependent argument and requires grad (autograd says it depends on a leaf); each gets
+    a tangent slot, and each call producing one gets a rule from its input tangents to its output
+    tangents. Rules read cached primal values only (layer inputs, activation derivatives, layer-norm
+    statistics): a product never repeats the forward pass. Linear, convolutions, layer norm, the
+    usual activations and tensor arithmetic have rules of their own; any other call is linearised
+    locally by torch.func.jvp on that call alone. Anything the tape cannot follow exactly raises
+    `_Unsupported` (the caller falls back to torch.func): a call that writes into one of its
+    arguments (in-place ReLU excepted), a Python float read out of a dependent tensor, a tensor a
+    rule reads that changes later in the pass, a call torch.func cannot differentiate.
+    """
+
+    def __init__(self, policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
+        super().__init__()
+        self.leaves = [p.detach().requires_grad_() for p in params]
+        self.slot = {id(t): i for i, t in enumerate(self.leaves)}  # id(dependent tensor) -> tangent slot
+        self.keep = []  # every dependent tensor stays alive, so that no other tensor takes its id
+        self.nodes = []  # (rule, input slots, output slots), in call order
+        self.reads = []  # (tensor, version) for everything a rule reads
+        self.n_slots = len(self.leaves)
+        names = [name for name, _ in policy.named_parameters()]
+        with torch.enable_grad(), self:
+            dist = torch.func.functional_call(policy, dict(zip(names, self.leaves)), (obs,))
+            self.base, self.outputs = _distribution_outputs(dist)
+        for t, version in self.reads:
+            if t._version != version:
+                raise _Unsupported("a tensor that the linearisation reads was modified later in the forward pass")
+        self.n = obs.shape[0]
+
+    def products(self):
+        """v -> F v from the recorded pass."""
+        out_slots = [self.slot.get(id(o)) if o.requires_grad else None for o in self.outputs]
+        needed, nodes = {s for s in out_slots if s is not None}, []
+        for node in reversed(self.nodes):  # only the calls the outputs depend on
+            if needed.intersection(node[2]):
+                needed.update(node[1])
+                nodes.append(node)
+        nodes.reverse()
+        fisher = _output_fisher(self.base, self.n)
+        outputs = [o for o, s in zip(self.outputs, out_slots) if s is not None]
+        leaves, n_slots = self.leaves, self.n_slots
+        shapes = [p.shape for p in leaves]
+        sizes = [p.numel() for p in leaves]
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            if not outputs:  # the distribution does not depend on the parameters
+                return torch.zeros_like(v)
+            with torch.no_grad():
+                tangent = [t.view(s) for t, s in zip(torch.split(v, sizes), shapes)] + [None] * (n_slots - len(sizes))
+                for rule, ins, outs in nodes:
+                    for s, t in zip(outs, rule([tangent[i] for i in ins])):
+                        tangent[s] = t
+                u = fisher(tuple(None if s is None else tangent[s] for s in out_slots))
+                grads = torch.autograd.grad(outputs, leaves, [c for c, s in zip(u, out_slots) if s is not None],
+                                            retain_graph=True, allow_unused=True, materialize_grads=True)
+                return torch.cat([g.reshape(-1) for g in grads])
+
+        return product
+
+    # -- recording
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        dep = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and id(a) in self.slot]
+        if not dep:
+            return func(*args, **kwargs)
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        versions = [t._version for t in tensors]
+        in_slots = [self.slot[id(flat[i])] for i in dep]
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", repr(func))
+        relu_inplace = dep == [0] and bool(args) and (
+            func in _RELU_INPLACE or (func in _RELU and _bind(args, kwargs, ("input", "inplace"))[1] is True))
+        if not relu_inplace and (any(t._version != v for t, v in zip(tensors, versions))
+                                 or kwargs.get("out") is not None):
+            raise _Unsupported(f"{name} writes into a tensor")
+        out_flat = tree_flatten(out)[0]
+        if any(isinstance(o, (float, complex)) for o in out_flat):
+            raise _Unsupported(f"{name} reads a number out of a tensor that depends on the parameters")
+        produced = [j for j, o in enumerate(out_flat)
+                    if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
+        if produced:
+            try:
+                rule = (self._relu_inplace(out) if relu_inplace else
+                        self._rule(func, args, kwargs, flat, spec, dep, out_flat, produced))
+            except _Unsupported:
+                raise
+            except Exception as exc:  # noqa: BLE001 - arguments no rule expected: torch.func takes over
+                raise _Unsupported(f"no linearisation of {name}: {exc}") from exc
+            out_slots = []
+            for j in produced:
+                self.slot[id(out_flat[j])] = self.n_slots
+                self.keep.append(out_flat[j])
+                out_slots.append(self.n_slots)
+                self.n_slots += 1
+            self.nodes.append((rule, in_slots, out_slots))
+        return out
+
+    def _read(self, t):
+        """`t` detached, for a rule; its version is checked after the pass."""
+        if isinstance(t, torch.Tensor):
+            self.reads.append((t, t._version))
+            return t.detach()
+        return t
+
+    def _relu_inplace(self, out):
+        mask = self._read(out).gt(0).to(out.dtype)
+        return lambda t: (t[0] * mask,)
+
+    def _rule(self, func, args, kwargs, flat, spec, dep, out_flat, produced):
+        """The rule of one call: the tangents of its dependent arguments (in `dep` order) -> the
+        tangents of its `produced` outputs."""
+        first_only = dep == [0] and bool(args)
+        position = {}
+        for k, i in enumerate(dep):
+            position.setdefault(id(flat[i]), k)
+
+        def pick(t, a):  # the tangent of argument a, or None
+            k = position.get(id(a)) if isinstance(a, torch.Tensor) else None
+            return None if k is None else t[k]
+
+        out = out_flat[produced[0]]
+        shape = out.shape
+
+        def fit(t):  # a broadcast term may lack the output's leading dimensions
+            return t if t.shape == shape else t.expand(shape)
+
+        if first_only and func in _STRUCTURAL:
+            rest, options = args[1:], kwargs
+
+            def structural(t):
+                res = tree_flatten(func(t[0], *rest, **options))[0]
+                return tuple(res[j] for j in produced)
+            return structural
+        if first_only and len(produced) == 1:
+            if func in _TANH:
+                d = 1 - self._read(out) ** 2
+                return lambda t: (t[0] * d,)
+            if func in _SIGMOID:
+                y = self._read(out)
+                d = y * (1 - y)
+                return lambda t: (t[0] * d,)
+            if func in _EXP:
+                y = self._read(out)
+                return lambda t: (t[0] * y,)
+            if func in _RELU:
+                mask = self._read(out).gt(0).to(out.dtype)
+                return lambda t: (t[0] * mask,)
+            if func in _POINTWISE:
+                x, rest, options = self._read(args[0]), args[1:], kwargs
+                d = torch.func.jvp(lambda z: func(z, *rest, **options), (x,), (torch.ones_like(x),))[1].detach()
+                return lambda t: (fit(t[0] * d),)
+            if func in _LOGSUMEXP and args[0].dim() > 0:
+                return self._logsumexp(args, kwargs, out)
+        if len(produced) == 1:
+            if func is _F.linear:
+                return self._linear(args, kwargs, pick, fit)
+            if func in _CONV:
+                return self._conv(func, args, kwargs, pick, fit)
+            if func is _F.layer_norm:
+                return self._layer_norm(args, kwargs, pick, fit)
+            a, b, third = _bind(args, kwargs, ("input", "other", "alpha"))
+            operands_only = all(flat[i] is a or flat[i] is b for i in dep)
+            if operands_only and (func in _ADD or func in _SUB):
+                scale = 1 if third is None else third
+                scale = -scale if func in _SUB else scale
+
+                def add(t):
+                    ta, tb = pick(t, a), pick(t, b)
+                    if tb is not None and scale != 1:
+                        tb = tb * scale
+                    return (fit(tb if ta is None else (ta if tb is None else ta + tb)),)
+                return add
+            if operands_only and func in _BILINEAR:
+                a_, b_ = self._read(a), self._read(b)
+
+                def bilinear(t):
+                    ta, tb = pick(t, a), pick(t, b)
+                    r = None if ta is None else func(ta, b_)
+                    s = None if tb is None else func(a_, tb)
+                    return (fit(s if r is None else (r if s is None else r + s)),)
+                return bilinear
+            if operands_only and func in _DIV and third is None:  # (the third argument is rounding_mode)
+                b_, y = self._read(b), self._read(out)
+
+                def div(t):
+                    ta, tb = pick(t, a), pick(t, b)
+                    r = None if ta is None else ta / b_
+                    s = None if tb is None else -(y * tb) / b_
+                    return (fit(s if r is None else (r if s is None else r + s)),)
+                return div
+        if func is torch.broadcast_tensors and all(isinstance(a, torch.Tensor) for a in args):
+            sources = [position.get(id(args[j])) for j in produced]
+            shapes = [out_flat[j].shape for j in produced]
+            if None not in sources:
+                return lambda t: tuple(t[k].expand(s) for k, s in zip(sources, shapes))
+        return self._local(func, flat, spec, dep, produced)
+
+    def _linear(self, args, kwargs, pick, fit):
+        x, w, b = _bind(args, kwargs, ("input", "weight", "bias"))
+        x_, w_ = self._read(x), self._read(w)
+        wt = w_.t() if w_.dim() == 2 else None
+
+        def linear(t):
+            tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
+            r = None
+            if tw is not None:
+                r, tb = _F.linear(x_, tw, tb), None
+            if tx is not None:
+                if r is None:
+                    r, tb = _F.linear(tx, w_, tb), None
+                elif r.dim() == 2 and tx.dim() == 2 and wt is not None:
+                    r.addmm_(tx, wt)
+                else:
+                    r.add_(_F.linear(tx, w_))
+            if tb is not None:
+                r = tb if r is None else r + tb
+            return (fit(r),)
+        return linear
+
+    def _conv(self, func, args, kwargs, pick, fit):
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        x, w, b, *options = _bind(args, kwargs, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        x_, w_ = self._read(x), self._read(w)
+        spatial = (1,) * _CONV[func]
+
+        def conv(t):
+            tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
+            r = None
+            if tw is not None:
+                r, tb = func(x_, tw, tb, *options), None
+            if tx is not None:
+                s, tb = func(tx, w_, tb, *options), None
+                r = s if r is None else r.add_(s)
+            if tb is not None:
+                r = tb.view(-1, *spatial) if r is None else r + tb.view(-1, *spatial)
+            return (fit(r),)
+        return conv
+
+    def _layer_norm(self, args, kwargs, pick, fit):
+        x, normalized_shape, w, b, eps = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
+                                               {"eps": 1e-5})
+        normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        dims = tuple(range(-len(normalized_shape), 0))
+        x_, w_ = self._read(x), self._read(w)
+        _, mean, rstd = torch.native_layer_norm(x_, normalized_shape, None, None, eps)
+        x_hat = (x_ - mean) * rstd
+
+        def layer_norm(t):
+            tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
+            r = None
+            if tx is not None:  # d x_hat = rstd (dx - mean(dx) - x_hat mean(x_hat dx))
+                r = tx - tx.mean(dims, keepdim=True)
+                r.sub_(x_hat * (tx * x_hat).mean(dims, keepdim=True)).mul_(rstd)
+                if w_ is not None:
+                    r.mul_(w_)
+            if tw is not None:
+                s = x_hat * tw
+                r = s if r is None else r.add_(s)
+            if tb is not None:
+                r = tb if r is None else r.add_(tb)
+            return (fit(r),)
+        return layer_norm
+
+    def _logsumexp(self, args, kwargs, out):
+        x, dim, keepdim = _bind(args, kwargs, ("input", "dim", "keepdim"), {"keepdim": False})
+        x_, y = self._read(x), self._read(out)
+        dims = sorted(d % x_.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+        if not keepdim:
+            for d in dims:
+                y = y.unsqueeze(d)
+        p = torch.exp(x_ - y)  # the softmax along dims
+        return lambda t: ((p * t[0]).sum(dims, keepdim=bool(keepdim)),)
+
+    def _local(self, func, flat, spec, dep, produced):
+        """torch.func.jvp of this call alone (its forward runs again per product: for calls with no
+        rule of their own)."""
+        primals = tuple(self._read(flat[i]) for i in dep)
+
+        def call(*xs):
+            values = list(flat)
+            for i, x in zip(dep, xs):
+                values[i] = x
+            a, k = tree_unflatten(values, spec)
+            res = tree_flatten(func(*a, **k))[0]
+            return tuple(res[j] for j in produced)
+
+        def local(t):
+            return torch.func.jvp(call, primals, tuple(t))[1]
+        try:  # once now, so that a call torch.func cannot differentiate is found before the solve
+            local(tuple(torch.zeros_like(p) for p in primals))
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            raise _Unsupported(f"torch.func.jvp cannot differentiate {getattr(func, '__name__', func)}") from exc
+        return local
 
 
 # ----------------------------------------------------------------------------- public API

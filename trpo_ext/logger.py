@@ -36,19 +36,43 @@ def check_log_dir(log_dir: str | os.PathLike | None) -> str | None:
     return log_dir
 
 
+def truncate_progress(csv_path: str, last_update: int) -> None:
+    """Drops the rows of `csv_path` after update `last_update` (rows a run wrote after the
+    checkpoint it is resumed from), atomically."""
+    if not os.path.exists(csv_path):
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "update" not in rows[0]:
+        return
+    column = rows[0].index("update")
+    kept = [rows[0]] + [row for row in rows[1:] if len(row) > column and int(float(row[column])) <= last_update]
+    tmp = csv_path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, csv_path)
+
+
 class RunLogger:
     """Appends one row per update to `log_dir/progress.csv` and the same scalars to TensorBoard
-    (under `log_dir/tb`, tagged `trpo/<key>`, at step `record["timesteps"]`)."""
+    (under `log_dir/tb`, tagged `trpo/<key>`, at step `record["timesteps"]`).
 
-    def __init__(self, log_dir: str | os.PathLike):
+    `resume_from=(update, timesteps)` continues the run already in `log_dir` from that point (a
+    checkpoint's): its later progress.csv rows and TensorBoard events are dropped first. Otherwise a
+    directory holding a run is never reused (`check_log_dir`)."""
+
+    def __init__(self, log_dir: str | os.PathLike, resume_from: tuple[int, int] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        log_dir = check_log_dir(log_dir)
+        log_dir = check_log_dir(log_dir) if resume_from is None else os.fspath(log_dir)
         os.makedirs(log_dir, exist_ok=True)
         self.csv_path = os.path.join(log_dir, "progress.csv")
+        if resume_from is not None:
+            truncate_progress(self.csv_path, resume_from[0])
         self._file = open(self.csv_path, "a", newline="")
         self._csv = None
-        self.tensorboard = SummaryWriter(os.path.join(log_dir, "tb"))
+        purge = None if resume_from is None else resume_from[1] + 1
+        self.tensorboard = SummaryWriter(os.path.join(log_dir, "tb"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         if self._csv is None:

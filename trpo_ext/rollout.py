@@ -19,12 +19,28 @@ from .envs import LeanSyncVectorEnv, make_vec_env  # noqa: F401  (re-exported: t
 
 
 # ----------------------------------------------------------------------------- observation normalization
+def merge_moments(a: tuple, b: tuple) -> tuple:
+    """The (count, mean, variance) of two sets of observations together, from each one's (parallel
+    Welford / Chan et al.)."""
+    count_a, mean_a, var_a = a
+    count_b, mean_b, var_b = b
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * count_b / total
+    var = (var_a * count_a + var_b * count_b + delta**2 * count_a * count_b / total) / total
+    return total, mean, var
+
+
 class RunningNormalizer:
     """Running mean / variance of observations (parallel Welford update); normalizes and clips.
 
     Statistics are float64 on the CPU; `normalize` works on float32 tensors on any device. The
     rollout updates them every step, so `update` and `tensors` avoid numpy's Python-level wrappers
     (np.mean / np.var) and refresh float32 CPU mirrors in place.
+
+    Data-parallel (`sync`): each rank updates its statistics with its own observations; `sync`
+    merges what every rank saw since the last sync into the statistics all ranks had then, so after
+    it the ranks hold identical statistics again.
     """
 
     def __init__(self, dim: int, clip: float = 10.0, eps: float = 1e-8):
@@ -37,6 +53,7 @@ class RunningNormalizer:
         self._inv_std32 = np.zeros(dim, dtype=np.float32)
         self._cpu = (torch.from_numpy(self._mean32), torch.from_numpy(self._inv_std32))
         self._device_cache = None  # (mean, inv_std) on a non-CPU device
+        self._since_sync = None  # data-parallel: (moments at the last sync, moments seen since), else None
         self._refresh()
 
     def update(self, batch: np.ndarray) -> None:
@@ -44,12 +61,32 @@ class RunningNormalizer:
         n = batch.shape[0]
         mean = np.add.reduce(batch, axis=0) / n
         centered = batch - mean
-        var = np.add.reduce(centered * centered, axis=0) / n
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * n / total
-        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
-        self.count = total
+        moments = (n, mean, np.add.reduce(centered * centered, axis=0) / n)
+        self.count, self.mean, self.var = merge_moments((self.count, self.mean, self.var), moments)
+        if self._since_sync is not None:
+            synced, seen = self._since_sync
+            self._since_sync = synced, (moments if seen is None else merge_moments(seen, moments))
+        self._refresh()
+
+    def sync(self, group) -> None:
+        """Merges every rank's observations since the last sync (one all-gather); the first call
+        starts the bookkeeping, from statistics that must be equal on all ranks."""
+        from . import distributed
+
+        if group is None:
+            return
+        if self._since_sync is None:
+            self._since_sync = (self.count, self.mean.copy(), self.var.copy()), None
+            return
+        synced, seen = self._since_sync
+        dim = self.mean.shape[0]
+        mine = np.zeros(1 + 2 * dim) if seen is None else np.concatenate([[seen[0]], seen[1], seen[2]])
+        merged = synced
+        for row in distributed.all_gather_rows(torch.from_numpy(mine), group).numpy():
+            if row[0] > 0:  # in rank order: the same arithmetic on every rank
+                merged = merge_moments(merged, (row[0], row[1:1 + dim], row[1 + dim:]))
+        self.count, self.mean, self.var = merged
+        self._since_sync = (self.count, self.mean.copy(), self.var.copy()), None
         self._refresh()
 
     def _refresh(self) -> None:
@@ -78,6 +115,8 @@ class RunningNormalizer:
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var = state["mean"].numpy().copy(), state["var"].numpy().copy()
         self.count, self.clip = float(state["count"]), float(state["clip"])
+        if self._since_sync is not None:  # the loaded statistics are the new common start
+            self._since_sync = (self.count, self.mean.copy(), self.var.copy()), None
         self._refresh()
 
 
@@ -155,7 +194,16 @@ class EpisodeStats:
             self.returns[done] = 0.0
             self.lengths[done] = 0
 
-    def means(self) -> tuple[float, float]:
+    def means(self, group=None) -> tuple[float, float]:
+        """Mean return and length of the finished episodes in the window; with a process group,
+        over every rank's window (one reduction)."""
+        from . import distributed
+
+        if group is not None:
+            sums = torch.tensor([sum(r for r, _ in self.finished), sum(n for _, n in self.finished),
+                                 len(self.finished)], dtype=torch.float64)
+            total_return, total_length, count = distributed.all_reduce_sum_(sums, group).tolist()
+            return (total_return / count, total_length / count) if count else (float("nan"), float("nan"))
         if not self.finished:
             return float("nan"), float("nan")
         r, n = zip(*self.finished)

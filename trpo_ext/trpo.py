@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 
@@ -17,7 +18,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TRPOConfig, check_int
 from .critic import fit_value_network
 from .envs import check_spaces, eval_env_factory, make_vec_env, registered_spec
@@ -25,6 +26,14 @@ from .logger import RunLogger, check_log_dir
 from .policies import MLPPolicy, ValueNetwork
 from .rollout import EpisodeStats, RolloutCollector, RunningNormalizer
 from .step import trust_region_step
+
+RANK_SEED_STRIDE = 1_000_033
+"""Data-parallel rank r seeds its envs and its sampling with seed + r * RANK_SEED_STRIDE (rank 0:
+the seed itself), so ranks never share an env seed while n_envs < RANK_SEED_STRIDE."""
+
+CHECK_REPLICAS_EVERY = 10
+"""Data-parallel: every this many updates (and at the end of `learn`) the ranks compare checksums
+of their networks and observation statistics, and fail loudly if they differ."""
 
 
 class TRPO:
@@ -45,6 +54,12 @@ class TRPO:
             small and the rollout steps the envs in one thread: more threads gain little there, and two
             runs side by side (routine with seeds) oversubscribe the cores and slow both down many
             times over (docs/benchmarks.md, "Threads"). Raise it for large networks or batches.
+        process_group: data-parallel training (docs/distributed.md). "auto" (the default): when
+            torch.distributed is initialised (e.g. under torchrun), its default group; every rank
+            builds the agent with the same arguments, collects its own rollouts with its n_envs envs
+            (seeded per rank), and all ranks take the same update on the union of their batches;
+            total_timesteps and the logged step counts are totals over the ranks; only rank 0 logs
+            and saves. A ProcessGroup: that group. None: this process alone, even inside a group.
     """
 
     def __init__(self, env, *, n_envs: int = 8, n_steps: int = 128, gamma: float = 0.99,
@@ -54,7 +69,7 @@ class TRPO:
                  obs_clip: float = 10.0, critic_lr: float = 1e-3, critic_epochs: int = 10,
                  critic_batch_size: int = 128, policy_kwargs: dict | None = None, vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
-                 device: str | torch.device = "cpu", num_threads: int | None = 1):
+                 device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto"):
         config = TRPOConfig.from_dict(dict(
             n_envs=n_envs, n_steps=n_steps, gamma=gamma, gae_lambda=gae_lambda, max_kl=max_kl, damping=damping,
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
@@ -62,7 +77,9 @@ class TRPO:
             obs_clip=obs_clip, critic_lr=critic_lr, critic_epochs=critic_epochs,
             critic_batch_size=critic_batch_size, policy_kwargs=policy_kwargs, vectorization=vectorization,
             stats_window=stats_window, seed=seed))
-        self.log_dir = check_log_dir(log_dir)
+        self.group = distributed.resolve_group(process_group)
+        self.rank, self.world_size = distributed.rank(self.group), distributed.world_size(self.group)
+        self.log_dir = check_log_dir(log_dir) if self.rank == 0 else None
         self.device = _resolve_device(device)
         self.num_threads = None if num_threads is None else check_int("num_threads", num_threads, 1)
 
@@ -87,14 +104,22 @@ class TRPO:
             self.policy = MLPPolicy(obs_dim, self.envs.single_action_space, hidden, activation,
                                     config.policy_kwargs["log_std_init"]).to(self.device)
             self.value_net = ValueNetwork(obs_dim, hidden, activation).to(self.device)
+        # Data-parallel: every rank starts from rank 0's networks (one broadcast) and statistics.
+        distributed.broadcast_([*self.policy.parameters(), *self.value_net.parameters()], self.group)
+        if self.normalizer is not None:
+            self.normalizer.sync(self.group)
         # Holds the critic's Adam state; the steps themselves run in trpo_ext.critic.fit_value_network.
         self.critic_optimizer = torch.optim.Adam(self.value_net.parameters(), lr=config.critic_lr)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.generator = torch.Generator(self.device).manual_seed(self.rank_seed(config.seed))
 
         self.num_timesteps = 0
         self.n_updates = 0
         self.last_record: dict | None = None
         self._logger: RunLogger | None = None
+
+    def rank_seed(self, seed: int) -> int:
+        """The seed this rank uses for its envs and sampling where one process would use `seed`."""
+        return seed + self.rank * RANK_SEED_STRIDE
 
     @property
     def hyperparameters(self) -> dict:
@@ -120,8 +145,8 @@ class TRPO:
         total_timesteps = _check_timesteps(total_timesteps)
         callbacks = _check_callback(callback)
         if self.collector.last_obs is None:
-            self.collector.reset(seed=self.config.seed)
-        batch_size = self.config.batch_size
+            self.collector.reset(seed=self.rank_seed(self.config.seed))
+        batch_size = self._steps_per_update()
         n_updates = -(-total_timesteps // batch_size)
         with _torch_threads(self.num_threads), \
                 tqdm(total=n_updates * batch_size, disable=not progress_bar, unit="step", dynamic_ncols=True) as bar:
@@ -132,33 +157,61 @@ class TRPO:
                                 refresh=False)
                 if any([cb(self, record) is False for cb in callbacks]):  # every callback sees every update
                     break
+        self._check_replicas()
         if self._logger is not None:
             self._logger.flush()
         return self
 
+    def _steps_per_update(self) -> int:
+        """Environment steps per update: this rank's batch, summed over the ranks (one reduction)."""
+        if self.group is None:
+            return self.config.batch_size
+        return int(distributed.all_reduce_sum_(torch.tensor([self.config.batch_size]), self.group))
+
+    def _check_replicas(self) -> None:
+        if self.group is None:
+            return
+        tensors = {"policy": list(self.policy.parameters()), "value_net": list(self.value_net.parameters())}
+        if self.normalizer is not None:
+            tensors["observation statistics"] = [torch.from_numpy(self.normalizer.mean),
+                                                 torch.from_numpy(self.normalizer.var)]
+        with distributed.collective_errors(self.group):
+            distributed.check_replicas(tensors, self.group)
+
     def _update(self) -> dict:
         """One update: a rollout, the trust-region policy step, the critic, the log record."""
-        config = self.config
+        with distributed.collective_errors(self.group):
+            return self._update_steps()
+
+    def _update_steps(self) -> dict:
+        config, group = self.config, self.group
+        distributed.mark_progress(group, self.n_updates + 1)
         start = time.perf_counter()
         batch = self.collector.collect(self.policy, self.value_net, self.generator, config.gamma, config.gae_lambda)
+        if self.normalizer is not None:
+            self.normalizer.sync(group)  # once per rollout: the ranks' observations merged
         rollout_time = time.perf_counter() - start
-        self.num_timesteps += config.batch_size
+        steps = config.batch_size * self.world_size
+        self.num_timesteps += steps
 
         policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages)
 
         t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
         value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
-                                       config.critic_epochs, config.critic_batch_size, self.generator)
+                                       config.critic_epochs, config.critic_batch_size, self.generator,
+                                       process_group=group)
         critic_time = time.perf_counter() - t
         self.n_updates += 1
+        if group is not None and self.n_updates % CHECK_REPLICAS_EVERY == 0:
+            self._check_replicas()
 
-        ret_mean, len_mean = self.collector.stats.means()
+        ret_mean, len_mean = self.collector.stats.means(group)
         record = {
             "update": self.n_updates, "timesteps": self.num_timesteps,
             "ep_return_mean": ret_mean, "ep_length_mean": len_mean,
             **policy_log,
             "value_loss": value_loss, "explained_variance": _explained_variance(batch.values, batch.returns),
-            "steps_per_sec": config.batch_size / (time.perf_counter() - start),
+            "steps_per_sec": steps / (time.perf_counter() - start), "world_size": self.world_size,
             "time_rollout": rollout_time, "time_critic": critic_time,
         }
         self.last_record = record
@@ -172,12 +225,12 @@ class TRPO:
         """`trust_region_step` on the (normalized) advantages, Fisher products on a random
         `fvp_fraction` of the batch; its part of the log record."""
         if self.config.normalize_advantage:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = _normalized(advantages, self.group)
         fvp_obs = None
         if self.config.fvp_fraction < 1.0:
             k = max(1, int(round(self.config.fvp_fraction * obs.shape[0])))
             fvp_obs = obs[torch.randperm(obs.shape[0], generator=self.generator, device=obs.device)[:k]]
-        step = trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs,
+        step = trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs, process_group=self.group,
                                  **dataclasses.asdict(self.config.trust_region))
         return {"kl": step.kl, "surrogate_improvement": step.improvement,
                 "expected_improvement": step.expected_improvement, "line_search_steps": step.line_search_steps,
@@ -253,14 +306,17 @@ class TRPO:
 
         Env states are included when the envs are synchronous and picklable; then
         `load(path, restore_env_states=True)` continues the interrupted episodes exactly. The
-        format: `trpo_ext.checkpoint`.
+        format: `trpo_ext.checkpoint`. Data-parallel: rank 0 writes the file (the ranks hold the
+        same networks and statistics; its envs, episode statistics and random stream are rank 0's);
+        on the other ranks this does nothing.
         """
-        checkpoint.save(self, path)
+        if self.rank == 0:
+            checkpoint.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
              device: str | torch.device | None = None, log_dir: str | os.PathLike | None = None,
-             restore_env_states: bool = False) -> "TRPO":
+             restore_env_states: bool = False, continue_log: bool = False) -> "TRPO":
         """Restores an agent saved by `save`: networks, optimizer, statistics, RNG and step count.
 
         With `env=None` fresh envs are made from the saved env id, looked up in this process's
@@ -269,13 +325,22 @@ class TRPO:
         or evaluate elsewhere, or when the id is not registered here. `n_envs` replaces the saved
         number of env copies.
 
+        `continue_log=True` continues the run in `log_dir` (the one that wrote the checkpoint):
+        its progress.csv rows and TensorBoard events after the checkpoint are dropped and new ones
+        appended, instead of logging into a fresh numbered directory (what restarts use).
+
         `restore_env_states=True` instead continues the saved envs' interrupted episodes exactly.
         **This unpickles the env states stored in the file, and unpickling runs whatever code the
         file names: use it only on files you wrote yourself or fully trust.** Without it, loading
         reads plain data and tensors only.
         """
-        return checkpoint.load(cls, path, env, n_envs=n_envs, device=device, log_dir=log_dir,
-                               restore_env_states=restore_env_states)
+        agent = checkpoint.load(cls, path, env, n_envs=n_envs, device=device,
+                                log_dir=None if continue_log else log_dir, restore_env_states=restore_env_states)
+        if continue_log and log_dir is not None and agent.rank == 0:
+            # The run that wrote the checkpoint goes on logging in log_dir, from the checkpoint's update.
+            agent.log_dir = os.fspath(log_dir)
+            agent._logger = RunLogger(agent.log_dir, resume_from=(agent.n_updates, agent.num_timesteps))
+        return agent
 
     def close(self) -> None:
         """Closes the envs and the log files."""
@@ -303,6 +368,19 @@ def _check_callback(callback) -> list:
             raise ValueError(f"callback must be a callable callback(agent, record) or a list of them, "
                              f"got {type(cb).__name__} {cb!r:.60}")
     return callbacks
+
+
+def _normalized(advantages: torch.Tensor, group) -> torch.Tensor:
+    """(A - mean) / (std + 1e-8), the mean and the (unbiased) std over every rank's advantages
+    (one reduction of the count, the sum and the sum of squares in float64)."""
+    if group is None:
+        return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    a = advantages.double()
+    n, total, squares = distributed.all_reduce_sum_(torch.stack([a.new_tensor(a.numel()), a.sum(), (a * a).sum()]),
+                                                    group).tolist()
+    mean = total / n
+    std = math.sqrt(max(squares - n * mean * mean, 0.0) / max(n - 1, 1))
+    return (advantages - mean) / (std + 1e-8)
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
