@@ -1,0 +1,241 @@
+"""The generic (any nn.Module) Fisher-vector product against the double-backprop reference: the
+recorded linearisation (`fisher._Tape`) on the layers and calls it knows, the torch.func fallback on
+forward passes it cannot follow (docs/design.md, "Which path computes the product")."""
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Categorical, Independent, Normal
+
+import trpo_ext
+from trpo_ext import fisher, reference
+
+from helpers import RTOL, make_policy, n_params, rel_err
+
+DTYPES = [torch.float64, torch.float32]
+
+
+class LayerNormMLP(nn.Module):
+    """Gaussian MLP with a LayerNorm after each hidden Linear, state-independent log-std."""
+
+    def __init__(self, obs_dim=5, act_dim=3, hidden=(8, 7)):
+        super().__init__()
+        layers, width = [], obs_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.LayerNorm(h), nn.Tanh()]
+            width = h
+        self.body = nn.Sequential(*layers, nn.Linear(width, act_dim))
+        self.log_std = nn.Parameter(torch.full((act_dim,), -0.3))
+
+    def forward(self, obs):
+        mean = self.body(obs)
+        return Independent(Normal(mean, self.log_std.exp().expand_as(mean)), 1)
+
+
+class SmallCNN(nn.Module):
+    """Categorical conv net on 3x12x12 images: obs scaling, an in-place ReLU, Flatten, a linear head."""
+
+    def __init__(self, n_actions=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 5, 4, stride=2), nn.ReLU(inplace=True), nn.Conv2d(5, 6, 3, padding=1),
+                                  nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 9), nn.Tanh(), nn.Linear(9, n_actions))
+
+    def forward(self, obs):
+        return Categorical(logits=self.body(obs / 2.0))
+
+
+class StateStdGaussian(nn.Module):
+    """Gaussian whose scale is a network output: softplus of half the head (or exp of a clamped log-std)."""
+
+    def __init__(self, obs_dim=5, act_dim=3, clamp=False):
+        super().__init__()
+        self.clamp = clamp
+        self.body = nn.Sequential(nn.Linear(obs_dim, 8), nn.ELU(), nn.Linear(8, 2 * act_dim))
+
+    def forward(self, obs):
+        mean, raw = self.body(obs).chunk(2, dim=-1)
+        scale = raw.clamp(-2.0, 1.5).exp() if self.clamp else nn.functional.softplus(raw) + 1e-3
+        return Independent(Normal(mean, scale), 1)
+
+
+class ProbsCategorical(nn.Module):
+    """Categorical built from probabilities (softmax in the forward pass: logits = log(clamped probs))."""
+
+    def __init__(self, obs_dim=5, n_actions=3):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(obs_dim, 8), nn.Linear(8, n_actions)
+
+    def forward(self, obs):
+        return Categorical(probs=torch.softmax(self.lin2(torch.relu(self.lin1(obs))), dim=-1))
+
+
+class KitchenSink(nn.Module):
+    """Tensor arithmetic, broadcasting and shape calls between the layers (each with a rule of its own or
+    torch.func's local JVP)."""
+
+    def __init__(self, obs_dim=5, act_dim=3):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(obs_dim, 6), nn.Linear(12, act_dim)
+        self.w = nn.Parameter(torch.randn(6, 6) * 0.3)
+        self.gain = nn.Parameter(torch.full((6,), 1.2))
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, obs):
+        h = torch.sigmoid(self.lin1(obs))
+        g = (h @ self.w).t().contiguous().t() * self.gain - 0.5 * h
+        g = g / (1.0 + h.pow(2)) + h[:, :1] * 2.0
+        g = torch.cat([g, torch.logsumexp(g.unsqueeze(1).expand(-1, 2, -1), dim=1) - h.mean(-1, keepdim=True)], dim=-1)
+        mean = self.lin2(torch.nn.functional.gelu(g)).view(-1, self.log_std.numel())
+        return Independent(Normal(mean, (self.log_std * 1.0).exp()), 1)
+
+
+class InPlaceHidden(nn.Module):
+    """Writes into a dependent activation: the tape refuses it, the torch.func fallback computes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, obs):
+        h = self.lin1(obs)
+        h.mul_(0.5)
+        return Categorical(logits=self.lin2(torch.tanh(h)))
+
+
+class ReadsAFloat(nn.Module):
+    """Reads a Python float out of a dependent tensor (autograd and torch.func treat it as a constant;
+    the tape cannot see where it goes, so it refuses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, obs):
+        h = torch.tanh(self.lin1(obs))
+        return Categorical(logits=self.lin2(h) / (1.0 + h.abs().max().item()))
+
+
+def _perturb(policy, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return policy
+
+
+def _mlp(kind, activation):
+    return lambda: make_policy(kind, 5, 3, (8, 7), activation, torch.float64)
+
+
+POLICIES = {  # name -> (factory, observation shape)
+    "mlp-gaussian-tanh": (_mlp("gaussian", "tanh"), (5,)),
+    "mlp-gaussian-relu": (_mlp("gaussian", "relu"), (5,)),
+    "mlp-categorical-tanh": (_mlp("categorical", "tanh"), (5,)),
+    "mlp-categorical-relu": (_mlp("categorical", "relu"), (5,)),
+    "mlp-categorical-elu": (_mlp("categorical", "elu"), (5,)),
+    "layernorm-mlp": (lambda: _perturb(LayerNormMLP()), (5,)),
+    "cnn-categorical": (lambda: _perturb(SmallCNN()), (3, 12, 12)),
+    "state-std-softplus": (lambda: _perturb(StateStdGaussian()), (5,)),
+    "state-std-clamp": (lambda: _perturb(StateStdGaussian(clamp=True)), (5,)),
+    "categorical-from-probs": (lambda: _perturb(ProbsCategorical()), (5,)),
+    "kitchen-sink": (lambda: _perturb(KitchenSink()), (5,)),
+}
+FALLBACK = {"in-place-hidden": (InPlaceHidden, (5,)), "reads-a-float": (ReadsAFloat, (5,))}
+
+
+def _setup(factory, obs_shape, dtype, n=23, seed=0):
+    torch.manual_seed(seed)
+    policy = factory().to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    obs = torch.randn(n, *obs_shape, generator=g, dtype=dtype)
+    v = torch.randn(n_params(policy), generator=g, dtype=dtype)
+    return policy, obs, v
+
+
+def _takes_the_tape(policy, obs) -> bool:
+    with fisher._GENERIC_LOCK, torch.no_grad():
+        try:
+            fisher._Tape(policy, obs, list(policy.parameters()))
+        except fisher._Unsupported:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_tape_fvp_matches_reference(name, dtype):
+    policy, obs, v = _setup(*POLICIES[name], dtype)
+    assert _takes_the_tape(policy, obs)
+    before = [p.detach().clone() for p in policy.parameters()]
+    flags = [p.requires_grad for p in policy.parameters()]
+    expected = reference.fvp(policy, obs, v, damping=0.05)
+    got = trpo_ext.fvp(policy, obs, v, damping=0.05, path="generic")
+    assert got.shape == v.shape and got.dtype == dtype
+    assert rel_err(got, expected) <= RTOL[dtype]
+    for b, p, flag in zip(before, policy.parameters(), flags):
+        assert torch.equal(b, p) and p.requires_grad == flag, "the generic path changed a parameter"
+        assert p.grad is None
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_tape_products_are_symmetric_and_match_the_fallback(name):
+    # u'(F v) = v'(F u) only holds when the recorded JVP is exactly the transpose of the VJP.
+    policy, obs, v = _setup(*POLICIES[name], torch.float64)
+    u = torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(7))
+    params = list(policy.parameters())
+    with fisher._GENERIC_LOCK, torch.no_grad():
+        product = fisher._generic_products(policy, obs, params)
+        fallback = fisher._functorch_products(policy, obs, params)
+        fv, fu = product(v), product(u)
+        assert torch.equal(product(v), fv)  # products do not change the cached state
+        assert rel_err(fallback(v), fv) <= 1e-12
+    assert abs(torch.dot(u, fv) - torch.dot(v, fu)) <= 1e-12 * fv.norm() * u.norm()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(FALLBACK))
+def test_fallback_when_the_tape_cannot_follow(name, dtype):
+    policy, obs, v = _setup(*FALLBACK[name], dtype)
+    assert not _takes_the_tape(policy, obs)
+    expected = reference.fvp(policy, obs, v, damping=0.05)
+    assert rel_err(trpo_ext.fvp(policy, obs, v, damping=0.05, path="generic"), expected) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("name", ["layernorm-mlp", "cnn-categorical", "state-std-softplus", "mlp-categorical-relu"])
+def test_tape_cg_matches_reference(name):
+    policy, obs, b = _setup(*POLICIES[name], torch.float64)
+    x_ref, used_ref, _, xAx_ref = reference.cg_solve(policy, obs, b, iters=10, damping=0.1, rtol=0.0)
+    x, info = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.1, rtol=0.0, path="generic")
+    assert rel_err(x, x_ref) <= 1e-8
+    assert int(info.iterations) == used_ref
+    assert abs(float(info.xAx) - float(xAx_ref)) <= 1e-8 * abs(float(xAx_ref))
+
+
+def test_tape_on_the_fused_mlp_matches_fused_op():
+    policy, obs, v = _setup(_mlp("gaussian", "tanh"), (5,), torch.float64, n=64)
+    assert rel_err(trpo_ext.fvp(policy, obs, v, path="generic"), trpo_ext.fvp(policy, obs, v, path="fused")) <= 1e-12
+
+
+def test_a_distribution_that_does_not_depend_on_the_parameters():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, obs):
+            return Categorical(logits=torch.zeros(obs.shape[0], 3, dtype=obs.dtype))
+
+    policy = Constant().double()
+    v = torch.randn(n_params(policy), dtype=torch.float64)
+    assert torch.equal(trpo_ext.fvp(policy, torch.randn(4, 2, dtype=torch.float64), v, path="generic"),
+                       torch.zeros_like(v))
+
+
+def test_a_frozen_layer_keeps_its_block():
+    # requires_grad=False does not take a parameter out of F (the generic path differentiates every
+    # parameter, like the fused one).
+    policy, obs, v = _setup(_mlp("categorical", "tanh"), (5,), torch.float64)
+    expected = trpo_ext.fvp(policy, obs, v, path="generic")
+    policy.layers[0].weight.requires_grad_(False)
+    got = trpo_ext.fvp(policy, obs, v, path="generic")
+    assert not policy.layers[0].weight.requires_grad
+    assert rel_err(got, expected) <= 1e-14
