@@ -31,6 +31,21 @@ def test_tiny_cpu_run_prints_the_table_and_checks(capsys, tmp_path):
     assert "fused+graph" not in captured.out  # CUDA only
     assert "rel. error vs reference" in captured.out and "exceeds" not in captured.out
     assert "| gaus 17->8->6 N=64 | 1 | fvp | fused |" in out.read_text()
+    # The LayerNorm MLP (a plain module: no fused rows) comes along with --sizes/--hidden.
+    for row in ("| ln gaus 17->8->6 N=64 | 1 | fvp | reference |", "| ln gaus 17->8->6 N=64 | 1 | cg x10 | generic |",
+                "| ln gaus 17->8->6 N=64 | 1 | policy step | generic |"):
+        assert row in captured.out
+    assert "| ln gaus 17->8->6 N=64 | 1 | fvp | fused |" not in captured.out
+
+
+def test_the_conv_configuration_runs_on_the_generic_path():
+    cfg = benchmark.Config("categorical", 36, (8,), 3, 4, net="cnn", rounds=1)
+    assert str(cfg) == "cnn cate 3x36x36->conv->8->3 N=4"
+    res = benchmark.bench_config(cfg, "cpu", rounds=5, cg_iters=3, with_generic=True, check=True)
+    assert not res.errors and res.rounds == 1
+    assert set(res.times) == {(op, m) for op in ("fvp", "cg", "step") for m in ("reference", "generic")}
+    assert res.rel_err[("fvp", "generic")] <= benchmark.CHECK_BOUNDS["fvp"]
+    assert res.rel_err[("cg", "generic")] <= benchmark.CHECK_BOUNDS["cg"]
 
 
 def test_a_failing_method_is_a_row_and_a_nonzero_exit(capsys, monkeypatch):

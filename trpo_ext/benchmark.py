@@ -43,14 +43,25 @@ from .step import trust_region_step
 
 @dataclass(frozen=True)
 class Config:
+    """net: "mlp" (MLPPolicy: fused, reference and generic), "layernorm" (a plain nn.Module MLP with a
+    LayerNorm after each hidden Linear) or "cnn" (a plain nn.Module conv net on 3 x obs_dim x obs_dim
+    images, `NATURE_CNN`, then `hidden` and the head); the last two have no fused op, only the
+    reference and the generic path. rounds: at most this many rounds (the slow configurations)."""
+
     kind: str
     obs_dim: int
     hidden: tuple
     act_dim: int
     batch: int
+    net: str = "mlp"
+    rounds: int | None = None
 
     def __str__(self):
-        return f"{self.kind[:4]} {self.obs_dim}->{'x'.join(map(str, self.hidden))}->{self.act_dim} N={self.batch}"
+        widths = "x".join(map(str, self.hidden))
+        if self.net == "cnn":
+            return f"cnn {self.kind[:4]} 3x{self.obs_dim}x{self.obs_dim}->conv->{widths}->{self.act_dim} N={self.batch}"
+        head = f"{self.kind[:4]} {self.obs_dim}->{widths}->{self.act_dim} N={self.batch}"
+        return head if self.net == "mlp" else f"ln {head}"
 
 
 CPU_CONFIGS = [
@@ -58,7 +69,12 @@ CPU_CONFIGS = [
     Config("gaussian", 17, (64, 64), 6, 16384),
     Config("gaussian", 17, (256, 256), 6, 16384),
     Config("categorical", 4, (64, 64), 2, 2048),
+    Config("gaussian", 17, (64, 64), 6, 2048, net="layernorm"),
+    Config("categorical", 64, (256,), 6, 2048, net="cnn", rounds=3),
 ]
+# The "cnn" configurations' conv stack, NatureCNN's shape (8x8 stride 4, 4x4 stride 2, 3x3 stride 1,
+# ReLU after each) at half its widths: (out channels, kernel, stride) per layer.
+NATURE_CNN = ((16, 8, 4), (32, 4, 2), (32, 3, 1))
 GPU_SIZES = (2048, 65536, 1048576)
 GPU_HIDDEN = ((64, 64), (256, 256))
 # Hidden-major, so that under a time budget every size of the small network is measured first.
@@ -119,16 +135,71 @@ def _graphed(fn):
     return replay
 
 
+class LayerNormMLP(torch.nn.Module):
+    """The "layernorm" configurations' policy: Linear -> LayerNorm -> tanh per hidden layer, a linear
+    head; categorical logits or an Independent(Normal) with a state-independent log-std."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        layers, width = [], cfg.obs_dim
+        for h in cfg.hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.LayerNorm(h), torch.nn.Tanh()]
+            width = h
+        self.body = torch.nn.Sequential(*layers, torch.nn.Linear(width, cfg.act_dim))
+        self.kind = cfg.kind
+        if cfg.kind == "gaussian":
+            self.log_std = torch.nn.Parameter(torch.zeros(cfg.act_dim))
+
+    def forward(self, obs):
+        out = self.body(obs)
+        if self.kind == "categorical":
+            return torch.distributions.Categorical(logits=out)
+        return torch.distributions.Independent(torch.distributions.Normal(out, self.log_std.exp().expand_as(out)), 1)
+
+
+class ConvPolicy(LayerNormMLP):
+    """The "cnn" configurations' policy: `NATURE_CNN` on 3 x obs_dim x obs_dim images, Flatten,
+    Linear + ReLU per `hidden` width, a linear head."""
+
+    def __init__(self, cfg: Config):
+        torch.nn.Module.__init__(self)
+        layers, channels, side = [], 3, cfg.obs_dim
+        for out, kernel, stride in NATURE_CNN:
+            layers += [torch.nn.Conv2d(channels, out, kernel, stride=stride), torch.nn.ReLU()]
+            channels, side = out, (side - kernel) // stride + 1
+        layers.append(torch.nn.Flatten())
+        width = channels * side * side
+        for h in cfg.hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+            width = h
+        self.body = torch.nn.Sequential(*layers, torch.nn.Linear(width, cfg.act_dim))
+        self.kind = cfg.kind
+        if cfg.kind == "gaussian":
+            self.log_std = torch.nn.Parameter(torch.zeros(cfg.act_dim))
+
+
+def make_policy(cfg: Config, device: str):
+    """The policy and a batch of observations of `cfg` (seeded)."""
+    torch.manual_seed(0)
+    if cfg.net == "mlp":
+        space = gym.spaces.Discrete(cfg.act_dim) if cfg.kind == "categorical" else gym.spaces.Box(-1, 1, (cfg.act_dim,))
+        return MLPPolicy(cfg.obs_dim, space, cfg.hidden).to(device), torch.randn(cfg.batch, cfg.obs_dim, device=device)
+    if cfg.net == "layernorm":
+        return LayerNormMLP(cfg).to(device), torch.randn(cfg.batch, cfg.obs_dim, device=device)
+    if cfg.net == "cnn":
+        return ConvPolicy(cfg).to(device), torch.rand(cfg.batch, 3, cfg.obs_dim, cfg.obs_dim, device=device)
+    raise ValueError(f"unknown net {cfg.net!r}")
+
+
 def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_graph: bool = True):
     """{(op, method): callable}, in table order within each op. A callable returns the method's
     output (compared against the reference's by --check) or None. Factories (builders that need
-    warm-up or capture) are wrapped in _Lazy so a failure is reported per method."""
-    space = gym.spaces.Discrete(cfg.act_dim) if cfg.kind == "categorical" else gym.spaces.Box(-1, 1, (cfg.act_dim,))
-    torch.manual_seed(0)
-    policy = MLPPolicy(cfg.obs_dim, space, cfg.hidden).to(device)
-    obs = torch.randn(cfg.batch, cfg.obs_dim, device=device)
+    warm-up or capture) are wrapped in _Lazy so a failure is reported per method. Only an MLPPolicy
+    has the fused rows."""
+    policy, obs = make_policy(cfg, device)
     v = torch.randn(sum(p.numel() for p in policy.parameters()), device=device)
     graphs = with_graph and device == "cuda"
+    fused = cfg.net == "mlp"
 
     def fused_fvp():
         return fvp(policy, obs, v, 0.1, check_finite=False)
@@ -136,17 +207,19 @@ def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_g
     def fused_cg(cuda_graph):
         return lambda: cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0, check_finite=False, cuda_graph=cuda_graph)
 
-    m = {("fvp", "reference"): lambda: reference.fvp(policy, obs, v, 0.1),
-         ("fvp", "fused"): fused_fvp}
-    if graphs:
-        m[("fvp", "fused+graph")] = _Lazy(lambda: _graphed(fused_fvp))
-    m[("fvp", "gemm floor")] = _Lazy(lambda: _gemm_floor(policy, obs))
+    m = {("fvp", "reference"): lambda: reference.fvp(policy, obs, v, 0.1)}
+    if fused:
+        m[("fvp", "fused")] = fused_fvp
+        if graphs:
+            m[("fvp", "fused+graph")] = _Lazy(lambda: _graphed(fused_fvp))
+        m[("fvp", "gemm floor")] = _Lazy(lambda: _gemm_floor(policy, obs))
     if with_generic:
         m[("fvp", "generic")] = lambda: fvp(policy, obs, v, 0.1, check_finite=False, path="generic")
     m[("cg", "reference")] = lambda: reference.cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0)
-    m[("cg", "fused")] = fused_cg(False)
-    if graphs:
-        m[("cg", "fused+graph")] = fused_cg(True)
+    if fused:
+        m[("cg", "fused")] = fused_cg(False)
+        if graphs:
+            m[("cg", "fused+graph")] = fused_cg(True)
     if with_generic:
         m[("cg", "generic")] = lambda: cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0, check_finite=False,
                                                 path="generic")
@@ -156,7 +229,8 @@ def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_g
     advantages = torch.randn(cfg.batch, device=device)
     m[("step", "reference")] = lambda: reference.sb3_policy_step(policy, obs, actions, advantages, 0.01, 0.1, cg_iters,
                                                                 residual_tol=0.0)
-    m[("step", "fused")] = _policy_step(policy, obs, actions, advantages, cg_iters, "fused")
+    if fused:
+        m[("step", "fused")] = _policy_step(policy, obs, actions, advantages, cg_iters, "fused")
     if with_generic:
         m[("step", "generic")] = _policy_step(policy, obs, actions, advantages, cg_iters, "generic")
     return m
@@ -232,6 +306,8 @@ def bench_config(cfg: Config, device: str, rounds: int, cg_iters: int, with_gene
     """Times every method of `cfg`; stops after `rounds` rounds, or after `min_rounds` once
     time.perf_counter() passes `deadline`. A method that raises is dropped and reported."""
     methods = _methods(cfg, device, cg_iters, with_generic, with_graph)
+    rounds = rounds if cfg.rounds is None else min(rounds, cfg.rounds)
+    min_rounds = min(min_rounds, rounds)
     res = Result(order=list(methods))
     outputs = {}
     for key, fn in list(methods.items()):  # warm-up (and CUDA graph capture)
@@ -345,7 +421,8 @@ def report(results, cg_iters: int, env: str, rounds: int, check: bool, skipped=(
     parts.append("\nThe fused CG solve's time split (FVP = c + i, CG = c + %d i):\n" % cg_iters)
     parts.append(cost_split(results, cg_iters))
     notes = []
-    short = [f"{cfg}: {res.rounds}" for (cfg, _), res in results if res.rounds < rounds]
+    short = [f"{cfg}: {res.rounds}" for (cfg, _), res in results
+             if res.rounds < (rounds if cfg.rounds is None else min(rounds, cfg.rounds))]
     if short:
         notes.append(f"Fewer than {rounds} rounds (time budget): " + "; ".join(short))
     if skipped:
@@ -368,15 +445,16 @@ def _hidden(text: str) -> list[tuple]:
 
 
 def configurations(device: str, sizes=None, hidden=None) -> list[Config]:
-    """The default configurations of `device`, or, with sizes and/or hidden, every head (kind,
-    obs_dim, act_dim) of the defaults with those hidden layers and batch sizes."""
+    """The default configurations of `device`, or, with sizes and/or hidden, every MLP head (kind,
+    obs_dim, act_dim, net) of the defaults with those hidden layers and batch sizes (the conv
+    configurations keep their own shape and are left out)."""
     base = CPU_CONFIGS if device == "cpu" else GPU_CONFIGS
     if not sizes and not hidden:
         return list(base)
-    heads = dict.fromkeys((c.kind, c.obs_dim, c.act_dim) for c in base)
-    hidden = hidden or list(dict.fromkeys(c.hidden for c in base))
-    sizes = sizes or list(dict.fromkeys(c.batch for c in base))
-    return [Config(k, o, tuple(h), a, n) for (k, o, a) in heads for h in hidden for n in sizes]
+    heads = dict.fromkeys((c.kind, c.obs_dim, c.act_dim, c.net) for c in base if c.net != "cnn")
+    hidden = hidden or list(dict.fromkeys(c.hidden for c in base if c.net != "cnn"))
+    sizes = sizes or list(dict.fromkeys(c.batch for c in base if c.net != "cnn"))
+    return [Config(k, o, tuple(h), a, n, net) for (k, o, a, net) in heads for h in hidden for n in sizes]
 
 
 def main(argv=None) -> int:
