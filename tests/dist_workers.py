@@ -101,7 +101,60 @@ def step_case(out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-CASES = {"step": step_case}
+def agent_case(out_dir):
+    """A data-parallel agent: replicas stay identical, the step counts are totals, rank 0 alone logs
+    and saves, and a checkpoint (this job's, or one from a single process) continues here."""
+    from trpo_ext.critic import fit_value_network
+    from trpo_ext.rollout import RunningNormalizer
+
+    rank = dist.get_rank()
+    results = {}
+    # The critic on shards equals the critic on the whole batch, given rank 0's random stream.
+    torch.manual_seed(0)
+    obs, returns = torch.randn(50, 4), torch.randn(50)
+    bounds = [0, 21, 50]
+    fits = {}
+    for name, group, o, r in (("distributed", dist.group.WORLD, obs[bounds[rank]:bounds[rank + 1]],
+                               returns[bounds[rank]:bounds[rank + 1]]), ("single", None, obs, returns)):
+        torch.manual_seed(1)
+        net = trpo_ext.ValueNetwork(4, (8,))
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+        loss = fit_value_network(net, optimizer, o, r, 3, 16, torch.Generator().manual_seed(7), process_group=group)
+        fits[name] = (loss, parameters_to_vector(net.parameters()).detach())
+    results["critic"] = fits
+    # Observation statistics: what the ranks saw since the last sync, merged.
+    seen = torch.Generator().manual_seed(rank)
+    normalizer = RunningNormalizer(3)
+    normalizer.sync(dist.group.WORLD)
+    mine = [torch.randn(4, 3, generator=seen, dtype=torch.float64).numpy() * (rank + 1) + rank for _ in range(5)]
+    for batch in mine:
+        normalizer.update(batch)
+    normalizer.sync(dist.group.WORLD)
+    results["normalizer"] = (normalizer.count, normalizer.mean.copy(), normalizer.var.copy(), mine)
+
+    agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, normalize_obs=True, seed=0,
+                          log_dir=os.path.join(out_dir, "run"))
+    agent.learn(1024, progress_bar=False)
+    agent.save(os.path.join(out_dir, "model.pt"))
+    dist.barrier()
+    results["agent"] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
+                            value=parameters_to_vector(agent.value_net.parameters()).detach(),
+                            obs_mean=agent.normalizer.mean.copy(), num_timesteps=agent.num_timesteps,
+                            n_updates=agent.n_updates, world_size=agent.world_size, log_dir=agent.log_dir,
+                            record=agent.last_record)
+    agent.close()
+    # Continue both this job's checkpoint and a one-process one (written by the test) at world size 2.
+    for name in ("model.pt", "single.pt"):
+        resumed = trpo_ext.TRPO.load(os.path.join(out_dir, name))
+        start = resumed.num_timesteps
+        resumed.learn(512, progress_bar=False)
+        results[f"resumed-{name}"] = dict(start=start, num_timesteps=resumed.num_timesteps,
+                                          policy=parameters_to_vector(resumed.policy.parameters()).detach())
+        resumed.close()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+CASES = {"step": step_case, "agent": agent_case}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -82,3 +82,72 @@ def test_collectives_per_step_are_as_documented(step_results, path):
         n, cg_iterations, trials = rank["collectives"][path]
         assert cg_iterations >= 1 and trials >= 1
         assert n == 2 + cg_iterations + trials
+
+
+# ----------------------------------------------------------------------------- the agent
+@pytest.fixture(scope="module")
+def agent_results(tmp_path_factory):
+    import trpo_ext
+
+    out = tmp_path_factory.mktemp("agent")
+    single = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, normalize_obs=True, seed=0)
+    single.learn(256, progress_bar=False)
+    single.save(out / "single.pt")
+    single.close()
+    return out, launch("agent", out)
+
+
+def test_critic_on_shards_equals_the_critic_on_the_whole_batch(agent_results):
+    _, ranks = agent_results
+    for rank in ranks:
+        (loss, params), (single_loss, single_params) = rank["critic"]["distributed"], rank["critic"]["single"]
+        assert torch.equal(params, single_params) and loss == single_loss
+
+
+def test_observation_statistics_merge_what_every_rank_saw(agent_results):
+    import numpy as np
+
+    _, ranks = agent_results
+    count0, mean0, var0, _ = ranks[0]["normalizer"]
+    count1, mean1, var1, _ = ranks[1]["normalizer"]
+    assert count0 == count1 and np.array_equal(mean0, mean1) and np.array_equal(var0, var1)
+    # One process that saw all of it.
+    from trpo_ext.rollout import RunningNormalizer
+
+    alone = RunningNormalizer(3)
+    for rank in ranks:
+        for batch in rank["normalizer"][3]:
+            alone.update(batch)
+    assert count0 == pytest.approx(alone.count, rel=1e-15)
+    np.testing.assert_allclose(mean0, alone.mean, rtol=1e-12)
+    np.testing.assert_allclose(var0, alone.var, rtol=1e-12)
+
+
+def test_data_parallel_agent_keeps_identical_replicas_and_counts_every_rank(agent_results):
+    out, ranks = agent_results
+    a0, a1 = ranks[0]["agent"], ranks[1]["agent"]
+    assert torch.equal(a0["policy"], a1["policy"]) and torch.equal(a0["value"], a1["value"])
+    assert (a0["obs_mean"] == a1["obs_mean"]).all()
+    # 2 ranks x 2 envs x 64 steps = 256 steps per update: 4 updates for 1024 steps.
+    assert a0["num_timesteps"] == a1["num_timesteps"] == 1024 and a0["n_updates"] == 4
+    assert a0["world_size"] == 2 and a0["record"]["world_size"] == 2
+    assert a0["record"]["ep_return_mean"] == a1["record"]["ep_return_mean"]  # over both ranks' episodes
+    assert a0["log_dir"] == str(out / "run") and a1["log_dir"] is None
+    rows = (out / "run" / "progress.csv").read_text().splitlines()
+    assert len(rows) == 5 and "world_size" in rows[0]
+
+
+def test_checkpoints_continue_at_another_world_size(agent_results):
+    import trpo_ext
+
+    out, ranks = agent_results
+    for name, start in (("model.pt", 1024), ("single.pt", 256)):
+        r0, r1 = ranks[0][f"resumed-{name}"], ranks[1][f"resumed-{name}"]
+        assert r0["start"] == start and r0["num_timesteps"] == start + 512
+        assert torch.equal(r0["policy"], r1["policy"])
+    # And the 2-rank checkpoint in one process.
+    agent = trpo_ext.TRPO.load(out / "model.pt")
+    assert agent.num_timesteps == 1024 and agent.world_size == 1
+    agent.learn(256, progress_bar=False)
+    assert agent.num_timesteps == 1280
+    agent.close()

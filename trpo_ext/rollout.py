@@ -85,7 +85,8 @@ class RunningNormalizer:
         for row in distributed.all_gather_rows(torch.from_numpy(mine), group).numpy():
             if row[0] > 0:  # in rank order: the same arithmetic on every rank
                 merged = merge_moments(merged, (row[0], row[1:1 + dim], row[1 + dim:]))
-        self.count, self.mean, self.var = merged
+        count, self.mean, self.var = merged
+        self.count = float(count)  # a Python float, never a numpy scalar (checkpoints hold plain data)
         self._since_sync = (self.count, self.mean.copy(), self.var.copy()), None
         self._refresh()
 
@@ -110,7 +111,7 @@ class RunningNormalizer:
 
     def state_dict(self) -> dict:
         return {"mean": torch.from_numpy(self.mean.copy()), "var": torch.from_numpy(self.var.copy()),
-                "count": self.count, "clip": self.clip}
+                "count": float(self.count), "clip": self.clip}
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var = state["mean"].numpy().copy(), state["var"].numpy().copy()
