@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Categorical, Independent, Normal
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _ops
 from .policies import MLPPolicy
@@ -248,10 +247,15 @@ _STRUCTURAL = {
     torch.flip, _T.movedim, torch.movedim, _T.sum, torch.sum, _T.mean, torch.mean, _T.neg, torch.neg,
     _T.__neg__, _T.__pos__, _T.to, _T.float, _T.double, _T.type_as,
 }
+_RESHAPES = {_T.view, _T.view_as, _T.reshape, torch.reshape, _T.reshape_as, _T.flatten, torch.flatten, _T.unflatten,
+             _T.squeeze, torch.squeeze, _T.unsqueeze, torch.unsqueeze, _T.contiguous, _T.clone, torch.clone}
+_EXPANDS = {_T.expand, _T.expand_as}
+_CASTS = {_T.to, _T.float, _T.double, _T.type_as}
+_NEG = {_T.neg, torch.neg, _T.__neg__}
 _ADD = {_T.__add__, _T.__radd__, _T.add, torch.add}
 _SUB = {_T.__sub__, _T.sub, torch.sub}
-_BILINEAR = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul, _T.__matmul__, _T.matmul, torch.matmul, _T.mm, torch.mm,
-             _T.bmm, torch.bmm}
+_MUL = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul}
+_MM = {_T.__matmul__, _T.matmul, torch.matmul, _T.mm, torch.mm}  # two matrices (else torch.func's rules)
 _DIV = {_T.__truediv__, _T.div, torch.div, _T.true_divide, torch.true_divide}
 _CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _TANH = {torch.tanh, _T.tanh, _F.tanh}
@@ -274,25 +278,27 @@ _POINTWISE = {
 class _Tape(TorchFunctionMode):
     """One forward pass of the policy recorded at the torch-function level, and linearised.
 
-    The pass runs on fresh leaves (detached copies of the parameters that require grad), so that
-    autograd records its graph for the VJP. A tensor is *dependent* when it came out of a recorded
-    call with a dependent argument and requires grad (autograd says it depends on a leaf); each gets
-    a tangent slot, and each call producing one gets a rule from its input tangents to its output
-    tangents. Rules read cached primal values only (layer inputs, activation derivatives, layer-norm
-    statistics): a product never repeats the forward pass. Linear, convolutions, layer norm, the
-    usual activations and tensor arithmetic have rules of their own; any other call is linearised
-    locally by torch.func.jvp on that call alone. Anything the tape cannot follow exactly raises
-    `_Unsupported` (the caller falls back to torch.func): a call that writes into one of its
-    arguments (in-place ReLU excepted), a Python float read out of a dependent tensor, a tensor a
-    rule reads that changes later in the pass, a call torch.func cannot differentiate.
+    The pass runs on fresh leaves (detached copies of the parameters that require grad). A tensor
+    is *dependent* when it came out of a recorded call with a dependent argument and requires grad
+    (autograd's own verdict that it depends on a leaf: `detach`, `no_grad` blocks and integer
+    results are constants, as in the reference); each gets a slot, and each call producing one gets
+    a pair of rules: a JVP (input tangents -> output tangents) and its transpose, a VJP (output
+    cotangents -> input cotangents). Rules read cached primal values only (layer inputs, activation
+    derivatives, layer-norm statistics), so a product never repeats the forward pass and never
+    touches autograd. Linear, convolutions, layer norm, the usual activations and tensor arithmetic
+    have rules of their own; any other call is linearised locally by torch.func on that call alone.
+    What the tape cannot follow exactly raises `_Unsupported` (the caller falls back to torch.func):
+    a call that writes into one of its arguments (in-place ReLU excepted), a Python float read out of
+    a dependent tensor, a tensor a rule reads that changes later in the pass, a call torch.func
+    cannot differentiate.
     """
 
     def __init__(self, policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
         super().__init__()
         self.leaves = [p.detach().requires_grad_() for p in params]
-        self.slot = {id(t): i for i, t in enumerate(self.leaves)}  # id(dependent tensor) -> tangent slot
+        self.slot = {id(t): i for i, t in enumerate(self.leaves)}  # id(dependent tensor) -> slot
         self.keep = []  # every dependent tensor stays alive, so that no other tensor takes its id
-        self.nodes = []  # (rule, input slots, output slots), in call order
+        self.nodes = []  # (jvp, vjp, input slots, output slots), in call order
         self.reads = []  # (tensor, version) for everything a rule reads
         self.n_slots = len(self.leaves)
         names = [name for name, _ in policy.named_parameters()]
@@ -309,35 +315,47 @@ class _Tape(TorchFunctionMode):
         out_slots = [self.slot.get(id(o)) if o.requires_grad else None for o in self.outputs]
         needed, nodes = {s for s in out_slots if s is not None}, []
         for node in reversed(self.nodes):  # only the calls the outputs depend on
-            if needed.intersection(node[2]):
-                needed.update(node[1])
+            if needed.intersection(node[3]):
+                needed.update(node[2])
                 nodes.append(node)
         nodes.reverse()
         fisher = _output_fisher(self.base, self.n)
-        outputs = [o for o, s in zip(self.outputs, out_slots) if s is not None]
-        leaves, n_slots = self.leaves, self.n_slots
-        shapes = [p.shape for p in leaves]
-        sizes = [p.numel() for p in leaves]
+        n_slots, n_leaves = self.n_slots, len(self.leaves)
+        shapes = [p.shape for p in self.leaves]
+        sizes = [p.numel() for p in self.leaves]
+        zeros = [torch.zeros_like(p) for p in self.leaves]
+        self.keep = self.reads = None  # the rules hold what they read
 
         def product(v: torch.Tensor) -> torch.Tensor:
-            if not outputs:  # the distribution does not depend on the parameters
+            if all(s is None for s in out_slots):  # the distribution does not depend on the parameters
                 return torch.zeros_like(v)
             with torch.no_grad():
-                tangent = [t.view(s) for t, s in zip(torch.split(v, sizes), shapes)] + [None] * (n_slots - len(sizes))
-                for rule, ins, outs in nodes:
-                    for s, t in zip(outs, rule([tangent[i] for i in ins])):
+                tangent = [t.view(s) for t, s in zip(torch.split(v, sizes), shapes)] + [None] * (n_slots - n_leaves)
+                for jvp, _, ins, outs in nodes:
+                    for s, t in zip(outs, jvp([tangent[i] for i in ins])):
                         tangent[s] = t
-                u = fisher(tuple(None if s is None else tangent[s] for s in out_slots))
-                grads = torch.autograd.grad(outputs, leaves, [c for c, s in zip(u, out_slots) if s is not None],
-                                            retain_graph=True, allow_unused=True, materialize_grads=True)
-                return torch.cat([g.reshape(-1) for g in grads])
+                cot = [None] * n_slots
+                for s, u in zip(out_slots, fisher(tuple(None if s is None else tangent[s] for s in out_slots))):
+                    if s is not None:
+                        cot[s] = u if cot[s] is None else cot[s] + u
+                del tangent
+                for _, vjp, ins, outs in reversed(nodes):
+                    g = [cot[s] for s in outs]
+                    for s in outs:
+                        cot[s] = None
+                    if all(x is None for x in g):
+                        continue
+                    for s, x in zip(ins, vjp(g)):
+                        if x is not None:
+                            cot[s] = x if cot[s] is None else cot[s] + x
+                return torch.cat([(z if c is None else c).reshape(-1) for c, z in zip(cot[:n_leaves], zeros)])
 
         return product
 
     # -- recording
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, spec = tree_flatten((args, kwargs))
+        flat, spec = _flatten(args, kwargs)
         dep = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor) and id(a) in self.slot]
         if not dep:
             return func(*args, **kwargs)
@@ -351,15 +369,18 @@ class _Tape(TorchFunctionMode):
         if not relu_inplace and (any(t._version != v for t, v in zip(tensors, versions))
                                  or kwargs.get("out") is not None):
             raise _Unsupported(f"{name} writes into a tensor")
-        out_flat = tree_flatten(out)[0]
+        out_flat = list(out) if isinstance(out, (tuple, list)) else [out]
         if any(isinstance(o, (float, complex)) for o in out_flat):
             raise _Unsupported(f"{name} reads a number out of a tensor that depends on the parameters")
         produced = [j for j, o in enumerate(out_flat)
                     if isinstance(o, torch.Tensor) and o.requires_grad and o.is_floating_point()]
         if produced:
             try:
-                rule = (self._relu_inplace(out) if relu_inplace else
-                        self._rule(func, args, kwargs, flat, spec, dep, out_flat, produced))
+                if relu_inplace:
+                    mask = self._read(out).gt(0).to(out.dtype)
+                    rules = (lambda t: (t[0] * mask,)), (lambda g: (g[0] * mask,))
+                else:
+                    rules = self._rules(func, args, kwargs, flat, spec, dep, out_flat, produced)
             except _Unsupported:
                 raise
             except Exception as exc:  # noqa: BLE001 - arguments no rule expected: torch.func takes over
@@ -370,7 +391,7 @@ class _Tape(TorchFunctionMode):
                 self.keep.append(out_flat[j])
                 out_slots.append(self.n_slots)
                 self.n_slots += 1
-            self.nodes.append((rule, in_slots, out_slots))
+            self.nodes.append((*rules, in_slots, out_slots))
         return out
 
     def _read(self, t):
@@ -380,62 +401,86 @@ class _Tape(TorchFunctionMode):
             return t.detach()
         return t
 
-    def _relu_inplace(self, out):
-        mask = self._read(out).gt(0).to(out.dtype)
-        return lambda t: (t[0] * mask,)
-
-    def _rule(self, func, args, kwargs, flat, spec, dep, out_flat, produced):
-        """The rule of one call: the tangents of its dependent arguments (in `dep` order) -> the
-        tangents of its `produced` outputs."""
-        first_only = dep == [0] and bool(args)
+    def _rules(self, func, args, kwargs, flat, spec, dep, out_flat, produced):
+        """(jvp, vjp) of one call. jvp: the tangents of its dependent arguments (in `dep` order) ->
+        the tangents of its `produced` outputs; vjp: the cotangents of those outputs (None: zero) ->
+        the cotangents of the dependent arguments (None: zero)."""
         position = {}
         for k, i in enumerate(dep):
             position.setdefault(id(flat[i]), k)
+        n_dep = len(dep)
 
         def pick(t, a):  # the tangent of argument a, or None
             k = position.get(id(a)) if isinstance(a, torch.Tensor) else None
             return None if k is None else t[k]
 
+        def place(**grads):  # cotangents by argument -> in `dep` order (a repeated argument gets the sum)
+            res = [None] * n_dep
+            for a, g in grads.values():
+                k = position.get(id(a)) if isinstance(a, torch.Tensor) else None
+                if k is not None and g is not None:
+                    res[k] = g if res[k] is None else res[k] + g
+            return res
+
         out = out_flat[produced[0]]
         shape = out.shape
 
-        def fit(t):  # a broadcast term may lack the output's leading dimensions
+        def fit(t):  # a broadcast term may lack some of the output's dimensions
             return t if t.shape == shape else t.expand(shape)
 
-        if first_only and func in _STRUCTURAL:
-            rest, options = args[1:], kwargs
+        def unfit(g, like):  # the transpose of the broadcast
+            return g if g.shape == like.shape else g.sum_to_size(like.shape)
+
+        first = bool(args) and dep[0] == 0 and isinstance(args[0], torch.Tensor)
+        if first and func in _STRUCTURAL:  # other dependent tensors are only shape or index donors
+            x, rest, options = args[0], args[1:], kwargs
+            in_shape, in_dtype = x.shape, x.dtype
 
             def structural(t):
-                res = tree_flatten(func(t[0], *rest, **options))[0]
+                res = func(t[0], *rest, **options)
+                res = list(res) if isinstance(res, (tuple, list)) else [res]
                 return tuple(res[j] for j in produced)
-            return structural
-        if first_only and len(produced) == 1:
+            if func in _RESHAPES and len(produced) == 1:
+                back = lambda g: (g[0].reshape(in_shape),) + (None,) * (n_dep - 1)  # noqa: E731
+            elif func in _EXPANDS:
+                back = lambda g: (g[0].sum_to_size(in_shape),) + (None,) * (n_dep - 1)  # noqa: E731
+            elif func in _CASTS:
+                back = lambda g: (g[0].to(in_dtype),) + (None,) * (n_dep - 1)  # noqa: E731
+            elif func in _NEG:
+                back = lambda g: (-g[0],) + (None,) * (n_dep - 1)  # noqa: E731
+            elif func is _T.__pos__:
+                back = lambda g: (g[0],) + (None,) * (n_dep - 1)  # noqa: E731
+            else:
+                back = self._local_vjp(func, flat, spec, dep[:1], produced, n_dep)
+            return structural, back
+        if dep == [0] and first and len(produced) == 1:
+            d = None
             if func in _TANH:
                 d = 1 - self._read(out) ** 2
-                return lambda t: (t[0] * d,)
-            if func in _SIGMOID:
+            elif func in _SIGMOID:
                 y = self._read(out)
                 d = y * (1 - y)
-                return lambda t: (t[0] * d,)
-            if func in _EXP:
-                y = self._read(out)
-                return lambda t: (t[0] * y,)
-            if func in _RELU:
-                mask = self._read(out).gt(0).to(out.dtype)
-                return lambda t: (t[0] * mask,)
-            if func in _POINTWISE:
+            elif func in _EXP:
+                d = self._read(out)
+            elif func in _RELU:
+                d = self._read(out).gt(0).to(out.dtype)
+            elif func in _POINTWISE:
                 x, rest, options = self._read(args[0]), args[1:], kwargs
                 d = torch.func.jvp(lambda z: func(z, *rest, **options), (x,), (torch.ones_like(x),))[1].detach()
-                return lambda t: (fit(t[0] * d),)
+            if d is not None:
+                x0 = args[0]
+                return (lambda t: (fit(t[0] * d),)), (lambda g: (unfit(g[0] * d, x0),))
             if func in _LOGSUMEXP and args[0].dim() > 0:
                 return self._logsumexp(args, kwargs, out)
         if len(produced) == 1:
             if func is _F.linear:
-                return self._linear(args, kwargs, pick, fit)
+                return self._linear(args, kwargs, pick, place, fit)
             if func in _CONV:
-                return self._conv(func, args, kwargs, pick, fit)
+                rules = self._conv(func, args, kwargs, pick, place, fit)
+                if rules is not None:
+                    return rules
             if func is _F.layer_norm:
-                return self._layer_norm(args, kwargs, pick, fit)
+                return self._layer_norm(args, kwargs, pick, place, fit)
             a, b, third = _bind(args, kwargs, ("input", "other", "alpha"))
             operands_only = all(flat[i] is a or flat[i] is b for i in dep)
             if operands_only and (func in _ADD or func in _SUB):
@@ -447,16 +492,32 @@ class _Tape(TorchFunctionMode):
                     if tb is not None and scale != 1:
                         tb = tb * scale
                     return (fit(tb if ta is None else (ta if tb is None else ta + tb)),)
-                return add
-            if operands_only and func in _BILINEAR:
+
+                def add_back(g):
+                    g = g[0]
+                    return place(a=(a, unfit(g, a) if position.get(id(a)) is not None else None),
+                                 b=(b, unfit(g if scale == 1 else g * scale, b)
+                                    if isinstance(b, torch.Tensor) and id(b) in position else None))
+                return add, add_back
+            if operands_only and (func in _MUL or (func in _MM and a.dim() == 2 and b.dim() == 2)):
                 a_, b_ = self._read(a), self._read(b)
+                mm = func in _MM
 
                 def bilinear(t):
                     ta, tb = pick(t, a), pick(t, b)
                     r = None if ta is None else func(ta, b_)
                     s = None if tb is None else func(a_, tb)
                     return (fit(s if r is None else (r if s is None else r + s)),)
-                return bilinear
+
+                def bilinear_back(g):
+                    g = g[0]
+                    ga = gb = None
+                    if position.get(id(a)) is not None:
+                        ga = g.mm(b_.t()) if mm else unfit(g * b_, a)
+                    if isinstance(b, torch.Tensor) and id(b) in position:
+                        gb = a_.t().mm(g) if mm else unfit(g * a_, b)
+                    return place(a=(a, ga), b=(b, gb))
+                return bilinear, bilinear_back
             if operands_only and func in _DIV and third is None:  # (the third argument is rounding_mode)
                 b_, y = self._read(b), self._read(out)
 
@@ -465,18 +526,33 @@ class _Tape(TorchFunctionMode):
                     r = None if ta is None else ta / b_
                     s = None if tb is None else -(y * tb) / b_
                     return (fit(s if r is None else (r if s is None else r + s)),)
-                return div
+
+                def div_back(g):
+                    g = g[0]
+                    ga = unfit(g / b_, a) if position.get(id(a)) is not None else None
+                    gb = (unfit(-(g * y) / b_, b) if isinstance(b, torch.Tensor) and id(b) in position else None)
+                    return place(a=(a, ga), b=(b, gb))
+                return div, div_back
         if func is torch.broadcast_tensors and all(isinstance(a, torch.Tensor) for a in args):
             sources = [position.get(id(args[j])) for j in produced]
             shapes = [out_flat[j].shape for j in produced]
-            if None not in sources:
-                return lambda t: tuple(t[k].expand(s) for k, s in zip(sources, shapes))
+            if None not in sources and len(set(sources)) == len(sources):
+                in_shapes = [args[j].shape for j in produced]
+
+                def broadcast_back(g):
+                    res = [None] * n_dep
+                    for k, x, s in zip(sources, g, in_shapes):
+                        if x is not None:
+                            res[k] = x if x.shape == s else x.sum_to_size(s)
+                    return res
+                return (lambda t: tuple(t[k].expand(s) for k, s in zip(sources, shapes))), broadcast_back
         return self._local(func, flat, spec, dep, produced)
 
-    def _linear(self, args, kwargs, pick, fit):
+    def _linear(self, args, kwargs, pick, place, fit):
         x, w, b = _bind(args, kwargs, ("input", "weight", "bias"))
         x_, w_ = self._read(x), self._read(w)
         wt = w_.t() if w_.dim() == 2 else None
+        x2 = x_.reshape(-1, x_.shape[-1]) if x_.dim() != 2 and x_.dim() > 0 else x_
 
         def linear(t):
             tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
@@ -493,13 +569,35 @@ class _Tape(TorchFunctionMode):
             if tb is not None:
                 r = tb if r is None else r + tb
             return (fit(r),)
-        return linear
 
-    def _conv(self, func, args, kwargs, pick, fit):
+        def linear_back(g):
+            g = g[0]
+            g2 = g.reshape(-1, g.shape[-1]) if g.dim() != 2 else g
+            gx = gw = gb = None
+            if pick(_ALL, x) is not None:
+                gx = g.matmul(w_) if g.dim() != 2 else g.mm(w_)
+            if pick(_ALL, w) is not None:
+                gw = g2.t().mm(x2)
+            if b is not None and pick(_ALL, b) is not None:
+                gb = g2.sum(0)
+            return place(x=(x, gx), w=(w, gw), b=(b, gb))
+        return linear, linear_back
+
+    def _conv(self, func, args, kwargs, pick, place, fit):
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        x, w, b, *options = _bind(args, kwargs, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        x, w, b, stride, padding, dilation, groups = _bind(
+            args, kwargs, names, {"stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        k = _CONV[func]
+        if isinstance(padding, str):
+            if padding != "valid":
+                return None  # 'same' may pad asymmetrically: torch.func's local rules
+            padding = 0
+        expand = lambda o: list(o) if isinstance(o, (tuple, list)) else [o] * k  # noqa: E731
+        options = (stride, padding, dilation, groups)
         x_, w_ = self._read(x), self._read(w)
-        spatial = (1,) * _CONV[func]
+        spatial = (1,) * k
+        bias_sizes = None if b is None else list(b.shape)
+        back_options = (bias_sizes, expand(stride), expand(padding), expand(dilation), False, [0] * k, groups)
 
         def conv(t):
             tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
@@ -512,9 +610,20 @@ class _Tape(TorchFunctionMode):
             if tb is not None:
                 r = tb.view(-1, *spatial) if r is None else r + tb.view(-1, *spatial)
             return (fit(r),)
-        return conv
 
-    def _layer_norm(self, args, kwargs, pick, fit):
+        mask = [pick(_ALL, x) is not None, pick(_ALL, w) is not None, b is not None and pick(_ALL, b) is not None]
+
+        def conv_back(g):
+            g = g[0]
+            batched = g.dim() == k + 2
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                g if batched else g.unsqueeze(0), x_ if batched else x_.unsqueeze(0), w_, *back_options, mask)
+            if gx is not None and not batched:
+                gx = gx.squeeze(0)
+            return place(x=(x, gx), w=(w, gw), b=(b, gb))
+        return conv, conv_back
+
+    def _layer_norm(self, args, kwargs, pick, place, fit):
         x, normalized_shape, w, b, eps = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
                                                {"eps": 1e-5})
         normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
@@ -523,12 +632,15 @@ class _Tape(TorchFunctionMode):
         _, mean, rstd = torch.native_layer_norm(x_, normalized_shape, None, None, eps)
         x_hat = (x_ - mean) * rstd
 
+        def normalize_t(tx):  # d x_hat = rstd (dx - mean(dx) - x_hat mean(x_hat dx)): symmetric in dx
+            r = tx - tx.mean(dims, keepdim=True)
+            return r.sub_(x_hat * (tx * x_hat).mean(dims, keepdim=True)).mul_(rstd)
+
         def layer_norm(t):
             tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
             r = None
-            if tx is not None:  # d x_hat = rstd (dx - mean(dx) - x_hat mean(x_hat dx))
-                r = tx - tx.mean(dims, keepdim=True)
-                r.sub_(x_hat * (tx * x_hat).mean(dims, keepdim=True)).mul_(rstd)
+            if tx is not None:
+                r = normalize_t(tx)
                 if w_ is not None:
                     r.mul_(w_)
             if tw is not None:
@@ -537,7 +649,18 @@ class _Tape(TorchFunctionMode):
             if tb is not None:
                 r = tb if r is None else r.add_(tb)
             return (fit(r),)
-        return layer_norm
+
+        def layer_norm_back(g):
+            g = g[0]
+            gx = gw = gb = None
+            if pick(_ALL, x) is not None:
+                gx = normalize_t(g * w_ if w_ is not None else g)
+            if w is not None and pick(_ALL, w) is not None:
+                gw = (g * x_hat).sum_to_size(w.shape)
+            if b is not None and pick(_ALL, b) is not None:
+                gb = g.sum_to_size(b.shape)
+            return place(x=(x, gx), w=(w, gw), b=(b, gb))
+        return layer_norm, layer_norm_back
 
     def _logsumexp(self, args, kwargs, out):
         x, dim, keepdim = _bind(args, kwargs, ("input", "dim", "keepdim"), {"keepdim": False})
@@ -547,28 +670,89 @@ class _Tape(TorchFunctionMode):
             for d in dims:
                 y = y.unsqueeze(d)
         p = torch.exp(x_ - y)  # the softmax along dims
-        return lambda t: ((p * t[0]).sum(dims, keepdim=bool(keepdim)),)
 
-    def _local(self, func, flat, spec, dep, produced):
-        """torch.func.jvp of this call alone (its forward runs again per product: for calls with no
-        rule of their own)."""
-        primals = tuple(self._read(flat[i]) for i in dep)
+        def back(g):
+            g = g[0]
+            if not keepdim:
+                for d in dims:
+                    g = g.unsqueeze(d)
+            return (g * p,)
+        return (lambda t: ((p * t[0]).sum(dims, keepdim=bool(keepdim)),)), back
 
+    def _call(self, func, flat, spec, dep, produced):
+        """The call as a function of its dependent arguments, returning its produced outputs."""
         def call(*xs):
             values = list(flat)
             for i, x in zip(dep, xs):
                 values[i] = x
-            a, k = tree_unflatten(values, spec)
-            res = tree_flatten(func(*a, **k))[0]
+            a, k = _unflatten(values, spec)
+            res = func(*a, **k)
+            res = list(res) if isinstance(res, (tuple, list)) else [res]
             return tuple(res[j] for j in produced)
+        return call
+
+    def _local_vjp(self, func, flat, spec, dep, produced, n_dep):
+        """torch.func's VJP of the call in its first `len(dep)` dependent arguments (built once)."""
+        primals = tuple(self._read(flat[i]) for i in dep)
+        outs, vjp_fn = torch.func.vjp(self._call(func, flat, spec, dep, produced), *primals)
+        pad = (None,) * (n_dep - len(dep))
+
+        def back(g):
+            return tuple(vjp_fn(tuple(torch.zeros_like(o) if x is None else x for x, o in zip(g, outs)))) + pad
+        return back
+
+    def _local(self, func, flat, spec, dep, produced):
+        """torch.func's JVP (the call's forward runs again per product) and VJP of one call with no rule
+        of its own."""
+        primals = tuple(self._read(flat[i]) for i in dep)
+        call = self._call(func, flat, spec, dep, produced)
 
         def local(t):
             return torch.func.jvp(call, primals, tuple(t))[1]
-        try:  # once now, so that a call torch.func cannot differentiate is found before the solve
+        try:  # now, so that a call torch.func cannot differentiate is found before the solve
             local(tuple(torch.zeros_like(p) for p in primals))
+            back = self._local_vjp(func, flat, spec, dep, produced, len(dep))
         except (RuntimeError, NotImplementedError, TypeError) as exc:
-            raise _Unsupported(f"torch.func.jvp cannot differentiate {getattr(func, '__name__', func)}") from exc
-        return local
+            raise _Unsupported(f"torch.func cannot differentiate {getattr(func, '__name__', func)}") from exc
+        return local, back
+
+
+class _AllPresent:
+    """`pick(_ALL, a)` is not None exactly when a is a dependent argument."""
+
+    def __getitem__(self, k):
+        return True
+
+
+_ALL = _AllPresent()
+
+
+def _flatten(args, kwargs):
+    """A call's arguments as a flat list (tensors in tuples/lists included) and what rebuilds them."""
+    flat, spec = [], []
+    for group in (args, tuple(kwargs.values())):
+        for a in group:
+            if isinstance(a, (tuple, list)):
+                spec.append((type(a), len(a)))
+                flat.extend(a)
+            else:
+                spec.append(None)
+                flat.append(a)
+    return flat, (spec, len(args), tuple(kwargs))
+
+
+def _unflatten(flat, spec):
+    spec, n_args, keys = spec
+    values, i = [], 0
+    for s in spec:
+        if s is None:
+            values.append(flat[i])
+            i += 1
+        else:
+            kind, n = s
+            values.append(kind(flat[i:i + n]))
+            i += n
+    return values[:n_args], dict(zip(keys, values[n_args:]))
 
 
 # ----------------------------------------------------------------------------- public API
