@@ -468,8 +468,7 @@ class _Tape(TorchFunctionMode):
                 x, rest, options = self._read(args[0]), args[1:], kwargs
                 d = torch.func.jvp(lambda z: func(z, *rest, **options), (x,), (torch.ones_like(x),))[1].detach()
             if d is not None:
-                x0 = args[0]
-                return (lambda t: (fit(t[0] * d),)), (lambda g: (unfit(g[0] * d, x0),))
+                return self._scale(d, args[0], fit, unfit)
             if func in _LOGSUMEXP and args[0].dim() > 0:
                 return self._logsumexp(args, kwargs, out)
         if len(produced) == 1:
@@ -548,24 +547,59 @@ class _Tape(TorchFunctionMode):
                 return (lambda t: tuple(t[k].expand(s) for k, s in zip(sources, shapes))), broadcast_back
         return self._local(func, flat, spec, dep, produced)
 
+    @staticmethod
+    def _scale(d, x, fit, unfit):
+        """The rules of an element-wise function with derivative d: multiply by d both ways."""
+        same = d.shape == x.shape
+        forward, backward = _Buffer(), _Buffer()
+
+        def jvp(t):
+            t = t[0]
+            return (torch.mul(t, d, out=forward.get(d.shape, d)) if same and t.shape == d.shape else fit(t * d),)
+
+        def vjp(g):
+            g = g[0]
+            return (torch.mul(g, d, out=backward.get(d.shape, d)) if same and g.shape == d.shape else unfit(g * d, x),)
+        return jvp, vjp
+
     def _linear(self, args, kwargs, pick, place, fit):
         x, w, b = _bind(args, kwargs, ("input", "weight", "bias"))
         x_, w_ = self._read(x), self._read(w)
         wt = w_.t() if w_.dim() == 2 else None
         x2 = x_.reshape(-1, x_.shape[-1]) if x_.dim() != 2 and x_.dim() > 0 else x_
+        plain = x_.dim() == 2 and w_.dim() == 2
+        # A narrow layer (the policy head) computes its tangent feature-major, (out, N), as the fused
+        # op does: MKL runs those GEMMs about twice as fast (docs/design.md, "The (K, N) output
+        # orientation"); the (N, out) result is a transposed view.
+        narrow = plain and w_.shape[0] <= _NARROW
+        x_t = x_.t()
+        out_buffer, x_buffer, w_buffer = _Buffer(), _Buffer(), _Buffer()
 
         def linear(t):
             tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
+            if plain and tw is not None and (tx is None or tx.dim() == 2):
+                if narrow:
+                    r = out_buffer.get((w_.shape[0], x_.shape[0]), x_)
+                    if tb is None:
+                        torch.mm(tw, x_t, out=r)
+                    else:
+                        torch.addmm(tb.unsqueeze(1), tw, x_t, out=r)
+                    if tx is not None:
+                        r.addmm_(w_, tx.t())
+                    return (fit(r.t()),)
+                r = out_buffer.get((x_.shape[0], w_.shape[0]), x_)
+                if tb is None:
+                    torch.mm(x_, tw.t(), out=r)
+                else:
+                    torch.addmm(tb, x_, tw.t(), out=r)
+                if tx is not None:
+                    r.addmm_(tx, wt)
+                return (fit(r),)
             r = None
             if tw is not None:
                 r, tb = _F.linear(x_, tw, tb), None
             if tx is not None:
-                if r is None:
-                    r, tb = _F.linear(tx, w_, tb), None
-                elif r.dim() == 2 and tx.dim() == 2 and wt is not None:
-                    r.addmm_(tx, wt)
-                else:
-                    r.add_(_F.linear(tx, w_))
+                r, tb = (_F.linear(tx, w_, tb), None) if r is None else (r.add_(_F.linear(tx, w_)), tb)
             if tb is not None:
                 r = tb if r is None else r + tb
             return (fit(r),)
@@ -575,9 +609,9 @@ class _Tape(TorchFunctionMode):
             g2 = g.reshape(-1, g.shape[-1]) if g.dim() != 2 else g
             gx = gw = gb = None
             if pick(_ALL, x) is not None:
-                gx = g.matmul(w_) if g.dim() != 2 else g.mm(w_)
+                gx = torch.mm(g, w_, out=x_buffer.get((g.shape[0], w_.shape[1]), g)) if g.dim() == 2 else g.matmul(w_)
             if pick(_ALL, w) is not None:
-                gw = g2.t().mm(x2)
+                gw = torch.mm(g2.t(), x2, out=w_buffer.get(w_.shape, g))
             if b is not None and pick(_ALL, b) is not None:
                 gb = g2.sum(0)
             return place(x=(x, gx), w=(w, gw), b=(b, gb))
@@ -715,6 +749,25 @@ class _Tape(TorchFunctionMode):
         except (RuntimeError, NotImplementedError, TypeError) as exc:
             raise _Unsupported(f"torch.func cannot differentiate {getattr(func, '__name__', func)}") from exc
         return local, back
+
+
+_NARROW = 16  # output features up to which a linear layer's tangent is computed feature-major
+
+
+class _Buffer:
+    """A rule's reusable output tensor: whatever a rule returns is consumed within the product that
+    made it, so the next product may write over it (no allocation, no page faults per product)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self):
+        self.t = None
+
+    def get(self, shape, like):
+        t = self.t
+        if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device:
+            t = self.t = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return t
 
 
 class _AllPresent:
