@@ -88,6 +88,21 @@ class KitchenSink(nn.Module):
         return Independent(Normal(mean, (self.log_std * 1.0).exp()), 1)
 
 
+class Tokens(nn.Module):
+    """Per-token layers on (N, tokens, features): a 'same'-padded Conv1d across tokens (torch.func's local
+    rules), a Linear and a LayerNorm on 3-D input, a mean over tokens."""
+
+    def __init__(self, features=5, n_actions=3):
+        super().__init__()
+        self.mix = nn.Conv1d(features, features, 3, padding="same")
+        self.lin, self.norm, self.head = nn.Linear(features, 8), nn.LayerNorm(8), nn.Linear(8, n_actions)
+
+    def forward(self, obs):
+        h = obs + self.mix(obs.transpose(1, 2)).transpose(1, 2)
+        h = torch.relu(self.norm(self.lin(h))).mean(dim=1)
+        return Categorical(logits=self.head(h))
+
+
 class InPlaceHidden(nn.Module):
     """Writes into a dependent activation: the tape refuses it, the torch.func fallback computes it."""
 
@@ -138,38 +153,43 @@ POLICIES = {  # name -> (factory, observation shape)
     "state-std-clamp": (lambda: _perturb(StateStdGaussian(clamp=True)), (5,)),
     "categorical-from-probs": (lambda: _perturb(ProbsCategorical()), (5,)),
     "kitchen-sink": (lambda: _perturb(KitchenSink()), (5,)),
+    "tokens": (lambda: _perturb(Tokens()), (4, 5)),
 }
 FALLBACK = {"in-place-hidden": (InPlaceHidden, (5,)), "reads-a-float": (ReadsAFloat, (5,))}
 
 
-def _setup(factory, obs_shape, dtype, n=23, seed=0):
+def _setup(factory, obs_shape, dtype, n=23, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    policy = factory().to(dtype)
+    policy = factory().to(device, dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    obs = torch.randn(n, *obs_shape, generator=g, dtype=dtype)
-    v = torch.randn(n_params(policy), generator=g, dtype=dtype)
+    obs = torch.randn(n, *obs_shape, generator=g, dtype=dtype).to(device)
+    v = torch.randn(n_params(policy), generator=g, dtype=dtype).to(device)
     return policy, obs, v
 
 
 def _takes_the_tape(policy, obs) -> bool:
+    """Whether the tape records `policy` (and then runs a product: unguarded, so that a rule that
+    breaks fails the test instead of falling back)."""
+    params = list(policy.parameters())
     with fisher._GENERIC_LOCK, torch.no_grad():
         try:
-            fisher._Tape(policy, obs, list(policy.parameters()))
+            product = fisher._Tape(policy, obs, params).products()
         except fisher._Unsupported:
             return False
+        product(torch.ones(n_params(policy), dtype=params[0].dtype, device=params[0].device))
     return True
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(POLICIES))
-def test_tape_fvp_matches_reference(name, dtype):
-    policy, obs, v = _setup(*POLICIES[name], dtype)
+def test_tape_fvp_matches_reference(name, dtype, device):
+    policy, obs, v = _setup(*POLICIES[name], dtype, device=device)
     assert _takes_the_tape(policy, obs)
     before = [p.detach().clone() for p in policy.parameters()]
     flags = [p.requires_grad for p in policy.parameters()]
     expected = reference.fvp(policy, obs, v, damping=0.05)
     got = trpo_ext.fvp(policy, obs, v, damping=0.05, path="generic")
-    assert got.shape == v.shape and got.dtype == dtype
+    assert got.shape == v.shape and got.dtype == dtype and got.device == v.device
     assert rel_err(got, expected) <= RTOL[dtype]
     for b, p, flag in zip(before, policy.parameters(), flags):
         assert torch.equal(b, p) and p.requires_grad == flag, "the generic path changed a parameter"
@@ -183,7 +203,7 @@ def test_tape_products_are_symmetric_and_match_the_fallback(name):
     u = torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(7))
     params = list(policy.parameters())
     with fisher._GENERIC_LOCK, torch.no_grad():
-        product = fisher._generic_products(policy, obs, params)
+        product = fisher._Tape(policy, obs, params).products()
         fallback = fisher._functorch_products(policy, obs, params)
         fv, fu = product(v), product(u)
         assert torch.equal(product(v), fv)  # products do not change the cached state
@@ -228,6 +248,20 @@ def test_a_distribution_that_does_not_depend_on_the_parameters():
     v = torch.randn(n_params(policy), dtype=torch.float64)
     assert torch.equal(trpo_ext.fvp(policy, torch.randn(4, 2, dtype=torch.float64), v, path="generic"),
                        torch.zeros_like(v))
+
+
+def test_a_rule_that_breaks_falls_back_with_a_warning(monkeypatch):
+    policy, obs, v = _setup(*POLICIES["layernorm-mlp"], torch.float64)
+    expected = reference.fvp(policy, obs, v)
+
+    def broken(self, *args):
+        def jvp(t):
+            raise IndexError("simulated")
+        return jvp, jvp
+    monkeypatch.setattr(fisher._Tape, "_layer_norm", broken)
+    with pytest.warns(RuntimeWarning, match="falling back to torch.func"):
+        got = trpo_ext.fvp(policy, obs, v, path="generic")
+    assert rel_err(got, expected) <= RTOL[torch.float64]
 
 
 def test_a_frozen_layer_keeps_its_block():

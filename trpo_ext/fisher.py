@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -194,10 +195,25 @@ def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[t
     `_functorch_products`, which computes the same product with a torch.func JVP per product.
     """
     try:
-        tape = _Tape(policy, obs, params)
+        product = _Tape(policy, obs, params).products()
     except _Unsupported:
         return _functorch_products(policy, obs, params)
-    return tape.products()
+    state = {"product": product, "first": True}
+
+    def guarded(v: torch.Tensor) -> torch.Tensor:
+        if not state["first"]:
+            return state["product"](v)
+        try:  # a rule that breaks on arguments it did not expect: torch.func computes the solve instead
+            out = product(v)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"trpo_ext: the generic path could not run its recorded linearisation ({exc!r}); "
+                          "falling back to torch.func", RuntimeWarning, stacklevel=2)
+            state["product"] = _functorch_products(policy, obs, params)
+            out = state["product"](v)
+        state["first"] = False
+        return out
+
+    return guarded
 
 
 def _functorch_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
@@ -434,7 +450,7 @@ class _Tape(TorchFunctionMode):
         first = bool(args) and dep[0] == 0 and isinstance(args[0], torch.Tensor)
         if first and func in _STRUCTURAL:  # other dependent tensors are only shape or index donors
             x, rest, options = args[0], args[1:], kwargs
-            in_shape, in_dtype = x.shape, x.dtype
+            in_shape, in_dtype, in_device = x.shape, x.dtype, x.device
 
             def structural(t):
                 res = func(t[0], *rest, **options)
@@ -445,7 +461,7 @@ class _Tape(TorchFunctionMode):
             elif func in _EXPANDS:
                 back = lambda g: (g[0].sum_to_size(in_shape),) + (None,) * (n_dep - 1)  # noqa: E731
             elif func in _CASTS:
-                back = lambda g: (g[0].to(in_dtype),) + (None,) * (n_dep - 1)  # noqa: E731
+                back = lambda g: (g[0].to(in_device, in_dtype),) + (None,) * (n_dep - 1)  # noqa: E731
             elif func in _NEG:
                 back = lambda g: (-g[0],) + (None,) * (n_dep - 1)  # noqa: E731
             elif func is _T.__pos__:
@@ -572,7 +588,7 @@ class _Tape(TorchFunctionMode):
         # op does: MKL runs those GEMMs about twice as fast (docs/design.md, "The (K, N) output
         # orientation"); the (N, out) result is a transposed view.
         narrow = plain and w_.shape[0] <= _NARROW
-        x_t = x_.t()
+        x_t = x_.t() if plain else None
         out_buffer, x_buffer, w_buffer = _Buffer(), _Buffer(), _Buffer()
 
         def linear(t):
