@@ -129,6 +129,35 @@ class ReadsAFloat(nn.Module):
         return Categorical(logits=self.lin2(h) / (1.0 + h.abs().max().item()))
 
 
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x * 2.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2.0
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 2.0
+
+
+class CustomFunction(nn.Module):
+    """A custom autograd.Function between the layers: the tape cannot see inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, obs):
+        return Categorical(logits=self.lin2(torch.tanh(_Scale.apply(self.lin1(obs)))))
+
+
 def _perturb(policy, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -155,7 +184,8 @@ POLICIES = {  # name -> (factory, observation shape)
     "kitchen-sink": (lambda: _perturb(KitchenSink()), (5,)),
     "tokens": (lambda: _perturb(Tokens()), (4, 5)),
 }
-FALLBACK = {"in-place-hidden": (InPlaceHidden, (5,)), "reads-a-float": (ReadsAFloat, (5,))}
+FALLBACK = {"in-place-hidden": (InPlaceHidden, (5,)), "reads-a-float": (ReadsAFloat, (5,)),
+            "custom-function": (CustomFunction, (5,))}
 
 
 def _setup(factory, obs_shape, dtype, n=23, seed=0, device="cpu"):

@@ -198,7 +198,7 @@ def _train(args, TRPO) -> int:
         if save_every and agent.n_updates % save_every == 0:
             agent.save(model_path)  # rank 0 writes; atomically, so a kill never leaves a torn file
 
-    start = time.perf_counter()
+    start, start_steps = time.perf_counter(), agent.num_timesteps
     agent.learn(max(0, args.timesteps - agent.num_timesteps), callback=checkpoint,
                 progress_bar=not args.no_progress and rank == 0)
     elapsed = time.perf_counter() - start
@@ -207,7 +207,8 @@ def _train(args, TRPO) -> int:
         plot_runs([out], os.path.join(out, "learning_curve.png"), title=args.env_id)
         mean, std = agent.evaluate(args.eval_episodes)
     agent.close()
-    say(f"trained to {agent.num_timesteps} steps in {elapsed:.1f} s ({agent.num_timesteps / elapsed:.0f} steps/s"
+    say(f"trained to {agent.num_timesteps} steps in {elapsed:.1f} s "
+        f"({(agent.num_timesteps - start_steps) / elapsed:.0f} steps/s"
         f"{f', {agent.world_size} ranks' if agent.world_size > 1 else ''})")
     say(f"saved {model_path}, {os.path.join(out, 'progress.csv')}, {os.path.join(out, 'learning_curve.png')}")
     if rank == 0:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -18,7 +21,7 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 300.0
 """How long a collective waits for the other ranks before it raises (`--dist-timeout`)."""
 
-_PROGRESS_KEY = "trpo_ext/progress/{rank}"
+_HEARTBEAT_KEY = "trpo_ext/heartbeat/{rank}"
 
 
 def resolve_group(process_group):
@@ -128,29 +131,48 @@ def _store():
         return None
 
 
-def mark_progress(group, update: int) -> None:
-    """Records in the job's key-value store that this rank started `update` (what `collective_errors`
-    reads to name the ranks that fell behind)."""
+HEARTBEAT_S = 1.0
+"""How often each rank's heartbeat thread counts up its key in the job's store."""
+
+_heartbeat = None  # the thread of this process, once started
+
+
+def start_heartbeat(group) -> None:
+    """Starts this rank's heartbeat: a daemon thread that increments the key
+    trpo_ext/heartbeat/RANK in the job's store every HEARTBEAT_S seconds, so that a rank whose
+    collective timed out can tell a stuck or dead rank (its count stops) from a slow one."""
+    global _heartbeat
     store = _store() if group is not None else None
-    if store is not None:
-        store.set(_PROGRESS_KEY.format(rank=dist.get_rank()), str(update))
+    if store is None or (_heartbeat is not None and _heartbeat.is_alive()):
+        return
+    key = _HEARTBEAT_KEY.format(rank=dist.get_rank())
+
+    def beat():
+        while True:
+            try:
+                store.add(key, 1)
+            except Exception:  # the job is over (store closed): stop quietly
+                return
+            time.sleep(HEARTBEAT_S)
+
+    _heartbeat = threading.Thread(target=beat, name="trpo_ext-heartbeat", daemon=True)
+    _heartbeat.start()
 
 
-def _lagging_ranks(timeout_s: float = 5.0) -> str:
+def _silent_ranks() -> str:
+    """The ranks whose heartbeat stopped, watched for 3 heartbeats."""
     store = _store()
     if store is None:
         return "unknown"
-    progress = {}
-    for r in range(dist.get_world_size()):
-        key = _PROGRESS_KEY.format(rank=r)
-        try:
-            progress[r] = int(store.get(key)) if store.check([key]) else -1
-        except Exception:  # the store itself is gone: nothing more to learn
-            return "unknown (the job's store is unreachable)"
-    latest = max(progress.values())
-    behind = [f"rank {r} ({'never started' if u < 0 else f'at update {u}'})"
-              for r, u in progress.items() if u < latest]
-    return ", ".join(behind) if behind else "none recorded (all ranks reached the same update)"
+    keys = [_HEARTBEAT_KEY.format(rank=r) for r in range(dist.get_world_size())]
+    try:
+        before = [store.add(key, 0) for key in keys]
+        time.sleep(3 * HEARTBEAT_S)
+        after = [store.add(key, 0) for key in keys]
+    except Exception:
+        return "unknown (the job's store is unreachable)"
+    silent = [f"rank {r}" for r, (b, a) in enumerate(zip(before, after)) if a == b]
+    return ", ".join(silent) if silent else "none (every rank is alive; one is slower than the timeout)"
 
 
 @contextlib.contextmanager
@@ -163,7 +185,7 @@ def collective_errors(group):
             raise
         raise RuntimeError(
             f"rank {dist.get_rank()}: a collective failed or waited past the process group's timeout for the other ranks "
-            f"(ranks behind: {_lagging_ranks()}); a rank died or hangs. {type(exc).__name__}: "
+            f"(ranks not responding: {_silent_ranks()}); a rank died or hangs. {type(exc).__name__}: "
             f"{' '.join(str(exc).split())[:300]}") from exc
 
 
@@ -179,8 +201,6 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     """Joins the process group torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR,
     ...), once; gloo on CPU, NCCL when a GPU is visible and `backend` is None. Returns whether this
     process is part of a multi-process job."""
-    import os
-
     if dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
@@ -188,5 +208,17 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout_s}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    # The store torchrun's agent hosts outlives a restart, keys included, and init_process_group's
+    # env:// rendezvous does not separate the attempts: a restarted gloo group then reads the dead
+    # ranks' addresses and fails to connect (seen with torch 2.13, `torchrun --standalone
+    # --max-restarts 1`). Each attempt gets its own key prefix here.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(host, port, world, is_master=not agent_store and rank == 0, timeout=timeout,
+                          multi_tenant=not agent_store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"trpo_ext/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return True

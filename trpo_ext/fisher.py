@@ -189,10 +189,11 @@ def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[t
     """Linearises the policy's distribution parameters once; returns v -> F v (no damping): the
     batch-mean Fisher times v, flat in `policy.parameters()` order.
 
-    One forward pass is recorded (`_Tape`); each product runs the tangent through the recorded calls
-    with the cached activations (no forward pass, no second derivative) and the VJP through that
-    pass's autograd graph. A forward pass the tape cannot follow exactly takes
-    `_functorch_products`, which computes the same product with a torch.func JVP per product.
+    One forward pass is recorded (`_Tape`); each product pushes the tangent through the recorded
+    calls' JVP rules and pulls M times it back through their VJP rules, on the cached activations
+    (no forward pass, no autograd graph, no second derivative). A forward pass the tape cannot
+    follow exactly takes `_functorch_products`, which computes the same product with a torch.func
+    JVP (forward pass included) per product.
     """
     try:
         product = _Tape(policy, obs, params).products()
@@ -321,6 +322,8 @@ class _Tape(TorchFunctionMode):
         with torch.enable_grad(), self:
             dist = torch.func.functional_call(policy, dict(zip(names, self.leaves)), (obs,))
             self.base, self.outputs = _distribution_outputs(dist)
+        if any(o.requires_grad and id(o) not in self.slot for o in self.outputs):
+            raise _Unsupported("a distribution parameter that requires grad came from a call the tape did not see")
         for t, version in self.reads:
             if t._version != version:
                 raise _Unsupported("a tensor that the linearisation reads was modified later in the forward pass")
@@ -376,6 +379,10 @@ class _Tape(TorchFunctionMode):
         if not dep:
             return func(*args, **kwargs)
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if any(t.requires_grad and id(t) not in self.slot for t in tensors):
+            # made by something the mode did not see (a custom autograd.Function, a C++ extension):
+            # its dependence on θ is unknown
+            raise _Unsupported("a tensor that requires grad came from a call the tape did not see")
         versions = [t._version for t in tensors]
         in_slots = [self.slot[id(flat[i])] for i in dep]
         out = func(*args, **kwargs)

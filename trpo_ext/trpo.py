@@ -105,6 +105,7 @@ class TRPO:
                                     config.policy_kwargs["log_std_init"]).to(self.device)
             self.value_net = ValueNetwork(obs_dim, hidden, activation).to(self.device)
         # Data-parallel: every rank starts from rank 0's networks (one broadcast) and statistics.
+        distributed.start_heartbeat(self.group)
         distributed.broadcast_([*self.policy.parameters(), *self.value_net.parameters()], self.group)
         if self.normalizer is not None:
             self.normalizer.sync(self.group)
@@ -185,7 +186,6 @@ class TRPO:
 
     def _update_steps(self) -> dict:
         config, group = self.config, self.group
-        distributed.mark_progress(group, self.n_updates + 1)
         start = time.perf_counter()
         batch = self.collector.collect(self.policy, self.value_net, self.generator, config.gamma, config.gae_lambda)
         if self.normalizer is not None:
@@ -311,6 +311,8 @@ class TRPO:
         on the other ranks this does nothing.
         """
         if self.rank == 0:
+            if self._logger is not None:  # the log rows up to this checkpoint reach the disk with it
+                self._logger.flush()
             checkpoint.save(self, path)
 
     @classmethod

@@ -1,0 +1,118 @@
+"""`trpo-ext train --nproc N` end to end: learning, a killed or hung rank, elastic restarts, and two
+torchrun "nodes" on this machine (docs/distributed.md)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import trpo_ext
+
+FAST = ["--n-steps", "64", "--n-envs", "2", "--eval-episodes", "1", "--no-progress"]
+
+
+def train(*args, timeout=300, **popen):
+    return subprocess.run([sys.executable, "-m", "trpo_ext", "train", "CartPole-v1", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def test_nproc_2_learns_cartpole(tmp_path):
+    proc = train("--nproc", "2", "--timesteps", "100000", "--out", str(tmp_path / "run"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks x 8 envs" in proc.stdout
+    mean = float(proc.stdout.split("deterministic evaluation over 10 episodes: ")[1].split()[0])
+    assert mean >= 475, proc.stdout
+    agent = trpo_ext.TRPO.load(tmp_path / "run" / "model.pt")
+    assert agent.num_timesteps >= 100000
+    agent.close()
+
+
+def _workers(launcher_pid: int) -> list[int]:
+    """The launcher's rank processes (its children running `-m trpo_ext train`)."""
+    out = subprocess.run(["pgrep", "-P", str(launcher_pid), "-f", "trpo_ext train"], capture_output=True, text=True)
+    return sorted(int(pid) for pid in out.stdout.split())
+
+
+def _start_and_wait_for_checkpoint(tmp_path, *args):
+    cmd = [sys.executable, "-m", "trpo_ext", "train", "CartPole-v1", "--nproc", "2", "--out", str(tmp_path / "run"),
+           *FAST, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "model.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first checkpoint"
+        time.sleep(0.1)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, workers
+    return proc, workers
+
+
+def test_a_killed_rank_restarts_from_the_checkpoint_and_finishes(tmp_path):
+    proc, workers = _start_and_wait_for_checkpoint(tmp_path, "--timesteps", "60000", "--max-restarts", "1",
+                                                   "--save-every", "2")
+    os.kill(workers[1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming" in stdout and "at 0 steps" not in stdout
+    agent = trpo_ext.TRPO.load(tmp_path / "run" / "model.pt")
+    assert agent.num_timesteps >= 60000
+    agent.close()
+    rows = (tmp_path / "run" / "progress.csv").read_text().splitlines()[1:]
+    updates = [int(r.split(",")[0]) for r in rows]
+    assert updates == list(range(1, len(updates) + 1))  # no update logged twice across the restart
+
+
+def test_without_restarts_a_killed_rank_fails_the_run_quickly(tmp_path):
+    proc, workers = _start_and_wait_for_checkpoint(tmp_path, "--timesteps", "10000000", "--save-every", "1",
+                                                   "--dist-timeout", "20")
+    killed = time.time()
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - killed < 30
+    assert "the data-parallel run failed" in stderr
+    torch_load = trpo_ext.TRPO.load(tmp_path / "run" / "model.pt")  # the last checkpoint is whole
+    torch_load.close()
+
+
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout_naming_it(tmp_path):
+    proc, workers = _start_and_wait_for_checkpoint(tmp_path, "--timesteps", "10000000", "--save-every", "1",
+                                                   "--dist-timeout", "5")
+    stopped = time.time()
+    os.kill(workers[1], signal.SIGSTOP)  # alive but stuck
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    assert time.time() - stopped < 90  # the 5 s timeout, then the launcher's shutdown of the stuck rank
+    assert "rank 0: a collective failed or waited past the process group's timeout" in stderr
+    assert "ranks not responding: rank 1)" in stderr
+
+
+def test_two_torchrun_nodes_train_like_nproc_2(tmp_path):
+    common = ["--timesteps", "4096", *FAST, "--seed", "3"]
+    local = train("--nproc", "2", "--out", str(tmp_path / "local"), *common)
+    assert local.returncode == 0, local.stderr[-3000:]
+    port = 29_000 + os.getpid() % 1000
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
+         "--rdzv-backend=static", f"--master-addr=127.0.0.1", f"--master-port={port}", "-m", "trpo_ext", "train",
+         "CartPole-v1", "--out", str(tmp_path / "nodes"), *common],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for node in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    a = trpo_ext.TRPO.load(tmp_path / "local" / "model.pt")
+    b = trpo_ext.TRPO.load(tmp_path / "nodes" / "model.pt")
+    for p, q in zip(a.policy.parameters(), b.policy.parameters()):
+        assert torch.equal(p, q)
+    assert a.num_timesteps == b.num_timesteps
+    a.close(), b.close()
