@@ -49,15 +49,18 @@ def one_step(kind, dtype, path, group, obs, actions, advantages, fvp_obs):
                 params=parameters_to_vector(policy.parameters()).detach())
 
 
-def count_collectives(fn):
-    """fn()'s result and the number of all-reduce collectives it ran (the profiler sees the c10d ops
+COLLECTIVES = ("c10d::allreduce_", "c10d::allgather_", "c10d::broadcast_")
+
+
+def count_collectives(fn, ops=("c10d::allreduce_",)):
+    """fn()'s result and the number of collectives among `ops` it ran (the profiler sees the c10d ops
     both torch.distributed's Python calls and the extension's functional collectives go through)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         result = fn()
     names = [e.name for e in prof.events()]
-    return result, sum(1 for n in names if n == "c10d::allreduce_")
+    return result, sum(1 for n in names if n in ops)
 
 
 def step_case(out_dir):
@@ -142,6 +145,8 @@ def agent_case(out_dir):
                             obs_mean=agent.normalizer.mean.copy(), num_timesteps=agent.num_timesteps,
                             n_updates=agent.n_updates, world_size=agent.world_size, log_dir=agent.log_dir,
                             record=agent.last_record)
+    record, n = count_collectives(agent._update, COLLECTIVES)  # update 5: no replica check (every 10th)
+    results["update_collectives"] = (n, record["cg_iterations"], record["line_search_steps"])
     agent.close()
     # Continue both this job's checkpoint and a one-process one (written by the test) at world size 2.
     for name in ("model.pt", "single.pt"):
