@@ -107,7 +107,7 @@ def step_case(out_dir):
 def agent_case(out_dir):
     """A data-parallel agent: replicas stay identical, the step counts are totals, rank 0 alone logs
     and saves, and a checkpoint (this job's, or one from a single process) continues here."""
-    from trpo_ext.critic import fit_value_network
+    from trpo_ext.critic import fit_value_network, shared_generator
     from trpo_ext.rollout import RunningNormalizer
 
     rank = dist.get_rank()
@@ -117,12 +117,16 @@ def agent_case(out_dir):
     obs, returns = torch.randn(50, 4), torch.randn(50)
     bounds = [0, 21, 50]
     fits = {}
-    for name, group, o, r in (("distributed", dist.group.WORLD, obs[bounds[rank]:bounds[rank + 1]],
-                               returns[bounds[rank]:bounds[rank + 1]]), ("single", None, obs, returns)):
+    # The one-process fit, given the permutations' generator the ranks share (rank 0's seed).
+    single_generator = shared_generator(torch.Generator().manual_seed(7 + rank), dist.group.WORLD)
+    for name, group, o, r, generator in (
+            ("distributed", dist.group.WORLD, obs[bounds[rank]:bounds[rank + 1]], returns[bounds[rank]:bounds[rank + 1]],
+             torch.Generator().manual_seed(7 + rank)),
+            ("single", None, obs, returns, single_generator)):
         torch.manual_seed(1)
         net = trpo_ext.ValueNetwork(4, (8,))
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-        loss = fit_value_network(net, optimizer, o, r, 3, 16, torch.Generator().manual_seed(7), process_group=group)
+        loss = fit_value_network(net, optimizer, o, r, 3, 16, generator, process_group=group)
         fits[name] = (loss, parameters_to_vector(net.parameters()).detach())
     results["critic"] = fits
     # Observation statistics: what the ranks saw since the last sync, merged.

@@ -38,9 +38,10 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
     the order a plain PyTorch loop over `randperm(n).split(batch_size)` would use.
 
     Data-parallel (`process_group`, from `trpo_ext.distributed.resolve_group`): every rank fits on
-    the ranks' batches gathered in rank order, in the order rank 0 drew, so every rank makes the
-    same fit (3 collectives: the row counts, the rows, the order). Gathering a few thousand rows
-    costs less than reducing the gradient of every minibatch (docs/distributed.md).
+    the ranks' batches gathered in rank order, with the permutations drawn from
+    `shared_generator(generator, process_group)`, so every rank makes the same fit (3 collectives:
+    the row counts, the rows, the seed). On a few ranks, gathering a few thousand rows costs less
+    than reducing the gradient of every minibatch (docs/distributed.md, "Cost model").
     """
     from . import distributed
 
@@ -49,11 +50,11 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
     if process_group is not None:
         rows = distributed.gather_rows(torch.cat([obs, returns.unsqueeze(1)], 1), process_group)
         obs, returns = rows[:, :-1], rows[:, -1]
+        generator = shared_generator(generator, process_group)
     params = list(value_net.parameters())
     group, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
     order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
                          for _ in range(epochs)])
-    distributed.broadcast_([order], process_group)
     beta1, beta2 = group["betas"]
     with torch.no_grad():
         tensors = {"parameters": [p.detach() for p in params], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -74,6 +75,17 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
             bad = [name for name, ok in zip(["the loss", *tensors], finite) if not ok]
             raise ValueError(_overflow_message(bad, loss.item(), returns))
     return loss.item()
+
+
+def shared_generator(generator: torch.Generator | None, process_group) -> torch.Generator:
+    """A generator seeded alike on every rank: from a seed each rank draws from its own `generator`
+    (so every stream advances the same way), rank 0's broadcast (one collective of one number)."""
+    from . import distributed
+
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+    distributed.broadcast_([seed], process_group)
+    return torch.Generator(device).manual_seed(int(seed))
 
 
 def _overflow_message(bad: list[str], loss: float, returns: torch.Tensor) -> str:

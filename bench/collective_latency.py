@@ -1,0 +1,98 @@
+"""Latency of the collectives a data-parallel TRPO update runs, on this machine's backend (the
+inputs of docs/distributed.md's cost model).
+
+    python -m torch.distributed.run --nproc-per-node 2 bench/collective_latency.py [--iters 300]
+
+Rank 0 prints a markdown table: per collective and message size, the median and 90th-percentile
+wall time of one blocking call (the ranks run in lock-step, interleaving the sizes round by round),
+and what an update of the Hopper-v5 set-up spends in collectives at that latency.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def timed(fn, iters: int) -> list[float]:
+    out = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--backend", default="gloo")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group(args.backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group_name = dist.group.WORLD.group_name
+
+    def all_reduce(n, dtype=torch.float32):
+        t = torch.ones(n, dtype=dtype)
+        return lambda: dist.all_reduce(t)
+
+    def functional_all_reduce(n):  # what the extension's ops call, through the dispatcher
+        t = torch.ones(n)
+
+        def run():
+            torch.ops._c10d_functional.all_reduce_(t, "sum", group_name)
+            torch.ops._c10d_functional.wait_tensor(t)
+        return run
+
+    def all_gather(n):
+        t = torch.ones(n)
+        parts = [torch.empty_like(t) for _ in range(world)]
+        return lambda: dist.all_gather(parts, t)
+
+    def broadcast(n):
+        t = torch.ones(n, dtype=torch.int64)
+        return lambda: dist.broadcast(t, 0)
+
+    cases = {  # name -> callable; the sizes of the Hopper-v5 update (5,126 policy parameters, 16 x 128 states)
+        "all_reduce 3 x f64 (counts, trial scalars)": all_reduce(3, torch.float64),
+        "all_reduce 5,126 x f32 (gradient, one CG product), torch.distributed": all_reduce(5126),
+        "all_reduce 5,126 x f32, _c10d_functional from the op": functional_all_reduce(5126),
+        "all_reduce 1,000,000 x f32 (bandwidth)": all_reduce(1_000_000),
+        "all_gather 1,024 x 12 f32 per rank (critic rows)": all_gather(1024 * 12),
+        "broadcast 1 int64 (critic seed)": broadcast(1),
+    }
+    times = {name: [] for name in cases}
+    for fn in cases.values():  # warm-up: connections, buffers
+        for _ in range(10):
+            fn()
+    dist.barrier()
+    for _ in range(args.iters // 10):  # interleaved, 10 calls of each at a time
+        for name, fn in cases.items():
+            times[name] += timed(fn, 10)
+    if rank == 0:
+        print(f"torch {torch.__version__}, backend {args.backend}, world size {world} on one machine "
+              f"({os.cpu_count()} cores), python {platform.python_version()}, {platform.machine()}; "
+              f"{args.iters} calls each, interleaved; 1 torch thread per rank\n")
+        print("| collective | median (µs) | p90 (µs) |")
+        print("|---|---|---|")
+        for name, ts in times.items():
+            ts = sorted(ts)
+            print(f"| {name} | {statistics.median(ts) * 1e6:,.0f} | {ts[int(0.9 * len(ts))] * 1e6:,.0f} |")
+        small = statistics.median(times["all_reduce 3 x f64 (counts, trial scalars)"])
+        grad = statistics.median(times["all_reduce 5,126 x f32 (gradient, one CG product), torch.distributed"])
+        gather = statistics.median(times["all_gather 1,024 x 12 f32 per rank (critic rows)"])
+        bcast = statistics.median(times["broadcast 1 int64 (critic seed)"])
+        # docs/distributed.md: 1 + 1 (statistics, advantages), 2 + 15 + ~1 (step), 3 (critic), 1 (episodes).
+        update = 3 * small + 16 * grad + small + small + gather + bcast + small + small
+        print(f"\nHopper-v5 update (15 CG products, 1 trial, obs normalization): {update * 1e3:.2f} ms in collectives")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
