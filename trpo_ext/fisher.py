@@ -280,6 +280,12 @@ _SIGMOID = {torch.sigmoid, _T.sigmoid, _F.sigmoid}
 _EXP = {torch.exp, _T.exp}
 _RELU = {torch.relu, _T.relu, _F.relu}
 _RELU_INPLACE = {torch.relu_, _T.relu_}
+_TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input
+_SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.grad_input
+
+
+def _RELU_BACKWARD(t, y, grad_input):
+    return torch.ops.aten.threshold_backward.grad_input(t, y, 0, grad_input=grad_input)
 _LOGSUMEXP = {torch.logsumexp, _T.logsumexp}
 # Element-wise in their first argument (scalar or constant options after it): the tangent is the
 # first argument's times the derivative, computed once per solve by torch.func.jvp.
@@ -400,8 +406,7 @@ class _Tape(TorchFunctionMode):
         if produced:
             try:
                 if relu_inplace:
-                    mask = self._read(out).gt(0).to(out.dtype)
-                    rules = (lambda t: (t[0] * mask,)), (lambda g: (g[0] * mask,))
+                    rules = self._diagonal(_RELU_BACKWARD, self._read(out))
                 else:
                     rules = self._rules(func, args, kwargs, flat, spec, dep, out_flat, produced)
             except _Unsupported:
@@ -478,15 +483,11 @@ class _Tape(TorchFunctionMode):
             return structural, back
         if dep == [0] and first and len(produced) == 1:
             d = None
-            if func in _TANH:
-                d = 1 - self._read(out) ** 2
-            elif func in _SIGMOID:
-                y = self._read(out)
-                d = y * (1 - y)
-            elif func in _EXP:
+            for group, backward in ((_TANH, _TANH_BACKWARD), (_SIGMOID, _SIGMOID_BACKWARD), (_RELU, _RELU_BACKWARD)):
+                if func in group:  # autograd's own kernel on the output, both ways (the map is diagonal)
+                    return self._diagonal(backward, self._read(out))
+            if func in _EXP:
                 d = self._read(out)
-            elif func in _RELU:
-                d = self._read(out).gt(0).to(out.dtype)
             elif func in _POINTWISE:
                 x, rest, options = self._read(args[0]), args[1:], kwargs
                 d = torch.func.jvp(lambda z: func(z, *rest, **options), (x,), (torch.ones_like(x),))[1].detach()
@@ -569,6 +570,19 @@ class _Tape(TorchFunctionMode):
                     return res
                 return (lambda t: tuple(t[k].expand(s) for k, s in zip(sources, shapes))), broadcast_back
         return self._local(func, flat, spec, dep, produced)
+
+    @staticmethod
+    def _diagonal(backward, y):
+        """The rules of tanh, sigmoid or ReLU: their derivative from the output y, applied by the backward
+        kernel autograd uses (one pass, nothing cached but y)."""
+        forward_buffer, backward_buffer = _Buffer(), _Buffer()
+
+        def apply(t, buffer):
+            t = t[0]
+            if t.shape != y.shape:
+                t = t.expand(y.shape)
+            return (backward(t, y, grad_input=buffer.get(y.shape, y)),)
+        return (lambda t: apply(t, forward_buffer)), (lambda g: apply(g, backward_buffer))
 
     @staticmethod
     def _scale(d, x, fit, unfit):
