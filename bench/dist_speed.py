@@ -1,0 +1,115 @@
+"""Data-parallel training speed: `trpo-ext train --nproc 1` vs `--nproc 2` vs sb3-contrib's TRPO with
+DummyVecEnv and with SubprocVecEnv, at the same total envs and batch per update.
+
+Every run is its own process, started in turn round by round (interleaved over --repeats rounds;
+medians reported); 1 torch thread per process (per rank). trpo_ext's rate is the one its CLI prints
+("trained ... steps/s": the training loop, without start-up, the final save and evaluation); sb3's is
+model.learn's steps over its wall time. trpo_ext at --nproc N runs E/N envs per rank.
+
+    python bench/dist_speed.py --env Hopper-v5 --env CartPole-v1 --timesteps 40000 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# sb3-contrib's TRPO defaults, given to both libraries (as bench/agent_speed.py).
+MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters=15, damping=0.1, max_kl=0.01,
+               gamma=0.99, gae_lambda=0.95)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out):
+    sets = [x for k, v in MATCHED.items() if k != "max_kl" for x in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "trpo_ext", "train", env_id, "--nproc", str(nproc), "--n-envs", str(n_envs // nproc),
+           "--n-steps", str(n_steps), "--timesteps", str(steps), "--seed", str(seed), "--threads", "1",
+           "--max-kl", str(MATCHED["max_kl"]), "--eval-episodes", "1", "--no-progress", "--out", out, *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    rate = float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1))
+    with open(os.path.join(out, "progress.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    split = {k: sum(float(r[k]) for r in rows) / len(rows)
+             for k in ("time_rollout", "time_cg", "time_line_search", "time_critic")}
+    return rate, split
+
+
+def run_sb3(env_id, n_envs, n_steps, steps, seed, vec_env):
+    code = f"""
+import json, time, torch
+torch.set_num_threads(1)
+from sb3_contrib import TRPO
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+envs = make_vec_env({env_id!r}, n_envs={n_envs}, seed={seed}, vec_env_cls={vec_env})
+m = {MATCHED}
+model = TRPO("MlpPolicy", envs, n_steps={n_steps}, batch_size=m["critic_batch_size"],
+             n_critic_updates=m["critic_epochs"], cg_max_steps=m["cg_iters"], cg_damping=m["damping"],
+             target_kl=m["max_kl"], learning_rate=m["critic_lr"], gamma=m["gamma"], gae_lambda=m["gae_lambda"],
+             seed={seed}, verbose=0)
+t = time.perf_counter(); model.learn({steps}); wall = time.perf_counter() - t
+print(json.dumps(model.num_timesteps / wall)); envs.close()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", action="append", default=None)
+    parser.add_argument("--n-envs", type=int, default=16, help="total envs (trpo_ext: split over the ranks)")
+    parser.add_argument("--n-steps", type=int, default=128)
+    parser.add_argument("--timesteps", type=int, default=40_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--setups", default="nproc1,nproc2,sb3-dummy,sb3-subproc")
+    args = parser.parse_args()
+    import gymnasium
+    import torch
+
+    setups = args.setups.split(",")
+    print(f"torch {torch.__version__}, gymnasium {gymnasium.__version__}, python {platform.python_version()}, "
+          f"{platform.machine()}, {os.cpu_count()} cores; {args.timesteps} steps per run, {args.repeats} interleaved "
+          f"rounds, medians; {args.n_envs} envs x {args.n_steps} steps per update in total; 1 torch thread per "
+          f"process; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| env | setup | steps/s (median) | runs | nproc 2 speed-up | update split (rollout / cg / line search / critic, ms) |")
+    print("|---|---|---|---|---|---|")
+    for env_id in args.env or ["Hopper-v5", "CartPole-v1"]:
+        rates = {k: [] for k in setups}
+        splits = {k: [] for k in setups}
+        for rep in range(args.repeats):
+            for setup in setups:
+                with tempfile.TemporaryDirectory() as tmp:
+                    if setup.startswith("nproc"):
+                        rate, split = run_trpo_ext(env_id, int(setup[5:]), args.n_envs, args.n_steps, args.timesteps,
+                                                   rep, os.path.join(tmp, "run"))
+                        splits[setup].append(split)
+                    else:
+                        vec = "SubprocVecEnv" if setup == "sb3-subproc" else "DummyVecEnv"
+                        rate = run_sb3(env_id, args.n_envs, args.n_steps, args.timesteps, rep, vec)
+                rates[setup].append(rate)
+                print(f"<!-- {env_id} round {rep} {setup}: {rate:,.0f} steps/s -->", flush=True)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        for setup in setups:
+            ratio = f"{med['nproc2'] / med[setup]:.2f}x" if "nproc2" in med else ""
+            split = ""
+            if splits[setup]:
+                split = " / ".join(f"{statistics.median(s[k] for s in splits[setup]) * 1e3:.1f}"
+                                   for k in ("time_rollout", "time_cg", "time_line_search", "time_critic"))
+            runs = ", ".join(f"{r:,.0f}" for r in rates[setup])
+            print(f"| {env_id} | {setup} | {med[setup]:,.0f} | {runs} | {ratio} | {split} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
