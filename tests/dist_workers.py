@@ -163,11 +163,26 @@ def agent_case(out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-CASES = {"step": step_case, "agent": agent_case}
+def nccl_case(out_dir):
+    """World size 1 on NCCL: the fused and generic data-parallel steps on the GPU equal the plain ones."""
+    results = {}
+    obs, actions, advantages = (t.cuda() for t in batch("gaussian", torch.float32, 64))
+    for path in ("fused", "generic"):
+        steps = {}
+        for name, group in (("plain", None), ("nccl", dist.group.WORLD)):
+            policy = make_policy("gaussian", 5, 3, (8, 7), "tanh", torch.float32, "cuda", seed=3)
+            record = trpo_ext.trust_region_step(policy, obs, actions, advantages, path=path, process_group=group,
+                                                **SETTINGS)
+            steps[name] = (record.kl, record.line_search_steps, parameters_to_vector(policy.parameters()).cpu())
+        results[path] = steps
+    torch.save(results, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+
+
+CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if sys.argv[1] == "nccl" else "gloo")
     try:
         CASES[sys.argv[1]](sys.argv[2])
     finally:

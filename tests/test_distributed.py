@@ -159,3 +159,12 @@ def test_checkpoints_continue_at_another_world_size(agent_results):
     agent.learn(128, progress_bar=False)
     assert agent.num_timesteps == 1152
     agent.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a GPU")
+def test_nccl_step_on_one_gpu_equals_the_plain_step(tmp_path):
+    (results,) = launch("nccl", tmp_path, nproc=1)
+    for path, steps in results.items():
+        (kl, trials, params), (nccl_kl, nccl_trials, nccl_params) = steps["plain"], steps["nccl"]
+        assert trials == nccl_trials and kl == pytest.approx(nccl_kl, rel=1e-6), path
+        assert rel_err(nccl_params, params) <= 1e-6, path
