@@ -303,3 +303,15 @@ def test_a_frozen_layer_keeps_its_block():
     got = trpo_ext.fvp(policy, obs, v, path="generic")
     assert not policy.layers[0].weight.requires_grad
     assert rel_err(got, expected) <= 1e-14
+
+
+def test_interleaved_solves_share_buffers_safely():
+    # Two solves of the same shapes take the same pooled buffers; products never overlap, so
+    # interleaving them changes nothing.
+    (p1, obs, v), (p2, _, _) = (_setup(*POLICIES["layernorm-mlp"], torch.float64, seed=s) for s in (0, 1))
+    with fisher._GENERIC_LOCK, torch.no_grad():
+        a, b = (fisher._generic_products(p, obs, list(p.parameters())) for p in (p1, p2))
+        a1, b1, a2, b2 = a(v), b(v), a(2 * v), b(2 * v)
+    assert rel_err(a1, reference.fvp(p1, obs, v)) <= 1e-10 and rel_err(b1, reference.fvp(p2, obs, v)) <= 1e-10
+    assert torch.allclose(a2, 2 * a1, rtol=1e-12, atol=0) and torch.allclose(b2, 2 * b1, rtol=1e-12, atol=0)
+    assert not torch.allclose(a1, b1)

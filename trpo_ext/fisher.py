@@ -324,6 +324,7 @@ class _Tape(TorchFunctionMode):
         self.nodes = []  # (jvp, vjp, input slots, output slots), in call order
         self.reads = []  # (tensor, version) for everything a rule reads
         self.n_slots = len(self.leaves)
+        self.pool = _BufferPool()
         names = [name for name, _ in policy.named_parameters()]
         with torch.enable_grad(), self:
             dist = torch.func.functional_call(policy, dict(zip(names, self.leaves)), (obs,))
@@ -571,11 +572,10 @@ class _Tape(TorchFunctionMode):
                 return (lambda t: tuple(t[k].expand(s) for k, s in zip(sources, shapes))), broadcast_back
         return self._local(func, flat, spec, dep, produced)
 
-    @staticmethod
-    def _diagonal(backward, y):
+    def _diagonal(self, backward, y):
         """The rules of tanh, sigmoid or ReLU: their derivative from the output y, applied by the backward
         kernel autograd uses (one pass, nothing cached but y)."""
-        forward_buffer, backward_buffer = _Buffer(), _Buffer()
+        forward_buffer, backward_buffer = _Buffer(self.pool), _Buffer(self.pool)
 
         def apply(t, buffer):
             t = t[0]
@@ -584,11 +584,10 @@ class _Tape(TorchFunctionMode):
             return (backward(t, y, grad_input=buffer.get(y.shape, y)),)
         return (lambda t: apply(t, forward_buffer)), (lambda g: apply(g, backward_buffer))
 
-    @staticmethod
-    def _scale(d, x, fit, unfit):
+    def _scale(self, d, x, fit, unfit):
         """The rules of an element-wise function with derivative d: multiply by d both ways."""
         same = d.shape == x.shape
-        forward, backward = _Buffer(), _Buffer()
+        forward, backward = _Buffer(self.pool), _Buffer(self.pool)
 
         def jvp(t):
             t = t[0]
@@ -610,7 +609,7 @@ class _Tape(TorchFunctionMode):
         # orientation"); the (N, out) result is a transposed view.
         narrow = plain and w_.shape[0] <= _NARROW
         x_t = x_.t() if plain else None
-        out_buffer, x_buffer, w_buffer = _Buffer(), _Buffer(), _Buffer()
+        out_buffer, x_buffer, w_buffer = _Buffer(self.pool), _Buffer(self.pool), _Buffer(self.pool)
 
         def linear(t):
             tx, tw, tb = pick(t, x), pick(t, w), pick(t, b)
@@ -795,15 +794,45 @@ class _Buffer:
     """A rule's reusable output tensor: whatever a rule returns is consumed within the product that
     made it, so the next product may write over it (no allocation, no page faults per product)."""
 
-    __slots__ = ("t",)
+    __slots__ = ("pool", "t")
 
-    def __init__(self):
-        self.t = None
+    def __init__(self, pool: "_BufferPool"):
+        self.pool, self.t = pool, None
 
     def get(self, shape, like):
         t = self.t
         if t is None or t.shape != shape or t.dtype != like.dtype or t.device != like.device:
-            t = self.t = torch.empty(shape, dtype=like.dtype, device=like.device)
+            t = self.t = self.pool.take(shape, like)
+        return t
+
+
+# Buffers outlive their solve, up to this many bytes in all: the next solve of the same shapes takes
+# them instead of allocating (and first touching) its own. Products never overlap (the generic
+# path's lock) and none leaves a buffer behind, so solves may share them; within one solve each
+# buffer is distinct.
+_POOL: dict = {}  # (shape, dtype, device) -> [tensor, ...]
+_POOL_LIMIT = 32 << 20
+_pool_bytes = 0
+
+
+class _BufferPool:
+    """One solve's view of the shared buffers: its k-th buffer of a shape is the pool's k-th."""
+
+    def __init__(self):
+        self.count = {}
+
+    def take(self, shape, like):
+        global _pool_bytes
+        key = (tuple(shape), like.dtype, like.device)
+        k = self.count.get(key, 0)
+        self.count[key] = k + 1
+        pooled = _POOL.setdefault(key, [])
+        if k < len(pooled):
+            return pooled[k]
+        t = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if k == len(pooled) and _pool_bytes + t.numel() * t.element_size() <= _POOL_LIMIT:
+            pooled.append(t)
+            _pool_bytes += t.numel() * t.element_size()
         return t
 
 
