@@ -153,7 +153,9 @@ def test_checkpoints_continue_at_another_world_size(agent_results):
         r0, r1 = ranks[0][f"resumed-{name}"], ranks[1][f"resumed-{name}"]
         assert r0["start"] == start and r0["num_timesteps"] == start + 512
         assert torch.equal(r0["policy"], r1["policy"])
-    # And the 2-rank checkpoint in one process.
+    # And the 2-rank checkpoint in one process; the file says who wrote it.
+    assert trpo_ext.checkpoint.read(out / "model.pt")["world_size"] == 2
+    assert trpo_ext.checkpoint.read(out / "single.pt")["world_size"] == 1
     agent = trpo_ext.TRPO.load(out / "model.pt")
     assert agent.num_timesteps == 1024 and agent.world_size == 1
     agent.learn(128, progress_bar=False)

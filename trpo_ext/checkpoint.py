@@ -68,6 +68,7 @@ def save(agent, path: str | os.PathLike) -> None:
         "generator_device": agent.device.type,
         "num_timesteps": agent.num_timesteps,
         "n_updates": agent.n_updates,
+        "world_size": agent.world_size,  # the data-parallel ranks that trained it (informational: loads at any)
         "collector": agent.collector.state_dict(),
         "env_states": _env_states(agent.envs),
     }

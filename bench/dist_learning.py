@@ -1,0 +1,69 @@
+"""Learning at --nproc 1 vs --nproc 2: the same total envs, batch per update, budget and seeds.
+
+    python bench/dist_learning.py --env Hopper-v5 --timesteps 1000000 --seeds 0 1 2 --out bench/results/distributed
+
+Runs `trpo-ext train` once per (seed, nproc), alternating, each its own process (1 torch thread per
+rank), and prints a markdown table: per run the final deterministic evaluation (10 episodes), the
+mean return of the last 100 training episodes, and the training rate; then per nproc the mean ±
+std over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+from dist_speed import ENV, MATCHED
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="Hopper-v5")
+    parser.add_argument("--n-envs", type=int, default=16, help="total envs (split over the ranks)")
+    parser.add_argument("--n-steps", type=int, default=128)
+    parser.add_argument("--timesteps", type=int, default=1_000_000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", default="bench/results/distributed")
+    args = parser.parse_args()
+    sets = [x for k, v in MATCHED.items() if k != "max_kl" for x in ("--set", f"{k}={v}")]
+    results = {n: [] for n in args.nprocs}
+    print(f"{args.env}, {args.timesteps} steps, {args.n_envs} envs x {args.n_steps} steps per update in total, "
+          f"observation normalization, sb3-contrib's default TRPO settings; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| nproc | seed | final eval (10 episodes) | last-100 training return | steps/s |")
+    print("|---|---|---|---|---|")
+    for seed in args.seeds:
+        for nproc in args.nprocs:
+            out = os.path.join(args.out, f"{args.env}-nproc{nproc}-seed{seed}")
+            cmd = [sys.executable, "-m", "trpo_ext", "train", args.env, "--nproc", str(nproc), "--n-envs",
+                   str(args.n_envs // nproc), "--n-steps", str(args.n_steps), "--timesteps", str(args.timesteps),
+                   "--seed", str(seed), "--threads", "1", "--normalize-obs", "--max-kl", str(MATCHED["max_kl"]),
+                   "--no-progress", "--out", out, *sets]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+            if proc.returncode != 0:
+                print(f"| {nproc} | {seed} | failed: {proc.stderr.strip().splitlines()[-1][:200]} | | |", flush=True)
+                continue
+            final = float(re.search(r"episodes: ([-\d.]+)", proc.stdout).group(1))
+            rate = float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1))
+            run_dir = re.search(r"saved (\S+)/model.pt", proc.stdout).group(1)
+            with open(os.path.join(run_dir, "progress.csv"), newline="") as f:
+                last = float(list(csv.DictReader(f))[-1]["ep_return_mean"])
+            results[nproc].append((final, last))
+            print(f"| {nproc} | {seed} | {final:.1f} | {last:.1f} | {rate:,.0f} |", flush=True)
+    print("\n| nproc | final eval, mean ± std over seeds | last-100 training return, mean ± std |")
+    print("|---|---|---|")
+    for nproc, rows in results.items():
+        if len(rows) > 1:
+            finals, lasts = zip(*rows)
+            print(f"| {nproc} | {statistics.mean(finals):.1f} ± {statistics.stdev(finals):.1f} | "
+                  f"{statistics.mean(lasts):.1f} ± {statistics.stdev(lasts):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
