@@ -4,6 +4,7 @@
 // minibatch) spends most of its time in per-op overhead at these sizes.
 #include "critic.h"
 
+#include "collective.h"
 #include "mlp.h"
 
 namespace trpo_ext {
@@ -59,15 +60,25 @@ void check_fit_args(const at::Tensor& obs, const at::Tensor& returns, at::Tensor
 at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::TensorList params,
                          at::TensorList exp_avg, at::TensorList exp_avg_sq, at::TensorList steps,
                          const at::Tensor& order, int64_t batch_size, double lr, double beta1, double beta2,
-                         double eps, c10::string_view activation) {
+                         double eps, c10::string_view activation, std::optional<c10::string_view> group) {
   const Activation act = parse_activation(activation);
+  const GroupSum group_sum(group);
   const int64_t n_layers = check_mlp(obs, params, MlpKind::Value, ObsRule::Match).n_layers;
   check_fit_args(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size);
   const int64_t n = obs.size(0);
   const at::Tensor obs_c = obs.contiguous();
   const at::Tensor returns_c = returns.contiguous().unsqueeze(1);
+  // The gradients are views of one flat buffer, so a data-parallel step reduces them in one call;
+  // its last slot carries the minibatch's row count.
+  int64_t numel = 0;
+  for (const at::Tensor& p : params) numel += p.numel();
+  at::Tensor flat_grad = at::empty({numel + 1}, obs.options());
   std::vector<at::Tensor> grads;
-  for (const at::Tensor& p : params) grads.push_back(at::empty_like(p));
+  int64_t offset = 0;
+  for (const at::Tensor& p : params) {
+    grads.push_back(flat_grad.narrow(0, offset, p.numel()).view(p.sizes()));
+    offset += p.numel();
+  }
   std::vector<at::Tensor> inputs;     // h_l, the input of layer l, for this minibatch
   std::vector<at::Tensor> act_grads;  // act'(z_l) of the hidden layers, for this minibatch
   at::Tensor loss_sum = at::zeros({}, obs.options().dtype(at::kDouble));
@@ -89,12 +100,19 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
       at::Tensor diff = out.sub_(returns_c.index_select(0, idx));
       loss_sum.add_(diff.pow(2).mean());
       ++n_batches;
-      at::Tensor g = diff.mul_(2.0 / static_cast<double>(b));
+      // The gradient of the mean over this minibatch; data-parallel, of the sum, divided by all
+      // ranks' rows once the sums have arrived.
+      at::Tensor g = group_sum.active() ? diff.mul_(2.0) : diff.mul_(2.0 / static_cast<double>(b));
       // Backward.
       for (int64_t l = n_layers - 1; l >= 0; --l) {
         at::mm_out(grads[2 * l], g.t(), inputs[l]);
         at::sum_out(grads[2 * l + 1], g, {0});
         if (l > 0) g = at::mm(g, params[2 * l]).mul_(act_grads[l - 1]);
+      }
+      if (group_sum.active()) {
+        flat_grad[numel].fill_(static_cast<double>(b));
+        group_sum(flat_grad);
+        flat_grad.narrow(0, 0, numel).div_(flat_grad[numel]);
       }
       // Adam, through the kernel torch.optim.Adam(fused=True) uses (no weight decay, no amsgrad).
       at::_foreach_add_(device_steps, 1);
@@ -103,7 +121,13 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
     }
   }
   for (size_t i = 0; i < steps.size(); ++i) steps[i].copy_(device_steps[i].reshape(steps[i].sizes()));
-  return n_batches ? loss_sum / static_cast<double>(n_batches) : loss_sum;
+  at::Tensor loss = n_batches ? loss_sum / static_cast<double>(n_batches) : loss_sum;
+  if (group_sum.active()) {  // the mean over the ranks
+    at::Tensor sums = at::stack({loss, at::ones({}, loss.options())});
+    group_sum(sums);
+    loss = sums[0] / sums[1];
+  }
+  return loss;
 }
 
 }  // namespace trpo_ext

@@ -29,7 +29,7 @@ TORCH_LIBRARY(trpo_ext, m) {
         "Tensor? old_log_std, str kind, str activation, str? group=None) -> (Tensor, Tensor)");
   m.def("mlp_value_fit(Tensor obs, Tensor returns, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
         "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps, Tensor order, int batch_size, float lr, float beta1, "
-        "float beta2, float eps, str activation) -> Tensor");
+        "float beta2, float eps, str activation, str? group=None) -> Tensor");
   m.def("mlp_act(Tensor obs, Tensor? obs_mean, Tensor? obs_inv_std, float obs_clip, Tensor[] params, str kind, "
         "str activation, bool deterministic, Generator? generator) -> (Tensor, Tensor)");
   m.def("cuda_built() -> bool", []() {

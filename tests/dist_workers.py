@@ -129,6 +129,35 @@ def agent_case(out_dir):
         loss = fit_value_network(net, optimizer, o, r, 3, 16, generator, process_group=group)
         fits[name] = (loss, parameters_to_vector(net.parameters()).detach())
     results["critic"] = fits
+    # parallel="reduce": each rank its own rows and order; one process with the ranks' minibatches
+    # side by side (batch size 2B) makes the same steps.
+    torch.manual_seed(2)
+    obs64, returns64 = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    epochs, batch = 3, 8
+
+    def fresh_net():
+        torch.manual_seed(1)
+        net = trpo_ext.ValueNetwork(4, (8,)).double()
+        return net, torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    net, optimizer = fresh_net()
+    loss = fit_value_network(net, optimizer, obs64[25 * rank:25 * (rank + 1)], returns64[25 * rank:25 * (rank + 1)],
+                             epochs, batch, torch.Generator().manual_seed(100 + rank), process_group=dist.group.WORLD,
+                             parallel="reduce")
+    perms = [torch.stack([torch.randperm(25, generator=g) for _ in range(epochs)])
+             for g in (torch.Generator().manual_seed(100), torch.Generator().manual_seed(101))]
+    order = torch.stack([torch.cat([torch.cat([perms[0][e, j:j + batch], 25 + perms[1][e, j:j + batch]])
+                                    for j in range(0, 25, batch)]) for e in range(epochs)])
+    single, single_optimizer = fresh_net()
+    from trpo_ext.critic import _adam_state
+    group_, steps, exp_avg, exp_avg_sq = _adam_state(single_optimizer, list(single.parameters()))
+    with torch.no_grad():
+        single_loss = trpo_ext._ops.mlp_value_fit(obs64, returns64, [p.detach() for p in single.parameters()],
+                                                  exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps, order=order,
+                                                  batch_size=2 * batch, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                  activation="tanh")
+    results["critic_reduce"] = (loss, parameters_to_vector(net.parameters()).detach(), float(single_loss),
+                                parameters_to_vector(single.parameters()).detach())
     # Observation statistics: what the ranks saw since the last sync, merged.
     seen = torch.Generator().manual_seed(rank)
     normalizer = RunningNormalizer(3)
@@ -152,6 +181,13 @@ def agent_case(out_dir):
     record, n = count_collectives(agent._update, COLLECTIVES)  # update 5: no replica check (every 10th)
     results["update_collectives"] = (n, record["cg_iterations"], record["line_search_steps"])
     agent.close()
+    # The critic reducing minibatch gradients, in the agent: 10 epochs x 1 minibatch of 128 rows.
+    reducing = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, critic_parallel="reduce", seed=1)
+    reducing.learn(512, progress_bar=False)
+    record, n = count_collectives(reducing._update, COLLECTIVES)
+    results["reduce_agent"] = dict(value=parameters_to_vector(reducing.value_net.parameters()).detach(),
+                                   collectives=(n, record["cg_iterations"], record["line_search_steps"]))
+    reducing.close()
     # Continue both this job's checkpoint and a one-process one (written by the test) at world size 2.
     for name in ("model.pt", "single.pt"):
         resumed = trpo_ext.TRPO.load(os.path.join(out_dir, name))

@@ -104,6 +104,15 @@ def test_critic_on_shards_equals_the_critic_on_the_whole_batch(agent_results):
         assert torch.equal(params, single_params) and loss == single_loss
 
 
+def test_critic_reducing_minibatch_gradients_equals_one_process_with_the_minibatches_together(agent_results):
+    _, ranks = agent_results
+    assert torch.equal(ranks[0]["critic_reduce"][1], ranks[1]["critic_reduce"][1])  # identical replicas
+    for rank in ranks:
+        loss, params, single_loss, single_params = rank["critic_reduce"]
+        assert rel_err(params, single_params) <= 1e-12
+        assert loss == pytest.approx(single_loss, rel=1e-12)
+
+
 def test_observation_statistics_merge_what_every_rank_saw(agent_results):
     import numpy as np
 
@@ -143,6 +152,11 @@ def test_collectives_per_update_are_as_documented(agent_results):
     for rank in agent_results[1]:
         n, cg_iterations, trials = rank["update_collectives"]
         assert n == 1 + 1 + (2 + cg_iterations + trials) + 3 + 1
+        # critic_parallel="reduce", no observation normalization: 1 + (2 + k + t) + (1 + 10 + 1) + 1.
+        n, cg_iterations, trials = rank["reduce_agent"]["collectives"]
+        assert n == 1 + (2 + cg_iterations + trials) + (1 + 10 + 1) + 1
+    values = [rank["reduce_agent"]["value"] for rank in agent_results[1]]
+    assert torch.equal(values[0], values[1])
 
 
 def test_checkpoints_continue_at_another_world_size(agent_results):

@@ -127,15 +127,17 @@ def _mlp_policy_trial_fake(obs, params, actions, advantages, old_dist_params, ol
 def mlp_value_fit(obs: torch.Tensor, returns: torch.Tensor, params: Sequence[torch.Tensor], *,
                   exp_avg: Sequence[torch.Tensor], exp_avg_sq: Sequence[torch.Tensor],
                   steps: Sequence[torch.Tensor], order: torch.Tensor, batch_size: int, lr: float, beta1: float,
-                  beta2: float, eps: float, activation: str) -> torch.Tensor:
-    """Adam epochs of mean((V(obs) - returns)^2) for an MLP critic, in place; the mean loss (0-dim)."""
+                  beta2: float, eps: float, activation: str, group: str | None = None) -> torch.Tensor:
+    """Adam epochs of mean((V(obs) - returns)^2) for an MLP critic, in place; the mean loss (0-dim).
+    `group`: a process group's `group_name`; each rank passes its own rows (as many on every rank)
+    and every step uses the ranks' minibatches together (one reduction per minibatch)."""
     return ops.mlp_value_fit(obs, returns, list(params), list(exp_avg), list(exp_avg_sq), list(steps), order,
-                             batch_size, lr, beta1, beta2, eps, activation)
+                             batch_size, lr, beta1, beta2, eps, activation, group)
 
 
 @torch.library.register_fake("trpo_ext::mlp_value_fit")
 def _mlp_value_fit_fake(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size, lr, beta1, beta2,
-                        eps, activation):
+                        eps, activation, group=None):
     return obs.new_empty((), dtype=torch.float64)
 
 

@@ -150,6 +150,10 @@ class TRPOConfig:
     """Passes over the batch per update for the value network (0 leaves it untrained)."""
     critic_batch_size: int = 128
     """Minibatch size of the value-network regression."""
+    critic_parallel: str = "gather"
+    """Data-parallel only: "gather" (every rank fits the critic on all ranks' rows; fewest
+    collectives, best on a few ranks) or "reduce" (each rank fits its own rows, all-reducing every
+    minibatch's gradient; scales to many ranks). docs/distributed.md, "Cost model"."""
     policy_kwargs: dict | None = None
     """Dict with `hidden` (layer widths, also used by the value network), `activation` (a key of
     `trpo_ext.policies.ACTIVATIONS`) and `log_std_init` (Gaussian policies, in [-20, 2]); missing
@@ -181,6 +185,7 @@ class TRPOConfig:
             "critic_lr": check_float("critic_lr", self.critic_lr, 0.0, 1.0, low_open=True),
             "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0),
             "critic_batch_size": check_int("critic_batch_size", self.critic_batch_size, 1),
+            "critic_parallel": check_choice("critic_parallel", self.critic_parallel, ("gather", "reduce")),
             "policy_kwargs": _check_policy_kwargs(self.policy_kwargs),
             "vectorization": check_choice("vectorization", self.vectorization, ("sync", "async")),
             "stats_window": check_int("stats_window", self.stats_window, 1),

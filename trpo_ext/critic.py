@@ -12,6 +12,10 @@ from . import _ops
 from .policies import ValueNetwork
 
 
+PARALLEL = ("gather", "reduce")
+"""How a data-parallel critic fit combines the ranks' rows (`fit_value_network`'s `parallel`)."""
+
+
 def _adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
     group = optimizer.param_groups[0]
     if len(optimizer.param_groups) != 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
@@ -31,26 +35,39 @@ def _adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
 
 def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs: torch.Tensor,
                       returns: torch.Tensor, epochs: int, batch_size: int,
-                      generator: torch.Generator | None = None, process_group=None) -> float:
+                      generator: torch.Generator | None = None, process_group=None,
+                      parallel: str = "gather") -> float:
     """`epochs` passes of Adam minibatch regression of value_net(obs) on returns; the mean loss.
 
     Minibatches are consecutive slices of one `torch.randperm` per epoch drawn from `generator`,
     the order a plain PyTorch loop over `randperm(n).split(batch_size)` would use.
 
-    Data-parallel (`process_group`, from `trpo_ext.distributed.resolve_group`): every rank fits on
-    the ranks' batches gathered in rank order, with the permutations drawn from
-    `shared_generator(generator, process_group)`, so every rank makes the same fit (3 collectives:
-    the row counts, the rows, the seed). On a few ranks, gathering a few thousand rows costs less
-    than reducing the gradient of every minibatch (docs/distributed.md, "Cost model").
+    Data-parallel (`process_group`, from `trpo_ext.distributed.resolve_group`), two ways that make
+    every rank's fit the same (docs/distributed.md, "Cost model", for when each is cheaper):
+    - parallel="gather": every rank fits on the ranks' rows gathered in rank order, with the
+      permutations drawn from `shared_generator(generator, process_group)` (3 collectives: the row
+      counts, the rows, the seed);
+    - parallel="reduce": every rank fits on its own rows in its own order, each Adam step taking the
+      gradient of the ranks' minibatches together (1 collective to check that every rank has as many
+      rows, 1 per minibatch, 1 for the loss).
     """
     from . import distributed
 
     if epochs == 0:
         return float("nan")
-    if process_group is not None:
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    group_name = None
+    if process_group is not None and parallel == "gather":
         rows = distributed.gather_rows(torch.cat([obs, returns.unsqueeze(1)], 1), process_group)
         obs, returns = rows[:, :-1], rows[:, -1]
         generator = shared_generator(generator, process_group)
+    elif process_group is not None:
+        counts = distributed.all_gather_rows(torch.tensor([obs.shape[0]], device=obs.device), process_group)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(f"critic parallel='reduce' needs as many rows on every rank (each step reduces one "
+                             f"minibatch per rank); the ranks have {counts.flatten().tolist()}")
+        group_name = distributed.group_name(process_group)
     params = list(value_net.parameters())
     group, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
     order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
@@ -61,7 +78,7 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
         before = [[t.clone() for t in group_] for group_ in tensors.values()] + [[s.clone() for s in steps]]
         loss = _ops.mlp_value_fit(obs, returns, tensors["parameters"], exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                                   steps=steps, order=order, batch_size=batch_size, lr=float(group["lr"]), beta1=beta1,
-                                  beta2=beta2, eps=group["eps"], activation=value_net.activation)
+                                  beta2=beta2, eps=group["eps"], activation=value_net.activation, group=group_name)
         # One sync for the whole check (the step counts, on the CPU, stay finite). An overflow need
         # not show in the loss or the parameters: an infinite second moment makes every later step
         # 0, silently.

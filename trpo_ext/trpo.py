@@ -67,7 +67,8 @@ class TRPO:
                  cg_rtol: float = 1e-10, backtrack_factor: float = 0.8, max_backtracks: int = 10,
                  fvp_fraction: float = 1.0, normalize_advantage: bool = True, normalize_obs: bool = False,
                  obs_clip: float = 10.0, critic_lr: float = 1e-3, critic_epochs: int = 10,
-                 critic_batch_size: int = 128, policy_kwargs: dict | None = None, vectorization: str = "sync",
+                 critic_batch_size: int = 128, critic_parallel: str = "gather", policy_kwargs: dict | None = None,
+                 vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto"):
         config = TRPOConfig.from_dict(dict(
@@ -75,7 +76,8 @@ class TRPO:
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
             fvp_fraction=fvp_fraction, normalize_advantage=normalize_advantage, normalize_obs=normalize_obs,
             obs_clip=obs_clip, critic_lr=critic_lr, critic_epochs=critic_epochs,
-            critic_batch_size=critic_batch_size, policy_kwargs=policy_kwargs, vectorization=vectorization,
+            critic_batch_size=critic_batch_size, critic_parallel=critic_parallel, policy_kwargs=policy_kwargs,
+            vectorization=vectorization,
             stats_window=stats_window, seed=seed))
         self.group = distributed.resolve_group(process_group)
         self.rank, self.world_size = distributed.rank(self.group), distributed.world_size(self.group)
@@ -199,7 +201,7 @@ class TRPO:
         t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
         value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
                                        config.critic_epochs, config.critic_batch_size, self.generator,
-                                       process_group=group)
+                                       process_group=group, parallel=config.critic_parallel)
         critic_time = time.perf_counter() - t
         self.n_updates += 1
         if group is not None and self.n_updates % CHECK_REPLICAS_EVERY == 0:
