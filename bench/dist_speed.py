@@ -1,5 +1,6 @@
 """Data-parallel training speed: `trpo-ext train --nproc 1` vs `--nproc 2` vs sb3-contrib's TRPO with
-DummyVecEnv and with SubprocVecEnv, at the same total envs and batch per update.
+DummyVecEnv and with SubprocVecEnv, at the same total envs and batch per update; optionally the
+ceiling of two ranks on this machine (two unconnected half-size runs at once, rates summed).
 
 Every run is its own process, started in turn round by round (interleaved over --repeats rounds;
 medians reported); 1 torch thread per process (per rank). trpo_ext's rate is the one its CLI prints
@@ -44,6 +45,26 @@ def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out):
     return rate, split
 
 
+def run_independent(env_id, n_envs, n_steps, steps, seed, tmp):
+    """Two one-process runs with half the envs each, at the same time and with no communication: the
+    most two data-parallel ranks could reach on this machine. Returns the sum of their rates."""
+    procs = []
+    for half in range(2):
+        sets = [x for k, v in MATCHED.items() if k != "max_kl" for x in ("--set", f"{k}={v}")]
+        cmd = [sys.executable, "-m", "trpo_ext", "train", env_id, "--n-envs", str(n_envs // 2), "--n-steps",
+               str(n_steps), "--timesteps", str(steps // 2), "--seed", str(seed + half), "--threads", "1",
+               "--max-kl", str(MATCHED["max_kl"]), "--eval-episodes", "1", "--no-progress",
+               "--out", os.path.join(tmp, f"half{half}"), *sets]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
+    total = 0.0
+    for proc in procs:
+        out, err = proc.communicate(timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(err[-2000:])
+        total += float(re.search(r"\(([\d.]+) steps/s", out).group(1))
+    return total
+
+
 def run_sb3(env_id, n_envs, n_steps, steps, seed, vec_env):
     code = f"""
 import json, time, torch
@@ -73,7 +94,8 @@ def main():
     parser.add_argument("--n-steps", type=int, default=128)
     parser.add_argument("--timesteps", type=int, default=40_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--setups", default="nproc1,nproc2,sb3-dummy,sb3-subproc")
+    parser.add_argument("--setups", default="nproc1,nproc2,sb3-dummy,sb3-subproc",
+                        help="also: 2x-independent (two unconnected half-size runs at once: the ceiling for 2 ranks)")
     args = parser.parse_args()
     import gymnasium
     import torch
@@ -91,7 +113,9 @@ def main():
         for rep in range(args.repeats):
             for setup in setups:
                 with tempfile.TemporaryDirectory() as tmp:
-                    if setup.startswith("nproc"):
+                    if setup == "2x-independent":
+                        rate = run_independent(env_id, args.n_envs, args.n_steps, args.timesteps, rep, tmp)
+                    elif setup.startswith("nproc"):
                         rate, split = run_trpo_ext(env_id, int(setup[5:]), args.n_envs, args.n_steps, args.timesteps,
                                                    rep, os.path.join(tmp, "run"))
                         splits[setup].append(split)

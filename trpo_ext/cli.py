@@ -192,7 +192,9 @@ def _train(args, TRPO) -> int:
         f"{agent.config.n_envs} envs"
     say(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {envs}, "
         f"{agent.config.batch_size * agent.world_size} steps per update) -> {out}{elsewhere}", flush=True)
-    save_every = args.save_every if args.save_every is not None else (10 if args.max_restarts or resume else 0)
+    # Periodic checkpoints by default only when a restart can use them (torchrun says how many it allows).
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", args.max_restarts))
+    save_every = args.save_every if args.save_every is not None else (10 if restarts else 0)
 
     def checkpoint(agent, record):
         if save_every and agent.n_updates % save_every == 0:
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint")
     p.add_argument("--save-every", type=_int_at_least(0), default=None,
                    help="write OUT/model.pt every this many updates; 0: only at the end (default: 10 when restarts "
-                        "are possible, else 0)")
+                        "are allowed, else 0)")
     p.add_argument("--dist-timeout", type=float, default=300.0,
                    help="data-parallel: seconds a rank waits for the others before it fails")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
