@@ -2,7 +2,9 @@
 
 `fit_value_network` runs the whole loop as one extension op (forward, analytic backward and the
 Adam update per minibatch, no autograd), keeping its state in the given `torch.optim.Adam`, so
-checkpoints and a plain-PyTorch loop can take over at any point.
+checkpoints and a plain-PyTorch loop can take over at any point. A critic other than the built-in
+`ValueNetwork` (a user's module, `TRPO(value_net=...)`) gets that plain-PyTorch loop instead, with the
+same semantics (`fit_value_module`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,23 @@ def _adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
     return group, steps, exp_avg, exp_avg_sq
 
 
+def fused_value(value_net) -> bool:
+    """Whether the fused `mlp_value_fit` op serves `value_net`: a `ValueNetwork` whose class keeps
+    ValueNetwork's `forward` (a subclass that overrides it computes something else)."""
+    return isinstance(value_net, ValueNetwork) and type(value_net).forward is ValueNetwork.forward
+
+
+def check_parallel(value_net, parallel: str) -> None:
+    """ValueError unless `parallel` is one of PARALLEL and, for "reduce", `value_net` is the built-in
+    ValueNetwork (the per-minibatch gradient reduction lives inside the fused op)."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if parallel == "reduce" and not fused_value(value_net):
+        raise ValueError(f"critic_parallel='reduce' needs the built-in ValueNetwork (the gradient reduction runs "
+                         f"inside its fused critic op); the critic is a {type(value_net).__qualname__}: use "
+                         "critic_parallel='gather'")
+
+
 def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs: torch.Tensor,
                       returns: torch.Tensor, epochs: int, batch_size: int,
                       generator: torch.Generator | None = None, process_group=None,
@@ -41,6 +60,9 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
 
     Minibatches are consecutive slices of one `torch.randperm` per epoch drawn from `generator`,
     the order a plain PyTorch loop over `randperm(n).split(batch_size)` would use.
+
+    `value_net` other than the built-in ValueNetwork (see `fused_value`): `fit_value_module`, the same
+    loop in plain PyTorch.
 
     Data-parallel (`process_group`, from `trpo_ext.distributed.resolve_group`), two ways that make
     every rank's fit the same (docs/distributed.md, "Cost model", for when each is cheaper):
@@ -57,6 +79,10 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
         return float("nan")
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if not fused_value(value_net):
+        if process_group is not None:
+            check_parallel(value_net, parallel)
+        return fit_value_module(value_net, optimizer, obs, returns, epochs, batch_size, generator, process_group)
     group_name = None
     if process_group is not None and parallel == "gather":
         rows = distributed.gather_rows(torch.cat([obs, returns.unsqueeze(1)], 1), process_group)
@@ -87,6 +113,59 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
         finite = finite.tolist()
         if not all(finite):
             for now, old in zip([*tensors.values(), steps], before):
+                for t, b in zip(now, old):
+                    t.copy_(b)
+            bad = [name for name, ok in zip(["the loss", *tensors], finite) if not ok]
+            raise ValueError(_overflow_message(bad, loss.item(), returns))
+    return loss.item()
+
+
+def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, obs: torch.Tensor,
+                     returns: torch.Tensor, epochs: int, batch_size: int,
+                     generator: torch.Generator | None = None, process_group=None) -> float:
+    """`fit_value_network` for any critic module (obs (B, obs_dim) -> values (B,) or (B, 1)), in
+    plain PyTorch: `epochs` passes over `torch.randperm` minibatches drawn from `generator` (all
+    epochs' permutations first, as the fused op takes them), `optimizer.step()` on the mean squared
+    error of each; returns the mean of the minibatch losses. Data-parallel: the "gather" approach
+    (every rank fits on the ranks' rows in rank order, permutations from `shared_generator`), so
+    every rank makes the same fit. Non-finite loss, parameters or Adam moments: everything is put
+    back as it was before the call and a ValueError raised, as `fit_value_network` does."""
+    from . import distributed
+
+    if epochs == 0:
+        return float("nan")
+    if obs.dim() != 2 or returns.shape != (obs.shape[0],):
+        raise ValueError(f"critic fit: obs must be (N, obs_dim) and returns (N,), got {tuple(obs.shape)} and "
+                         f"{tuple(returns.shape)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"critic fit: batch_size must be a positive int, got {batch_size!r}")
+    if process_group is not None:
+        rows = distributed.gather_rows(torch.cat([obs, returns.unsqueeze(1)], 1), process_group)
+        obs, returns = rows[:, :-1], rows[:, -1]
+        generator = shared_generator(generator, process_group)
+    params = list(value_net.parameters())
+    _, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
+    tensors = {"parameters": [p.detach() for p in params], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    with torch.no_grad():
+        before = [[t.clone() for t in group_] for group_ in tensors.values()] + [[s.clone() for s in steps]]
+    order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
+                         for _ in range(epochs)])
+    losses = []
+    for epoch in range(epochs):
+        for idx in order[epoch].split(batch_size):
+            values = value_net(obs[idx])
+            loss = torch.nn.functional.mse_loss(values.reshape(-1), returns[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+    with torch.no_grad():
+        loss = torch.stack(losses).double().mean()
+        finite = torch.stack([torch.isfinite(loss)] + [torch.stack([torch.isfinite(t).all() for t in group_]).all()
+                                                       for group_ in tensors.values()]).tolist()
+        if not all(finite):
+            # torch.optim.Adam updates parameters, moments and step counts in place: put them back.
+            for now, old in zip([*tensors.values(), [optimizer.state[p]["step"] for p in params]], before):
                 for t, b in zip(now, old):
                     t.copy_(b)
             bad = [name for name, ok in zip(["the loss", *tensors], finite) if not ok]
