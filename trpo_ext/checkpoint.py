@@ -8,7 +8,9 @@ or "PATH is damaged (...)".
 
 Loading a file never runs code from it by default: the env is rebuilt only from an id registered in
 the loading process (the registry's spec, never an entry point or kwargs from the file), and the
-pickled env states are unpickled only with `restore_env_states=True`.
+pickled env states are unpickled only with `restore_env_states=True`. The networks are state
+dicts; their classes' qualified names (`policy_class`, `value_net_class`) are stored for
+information and for the error when a custom network is not passed again at load time.
 
     trpo_ext.checkpoint.save(agent, "model.pt")        # what TRPO.save does
     agent = trpo_ext.checkpoint.load(TRPO, "model.pt")  # what TRPO.load does
@@ -27,6 +29,11 @@ import torch
 
 from . import distributed
 from .envs import LeanSyncVectorEnv, eval_env_factory
+from .policies import MLPPolicy, ValueNetwork, qualified_name
+
+BUILT_IN = {"policy": f"{MLPPolicy.__module__}.{MLPPolicy.__qualname__}",
+            "value_net": f"{ValueNetwork.__module__}.{ValueNetwork.__qualname__}"}
+"""The qualified class names of the built-in networks, as a checkpoint records them."""
 
 FORMAT = 3
 """Format 3 wraps the state dict with its sha256; format 2 (the same state dict, unwrapped, keeping
@@ -63,6 +70,8 @@ def save(agent, path: str | os.PathLike) -> None:
         "spaces": {"observation": str(agent.observation_space), "action": str(agent.action_space)},
         "policy": agent.policy.state_dict(),
         "value_net": agent.value_net.state_dict(),
+        "policy_class": qualified_name(agent.policy),  # for information: loading never imports it
+        "value_net_class": qualified_name(agent.value_net),
         "critic_optimizer": agent.critic_optimizer.state_dict(),
         "generator": agent.generator.get_state(),
         "generator_device": agent.device.type,
@@ -77,9 +86,18 @@ def save(agent, path: str | os.PathLike) -> None:
 
 def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
          device: str | torch.device | None = None, log_dir: str | os.PathLike | None = None,
-         restore_env_states: bool = False):
+         restore_env_states: bool = False, policy=None, value_net=None):
     """An agent of class `cls` (`TRPO`) restored from `path`; see `TRPO.load`."""
     state = read(path)
+    networks = {"policy": policy, "value_net": value_net}
+    for key, given in networks.items():
+        saved_class = state.get(f"{key}_class", BUILT_IN[key])  # files before the field: built-in networks
+        if given is None:
+            if saved_class != BUILT_IN[key]:
+                raise ValueError(f"{os.fspath(path)} was saved with a custom {key} ({saved_class}); a checkpoint "
+                                 f"holds its parameters, not its code: pass {key}= (the module or the callable "
+                                 f"that built it) to TRPO.load")
+            networks[key] = "MlpPolicy"
     hyperparameters = dict(state["hyperparameters"])
     saved_id = state["env_id"]
     registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
@@ -107,7 +125,7 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
         hyperparameters["n_envs"] = n_envs
     elif isinstance(env, gym.Env):  # one instance cannot be copied into the saved n_envs
         hyperparameters["n_envs"] = 1
-    agent = cls(env, **hyperparameters, device=device or "cpu", log_dir=log_dir)
+    agent = cls(env, **hyperparameters, device=device or "cpu", log_dir=log_dir, **networks)
     if resume_envs and registered is not None:  # the unpickled envs do not know their id; the file does
         agent.env_spec = registered
         agent.make_eval_env = eval_env_factory(registered, registered)
@@ -116,6 +134,11 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
         agent.value_net.load_state_dict(state["value_net"])
     except RuntimeError as e:  # the networks' shapes: the env's spaces differ from the model's
         agent.close()
+        if policy is not None or value_net is not None:
+            raise ValueError(f"{os.fspath(path)} does not fit the networks given (saved: policy "
+                             f"{state.get('policy_class', BUILT_IN['policy'])}, value_net "
+                             f"{state.get('value_net_class', BUILT_IN['value_net'])}; trained on "
+                             f"{_model_spaces(state)}): {_first_line(e)}") from e
         raise ValueError(f"{os.fspath(path)} does not fit this env: the model was trained on {_model_spaces(state)}; "
                          f"the env has observation space {agent.observation_space}, action space "
                          f"{agent.action_space}") from e
@@ -252,6 +275,9 @@ def read(path: str | os.PathLike) -> dict:
         if not isinstance(value, types) or isinstance(value, bool) \
                 or (key in ("policy", "value_net") and not all(isinstance(v, torch.Tensor) for v in value.values())):
             raise ValueError(f"{name} is damaged ({key} is a {type(value).__name__}, expected {expected})")
+    for key in ("policy_class", "value_net_class"):  # optional (files before them: the built-in networks)
+        if key in state and not isinstance(state[key], str):
+            raise ValueError(f"{name} is damaged ({key} is a {type(state[key]).__name__}, expected a string)")
     if not {"last_obs", "stats", "normalizer"} <= set(state["collector"]):
         raise ValueError(f"{name} is damaged (collector lacks last_obs, stats or normalizer)")
     state["format"] = FORMAT

@@ -143,3 +143,113 @@ class ValueNetwork(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return _mlp_forward(self.layers, self.act, obs).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- a user's own networks
+DEFAULT = "MlpPolicy"
+"""The `policy=` / `value_net=` value that selects the built-in networks (MLPPolicy / ValueNetwork)."""
+
+
+def qualified_name(module: nn.Module) -> str:
+    """`module.class.qualname` of a network, what a checkpoint records for information."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def build_network(name: str, spec, observation_space, action_space, default) -> nn.Module:
+    """The network `spec` selects: `default()` for "MlpPolicy", the module itself, or what a callable
+    `spec(observation_space, action_space)` returns; TypeError for anything else."""
+    if isinstance(spec, str):
+        if spec != DEFAULT:
+            raise ValueError(f"{name} must be {DEFAULT!r}, a torch.nn.Module or a callable "
+                             f"(observation_space, action_space) -> nn.Module; got the string {spec!r}")
+        return default()
+    if isinstance(spec, nn.Module):
+        return spec
+    if callable(spec):
+        module = spec(observation_space, action_space)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name}: the callable {getattr(spec, '__qualname__', spec)!r} returned a "
+                            f"{type(module).__name__}, expected a torch.nn.Module")
+        return module
+    raise TypeError(f"{name} must be {DEFAULT!r}, a torch.nn.Module or a callable (observation_space, "
+                    f"action_space) -> nn.Module; got {type(spec).__name__}")
+
+
+def _what(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Independent):
+        return (f"Independent({type(out.base_dist).__name__}) with batch_shape {tuple(out.batch_shape)} and "
+                f"event_shape {tuple(out.event_shape)}")
+    if isinstance(out, torch.distributions.Distribution):
+        return f"{type(out).__name__} with batch_shape {tuple(out.batch_shape)} and event_shape {tuple(out.event_shape)}"
+    return f"a {type(out).__name__}"
+
+
+def check_custom_policy(policy: nn.Module, obs_dim: int, action_space, device) -> None:
+    """ValueError unless `policy` (a user's module) has parameters that all require grad and, called
+    once on a batch of 2 zero observations (no grad, torch's RNG put back afterwards), returns the
+    distribution the action space needs: Categorical with batch_shape (2,) and n classes for
+    Discrete(n); Independent(Normal, 1) with batch_shape (2,) and event_shape (k,) for Box(k)."""
+    kind, n = action_space_kind(action_space)
+    name = type(policy).__qualname__
+    params = list(policy.parameters())
+    if not params:
+        raise ValueError(f"policy {name} has no parameters")
+    frozen = [k for k, p in policy.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"policy {name}: TRPO optimizes every parameter; these do not require grad: {frozen}")
+    if kind == "categorical":
+        expected = f"Categorical(logits=...) with batch_shape (B,) and {n} classes (the action space Discrete({n}))"
+    else:
+        expected = (f"Independent(Normal(mean, std), 1) with batch_shape (B,) and event_shape ({n},) (the action "
+                    f"space {action_space})")
+    obs = torch.zeros(2, obs_dim, device=device)  # float32, as the rollout feeds it
+    try:
+        with torch.random.fork_rng(devices=[] if obs.device.type == "cpu" else [obs.device]), torch.no_grad():
+            out = policy(obs)
+    except Exception as e:
+        raise ValueError(f"policy {name}: forward on a batch of observations of shape (2, {obs_dim}) raised "
+                         f"{type(e).__name__}: {e}; expected it to return {expected}") from e
+    ok = False
+    if kind == "categorical":
+        ok = isinstance(out, Categorical) and tuple(out.batch_shape) == (2,) and out.param_shape[-1] == n
+    elif isinstance(out, Independent) and isinstance(out.base_dist, Normal):
+        ok = tuple(out.batch_shape) == (2,) and tuple(out.event_shape) == (n,)
+    if not ok:
+        hint = ""
+        if kind == "gaussian" and isinstance(out, Normal) and tuple(out.batch_shape) == (2, n):
+            hint = "; wrap it: Independent(Normal(mean, std), 1)"
+        raise ValueError(f"policy {name}: forward(obs) on obs of shape (2, {obs_dim}) returned {_what(out)}; "
+                         f"expected {expected}{hint}")
+
+
+def check_custom_value_net(value_net: nn.Module, obs_dim: int, device) -> None:
+    """ValueError unless `value_net` (a user's module) has parameters and maps a (2, obs_dim) batch
+    of zero observations to floating-point values of shape (2,) or (2, 1)."""
+    name = type(value_net).__qualname__
+    params = list(value_net.parameters())
+    if not params:
+        raise ValueError(f"value_net {name} has no parameters")
+    obs = torch.zeros(2, obs_dim, device=device)  # float32, as the rollout feeds it
+    try:
+        with torch.random.fork_rng(devices=[] if obs.device.type == "cpu" else [obs.device]), torch.no_grad():
+            out = value_net(obs)
+    except Exception as e:
+        raise ValueError(f"value_net {name}: forward on observations of shape (2, {obs_dim}) raised "
+                         f"{type(e).__name__}: {e}; expected values of shape (2,) or (2, 1)") from e
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape) in ((2,), (2, 1))):
+        what = f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else _what(out)
+        raise ValueError(f"value_net {name}: forward(obs) on obs of shape (2, {obs_dim}) returned {what}; "
+                         "expected floating-point values of shape (2,) or (2, 1)")
+
+
+class FlatValues:
+    """A value function as the rollout calls it, values (B,), from a module that may return (B, 1)."""
+
+    def __init__(self, value_net: nn.Module):
+        self.value_net = value_net
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.value_net(obs).reshape(obs.shape[0])

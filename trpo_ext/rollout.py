@@ -13,8 +13,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from torch.distributions import Categorical, Independent, Normal
+
 from . import _ops
 from .envs import check_spaces
+from .fisher import fused_mlp
 from .envs import LeanSyncVectorEnv, make_vec_env  # noqa: F401  (re-exported: their import path before trpo_ext.envs)
 
 
@@ -167,6 +170,32 @@ def check_rewards(rewards: np.ndarray, step: int, episode_lengths: np.ndarray) -
         "the agent's parameters and episode statistics were left unchanged")
 
 
+def sample_actions(dist, generator: torch.Generator | None, deterministic: bool = False) -> torch.Tensor:
+    """Actions from a custom policy's distribution: a Categorical (int64 classes) or a (possibly
+    Independent) Normal (the unclipped sample).
+
+    Drawn from the distribution's parameters with `generator`, not with `Distribution.sample`
+    (which draws from torch's global RNG): a Categorical by `torch.multinomial` on its probabilities,
+    a Normal as loc + scale * `torch.randn`. So a run's actions follow from the agent's own random
+    stream, reproducibly from its seed and across save / load, and nothing else that uses the global
+    RNG disturbs them. `generator=None` (what `predict` passes) uses the global RNG.
+    `deterministic`: the mode (the most probable class, or the mean)."""
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    if isinstance(base, Categorical):
+        probs = base.probs
+        if deterministic:
+            return probs.argmax(-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    if isinstance(base, Normal):
+        loc, scale = torch.broadcast_tensors(base.loc, base.scale)
+        if deterministic:
+            return loc.clone()
+        return loc + scale * torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
+    raise TypeError(f"the policy returned a {type(dist).__name__}; expected Categorical, Normal or "
+                    "Independent(Normal)")
+
+
 @dataclass
 class Batch:
     """One rollout, flattened to (n_steps * n_envs, ...) tensors on the agent's device."""
@@ -293,10 +322,19 @@ class RolloutCollector:
 
     @torch.no_grad()
     def act(self, policy, obs: np.ndarray, generator: torch.Generator | None = None, deterministic: bool = False,
-            params: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw observations (B, obs_dim) -> (the policy's input, actions), in one extension call:
-        normalization as `observe`, the policy's forward pass, and a sample (or the mode).
-        `params`: `list(policy.parameters())`, when the caller has it at hand (it costs a module walk)."""
+            params: list[torch.Tensor] | None = None, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw observations (B, obs_dim) -> (the policy's input, actions).
+
+        An `MLPPolicy` (`trpo_ext.fisher.fused_mlp`) takes one extension call: normalization as
+        `observe`, the forward pass, and a sample (or the mode). Any other module: `observe`, then
+        `policy(obs)` and `sample_actions` on its distribution (drawn with `generator`).
+        `params`: `list(policy.parameters())`, when the caller has it at hand (it costs a module walk);
+        `fused`: whether `fused_mlp(policy)` holds, likewise."""
+        if fused is None:
+            fused = fused_mlp(policy) is not None
+        if not fused:
+            policy_obs = self.observe(obs)
+            return policy_obs, sample_actions(policy(policy_obs), generator, deterministic)
         obs = torch.as_tensor(obs, device=self.device)
         mean = inv_std = None
         clip = 1.0
@@ -328,6 +366,7 @@ class RolloutCollector:
 
         obs = self.last_obs
         params = list(policy.parameters())
+        fused = fused_mlp(policy) is not None
         for t in range(T):
             # Each observation is checked once, before it can reach the statistics or the policy.
             if not np.isfinite(obs).all():
@@ -338,7 +377,7 @@ class RolloutCollector:
                 # time (as sb3's VecNormalize does). Updating once per rollout instead lags the
                 # statistics by a rollout and learned far worse on HalfCheetah-v5 (bench/README.md).
                 self.normalizer.update(obs)
-            policy_obs, actions = self.act(policy, obs, generator, params=params)
+            policy_obs, actions = self.act(policy, obs, generator, params=params, fused=fused)
             obs_steps.append(policy_obs)
             act_steps.append(actions)
             obs, rewards[t], terminated[t], truncated[t], infos = self._envs("step", self.env_actions(actions))

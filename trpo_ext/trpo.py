@@ -20,10 +20,11 @@ import torch
 
 from . import checkpoint, distributed
 from .config import TRPOConfig, check_int
-from .critic import fit_value_network
+from .critic import check_parallel, fit_value_network, fused_value
 from .envs import check_spaces, eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
-from .policies import MLPPolicy, ValueNetwork
+from .fisher import fused_mlp
+from .policies import FlatValues, MLPPolicy, ValueNetwork, build_network, check_custom_policy, check_custom_value_net
 from .rollout import EpisodeStats, RolloutCollector, RunningNormalizer
 from .step import trust_region_step
 
@@ -44,6 +45,25 @@ class TRPO:
             an Env, or a gymnasium vector env built with `autoreset_mode=AutoresetMode.SAME_STEP`.
             Observations must be a flat 1-D Box; actions Discrete or a 1-D Box (Box actions are
             clipped to the bounds for the env; log-probabilities use the unclipped sample).
+        policy: the policy network. "MlpPolicy" (the default): the built-in `MLPPolicy` shaped by
+            `policy_kwargs`, whose rollouts, Fisher products and solve run in the fused ops. Or your
+            own `torch.nn.Module` whose `forward(obs)` takes a batch of (normalized) observations
+            (B, obs_dim) and returns `Categorical(logits=...)` for Discrete(n) actions (batch_shape
+            (B,), n classes) or `Independent(Normal(mean, std), 1)` for Box(k) actions (batch_shape
+            (B,), event_shape (k,); the std may depend on the state); every parameter must require
+            grad. Or a callable `(observation_space, action_space) -> nn.Module` (called with torch's
+            RNG seeded from `seed`, so its initialisation is reproducible). A custom policy samples its
+            actions from its distribution's parameters with the agent's generator (see
+            `trpo_ext.rollout.sample_actions`) and takes the generic path of `trust_region_step`. It
+            is called once at construction on a batch of zero observations: a wrong output is a
+            ValueError naming what it returned and what the action space needs.
+        value_net: the critic, likewise: "MlpPolicy" (the default): the built-in `ValueNetwork` with
+            `policy_kwargs`' hidden sizes and activation (fused fit); or a module mapping observations
+            (B, obs_dim) to values (B,) or (B, 1), fitted by a plain PyTorch Adam loop with the same
+            settings (`trpo_ext.critic.fit_value_module`); or a callable `(observation_space,
+            action_space) -> nn.Module`. A custom critic needs `critic_parallel="gather"` when data-parallel.
+            Custom networks are not stored as code in checkpoints: `TRPO.load(path, policy=...,
+            value_net=...)` takes them again.
         n_envs … seed: the hyperparameters, each documented (and checked) in `trpo_ext.config.TRPOConfig`;
             the agent holds them as `agent.config`. `seed=None` draws one.
         log_dir: directory for progress.csv and TensorBoard event files (created at the first
@@ -70,7 +90,8 @@ class TRPO:
                  critic_batch_size: int = 128, critic_parallel: str = "gather", policy_kwargs: dict | None = None,
                  vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
-                 device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto"):
+                 device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
+                 policy="MlpPolicy", value_net="MlpPolicy"):
         config = TRPOConfig.from_dict(dict(
             n_envs=n_envs, n_steps=n_steps, gamma=gamma, gae_lambda=gae_lambda, max_kl=max_kl, damping=damping,
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
@@ -101,11 +122,24 @@ class TRPO:
 
         # Networks, the critic's optimizer and the training random stream.
         hidden, activation = config.policy_kwargs["hidden"], config.policy_kwargs["activation"]
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
-            torch.manual_seed(config.seed)
-            self.policy = MLPPolicy(obs_dim, self.envs.single_action_space, hidden, activation,
-                                    config.policy_kwargs["log_std_init"]).to(self.device)
-            self.value_net = ValueNetwork(obs_dim, hidden, activation).to(self.device)
+        observation_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
+        try:
+            with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+                torch.manual_seed(config.seed)
+                self.policy = build_network("policy", policy, observation_space, action_space, lambda: MLPPolicy(
+                    obs_dim, action_space, hidden, activation, config.policy_kwargs["log_std_init"])).to(self.device)
+                self.value_net = build_network("value_net", value_net, observation_space, action_space,
+                                               lambda: ValueNetwork(obs_dim, hidden, activation)).to(self.device)
+            if fused_mlp(self.policy) is None:
+                check_custom_policy(self.policy, obs_dim, action_space, self.device)
+            if not fused_value(self.value_net):
+                check_custom_value_net(self.value_net, obs_dim, self.device)
+                if self.group is not None:
+                    check_parallel(self.value_net, config.critic_parallel)
+        except BaseException:
+            self.envs.close()
+            raise
+        self._values = self.value_net if fused_value(self.value_net) else FlatValues(self.value_net)
         # Data-parallel: every rank starts from rank 0's networks (one broadcast) and statistics.
         distributed.start_heartbeat(self.group)
         distributed.broadcast_([*self.policy.parameters(), *self.value_net.parameters()], self.group)
@@ -189,7 +223,7 @@ class TRPO:
     def _update_steps(self) -> dict:
         config, group = self.config, self.group
         start = time.perf_counter()
-        batch = self.collector.collect(self.policy, self.value_net, self.generator, config.gamma, config.gae_lambda)
+        batch = self.collector.collect(self.policy, self._values, self.generator, config.gamma, config.gae_lambda)
         if self.normalizer is not None:
             self.normalizer.sync(group)  # once per rollout: the ranks' observations merged
         rollout_time = time.perf_counter() - start
@@ -257,7 +291,9 @@ class TRPO:
         (obs_dim,) gives one action, a batch (B, obs_dim) B actions. The policy is not recurrent:
         `state` and `episode_start` are accepted and ignored, and the returned state is None.
 
-        Normalization is applied inside; Box actions are clipped to the action space. Sampling uses
+        Normalization is applied inside; Box actions are clipped to the action space. `deterministic`:
+        the distribution's mode (the most probable class, or the Gaussian's mean), for a custom
+        policy too. Sampling uses
         torch's global RNG, so predicting never changes the training random stream. ValueError for
         the `(obs, info)` tuple `reset()` returns, a wrong shape, or NaN / inf in the observation.
         """
@@ -320,8 +356,16 @@ class TRPO:
     @classmethod
     def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
              device: str | torch.device | None = None, log_dir: str | os.PathLike | None = None,
-             restore_env_states: bool = False, continue_log: bool = False) -> "TRPO":
+             restore_env_states: bool = False, continue_log: bool = False, policy=None,
+             value_net=None) -> "TRPO":
         """Restores an agent saved by `save`: networks, optimizer, statistics, RNG and step count.
+
+        A checkpoint holds the networks' state dicts (tensors) and, for information only, their
+        classes' qualified names; it never imports or runs code named in it. So an agent built with
+        a custom `policy=` / `value_net=` must be given them again here, as the constructor takes
+        them (a module of the same architecture, or the callable), and the saved parameters are
+        loaded into it; loading such a file without `policy=` (or `value_net=`) is a ValueError
+        naming the saved class. The built-in networks need nothing.
 
         With `env=None` fresh envs are made from the saved env id, looked up in this process's
         gymnasium registry (the registered spec is used; nothing in the file names code to run);
@@ -339,7 +383,8 @@ class TRPO:
         reads plain data and tensors only.
         """
         agent = checkpoint.load(cls, path, env, n_envs=n_envs, device=device,
-                                log_dir=None if continue_log else log_dir, restore_env_states=restore_env_states)
+                                log_dir=None if continue_log else log_dir, restore_env_states=restore_env_states,
+                                policy=policy, value_net=value_net)
         if continue_log and log_dir is not None and agent.rank == 0:
             # The run that wrote the checkpoint goes on logging in log_dir, from the checkpoint's update.
             agent.log_dir = os.fspath(log_dir)
