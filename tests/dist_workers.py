@@ -214,7 +214,44 @@ def nccl_case(out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
 
 
-CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case}
+def custom_case(out_dir):
+    """A user's own policy and critic, data-parallel (tests/test_custom_policy.py): the plain-PyTorch
+    critic fit on shards equals one process's on the whole batch; the agent keeps identical replicas;
+    critic_parallel='reduce' is refused."""
+    from test_custom_policy import CategoricalPolicy, Critic
+
+    from trpo_ext.critic import fit_value_network, shared_generator
+
+    rank = dist.get_rank()
+    results = {}
+    torch.manual_seed(0)
+    obs, returns = torch.randn(50, 4), torch.randn(50)
+    bounds = [0, 21, 50]
+    single_generator = shared_generator(torch.Generator().manual_seed(7 + rank), dist.group.WORLD)
+    for name, group, o, r, generator in (
+            ("distributed", dist.group.WORLD, obs[bounds[rank]:bounds[rank + 1]], returns[bounds[rank]:bounds[rank + 1]],
+             torch.Generator().manual_seed(7 + rank)),
+            ("single", None, obs, returns, single_generator)):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        loss = fit_value_network(net, torch.optim.Adam(net.parameters(), lr=1e-2), o, r, 3, 16, generator,
+                                 process_group=group)
+        results[name] = (loss, parameters_to_vector(net.parameters()).detach())
+    agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, seed=0, policy=CategoricalPolicy, value_net=Critic)
+    agent.learn(512, progress_bar=False)
+    results["agent"] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
+                            value=parameters_to_vector(agent.value_net.parameters()).detach(),
+                            num_timesteps=agent.num_timesteps, record=agent.last_record)
+    agent.close()
+    try:
+        trpo_ext.TRPO("CartPole-v1", n_envs=2, seed=0, value_net=Critic, critic_parallel="reduce")
+        results["reduce_error"] = None
+    except ValueError as e:
+        results["reduce_error"] = str(e)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case, "custom": custom_case}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
