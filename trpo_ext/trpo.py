@@ -52,7 +52,8 @@ class TRPO:
             (B,), n classes) or `Independent(Normal(mean, std), 1)` for Box(k) actions (batch_shape
             (B,), event_shape (k,); the std may depend on the state); every parameter must require
             grad. Or a callable `(observation_space, action_space) -> nn.Module` (called with torch's
-            RNG seeded from `seed`, so its initialisation is reproducible). A custom policy samples its
+            RNG seeded from `seed`, so its initialisation is reproducible). A module passed itself is
+            moved to `device` and trained in place. A custom policy samples its
             actions from its distribution's parameters with the agent's generator (see
             `trpo_ext.rollout.sample_actions`) and takes the generic path of `trust_region_step`. It
             is called once at construction on a batch of zero observations: a wrong output is a
