@@ -104,31 +104,40 @@ def step_case(out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def agent_case(out_dir):
-    """A data-parallel agent: replicas stay identical, the step counts are totals, rank 0 alone logs
-    and saves, and a checkpoint (this job's, or one from a single process) continues here."""
+def critic_on_shards(make_net):
+    """{"distributed": (loss, θ), "single": (loss, θ)}: a critic fitted on this rank's shard of a batch
+    (data-parallel, the gather approach) and one fitted by one process on the whole batch with the
+    permutations' generator the ranks share (rank 0's seed); both from the same initial θ."""
     from trpo_ext.critic import fit_value_network, shared_generator
-    from trpo_ext.rollout import RunningNormalizer
 
     rank = dist.get_rank()
-    results = {}
-    # The critic on shards equals the critic on the whole batch, given rank 0's random stream.
     torch.manual_seed(0)
     obs, returns = torch.randn(50, 4), torch.randn(50)
     bounds = [0, 21, 50]
-    fits = {}
-    # The one-process fit, given the permutations' generator the ranks share (rank 0's seed).
     single_generator = shared_generator(torch.Generator().manual_seed(7 + rank), dist.group.WORLD)
+    fits = {}
     for name, group, o, r, generator in (
             ("distributed", dist.group.WORLD, obs[bounds[rank]:bounds[rank + 1]], returns[bounds[rank]:bounds[rank + 1]],
              torch.Generator().manual_seed(7 + rank)),
             ("single", None, obs, returns, single_generator)):
         torch.manual_seed(1)
-        net = trpo_ext.ValueNetwork(4, (8,))
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-        loss = fit_value_network(net, optimizer, o, r, 3, 16, generator, process_group=group)
+        net = make_net()
+        loss = fit_value_network(net, torch.optim.Adam(net.parameters(), lr=1e-2), o, r, 3, 16, generator,
+                                 process_group=group)
         fits[name] = (loss, parameters_to_vector(net.parameters()).detach())
-    results["critic"] = fits
+    return fits
+
+
+def agent_case(out_dir):
+    """A data-parallel agent: replicas stay identical, the step counts are totals, rank 0 alone logs
+    and saves, and a checkpoint (this job's, or one from a single process) continues here."""
+    from trpo_ext.critic import fit_value_network
+    from trpo_ext.rollout import RunningNormalizer
+
+    rank = dist.get_rank()
+    results = {}
+    # The critic on shards equals the critic on the whole batch, given rank 0's random stream.
+    results["critic"] = critic_on_shards(lambda: trpo_ext.ValueNetwork(4, (8,)))
     # parallel="reduce": each rank its own rows and order; one process with the ranks' minibatches
     # side by side (batch size 2B) makes the same steps.
     torch.manual_seed(2)
@@ -220,23 +229,9 @@ def custom_case(out_dir):
     critic_parallel='reduce' is refused."""
     from test_custom_policy import CategoricalPolicy, Critic
 
-    from trpo_ext.critic import fit_value_network, shared_generator
-
     rank = dist.get_rank()
-    results = {}
-    torch.manual_seed(0)
-    obs, returns = torch.randn(50, 4), torch.randn(50)
-    bounds = [0, 21, 50]
-    single_generator = shared_generator(torch.Generator().manual_seed(7 + rank), dist.group.WORLD)
-    for name, group, o, r, generator in (
-            ("distributed", dist.group.WORLD, obs[bounds[rank]:bounds[rank + 1]], returns[bounds[rank]:bounds[rank + 1]],
-             torch.Generator().manual_seed(7 + rank)),
-            ("single", None, obs, returns, single_generator)):
-        torch.manual_seed(1)
-        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        loss = fit_value_network(net, torch.optim.Adam(net.parameters(), lr=1e-2), o, r, 3, 16, generator,
-                                 process_group=group)
-        results[name] = (loss, parameters_to_vector(net.parameters()).detach())
+    results = critic_on_shards(lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                                           torch.nn.Linear(8, 1)))
     agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, seed=0, policy=CategoricalPolicy, value_net=Critic)
     agent.learn(512, progress_bar=False)
     results["agent"] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),

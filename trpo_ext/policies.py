@@ -187,6 +187,18 @@ def _what(out) -> str:
     return f"a {type(out).__name__}"
 
 
+def _forward_once(module: nn.Module, label: str, obs_dim: int, device, expected: str):
+    """module(2 zero observations), float32 as the rollout feeds them, without gradients and with
+    torch's RNG put back afterwards; a ValueError naming `label` and `expected` if it raises."""
+    obs = torch.zeros(2, obs_dim, device=device)
+    try:
+        with torch.random.fork_rng(devices=[] if obs.device.type == "cpu" else [obs.device]), torch.no_grad():
+            return module(obs)
+    except Exception as e:
+        raise ValueError(f"{label}: forward on a batch of observations of shape (2, {obs_dim}) raised "
+                         f"{type(e).__name__}: {e}; expected it to return {expected}") from e
+
+
 def check_custom_policy(policy: nn.Module, obs_dim: int, action_space, device) -> None:
     """ValueError unless `policy` (a user's module) has parameters that all require grad and, called
     once on a batch of 2 zero observations (no grad, torch's RNG put back afterwards), returns the
@@ -205,13 +217,7 @@ def check_custom_policy(policy: nn.Module, obs_dim: int, action_space, device) -
     else:
         expected = (f"Independent(Normal(mean, std), 1) with batch_shape (B,) and event_shape ({n},) (the action "
                     f"space {action_space})")
-    obs = torch.zeros(2, obs_dim, device=device)  # float32, as the rollout feeds it
-    try:
-        with torch.random.fork_rng(devices=[] if obs.device.type == "cpu" else [obs.device]), torch.no_grad():
-            out = policy(obs)
-    except Exception as e:
-        raise ValueError(f"policy {name}: forward on a batch of observations of shape (2, {obs_dim}) raised "
-                         f"{type(e).__name__}: {e}; expected it to return {expected}") from e
+    out = _forward_once(policy, f"policy {name}", obs_dim, device, expected)
     ok = False
     if kind == "categorical":
         ok = isinstance(out, Categorical) and tuple(out.batch_shape) == (2,) and out.param_shape[-1] == n
@@ -232,13 +238,7 @@ def check_custom_value_net(value_net: nn.Module, obs_dim: int, device) -> None:
     params = list(value_net.parameters())
     if not params:
         raise ValueError(f"value_net {name} has no parameters")
-    obs = torch.zeros(2, obs_dim, device=device)  # float32, as the rollout feeds it
-    try:
-        with torch.random.fork_rng(devices=[] if obs.device.type == "cpu" else [obs.device]), torch.no_grad():
-            out = value_net(obs)
-    except Exception as e:
-        raise ValueError(f"value_net {name}: forward on observations of shape (2, {obs_dim}) raised "
-                         f"{type(e).__name__}: {e}; expected values of shape (2,) or (2, 1)") from e
+    out = _forward_once(value_net, f"value_net {name}", obs_dim, device, "values of shape (2,) or (2, 1)")
     if not (isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape) in ((2,), (2, 1))):
         what = f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else _what(out)
         raise ValueError(f"value_net {name}: forward(obs) on obs of shape (2, {obs_dim}) returned {what}; "
