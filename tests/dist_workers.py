@@ -191,10 +191,12 @@ def agent_case(out_dir):
     results["update_collectives"] = (n, record["cg_iterations"], record["line_search_steps"])
     agent.close()
     # The critic reducing minibatch gradients, in the agent: 10 epochs x 1 minibatch of 128 rows.
-    reducing = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, critic_parallel="reduce", seed=1)
+    reducing = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, critic_parallel="reduce", normalize_reward=True,
+                             seed=1)
     reducing.learn(512, progress_bar=False)
     record, n = count_collectives(reducing._update, COLLECTIVES)
     results["reduce_agent"] = dict(value=parameters_to_vector(reducing.value_net.parameters()).detach(),
+                                   return_var=reducing.collector.reward_scaler.stats.var.copy(),
                                    collectives=(n, record["cg_iterations"], record["line_search_steps"]))
     reducing.close()
     # Continue both this job's checkpoint and a one-process one (written by the test) at world size 2.

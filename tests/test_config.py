@@ -55,6 +55,8 @@ BAD = [
     case("normalize_obs", None, "normalize_obs must be True or False"),
     case("obs_clip", 0.0, "obs_clip must be a finite number in (0.0, inf]"),
     case("obs_clip", INF, "obs_clip must be a finite number in (0.0, inf]"),
+    case("normalize_reward", "yes", "normalize_reward must be True or False"),
+    case("reward_clip", -1.0, "reward_clip must be a finite number in (0.0, inf]"),
     case("critic_lr", 0.0, "critic_lr must be a finite number in (0.0, 1.0]"),
     case("critic_lr", INF, "critic_lr must be a finite number in (0.0, 1.0]"),
     case("critic_epochs", -1, "critic_epochs must be an int >= 0"),

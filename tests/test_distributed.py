@@ -152,11 +152,14 @@ def test_collectives_per_update_are_as_documented(agent_results):
     for rank in agent_results[1]:
         n, cg_iterations, trials = rank["update_collectives"]
         assert n == 1 + 1 + (2 + cg_iterations + trials) + 3 + 1
-        # critic_parallel="reduce", no observation normalization: 1 + (2 + k + t) + (1 + 10 + 1) + 1.
+        # critic_parallel="reduce", reward normalization instead of observation normalization:
+        # 1 (return statistics) + 1 + (2 + k + t) + (1 + 10 + 1) + 1.
         n, cg_iterations, trials = rank["reduce_agent"]["collectives"]
-        assert n == 1 + (2 + cg_iterations + trials) + (1 + 10 + 1) + 1
+        assert n == 1 + 1 + (2 + cg_iterations + trials) + (1 + 10 + 1) + 1
     values = [rank["reduce_agent"]["value"] for rank in agent_results[1]]
     assert torch.equal(values[0], values[1])
+    return_vars = [rank["reduce_agent"]["return_var"] for rank in agent_results[1]]
+    assert (return_vars[0] == return_vars[1]).all()  # the ranks' return statistics merged alike
 
 
 def test_checkpoints_continue_at_another_world_size(agent_results):

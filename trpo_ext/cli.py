@@ -167,7 +167,7 @@ def _train(args, TRPO) -> int:
             raise UsageError(f"--set {key}=...: use {own}")
         if key not in known:
             raise UsageError(f"--set: unknown hyperparameter {key!r} (known: {', '.join(sorted(set(known) - {'seed', 'device', 'log_dir', 'num_threads'}))})")
-    for name in ("n_envs", "n_steps", "max_kl", "normalize_obs"):
+    for name in ("n_envs", "n_steps", "max_kl", "normalize_obs", "normalize_reward"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     elsewhere = ""
@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kl", type=float, default=None, help=f"trust-region radius (default: {defaults['max_kl']})")
     p.add_argument("--normalize-obs", action="store_true", default=None,
                    help=f"running observation normalization (default: {defaults['normalize_obs']})")
+    p.add_argument("--normalize-reward", action="store_true", default=None,
+                   help="scale rewards by the running std of the discounted return, as sb3's VecNormalize "
+                        f"(default: {defaults['normalize_reward']})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=_int_at_least(0), default=1,
                    help="torch threads while training (TRPO's num_threads); 0: torch's own choice (default: 1)")

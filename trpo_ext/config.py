@@ -144,6 +144,12 @@ class TRPOConfig:
     """Running mean/std observation normalization (saved with the model)."""
     obs_clip: float = 10.0
     """Normalized observations are clipped to [-obs_clip, obs_clip]; > 0."""
+    normalize_reward: bool = False
+    """Scale rewards by the running std of the discounted return and clip them (sb3 VecNormalize's
+    reward normalization, `trpo_ext.rollout.RewardScaler`; saved with the model). Episode returns in
+    the logs stay raw."""
+    reward_clip: float = 10.0
+    """Scaled rewards are clipped to [-reward_clip, reward_clip]; > 0."""
     critic_lr: float = 1e-3
     """Adam learning rate of the value network; > 0."""
     critic_epochs: int = 10
@@ -182,6 +188,8 @@ class TRPOConfig:
             "normalize_advantage": check_bool("normalize_advantage", self.normalize_advantage),
             "normalize_obs": check_bool("normalize_obs", self.normalize_obs),
             "obs_clip": check_float("obs_clip", self.obs_clip, 0.0, low_open=True),
+            "normalize_reward": check_bool("normalize_reward", self.normalize_reward),
+            "reward_clip": check_float("reward_clip", self.reward_clip, 0.0, low_open=True),
             "critic_lr": check_float("critic_lr", self.critic_lr, 0.0, 1.0, low_open=True),
             "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0),
             "critic_batch_size": check_int("critic_batch_size", self.critic_batch_size, 1),

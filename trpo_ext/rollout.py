@@ -124,6 +124,44 @@ class RunningNormalizer:
         self._refresh()
 
 
+class RewardScaler:
+    """Reward normalization with stable-baselines3 VecNormalize's semantics: each env's discounted
+    return so far, R <- gamma R + r (reset to 0 where an episode ends), enters a running variance,
+    and every reward is divided by that variance's square root (+ eps) and clipped to +-clip. The
+    statistics update before the rewards of the step are scaled, as VecNormalize does. Data-parallel,
+    `sync` merges the ranks' statistics once per rollout (RunningNormalizer.sync)."""
+
+    def __init__(self, n_envs: int, gamma: float, clip: float = 10.0, eps: float = 1e-8):
+        self.returns = np.zeros(n_envs)
+        self.stats = RunningNormalizer(1, clip, eps)
+        self.gamma, self.clip, self.eps = float(gamma), float(clip), eps
+
+    def __call__(self, rewards: np.ndarray, done: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.stats.update(self.returns[:, None])
+        scaled = np.clip(rewards / np.sqrt(self.stats.var[0] + self.eps), -self.clip, self.clip)
+        self.returns[done] = 0.0
+        return scaled
+
+    def sync(self, group) -> None:
+        self.stats.sync(group)
+
+    def state_dict(self) -> dict:
+        return {"returns": torch.from_numpy(self.returns.copy()), "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict, *, resume_episodes: bool = True) -> None:
+        """The statistics; with `resume_episodes` also the returns of the episodes in flight."""
+        self.stats.load_state_dict(state["stats"])
+        returns = state["returns"].numpy()
+        if resume_episodes:
+            if returns.shape != self.returns.shape:
+                raise ValueError(f"RewardScaler.load_state_dict: saved for {returns.shape[0]} envs, this one scales "
+                                 f"{self.returns.shape[0]}")
+            self.returns[:] = returns
+        else:
+            self.returns[:] = 0.0
+
+
 # ----------------------------------------------------------------------------- GAE
 def compute_gae(rewards, values, next_values, terminated, truncated, gamma: float, lam: float):
     """Generalized advantage estimation over (T, N) arrays; returns (advantages, returns).
@@ -262,9 +300,10 @@ class RolloutCollector:
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, n_steps: int, device: torch.device,
-                 normalizer: RunningNormalizer | None, stats: EpisodeStats):
+                 normalizer: RunningNormalizer | None, stats: EpisodeStats,
+                 reward_scaler: RewardScaler | None = None):
         self.envs, self.n_steps, self.device = envs, n_steps, device
-        self.normalizer, self.stats = normalizer, stats
+        self.normalizer, self.stats, self.reward_scaler = normalizer, stats, reward_scaler
         self.n_envs = envs.num_envs
         self.obs_dim, kind = check_spaces(envs.single_observation_space, envs.single_action_space)
         space = envs.single_action_space
@@ -293,14 +332,18 @@ class RolloutCollector:
         self.last_obs, _ = self._envs("reset", seed=seed)
         self.stats.returns[:] = 0.0
         self.stats.lengths[:] = 0
+        if self.reward_scaler is not None:
+            self.reward_scaler.returns[:] = 0.0
 
     def state_dict(self) -> dict:
         """What continues the rollouts exactly (given the same env states): the last observation,
-        the episode statistics and the normalizer's statistics (None when not normalizing)."""
+        the episode statistics, the normalizer's statistics and the reward scaler's state (each None
+        when not used)."""
         return {"last_obs": None if self.last_obs is None else torch.from_numpy(
                     np.asarray(self.last_obs, dtype=np.float64)),
                 "stats": self.stats.state_dict(),
-                "normalizer": None if self.normalizer is None else self.normalizer.state_dict()}
+                "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
+                "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict()}
 
     def load_state_dict(self, state: dict, *, resume_episodes: bool = True) -> None:
         """Restores `state_dict()`. With `resume_episodes=False` only the normalizer's statistics
@@ -310,6 +353,12 @@ class RolloutCollector:
                              f"{'without' if state['normalizer'] is None else 'with'} observation normalization")
         if self.normalizer is not None:
             self.normalizer.load_state_dict(state["normalizer"])
+        scaler = state.get("reward_scaler")  # absent in files written before reward normalization
+        if (scaler is None) != (self.reward_scaler is None):
+            raise ValueError("RolloutCollector.load_state_dict: the state was saved "
+                             f"{'without' if scaler is None else 'with'} reward normalization")
+        if self.reward_scaler is not None:
+            self.reward_scaler.load_state_dict(scaler, resume_episodes=resume_episodes)
         if resume_episodes:
             self.stats.load_state_dict(state["stats"])
             self.last_obs = None if state["last_obs"] is None else \
@@ -383,7 +432,9 @@ class RolloutCollector:
             obs, rewards[t], terminated[t], truncated[t], infos = self._envs("step", self.env_actions(actions))
             check_rewards(rewards[t], t + 1, self.stats.lengths)  # before the statistics see them
             done = terminated[t] | truncated[t]
-            self.stats.step(rewards[t], done)
+            self.stats.step(rewards[t], done)  # the episode statistics keep the raw rewards
+            if self.reward_scaler is not None:
+                rewards[t] = self.reward_scaler(rewards[t], done)
             if truncated[t].any():
                 final = infos["final_obs"]
                 final_obs += [(t, i, final[i]) for i in np.flatnonzero(truncated[t])]

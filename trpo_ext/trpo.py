@@ -25,7 +25,7 @@ from .envs import check_spaces, eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .fisher import fused_mlp
 from .policies import FlatValues, MLPPolicy, ValueNetwork, build_network, check_custom_policy, check_custom_value_net
-from .rollout import EpisodeStats, RolloutCollector, RunningNormalizer
+from .rollout import EpisodeStats, RewardScaler, RolloutCollector, RunningNormalizer
 from .step import trust_region_step
 
 RANK_SEED_STRIDE = 1_000_033
@@ -87,7 +87,8 @@ class TRPO:
                  gae_lambda: float = 0.95, max_kl: float = 0.01, damping: float = 0.1, cg_iters: int = 10,
                  cg_rtol: float = 1e-10, backtrack_factor: float = 0.8, max_backtracks: int = 10,
                  fvp_fraction: float = 1.0, normalize_advantage: bool = True, normalize_obs: bool = False,
-                 obs_clip: float = 10.0, critic_lr: float = 1e-3, critic_epochs: int = 10,
+                 obs_clip: float = 10.0, normalize_reward: bool = False, reward_clip: float = 10.0,
+                 critic_lr: float = 1e-3, critic_epochs: int = 10,
                  critic_batch_size: int = 128, critic_parallel: str = "gather", policy_kwargs: dict | None = None,
                  vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
@@ -97,7 +98,8 @@ class TRPO:
             n_envs=n_envs, n_steps=n_steps, gamma=gamma, gae_lambda=gae_lambda, max_kl=max_kl, damping=damping,
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
             fvp_fraction=fvp_fraction, normalize_advantage=normalize_advantage, normalize_obs=normalize_obs,
-            obs_clip=obs_clip, critic_lr=critic_lr, critic_epochs=critic_epochs,
+            obs_clip=obs_clip, normalize_reward=normalize_reward, reward_clip=reward_clip, critic_lr=critic_lr,
+            critic_epochs=critic_epochs,
             critic_batch_size=critic_batch_size, critic_parallel=critic_parallel, policy_kwargs=policy_kwargs,
             vectorization=vectorization,
             stats_window=stats_window, seed=seed))
@@ -118,8 +120,10 @@ class TRPO:
 
         # Rollouts.
         self.normalizer = RunningNormalizer(obs_dim, config.obs_clip) if config.normalize_obs else None
+        reward_scaler = RewardScaler(config.n_envs, config.gamma, config.reward_clip) if config.normalize_reward \
+            else None
         self.collector = RolloutCollector(self.envs, config.n_steps, self.device, self.normalizer,
-                                          EpisodeStats(config.n_envs, config.stats_window))
+                                          EpisodeStats(config.n_envs, config.stats_window), reward_scaler)
 
         # Networks, the critic's optimizer and the training random stream.
         hidden, activation = config.policy_kwargs["hidden"], config.policy_kwargs["activation"]
@@ -144,8 +148,8 @@ class TRPO:
         # Data-parallel: every rank starts from rank 0's networks (one broadcast) and statistics.
         distributed.start_heartbeat(self.group)
         distributed.broadcast_([*self.policy.parameters(), *self.value_net.parameters()], self.group)
-        if self.normalizer is not None:
-            self.normalizer.sync(self.group)
+        for statistics in self._running_statistics():
+            statistics.sync(self.group)
         # Holds the critic's Adam state; the steps themselves run in trpo_ext.critic.fit_value_network.
         self.critic_optimizer = torch.optim.Adam(self.value_net.parameters(), lr=config.critic_lr)
         self.generator = torch.Generator(self.device).manual_seed(self.rank_seed(config.seed))
@@ -206,13 +210,20 @@ class TRPO:
             return self.config.batch_size
         return int(distributed.all_reduce_sum_(torch.tensor([self.config.batch_size]), self.group))
 
+    def _running_statistics(self, with_missing: bool = False) -> list:
+        """The running statistics a rollout updates: the observation normalizer's and the reward
+        scaler's (with_missing: both places, None where not enabled)."""
+        scaler = self.collector.reward_scaler
+        found = [self.normalizer, None if scaler is None else scaler.stats]
+        return found if with_missing else [s for s in found if s is not None]
+
     def _check_replicas(self) -> None:
         if self.group is None:
             return
         tensors = {"policy": list(self.policy.parameters()), "value_net": list(self.value_net.parameters())}
-        if self.normalizer is not None:
-            tensors["observation statistics"] = [torch.from_numpy(self.normalizer.mean),
-                                                 torch.from_numpy(self.normalizer.var)]
+        for name, statistics in zip(("observation statistics", "return statistics"), self._running_statistics(True)):
+            if statistics is not None:
+                tensors[name] = [torch.from_numpy(statistics.mean), torch.from_numpy(statistics.var)]
         with distributed.collective_errors(self.group):
             distributed.check_replicas(tensors, self.group)
 
@@ -225,8 +236,8 @@ class TRPO:
         config, group = self.config, self.group
         start = time.perf_counter()
         batch = self.collector.collect(self.policy, self._values, self.generator, config.gamma, config.gae_lambda)
-        if self.normalizer is not None:
-            self.normalizer.sync(group)  # once per rollout: the ranks' observations merged
+        for statistics in self._running_statistics():
+            statistics.sync(group)  # once per rollout: the ranks' observations (and returns) merged
         rollout_time = time.perf_counter() - start
         steps = config.batch_size * self.world_size
         self.num_timesteps += steps
