@@ -14,13 +14,16 @@ import trpo_ext
 FAST = ["--n-steps", "64", "--n-envs", "2", "--eval-episodes", "1", "--no-progress"]
 
 
-def train(*args, timeout=300, **popen):
+# The commands run from a temporary directory: `python -m trpo_ext` must import the installed package,
+# not a source tree that happens to be the working directory (.ci/compat tests from an unbuilt copy).
+def train(*args, timeout=300, cwd=None):
     return subprocess.run([sys.executable, "-m", "trpo_ext", "train", "CartPole-v1", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=cwd)
 
 
 def test_nproc_2_learns_cartpole(tmp_path):
-    proc = train("--nproc", "2", "--timesteps", "100000", "--out", str(tmp_path / "run"), "--no-progress")
+    proc = train("--nproc", "2", "--timesteps", "100000", "--out", str(tmp_path / "run"), "--no-progress",
+                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 ranks x 8 envs" in proc.stdout
     mean = float(proc.stdout.split("deterministic evaluation over 10 episodes: ")[1].split()[0])
@@ -40,7 +43,7 @@ def _start_and_wait_for_checkpoint(tmp_path, *args):
     cmd = [sys.executable, "-m", "trpo_ext", "train", "CartPole-v1", "--nproc", "2", "--out", str(tmp_path / "run"),
            *FAST, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     deadline = time.time() + 120
     while not (tmp_path / "run" / "model.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its first checkpoint"
@@ -99,15 +102,15 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout_naming_it(tmp_path
 
 def test_two_torchrun_nodes_train_like_nproc_2(tmp_path):
     common = ["--timesteps", "4096", *FAST, "--seed", "3"]
-    local = train("--nproc", "2", "--out", str(tmp_path / "local"), *common)
+    local = train("--nproc", "2", "--out", str(tmp_path / "local"), *common, cwd=tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
     port = 29_000 + os.getpid() % 1000
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
          "--rdzv-backend=static", f"--master-addr=127.0.0.1", f"--master-port={port}", "-m", "trpo_ext", "train",
          "CartPole-v1", "--out", str(tmp_path / "nodes"), *common],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for node in (0, 1)]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path) for node in (0, 1)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
     a = trpo_ext.TRPO.load(tmp_path / "local" / "model.pt")
