@@ -914,7 +914,16 @@ def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters:
         x, used, res, xAx = solve(obs, [p.detach() for p in params], b, kind=fused.kind,
                                   activation=fused.activation, damping=damping, iters=iters, rtol=rtol)
         return x, CGInfo(used, res, xAx)
+    return generic_cg_solve(policy, obs, params, b, damping, iters, rtol)
+
+
+def generic_cg_solve(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor], b: torch.Tensor,
+                     damping: float, iters: int, rtol: float, combine=None) -> tuple[torch.Tensor, CGInfo]:
+    """CG on (F + damping I) x = b on the generic path, the inputs already checked. `combine`, when
+    given, maps this process's product F v to the one the solve uses (data-parallel: the sum over
+    the ranks, trpo_ext.step)."""
     with _GENERIC_LOCK, torch.no_grad():
-        product = _generic_products(policy, obs, params)
+        fisher = _generic_products(policy, obs, params)
+        product = fisher if combine is None else (lambda v: combine(fisher(v)))
         x, used, res, xAx = conjugate_gradient(lambda p: product(p) + damping * p, b, iters, rtol)
     return x, CGInfo(torch.tensor(used, device=b.device), res, xAx)

@@ -22,8 +22,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from . import _ops, distributed
 from .config import TrustRegionConfig
-from .fisher import _GENERIC_LOCK, CGInfo, _generic_products, check_inputs, check_policy, choose_path
-from .reference import conjugate_gradient, detach_distribution
+from .fisher import CGInfo, check_inputs, check_policy, choose_path, generic_cg_solve
+from .reference import detach_distribution
 
 
 @dataclass(frozen=True)
@@ -148,16 +148,13 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
 
         x = info = None
         if bool(torch.isfinite(g).all()):
-            with _GENERIC_LOCK, torch.no_grad():
-                fisher = _generic_products(policy, products_obs, params)  # F v on this rank's states
-                share = products_obs.shape[0] / m_total
+            share = products_obs.shape[0] / m_total
 
-                def product(v):  # (F + damping I) v over all ranks' states: one reduction
-                    return distributed.all_reduce_sum_(fisher(v) * share if group is not None else fisher(v),
-                                                       group) + config.damping * v
+            def over_ranks(fv):  # this rank's share of F v over all ranks' states, summed: one reduction
+                return distributed.all_reduce_sum_(fv * share, group)
 
-                x, used, residual, xAx = conjugate_gradient(product, g, config.cg_iters, config.cg_rtol)
-            info = CGInfo(torch.tensor(used, device=g.device), residual, xAx)
+            x, info = generic_cg_solve(policy, products_obs, params, g, config.damping, config.cg_iters,
+                                       config.cg_rtol, combine=None if group is None else over_ranks)
     return _Direction(g, x, info, old_dist, trial)
 
 
