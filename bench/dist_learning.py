@@ -15,10 +15,9 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 
-from dist_speed import ENV, MATCHED
+from dist_speed import ENV, train_command
 
 
 def main():
@@ -31,7 +30,6 @@ def main():
     parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", default="bench/results/distributed")
     args = parser.parse_args()
-    sets = [x for k, v in MATCHED.items() if k != "max_kl" for x in ("--set", f"{k}={v}")]
     results = {n: [] for n in args.nprocs}
     print(f"{args.env}, {args.timesteps} steps, {args.n_envs} envs x {args.n_steps} steps per update in total, "
           f"observation normalization, sb3-contrib's default TRPO settings; "
@@ -41,10 +39,8 @@ def main():
     for seed in args.seeds:
         for nproc in args.nprocs:
             out = os.path.join(args.out, f"{args.env}-nproc{nproc}-seed{seed}")
-            cmd = [sys.executable, "-m", "trpo_ext", "train", args.env, "--nproc", str(nproc), "--n-envs",
-                   str(args.n_envs // nproc), "--n-steps", str(args.n_steps), "--timesteps", str(args.timesteps),
-                   "--seed", str(seed), "--threads", "1", "--normalize-obs", "--max-kl", str(MATCHED["max_kl"]),
-                   "--no-progress", "--out", out, *sets]
+            cmd = train_command(args.env, nproc, args.n_envs // nproc, args.n_steps, args.timesteps, seed, out,
+                                "--normalize-obs")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
             if proc.returncode != 0:
                 print(f"| {nproc} | {seed} | failed: {proc.stderr.strip().splitlines()[-1][:200]} | | |", flush=True)

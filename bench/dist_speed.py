@@ -29,11 +29,16 @@ MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out):
+def train_command(env_id, nproc, envs_per_rank, n_steps, steps, seed, out, *extra) -> list[str]:
+    """`trpo-ext train` with MATCHED's settings, 1 torch thread per rank, no progress bar."""
     sets = [x for k, v in MATCHED.items() if k != "max_kl" for x in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "trpo_ext", "train", env_id, "--nproc", str(nproc), "--n-envs", str(n_envs // nproc),
-           "--n-steps", str(n_steps), "--timesteps", str(steps), "--seed", str(seed), "--threads", "1",
-           "--max-kl", str(MATCHED["max_kl"]), "--eval-episodes", "1", "--no-progress", "--out", out, *sets]
+    return [sys.executable, "-m", "trpo_ext", "train", env_id, "--nproc", str(nproc), "--n-envs", str(envs_per_rank),
+            "--n-steps", str(n_steps), "--timesteps", str(steps), "--seed", str(seed), "--threads", "1",
+            "--max-kl", str(MATCHED["max_kl"]), "--no-progress", "--out", out, *sets, *extra]
+
+
+def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out):
+    cmd = train_command(env_id, nproc, n_envs // nproc, n_steps, steps, seed, out, "--eval-episodes", "1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -50,11 +55,8 @@ def run_independent(env_id, n_envs, n_steps, steps, seed, tmp):
     most two data-parallel ranks could reach on this machine. Returns the sum of their rates."""
     procs = []
     for half in range(2):
-        sets = [x for k, v in MATCHED.items() if k != "max_kl" for x in ("--set", f"{k}={v}")]
-        cmd = [sys.executable, "-m", "trpo_ext", "train", env_id, "--n-envs", str(n_envs // 2), "--n-steps",
-               str(n_steps), "--timesteps", str(steps // 2), "--seed", str(seed + half), "--threads", "1",
-               "--max-kl", str(MATCHED["max_kl"]), "--eval-episodes", "1", "--no-progress",
-               "--out", os.path.join(tmp, f"half{half}"), *sets]
+        cmd = train_command(env_id, 1, n_envs // 2, n_steps, steps // 2, seed + half, os.path.join(tmp, f"half{half}"),
+                            "--eval-episodes", "1")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
     total = 0.0
     for proc in procs:

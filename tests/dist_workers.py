@@ -64,7 +64,7 @@ def count_collectives(fn, ops=("c10d::allreduce_",)):
 
 
 def step_case(out_dir):
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     results = {}
     alone = dist.new_group([0])  # world size 1 through the distributed path (rank 0 only)
     for dtype in (torch.float64, torch.float32):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 import trpo_ext
@@ -107,7 +106,7 @@ def test_two_torchrun_nodes_train_like_nproc_2(tmp_path):
     port = 29_000 + os.getpid() % 1000
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
-         "--rdzv-backend=static", f"--master-addr=127.0.0.1", f"--master-port={port}", "-m", "trpo_ext", "train",
+         "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "trpo_ext", "train",
          "CartPole-v1", "--out", str(tmp_path / "nodes"), *common],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path) for node in (0, 1)]
