@@ -276,6 +276,8 @@ def plot(args) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
+    from .distributed import DEFAULT_TIMEOUT_S
+
     defaults = _trpo_defaults()
     parser = _Parser(prog="trpo-ext", description="TRPO with a fused Fisher-vector-product CG solve")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_int_at_least(0), default=None,
                    help="write OUT/model.pt every this many updates; 0: only at the end (default: 10 when restarts "
                         "are allowed, else 0)")
-    p.add_argument("--dist-timeout", type=float, default=300.0,
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="data-parallel: seconds a rank waits for the others before it fails")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="data-parallel: torch.distributed backend; auto: NCCL with a GPU, else gloo")
