@@ -4,6 +4,7 @@
 // as much as stepping a cheap environment; here they are one dispatcher call.
 #include "act.h"
 
+#include "distribution.h"
 #include "kernels.h"
 #include "mlp.h"
 
@@ -13,12 +14,15 @@ std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::opt
                                            const std::optional<at::Tensor>& obs_inv_std, double obs_clip,
                                            at::TensorList params, c10::string_view kind,
                                            c10::string_view activation, bool deterministic,
-                                           std::optional<at::Generator> generator) {
+                                           std::optional<at::Generator> generator, at::OptionalIntArrayRef segments,
+                                           const std::optional<at::Tensor>& action_mask) {
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
   const MlpShape shape = check_mlp(obs, params, k, ObsRule::Convert);
+  const ActionDist dist = parse_action_dist(k, segments, shape.out_width);
   TORCH_CHECK_VALUE(obs_mean.has_value() == obs_inv_std.has_value(),
                     "trpo_ext: obs_mean and obs_inv_std must be given together");
+  check_action_mask(action_mask, "action_mask", dist, obs, "obs");
 
   // A fresh tensor even when obs already has the weights' dtype: an op's output must not alias its input.
   at::Tensor x = obs.to(shape.dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
@@ -31,18 +35,34 @@ std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::opt
     TORCH_CHECK_VALUE(obs_clip > 0, "trpo_ext: obs_clip must be > 0, got ", obs_clip);
     TRPO_EXT_DISPATCH(x, normalize_rows_, x, obs_mean->contiguous(), obs_inv_std->contiguous(), obs_clip);
   }
-  const at::Tensor out = mlp_forward(x, params, shape.n_layers, act);
+  // A masked class's logit is kMaskedLogit: probability exactly 0, so it is never drawn nor the argmax.
+  const at::Tensor out = apply_action_mask(mlp_forward(x, params, shape.n_layers, act), action_mask);
+  const int64_t n = out.size(0);
 
   at::Tensor actions;
   if (k == MlpKind::Categorical) {
+    // Each segment's class on its own, segment s in row s of `classes`.
+    at::Tensor classes;  // (S, N)
     if (deterministic) {
-      actions = out.argmax(-1);
+      std::vector<at::Tensor> modes;
+      for (int64_t s = 0; s < dist.count(); ++s) modes.push_back(dist.segment(out, s).argmax(-1));
+      classes = at::stack(modes);
     } else {
-      // Inverse-CDF sampling, the same per-row algorithm on every device (elementwise.h).
-      const at::Tensor u = at::rand({out.size(0)}, generator, out.options());
-      actions = at::empty({out.size(0)}, out.options().dtype(at::kLong));
-      TRPO_EXT_DISPATCH(out, sample_categorical_, out, u, actions);
+      // Inverse-CDF sampling, the same per-row algorithm on every device (elementwise.h); without
+      // segments u is the same draw as at::rand({N}).
+      const at::Tensor u = at::rand({dist.count(), n}, generator, out.options());
+      classes = at::empty({dist.count(), n}, out.options().dtype(at::kLong));
+      for (int64_t s = 0; s < dist.count(); ++s) {
+        at::Tensor drawn = classes[s];
+        TRPO_EXT_DISPATCH(out, sample_categorical_, dist.segment(out, s).contiguous(), u[s], drawn);
+      }
     }
+    actions = dist.segmented ? classes.t().contiguous() : classes[0];
+  } else if (k == MlpKind::Bernoulli) {
+    // 0/1 in the logits' dtype: on when u < σ(x), or in the mode when x > 0 (σ(x) > 1/2).
+    const at::Tensor on =
+        deterministic ? out.gt(0) : at::rand(out.sizes(), generator, out.options()).lt(at::sigmoid(out));
+    actions = on.to(out.scalar_type());
   } else if (deterministic) {
     actions = out;
   } else {

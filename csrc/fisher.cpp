@@ -35,17 +35,21 @@ void check_cg_settings(double damping, int64_t iters, double rtol) {
   TORCH_CHECK_VALUE(std::isfinite(rtol) && rtol >= 0, "trpo_ext: rtol must be finite and >= 0, got ", rtol);
 }
 
-MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act,
-                         bool with_outputs, double mean_over, GroupSum group_sum) {
+MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, const ActionDist& dist, Activation act,
+                         const std::optional<at::Tensor>& action_mask, bool with_outputs, double mean_over,
+                         GroupSum group_sum) {
   MlpCache c;
-  c.kind = kind;
+  c.dist = dist;
+  const MlpKind kind = dist.kind;
   c.batch = obs.size(0);
   c.mean_over = mean_over > 0 ? mean_over : static_cast<double>(c.batch);
   c.group_sum = std::move(group_sum);
   const int64_t n_layers = (static_cast<int64_t>(params.size()) - (kind == MlpKind::Gaussian)) / 2;
   // The Gaussian FVP needs no mean, only the output layer's input.
-  const at::Tensor out = mlp_forward(obs.contiguous(), params, n_layers, act, &c.inputs, &c.act_grad,
-                                     /*with_output=*/with_outputs || kind == MlpKind::Categorical);
+  const at::Tensor out = apply_action_mask(
+      mlp_forward(obs.contiguous(), params, n_layers, act, &c.inputs, &c.act_grad,
+                  /*with_output=*/with_outputs || kind != MlpKind::Gaussian),
+      action_mask);
   if (with_outputs) c.outputs = out;
   int64_t offset = 0;
   for (int64_t l = 0; l < n_layers; ++l) {
@@ -68,7 +72,12 @@ MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind k
   }
   c.inputs_t_last = c.inputs.back().t();
   if (kind == MlpKind::Categorical) {
-    c.probs = at::softmax(out, 1);
+    for (int64_t s = 0; s < dist.count(); ++s) {
+      c.probs.push_back(at::softmax(dist.segment(out, s), 1).contiguous());
+      c.out_segments_t.push_back(dist.segment(c.tangents_t.back(), s));
+    }
+  } else if (kind == MlpKind::Bernoulli) {
+    c.out_scale = (at::sigmoid(out) * at::sigmoid(-out)).div_(c.mean_over).t().contiguous();
   } else {
     c.out_scale = (at::exp(params.back() * -2.0) / c.mean_over).unsqueeze(1);
   }
@@ -90,7 +99,7 @@ FlatSlices& MlpCache::slices(const at::Tensor& flat) {
     views.b.push_back(flat_view(flat, offsets[2 * l + 1], {W.size(0)}));
   }
   views.b_column = views.b.back().unsqueeze(1);
-  if (kind == MlpKind::Gaussian) views.log_std = flat.narrow(0, offsets.back(), out_scale.size(0));
+  if (dist.kind == MlpKind::Gaussian) views.log_std = flat.narrow(0, offsets.back(), out_scale.size(0));
   slice_cache.emplace_back(flat.data_ptr(), std::move(views));
   return slice_cache.back().second;
 }
@@ -109,9 +118,13 @@ void mlp_fvp_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, double damp
   at::Tensor& u_t = c.tangents[last];
   at::addmm_out(u_t, dir.b_column, dir.W[last], c.inputs_t_last);
   if (last > 0) u_t.addmm_(c.weights[last], c.tangents_t[last - 1]);
-  // Output Fisher, divided by N.
-  if (c.kind == MlpKind::Categorical) {
-    TRPO_EXT_DISPATCH(u_t, categorical_fisher_, c.probs, c.tangents_t[last], 1.0 / c.mean_over);
+  // Output Fisher, divided by N. Categorical: block diagonal, each segment's diag(p) - p p' on its
+  // own columns (a masked class has p = 0: its row and column of the block are 0). Gaussian and
+  // bernoulli: diagonal.
+  if (c.dist.kind == MlpKind::Categorical) {
+    for (size_t s = 0; s < c.probs.size(); ++s) {
+      TRPO_EXT_DISPATCH(u_t, categorical_fisher_, c.probs[s], c.out_segments_t[s], 1.0 / c.mean_over);
+    }
   } else {
     u_t.mul_(c.out_scale);
   }
@@ -121,7 +134,7 @@ void mlp_fvp_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, double damp
     at::Tensor network = out.narrow(0, 0, c.offsets.back());
     c.group_sum(network);
   }
-  if (c.kind == MlpKind::Gaussian) {
+  if (c.dist.kind == MlpKind::Gaussian) {
     // log_std is state-independent: its block of F is exactly 2 I.
     at::mul_out(c.slices(out).log_std, dir.log_std, 2.0);
   }
@@ -146,12 +159,16 @@ void mlp_vjp_into(MlpCache& c, at::Tensor& out) {
 }
 
 at::Tensor mlp_fvp(const at::Tensor& obs, at::TensorList params, const at::Tensor& v,
-                   c10::string_view kind, c10::string_view activation, double damping) {
+                   c10::string_view kind, c10::string_view activation, double damping,
+                   at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask) {
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
-  check_vector(v, "v", obs, check_mlp(obs, params, k, ObsRule::Match).numel);
+  const MlpShape shape = check_mlp(obs, params, k, ObsRule::Match);
+  const ActionDist dist = parse_action_dist(k, segments, shape.out_width);
+  check_vector(v, "v", obs, shape.numel);
   check_damping(damping);
-  MlpCache cache = build_mlp_cache(obs, params, k, act);
+  check_action_mask(action_mask, "action_mask", dist, obs, "obs");
+  MlpCache cache = build_mlp_cache(obs, params, dist, act, action_mask);
   at::Tensor out = at::empty_like(v, at::MemoryFormat::Contiguous);
   mlp_fvp_into(cache, v.contiguous(), out, damping);
   return out;
@@ -184,12 +201,16 @@ CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b_in, double damping
 }
 
 CgResult mlp_cg(const at::Tensor& obs, at::TensorList params, const at::Tensor& b, c10::string_view kind,
-                c10::string_view activation, double damping, int64_t iters, double rtol) {
+                c10::string_view activation, double damping, int64_t iters, double rtol,
+                at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask) {
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
-  check_vector(b, "b", obs, check_mlp(obs, params, k, ObsRule::Match).numel);
+  const MlpShape shape = check_mlp(obs, params, k, ObsRule::Match);
+  const ActionDist dist = parse_action_dist(k, segments, shape.out_width);
+  check_vector(b, "b", obs, shape.numel);
   check_cg_settings(damping, iters, rtol);
-  MlpCache cache = build_mlp_cache(obs, params, k, act);
+  check_action_mask(action_mask, "action_mask", dist, obs, "obs");
+  MlpCache cache = build_mlp_cache(obs, params, dist, act, action_mask);
   return cg_solve_cached(cache, b, damping, iters, rtol);
 }
 

@@ -6,11 +6,13 @@
 #include <ATen/ATen.h>
 
 #include <deque>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "collective.h"
+#include "distribution.h"
 #include "mlp.h"
 
 namespace trpo_ext {
@@ -24,7 +26,7 @@ struct FlatSlices {
 
 // Everything an FVP needs that does not depend on the vector: computed once per solve.
 struct MlpCache {
-  MlpKind kind;  // Categorical or Gaussian
+  ActionDist dist;  // the policy's kind (not Value) and a categorical's segments
   int64_t batch = 0;
   // The number of states the Fisher averages over: this batch's size, or with data-parallel ranks
   // the size of all their batches together (each rank's products are then partial sums).
@@ -33,15 +35,20 @@ struct MlpCache {
   std::vector<at::Tensor> weights;  // W_l, (out_l, in_l), contiguous
   std::vector<at::Tensor> inputs;   // h_l, the input of layer l (h_0 = obs)
   std::vector<at::Tensor> act_grad; // act'(z_l) for the hidden layers
-  at::Tensor outputs;               // the output layer's result (logits or mean), (N, K), when asked for
-  at::Tensor probs;                 // categorical: softmax(logits), (N, K)
-  at::Tensor out_scale;             // Gaussian: exp(-2 log_std) / N, (K, 1)
+  at::Tensor outputs;               // the output layer's result (masked logits or mean), (N, K), when asked for
+  // Categorical: each segment's softmax of the (masked) logits, contiguous (N, K_s), as the Fisher
+  // kernel wants it.
+  std::vector<at::Tensor> probs;
+  // The diagonal output Fisher divided by N: gaussian exp(-2 log_std), (K, 1); bernoulli
+  // p (1 - p) = σ(x) σ(-x), (K, N) (that form stays accurate where σ saturates).
+  at::Tensor out_scale;
   std::vector<int64_t> offsets;     // flat offsets: W_l at [2l], b_l at [2l+1], log_std at [2L]
   // Workspace reused by every product: per-layer tangents (JVP), then cotangents (VJP); (N, out_l)
   // for hidden layers, (K, N) for the output layer.
   std::vector<at::Tensor> tangents;
   at::Tensor ones;                  // (N), turns bias gradients into GEMVs
   std::vector<at::Tensor> weights_t, tangents_t;  // transposed views of weights and tangents
+  std::vector<at::Tensor> out_segments_t;  // categorical: segment s of tangents_t.back(), (N, K_s) views
   at::Tensor inputs_t_last;         // the output layer's input, transposed
   std::deque<std::pair<const void*, FlatSlices>> slice_cache;  // a deque: references stay valid as it grows
 
@@ -49,12 +56,14 @@ struct MlpCache {
   FlatSlices& slices(const at::Tensor& flat);
 };
 
-// obs and params as check_mlp accepted them (obs contiguous or not). `with_outputs` keeps the output
-// layer's result in `outputs` (the Gaussian FVP does not need the mean, so it is skipped otherwise).
-// `mean_over` > 0 and `group_sum` make the products data-parallel: each rank's product is its batch's
-// sum divided by mean_over, summed over the ranks by group_sum.
-MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, MlpKind kind, Activation act,
-                         bool with_outputs = false, double mean_over = 0, GroupSum group_sum = GroupSum());
+// obs and params as check_mlp accepted them (obs contiguous or not), and action_mask as
+// check_action_mask did (the logits are masked before anything reads them). `with_outputs` keeps the
+// output layer's result in `outputs` (the Gaussian FVP does not need the mean, so it is skipped
+// otherwise). `mean_over` > 0 and `group_sum` make the products data-parallel: each rank's product is
+// its batch's sum divided by mean_over, summed over the ranks by group_sum.
+MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, const ActionDist& dist, Activation act,
+                         const std::optional<at::Tensor>& action_mask, bool with_outputs = false,
+                         double mean_over = 0, GroupSum group_sum = GroupSum());
 
 // out = (F + damping I) v, all flat; `out` must not alias `v`. One reduction when the cache has a group.
 void mlp_fvp_into(MlpCache& cache, const at::Tensor& v, at::Tensor& out, double damping);
@@ -72,10 +81,13 @@ void check_cg_settings(double damping, int64_t iters, double rtol);
 // CG on (F + damping I) x = b with the cache's products; the settings already checked.
 CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b, double damping, int64_t iters, double rtol);
 
+// `segments` and `action_mask` (categorical only) as distribution.h describes them.
 at::Tensor mlp_fvp(const at::Tensor& obs, at::TensorList params, const at::Tensor& v,
-                   c10::string_view kind, c10::string_view activation, double damping);
+                   c10::string_view kind, c10::string_view activation, double damping,
+                   at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask);
 
 CgResult mlp_cg(const at::Tensor& obs, at::TensorList params, const at::Tensor& b, c10::string_view kind,
-                c10::string_view activation, double damping, int64_t iters, double rtol);
+                c10::string_view activation, double damping, int64_t iters, double rtol,
+                at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask);
 
 }  // namespace trpo_ext

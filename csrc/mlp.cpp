@@ -33,7 +33,9 @@ Activation parse_activation(c10::string_view activation) {
 MlpKind parse_kind(c10::string_view kind) {
   if (kind == "categorical") return MlpKind::Categorical;
   if (kind == "gaussian") return MlpKind::Gaussian;
-  TORCH_CHECK_VALUE(false, "trpo_ext: kind must be 'categorical' or 'gaussian', got '", std::string(kind), "'");
+  if (kind == "bernoulli") return MlpKind::Bernoulli;
+  TORCH_CHECK_VALUE(false, "trpo_ext: kind must be 'categorical', 'gaussian' or 'bernoulli', got '",
+                    std::string(kind), "'");
 }
 
 std::string param_name(int64_t index, int64_t n_layers) {

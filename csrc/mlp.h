@@ -52,11 +52,12 @@ void visit_activation(Activation act, F&& f) {
 
 // ---- Kinds and the parameter list ---------------------------------------------------------------------
 
-// What follows the layers and what the output is: a policy's logits (categorical), a policy's mean
-// followed by a log_std parameter (gaussian), a critic's single value output (value).
-enum class MlpKind { Categorical, Gaussian, Value };
+// What follows the layers and what the output is: a policy's logits (categorical: softmaxes, see
+// distribution.h), a policy's mean followed by a log_std parameter (gaussian), a policy's logits of
+// independent Bernoullis (bernoulli), a critic's single value output (value).
+enum class MlpKind { Categorical, Gaussian, Bernoulli, Value };
 
-// "categorical" or "gaussian" (ValueError otherwise); Value is not a policy kind.
+// "categorical", "gaussian" or "bernoulli" (ValueError otherwise); Value is not a policy kind.
 MlpKind parse_kind(c10::string_view kind);
 
 // How obs relates to the parameters.

@@ -19,19 +19,24 @@ PyObject* PyInit__C(void) {
 namespace trpo_ext {
 
 TORCH_LIBRARY(trpo_ext, m) {
-  m.def("mlp_fvp(Tensor obs, Tensor[] params, Tensor v, str kind, str activation, float damping) -> Tensor");
+  m.def("mlp_fvp(Tensor obs, Tensor[] params, Tensor v, str kind, str activation, float damping, "
+        "int[]? segments=None, Tensor? action_mask=None) -> Tensor");
   m.def("mlp_cg(Tensor obs, Tensor[] params, Tensor b, str kind, str activation, float damping, "
-        "int iters, float rtol) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int iters, float rtol, int[]? segments=None, Tensor? action_mask=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("mlp_policy_direction(Tensor obs, Tensor[] params, Tensor actions, Tensor advantages, Tensor? fvp_obs, "
-        "str kind, str activation, float damping, int iters, float rtol, str? group=None) "
+        "str kind, str activation, float damping, int iters, float rtol, str? group=None, int[]? segments=None, "
+        "Tensor? action_mask=None, Tensor? fvp_action_mask=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mlp_policy_trial(Tensor obs, Tensor[] params, Tensor actions, Tensor advantages, Tensor old_dist_params, "
-        "Tensor? old_log_std, str kind, str activation, str? group=None) -> (Tensor, Tensor)");
+        "Tensor? old_log_std, str kind, str activation, str? group=None, int[]? segments=None, "
+        "Tensor? action_mask=None) -> (Tensor, Tensor)");
   m.def("mlp_value_fit(Tensor obs, Tensor returns, Tensor(a!)[] params, Tensor(b!)[] exp_avg, "
         "Tensor(c!)[] exp_avg_sq, Tensor(d!)[] steps, Tensor order, int batch_size, float lr, float beta1, "
         "float beta2, float eps, str activation, str? group=None) -> Tensor");
   m.def("mlp_act(Tensor obs, Tensor? obs_mean, Tensor? obs_inv_std, float obs_clip, Tensor[] params, str kind, "
-        "str activation, bool deterministic, Generator? generator) -> (Tensor, Tensor)");
+        "str activation, bool deterministic, Generator? generator, int[]? segments=None, Tensor? action_mask=None) "
+        "-> (Tensor, Tensor)");
   m.def("cuda_built() -> bool", []() {
 #ifdef WITH_CUDA
     return true;

@@ -6,36 +6,22 @@
 
 #include <cmath>
 
+#include "distribution.h"
 #include "fisher.h"
 #include "mlp.h"
 
 namespace trpo_ext {
 namespace {
 
-// Checks the batch against obs: advantages (N) with obs's dtype; actions int64 classes in [0, K)
-// (categorical) or (N, K) with obs's dtype (gaussian).
-void check_batch(const at::Tensor& obs, const at::Tensor& actions, const at::Tensor& advantages, MlpKind kind,
-                 int64_t width) {
+// Checks the batch against obs: advantages (N) with obs's dtype, the actions as check_actions wants
+// them (the mask already checked).
+void check_batch(const at::Tensor& obs, const at::Tensor& actions, const at::Tensor& advantages,
+                 const ActionDist& dist, const std::optional<at::Tensor>& action_mask) {
   const int64_t n = obs.size(0);
   check_dtype_device(advantages, "advantages", obs.scalar_type(), obs.device(), "obs's");
   TORCH_CHECK_VALUE(advantages.dim() == 1 && advantages.size(0) == n, "trpo_ext: advantages must have shape (", n,
                     "), got ", advantages.sizes());
-  if (kind == MlpKind::Categorical) {
-    TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong, "trpo_ext: actions must be int64 class indices, got ",
-                     actions.scalar_type());
-    check_dtype_device(actions, "actions", at::kLong, obs.device(), "obs's");
-    TORCH_CHECK_VALUE(actions.dim() == 1 && actions.size(0) == n, "trpo_ext: actions must have shape (", n,
-                      "), got ", actions.sizes());
-    // One host read per call: an index out of range would be undefined behaviour in a scatter or gather.
-    const auto [lo, hi] = at::aminmax(actions);
-    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < width,
-                      "trpo_ext: actions must be class indices in [0, ", width, "), got values in [",
-                      lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
-  } else {
-    check_dtype_device(actions, "actions", obs.scalar_type(), obs.device(), "obs's");
-    TORCH_CHECK_VALUE(actions.dim() == 2 && actions.size(0) == n && actions.size(1) == width,
-                      "trpo_ext: actions must have shape (", n, ", ", width, "), got ", actions.sizes());
-  }
+  check_actions(actions, dist, obs, action_mask);
 }
 
 // out = the gradient of the surrogate mean(π/π_old · A) at θ = θ_old, flat (log_std included); the
@@ -43,13 +29,19 @@ void check_batch(const at::Tensor& obs, const at::Tensor& actions, const at::Ten
 void surrogate_grad_into(MlpCache& c, const at::Tensor& actions, const at::Tensor& advantages, at::Tensor& out) {
   // At θ_old every ratio π/π_old is 1, so ∇ mean(ratio · A) = mean(A ∇log π(a|s)); its cotangent on
   // the network's output, divided by N like the Fisher's:
-  //   categorical: A (onehot(a) - p) / N;   gaussian mean: A (a - mean) e^{-2 log_std} / N,
+  //   categorical: A (onehot(a) - p) / N in each segment (a masked class: p = 0 and never taken, so 0);
+  //   bernoulli: A (a - p) / N with p = σ(logits);
+  //   gaussian mean: A (a - mean) e^{-2 log_std} / N,
   //   and for log_std itself: mean(A ((a - mean)^2 e^{-2 log_std} - 1)).
   at::Tensor& u_t = c.tangents.back();  // (K, N)
   const at::Tensor weight = advantages.unsqueeze(0) / c.mean_over;  // (1, N)
-  if (c.kind == MlpKind::Categorical) {
-    at::mul_out(u_t, c.probs.t(), weight).neg_();
-    u_t.t().scatter_add_(1, actions.unsqueeze(1), weight.t());
+  if (c.dist.kind == MlpKind::Categorical) {
+    const at::Tensor weight_column = weight.t();  // (N, 1)
+    for (int64_t s = 0; s < c.dist.count(); ++s) at::mul_out(c.out_segments_t[s], c.probs[s], weight_column).neg_();
+    c.tangents_t.back().scatter_add_(1, taken_columns(c.dist, actions),
+                                     weight_column.expand({c.batch, c.dist.count()}));
+  } else if (c.dist.kind == MlpKind::Bernoulli) {
+    at::mul_out(u_t, (actions - at::sigmoid(c.outputs)).t(), weight);
   } else {
     const at::Tensor diff_t = (actions - c.outputs).t();  // (K, N)
     at::mul_out(u_t, diff_t, c.out_scale).mul_(advantages.unsqueeze(0));
@@ -74,16 +66,25 @@ std::vector<double> total_counts(const GroupSum& group_sum, std::vector<double> 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
     const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
     const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
-    int64_t iters, double rtol, std::optional<c10::string_view> group) {
+    int64_t iters, double rtol, std::optional<c10::string_view> group, at::OptionalIntArrayRef segments,
+    const std::optional<at::Tensor>& action_mask, const std::optional<at::Tensor>& fvp_action_mask) {
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
   const MlpShape shape = check_mlp(obs, params, k, ObsRule::Match);
-  check_batch(obs, actions, advantages, k, shape.out_width);
+  const ActionDist dist = parse_action_dist(k, segments, shape.out_width);
+  check_action_mask(action_mask, "action_mask", dist, obs, "obs");
+  check_batch(obs, actions, advantages, dist, action_mask);
   if (fvp_obs.has_value()) {
     check_dtype_device(*fvp_obs, "fvp_obs", obs.scalar_type(), obs.device(), "obs's");
     TORCH_CHECK_VALUE(fvp_obs->dim() == 2 && fvp_obs->size(0) > 0 && fvp_obs->size(1) == obs.size(1),
                       "trpo_ext: fvp_obs must have shape (M, ", obs.size(1), ") with M > 0, got ", fvp_obs->sizes());
   }
+  // fvp_obs's states are other rows than obs's: a masked Fisher needs their own masks.
+  const bool needs_fvp_mask = fvp_obs.has_value() && action_mask.has_value();
+  TORCH_CHECK_VALUE(fvp_action_mask.has_value() == needs_fvp_mask, "trpo_ext: fvp_action_mask ",
+                    needs_fvp_mask ? "must be given when fvp_obs and action_mask are (the masks of fvp_obs's rows)"
+                                   : "is only for fvp_obs's rows when action_mask is given too");
+  if (needs_fvp_mask) check_action_mask(fvp_action_mask, "fvp_action_mask", dist, *fvp_obs, "fvp_obs");
   check_cg_settings(damping, iters, rtol);
   const GroupSum group_sum(group);
   // Data-parallel: every mean below is over all ranks' states, each rank adding its own.
@@ -91,12 +92,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                static_cast<double>(fvp_obs ? fvp_obs->size(0) : obs.size(0))}, obs);
 
   // One forward pass serves the gradient, the distribution parameters and (without fvp_obs) the solve.
-  MlpCache cache = build_mlp_cache(obs, params, k, act, /*with_outputs=*/true, totals[0], group_sum);
+  MlpCache cache = build_mlp_cache(obs, params, dist, act, action_mask, /*with_outputs=*/true, totals[0], group_sum);
   at::Tensor g = at::empty({shape.numel}, obs.options());
   surrogate_grad_into(cache, actions.contiguous(), advantages.contiguous(), g);
   group_sum(g);
-  at::Tensor dist_params = cache.outputs;
-  if (fvp_obs.has_value()) cache = build_mlp_cache(*fvp_obs, params, k, act, false, totals[1], group_sum);
+  at::Tensor dist_params = cache.outputs;  // masked logits with a mask: the old distribution as it was sampled
+  if (fvp_obs.has_value()) {
+    cache = build_mlp_cache(*fvp_obs, params, dist, act, fvp_action_mask, false, totals[1], group_sum);
+  }
   auto [x, used, residual, xAx] = cg_solve_cached(cache, g, damping, iters, rtol);
   return {g, x, used, residual, xAx, dist_params};
 }
@@ -107,11 +110,15 @@ std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::T
                                                     const at::Tensor& old_dist_params,
                                                     const std::optional<at::Tensor>& old_log_std,
                                                     c10::string_view kind, c10::string_view activation,
-                                                    std::optional<c10::string_view> group) {
+                                                    std::optional<c10::string_view> group,
+                                                    at::OptionalIntArrayRef segments,
+                                                    const std::optional<at::Tensor>& action_mask) {
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
   const MlpShape shape = check_mlp(obs, params, k, ObsRule::Match);
-  check_batch(obs, actions, advantages, k, shape.out_width);
+  const ActionDist dist = parse_action_dist(k, segments, shape.out_width);
+  check_action_mask(action_mask, "action_mask", dist, obs, "obs");
+  check_batch(obs, actions, advantages, dist, action_mask);
   check_dtype_device(old_dist_params, "old_dist_params", obs.scalar_type(), obs.device(), "obs's");
   TORCH_CHECK_VALUE(old_dist_params.dim() == 2 && old_dist_params.size(0) == obs.size(0) &&
                         old_dist_params.size(1) == shape.out_width,
@@ -127,11 +134,15 @@ std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::T
 
   const at::Tensor out = mlp_forward(obs.contiguous(), params, shape.n_layers, act);
   at::Tensor kl, log_ratio;  // KL(old ‖ new) per state; log π_new(a|s) - log π_old(a|s)
-  if (k == MlpKind::Categorical) {
-    const at::Tensor new_lp = at::log_softmax(out, 1), old_lp = at::log_softmax(old_dist_params, 1);
+  if (k != MlpKind::Gaussian) {
+    // Categorical (segments included) and bernoulli alike: KL = Σ_outcomes p_old (log p_old - log p_new)
+    // over the log-probability table, log π(a|s) the sum of the taken outcomes' entries. The mask
+    // applies to the new logits; the old ones came masked from the direction, and masking them again
+    // changes nothing.
+    const at::Tensor new_lp = log_prob_table(dist, apply_action_mask(out, action_mask));
+    const at::Tensor old_lp = log_prob_table(dist, apply_action_mask(old_dist_params, action_mask));
     kl = (old_lp.exp() * (old_lp - new_lp)).sum(1);
-    const at::Tensor a = actions.unsqueeze(1);
-    log_ratio = (new_lp.gather(1, a) - old_lp.gather(1, a)).squeeze(1);
+    log_ratio = (new_lp - old_lp).gather(1, taken_columns(dist, actions)).sum(1);
   } else {
     // Per dimension: log(σ_new/σ_old) + (σ_old² + (μ_old - μ_new)²) / (2 σ_new²) - 1/2, summed.
     const at::Tensor& log_std = params.back();

@@ -13,21 +13,27 @@ namespace trpo_ext {
 // surrogate's gradient at θ_old and x solves (F + damping I) x = g by CG, with the Fisher on fvp_obs
 // when given (else on obs). With `group` (a torch.distributed process group's name) each rank passes
 // its shard of the batch and every rank gets the result for all shards together: 2 + (CG iterations)
-// reductions (the batch sizes, the gradient, one per product).
+// reductions (the batch sizes, the gradient, one per product). `segments` and `action_mask` (obs's
+// rows; the result's logits are the masked ones) as distribution.h describes them; fvp_action_mask
+// masks fvp_obs's rows and is given exactly when fvp_obs and action_mask are.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_policy_direction(
     const at::Tensor& obs, at::TensorList params, const at::Tensor& actions, const at::Tensor& advantages,
     const std::optional<at::Tensor>& fvp_obs, c10::string_view kind, c10::string_view activation, double damping,
-    int64_t iters, double rtol, std::optional<c10::string_view> group);
+    int64_t iters, double rtol, std::optional<c10::string_view> group, at::OptionalIntArrayRef segments,
+    const std::optional<at::Tensor>& action_mask, const std::optional<at::Tensor>& fvp_action_mask);
 
 // One line-search trial at the parameters `params`: (mean KL(old ‖ new), the surrogate's improvement
 // mean((π/π_old - 1) · A) over the old policy),
 // both 0-dim float64, for the old policy given by its output on obs (old_dist_params, (N, K)) and,
-// for a Gaussian, its log_std. With `group`, over all ranks' shards: one reduction.
+// for a Gaussian, its log_std. With `group`, over all ranks' shards: one reduction. `segments` and
+// `action_mask` as for mlp_policy_direction (the mask applies to the new logits).
 std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::TensorList params,
                                                     const at::Tensor& actions, const at::Tensor& advantages,
                                                     const at::Tensor& old_dist_params,
                                                     const std::optional<at::Tensor>& old_log_std,
                                                     c10::string_view kind, c10::string_view activation,
-                                                    std::optional<c10::string_view> group);
+                                                    std::optional<c10::string_view> group,
+                                                    at::OptionalIntArrayRef segments,
+                                                    const std::optional<at::Tensor>& action_mask);
 
 }  // namespace trpo_ext

@@ -4,6 +4,11 @@
 Parameter lists are flat, in `MLPPolicy.parameters()` order: W1, b1, ..., WL, bL[, log_std]
 (docs/design.md, "The parameter-order contract"). The wrappers pass their arguments through
 unchanged; the ops check them (docs/design.md, "Checks").
+
+`kind` is "categorical", "gaussian" or "bernoulli" (docs/design.md, "Action spaces"). A categorical
+takes `segments` (the class counts of consecutive softmaxes, summing to the output width: a
+MultiDiscrete space; actions are then (N, len(segments))) and `action_mask` (bool (N, K), True =
+allowed; a masked logit becomes -1e8, so a masked action has probability 0).
 """
 from __future__ import annotations
 
@@ -46,25 +51,28 @@ class CGResult(NamedTuple):
 
 # ----------------------------------------------------------------------------- mlp_fvp
 def mlp_fvp(obs: torch.Tensor, params: Sequence[torch.Tensor], v: torch.Tensor, *, kind: str, activation: str,
-            damping: float) -> torch.Tensor:
+            damping: float, segments: Sequence[int] | None = None,
+            action_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(F + damping I) v for an MLP policy, flat."""
-    return ops.mlp_fvp(obs, list(params), v, kind, activation, damping)
+    return ops.mlp_fvp(obs, list(params), v, kind, activation, damping, segments, action_mask)
 
 
 @torch.library.register_fake("trpo_ext::mlp_fvp")
-def _mlp_fvp_fake(obs, params, v, kind, activation, damping):
+def _mlp_fvp_fake(obs, params, v, kind, activation, damping, segments=None, action_mask=None):
     return torch.empty_like(v)
 
 
 # ----------------------------------------------------------------------------- mlp_cg
 def mlp_cg(obs: torch.Tensor, params: Sequence[torch.Tensor], b: torch.Tensor, *, kind: str, activation: str,
-           damping: float, iters: int, rtol: float) -> CGResult:
+           damping: float, iters: int, rtol: float, segments: Sequence[int] | None = None,
+           action_mask: torch.Tensor | None = None) -> CGResult:
     """Solves (F + damping I) x = b by CG for an MLP policy, the whole loop in one call."""
-    return CGResult(*ops.mlp_cg(obs, list(params), b, kind, activation, damping, iters, rtol))
+    return CGResult(*ops.mlp_cg(obs, list(params), b, kind, activation, damping, iters, rtol, segments,
+                                action_mask))
 
 
 @torch.library.register_fake("trpo_ext::mlp_cg")
-def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol):
+def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol, segments=None, action_mask=None):
     scalar = dict(device=b.device, dtype=torch.float64)
     return (torch.empty_like(b), b.new_empty((), dtype=torch.int64), b.new_empty((), **scalar),
             b.new_empty((), **scalar))
@@ -84,20 +92,24 @@ class DirectionResult(NamedTuple):
 
 def mlp_policy_direction(obs: torch.Tensor, params: Sequence[torch.Tensor], actions: torch.Tensor,
                          advantages: torch.Tensor, *, kind: str, activation: str, damping: float, iters: int,
-                         rtol: float, fvp_obs: torch.Tensor | None = None,
-                         group: str | None = None) -> DirectionResult:
+                         rtol: float, fvp_obs: torch.Tensor | None = None, group: str | None = None,
+                         segments: Sequence[int] | None = None, action_mask: torch.Tensor | None = None,
+                         fvp_action_mask: torch.Tensor | None = None) -> DirectionResult:
     """The TRPO direction from one forward pass: g = ∇ mean(π/π_old · A) at ratio 1, then CG on
     (F + damping I) x = g with the Fisher on `fvp_obs` (obs when None), plus the forward pass's
-    distribution parameters for the old distribution. `group`: a torch.distributed process group's
-    `group_name`; each rank passes its shard and all get the result for the shards together
-    (reductions: the batch sizes, the gradient, one per CG product)."""
+    distribution parameters for the old distribution (the masked logits with `action_mask`).
+    `group`: a torch.distributed process group's `group_name`; each rank passes its shard and all
+    get the result for the shards together (reductions: the batch sizes, the gradient, one per CG
+    product). `fvp_action_mask`: the mask of fvp_obs's rows, given exactly when fvp_obs and
+    action_mask are."""
     return DirectionResult(*ops.mlp_policy_direction(obs, list(params), actions, advantages, fvp_obs, kind,
-                                                     activation, damping, iters, rtol, group))
+                                                     activation, damping, iters, rtol, group, segments,
+                                                     action_mask, fvp_action_mask))
 
 
 @torch.library.register_fake("trpo_ext::mlp_policy_direction")
 def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, activation, damping, iters, rtol,
-                               group=None):
+                               group=None, segments=None, action_mask=None, fvp_action_mask=None):
     numel = sum(p.numel() for p in params)
     scalar = dict(device=obs.device, dtype=torch.float64)
     flat = obs.new_empty((numel,), dtype=params[0].dtype)
@@ -109,17 +121,19 @@ def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, 
 # ----------------------------------------------------------------------------- mlp_policy_trial
 def mlp_policy_trial(obs: torch.Tensor, params: Sequence[torch.Tensor], actions: torch.Tensor,
                      advantages: torch.Tensor, *, old_dist_params: torch.Tensor, old_log_std: torch.Tensor | None,
-                     kind: str, activation: str, group: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     kind: str, activation: str, group: str | None = None, segments: Sequence[int] | None = None,
+                     action_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One line-search trial at `params`: (mean KL(old ‖ new), the surrogate's improvement
     mean((π/π_old − 1) · A)) as 0-dim float64 tensors; the old policy is its output on obs (and its
-    log_std for a Gaussian). `group` as for `mlp_policy_direction`: one reduction."""
+    log_std for a Gaussian). `group` as for `mlp_policy_direction`: one reduction. `action_mask`
+    applies to the new logits (and, harmlessly, again to the old ones)."""
     return ops.mlp_policy_trial(obs, list(params), actions, advantages, old_dist_params, old_log_std, kind,
-                                activation, group)
+                                activation, group, segments, action_mask)
 
 
 @torch.library.register_fake("trpo_ext::mlp_policy_trial")
 def _mlp_policy_trial_fake(obs, params, actions, advantages, old_dist_params, old_log_std, kind, activation,
-                           group=None):
+                           group=None, segments=None, action_mask=None):
     return obs.new_empty((), dtype=torch.float64), obs.new_empty((), dtype=torch.float64)
 
 
@@ -145,18 +159,24 @@ def _mlp_value_fit_fake(obs, returns, params, exp_avg, exp_avg_sq, steps, order,
 def mlp_act(obs: torch.Tensor, params: Sequence[torch.Tensor], *, kind: str, activation: str,
             deterministic: bool, generator: torch.Generator | None = None,
             obs_mean: torch.Tensor | None = None, obs_inv_std: torch.Tensor | None = None,
-            obs_clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+            obs_clip: float = 1.0, segments: Sequence[int] | None = None,
+            action_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One rollout step: (normalized observations, actions). Normalization is skipped when
-    `obs_mean` is None."""
+    `obs_mean` is None. Actions: categorical int64 (N,), or (N, len(segments)) with `segments`,
+    never a class `action_mask` forbids; bernoulli 0/1 (N, K) of the parameters' dtype; gaussian
+    (N, K)."""
     return ops.mlp_act(obs, obs_mean, obs_inv_std, obs_clip, list(params), kind, activation, deterministic,
-                       generator)
+                       generator, segments, action_mask)
 
 
 @torch.library.register_fake("trpo_ext::mlp_act")
-def _mlp_act_fake(obs, obs_mean, obs_inv_std, obs_clip, params, kind, activation, deterministic, generator):
+def _mlp_act_fake(obs, obs_mean, obs_inv_std, obs_clip, params, kind, activation, deterministic, generator,
+                  segments=None, action_mask=None):
     dtype = params[0].dtype
     n = obs.shape[0]
     policy_obs = obs.new_empty(obs.shape, dtype=dtype)
     if kind == "categorical":
-        return policy_obs, obs.new_empty((n,), dtype=torch.int64)
+        shape = (n,) if segments is None else (n, len(segments))
+        return policy_obs, obs.new_empty(shape, dtype=torch.int64)
+    # Bernoulli and Gaussian: one value per output unit; the last parameter (output bias or log_std) is (K,).
     return policy_obs, obs.new_empty((n, params[-1].shape[0]), dtype=dtype)
