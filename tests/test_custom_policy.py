@@ -243,8 +243,8 @@ def test_bad_gaussian_outputs_fail_at_construction(make, match):
 
 
 def test_other_construction_errors():
-    with pytest.raises(ValueError, match="policy must be 'MlpPolicy'"):
-        TRPO("CartPole-v1", policy="CnnPolicy", **FAST)
+    with pytest.raises(ValueError, match="policy must be one of .'MlpPolicy', 'CnnPolicy', 'MultiInputPolicy'."):
+        TRPO("CartPole-v1", policy="CNNPolicy", **FAST)
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         TRPO("CartPole-v1", policy=lambda o, a: "not a module", **FAST)
     frozen = CategoricalPolicy(*_spaces("CartPole-v1"))
@@ -253,7 +253,7 @@ def test_other_construction_errors():
         TRPO("CartPole-v1", policy=frozen, **FAST)
     with pytest.raises(ValueError, match=r"value_net .* returned .* shape \(2, 2\); expected"):
         TRPO("CartPole-v1", value_net=nn.Linear(4, 2), **FAST)
-    with pytest.raises(ValueError, match=r"forward on a batch .* raised RuntimeError"):
+    with pytest.raises(ValueError, match=r"forward on a float32 tensor of shape \(B, 4\) with B = 2 raised RuntimeError"):
         TRPO("CartPole-v1", policy=Returns(lambda x: Categorical(logits=x)).requires_grad_(True).to(torch.float64),
              **FAST)
 

@@ -71,10 +71,11 @@ def test_bad_rtol(setup):
 
 
 @pytest.mark.parametrize("space", [
-    gym.spaces.MultiDiscrete([2, 3]),
+    gym.spaces.MultiDiscrete([[2, 3]]),
     gym.spaces.Box(-1, 1, (2, 2)),
     gym.spaces.Dict({"a": gym.spaces.Discrete(2)}),
-    gym.spaces.MultiBinary(3),
+    gym.spaces.Tuple([gym.spaces.Discrete(2)]),
+    gym.spaces.MultiBinary([2, 2]),
 ])
 def test_unsupported_action_space(space):
     with pytest.raises(TypeError, match="action_space"):
@@ -97,16 +98,16 @@ def test_bad_obs_dim():
 
 
 def test_generic_policy_with_unsupported_distribution():
-    class BernoulliPolicy(torch.nn.Module):
+    class BetaPolicy(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(3, 1)
 
         def forward(self, obs):
-            return torch.distributions.Bernoulli(logits=self.lin(obs).squeeze(-1))
+            return torch.distributions.Beta(self.lin(obs).exp().squeeze(-1), torch.ones(obs.shape[0]))
 
-    policy = BernoulliPolicy()
-    with pytest.raises(TypeError, match="policy must return Categorical, Normal or Independent"):
+    policy = BetaPolicy()
+    with pytest.raises(TypeError, match="policy must return Categorical, MultiCategorical, Independent.Bernoulli. or"):
         trpo_ext.fvp(policy, torch.randn(5, 3), torch.randn(4))
 
 

@@ -9,8 +9,9 @@ import torch
 from gymnasium import spaces
 
 from trpo_ext import MLPPolicy
-from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, check_spaces, make_vec_env
+from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, make_vec_env
 from trpo_ext.rollout import EpisodeStats, RolloutCollector, RunningNormalizer, compute_gae
+from trpo_ext.spaces import ActionSpec, ObservationCodec, action_spec
 
 
 class CounterEnv(gym.Env):
@@ -292,18 +293,24 @@ def test_make_vec_env_errors():
 
 
 @pytest.mark.parametrize("obs_space, action_space, match", [
-    (spaces.Box(0, 255, (8, 8, 3), np.uint8), spaces.Discrete(2), "observation_space"),
-    (spaces.Dict({"a": spaces.Box(-1, 1, (2,))}), spaces.Discrete(2), "observation_space"),
-    (spaces.Discrete(5), spaces.Discrete(2), "observation_space"),
-    (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([2, 3]), "MultiDiscrete"),
+    (spaces.Tuple([spaces.Discrete(2)]), spaces.Discrete(2), "observation_space must be"),
+    (spaces.Dict({"a": spaces.Dict({"b": spaces.Discrete(2)})}), spaces.Discrete(2), r"observation_space\['a'\]"),
+    (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([[2, 3]]), "MultiDiscrete must be 1-D"),
     (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2, 2)), r"action_space.*\(2, 2\)"),
-    (spaces.Box(-1, 1, (3,)), spaces.Dict({"a": spaces.Discrete(2)}), "Dict"),
+    (spaces.Box(-1, 1, (3,)), spaces.Dict({"a": spaces.Discrete(2)}), "Dict actions"),
 ])
-def test_check_spaces_names_the_bad_space(obs_space, action_space, match):
+def test_unsupported_spaces_name_the_bad_space(obs_space, action_space, match):
     with pytest.raises(TypeError, match=match):
-        check_spaces(obs_space, action_space)
+        ObservationCodec(obs_space)
+        action_spec(action_space)
 
 
-def test_check_spaces_accepts_supported():
-    assert check_spaces(spaces.Box(-1, 1, (3,)), spaces.Discrete(4)) == (3, "categorical")
-    assert check_spaces(spaces.Box(-1, 1, (3,)), spaces.Box(-2, 2, (2,))) == (3, "gaussian")
+def test_supported_spaces():
+    assert action_spec(spaces.Discrete(4)) == ActionSpec("categorical", 4)
+    assert action_spec(spaces.MultiDiscrete([2, 3])) == ActionSpec("categorical", 5, (2, 3))
+    assert action_spec(spaces.MultiBinary(3)) == ActionSpec("bernoulli", 3)
+    assert action_spec(spaces.Box(-2, 2, (2,))) == ActionSpec("gaussian", 2)
+    assert ObservationCodec(spaces.Box(-1, 1, (3,))).flat_dim == 3
+    assert ObservationCodec(spaces.Box(-1, 1, (3, 2))).flat_dim == 6
+    assert ObservationCodec(spaces.Discrete(5)).flat_dim == 5
+    assert ObservationCodec(spaces.Box(0, 255, (40, 40, 3), np.uint8)).parts[0].shape == (3, 40, 40)

@@ -35,14 +35,28 @@ def policy_vector(agent):
 
 # ----------------------------------------------------------------------------- construction
 @pytest.mark.parametrize("obs_space, action_space, match", [
-    (spaces.Box(-1, 1, (3,)), spaces.Dict({"a": spaces.Discrete(2)}), "Dict"),
-    (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([2, 2]), "MultiDiscrete"),
+    (spaces.Box(-1, 1, (3,)), spaces.Dict({"a": spaces.Discrete(2)}), "Tuple and Dict actions are not supported"),
+    (spaces.Box(-1, 1, (3,)), spaces.Tuple([spaces.Discrete(2)] * 2), "Tuple and Dict actions are not supported"),
     (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2, 2)), r"\(2, 2\)"),
-    (spaces.Box(0, 255, (16, 16, 3), np.uint8), spaces.Discrete(2), r"observation_space.*\(16, 16, 3\)"),
+    (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([[2, 2], [2, 2]]), "MultiDiscrete must be 1-D"),
+    (spaces.Tuple([spaces.Discrete(2)] * 2), spaces.Discrete(2), "Tuple, Text and Graph observations"),
+    (spaces.Dict({"a": spaces.Dict({"b": spaces.Discrete(2)})}), spaces.Discrete(2), "nested Dict"),
 ])
 def test_unsupported_spaces_get_an_error_naming_them(obs_space, action_space, match):
     with pytest.raises(TypeError, match=match):
         TRPO(lambda: SpaceEnv(obs_space, action_space), n_envs=1)
+
+
+@pytest.mark.parametrize("obs_space, policy, match", [
+    (spaces.Box(0, 255, (40, 40, 3), np.uint8), "MlpPolicy", "use policy='CnnPolicy'"),
+    (spaces.Dict({"a": spaces.Discrete(2)}), "MlpPolicy", "use policy='MultiInputPolicy'"),
+    (spaces.Box(-1, 1, (3,)), "CnnPolicy", "needs image observations"),
+    (spaces.Box(-1, 1, (3,)), "MultiInputPolicy", "needs a Dict observation space"),
+    (spaces.Box(0, 255, (16, 16, 3), np.uint8), "CnnPolicy", "at least 36 x 36"),
+])
+def test_a_built_in_policy_that_does_not_fit_the_observations_says_which_does(obs_space, policy, match):
+    with pytest.raises(ValueError, match=match):
+        TRPO(lambda: SpaceEnv(obs_space, spaces.Discrete(2)), n_envs=1, policy=policy)
 
 
 @pytest.mark.parametrize("make_env, error, match", [  # make_env: the env is built in the test, not at collection

@@ -4,13 +4,16 @@
     agent = trpo_ext.TRPO("CartPole-v1", seed=0)
     agent.learn(100_000)
 """
-from . import reference
+from . import reference, toy_envs
 from ._ops import cuda_built
+from .distributions import MultiCategorical
 from .fisher import CGInfo, cg_solve, fvp
-from .policies import MLPPolicy, ValueNetwork
+from .policies import FeaturePolicy, FeatureValue, MLPPolicy, NatureCNN, ValueNetwork
 from .step import StepRecord, trust_region_step
 from .trpo import TRPO
 
-__all__ = ["TRPO", "MLPPolicy", "ValueNetwork", "trust_region_step", "StepRecord", "fvp", "cg_solve", "CGInfo",
-           "reference", "cuda_built"]
+toy_envs.register()  # the "trpo_ext/..." example envs (trpo_ext.toy_envs)
+
+__all__ = ["TRPO", "MLPPolicy", "ValueNetwork", "FeaturePolicy", "FeatureValue", "NatureCNN", "MultiCategorical",
+           "trust_region_step", "StepRecord", "fvp", "cg_solve", "CGInfo", "reference", "cuda_built"]
 __version__ = "0.1.0"

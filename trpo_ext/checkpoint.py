@@ -29,6 +29,7 @@ import torch
 
 from . import distributed
 from .envs import LeanSyncVectorEnv, eval_env_factory
+from .policies import BUILT_IN as BUILT_IN_NAMES
 from .policies import MLPPolicy, ValueNetwork, qualified_name
 
 BUILT_IN = {"policy": f"{MLPPolicy.__module__}.{MLPPolicy.__qualname__}",
@@ -72,6 +73,7 @@ def save(agent, path: str | os.PathLike) -> None:
         "value_net": agent.value_net.state_dict(),
         "policy_class": qualified_name(agent.policy),  # for information: loading never imports it
         "value_net_class": qualified_name(agent.value_net),
+        "network_names": dict(agent.network_names),  # the built-in networks' names; None: a user's module
         "critic_optimizer": agent.critic_optimizer.state_dict(),
         "generator": agent.generator.get_state(),
         "generator_device": agent.device.type,
@@ -90,14 +92,16 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
     """An agent of class `cls` (`TRPO`) restored from `path`; see `TRPO.load`."""
     state = read(path)
     networks = {"policy": policy, "value_net": value_net}
+    names = state.get("network_names") or {}  # files before the field: the built-in classes say "MlpPolicy"
     for key, given in networks.items():
-        saved_class = state.get(f"{key}_class", BUILT_IN[key])  # files before the field: built-in networks
+        saved_class = state.get(f"{key}_class", BUILT_IN[key])
+        name = names.get(key, "MlpPolicy" if saved_class == BUILT_IN[key] else None)
         if given is None:
-            if saved_class != BUILT_IN[key]:
+            if name is None:
                 raise ValueError(f"{os.fspath(path)} was saved with a custom {key} ({saved_class}); a checkpoint "
                                  f"holds its parameters, not its code: pass {key}= (the module or the callable "
                                  f"that built it) to TRPO.load")
-            networks[key] = "MlpPolicy"
+            networks[key] = name
     hyperparameters = dict(state["hyperparameters"])
     saved_id = state["env_id"]
     registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
@@ -278,6 +282,11 @@ def read(path: str | os.PathLike) -> dict:
     for key in ("policy_class", "value_net_class"):  # optional (files before them: the built-in networks)
         if key in state and not isinstance(state[key], str):
             raise ValueError(f"{name} is damaged ({key} is a {type(state[key]).__name__}, expected a string)")
+    names = state.get("network_names")  # optional (files before it: the built-in MLPs or a user's module)
+    if names is not None and not (isinstance(names, dict) and all(
+            names.get(k) is None or names.get(k) in BUILT_IN_NAMES for k in ("policy", "value_net"))):
+        raise ValueError(f"{name} is damaged (network_names is {names!r:.80}, expected a dict of built-in "
+                         f"names {BUILT_IN_NAMES} or None)")
     if not {"last_obs", "stats", "normalizer"} <= set(state["collector"]):
         raise ValueError(f"{name} is damaged (collector lacks last_obs, stats or normalizer)")
     state["format"] = FORMAT

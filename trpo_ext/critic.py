@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops
+from . import _ops, spaces
 from .policies import ValueNetwork
 
 
@@ -123,7 +123,8 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
 def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, obs: torch.Tensor,
                      returns: torch.Tensor, epochs: int, batch_size: int,
                      generator: torch.Generator | None = None, process_group=None) -> float:
-    """`fit_value_network` for any critic module (obs (B, obs_dim) -> values (B,) or (B, 1)), in
+    """`fit_value_network` for any critic module (obs -> values (B,) or (B, 1); obs a tensor or a
+    dict of them), in
     plain PyTorch: `epochs` passes over `torch.randperm` minibatches drawn from `generator` (all
     epochs' permutations first, as the fused op takes them), `optimizer.step()` on the mean squared
     error of each; returns the mean of the minibatch losses. Data-parallel: the "gather" approach
@@ -134,26 +135,27 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
 
     if epochs == 0:
         return float("nan")
-    if obs.dim() != 2 or returns.shape != (obs.shape[0],):
-        raise ValueError(f"critic fit: obs must be (N, obs_dim) and returns (N,), got {tuple(obs.shape)} and "
-                         f"{tuple(returns.shape)}")
+    n = spaces.batch_len(obs)
+    if returns.shape != (n,):
+        raise ValueError(f"critic fit: returns must have shape ({n},) (one per observation), got {tuple(returns.shape)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"critic fit: batch_size must be a positive int, got {batch_size!r}")
-    if process_group is not None:
-        rows = distributed.gather_rows(torch.cat([obs, returns.unsqueeze(1)], 1), process_group)
-        obs, returns = rows[:, :-1], rows[:, -1]
+    if process_group is not None:  # a dict of observations travels packed into one (N, D) tensor
+        flat, layout = spaces.pack(obs)
+        gathered = distributed.gather_rows(torch.cat([flat, returns.unsqueeze(1)], 1), process_group)
+        obs, returns = spaces.unpack(gathered[:, :-1], layout), gathered[:, -1]
         generator = shared_generator(generator, process_group)
+        n = returns.shape[0]
     params = list(value_net.parameters())
     _, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
     tensors = {"parameters": [p.detach() for p in params], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     with torch.no_grad():
         before = [[t.clone() for t in group_] for group_ in tensors.values()] + [[s.clone() for s in steps]]
-    order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
-                         for _ in range(epochs)])
+    order = torch.stack([torch.randperm(n, generator=generator, device=returns.device) for _ in range(epochs)])
     losses = []
     for epoch in range(epochs):
         for idx in order[epoch].split(batch_size):
-            values = value_net(obs[idx])
+            values = value_net(spaces.rows(obs, idx))
             loss = torch.nn.functional.mse_loss(values.reshape(-1), returns[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,21 +17,10 @@ from gymnasium import spaces
 from gymnasium.vector.utils import concatenate, iterate
 
 from .config import check_choice, check_int
-from .policies import action_space_kind
 
 SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
 VECTOR_KWARGS = ("num_envs", "vectorization_mode", "vector_kwargs", "wrappers")
 """What `gym.make_vec` adds to a vector env's spec.kwargs besides the env's own kwargs."""
-
-
-def check_spaces(observation_space, action_space) -> tuple[int, str]:
-    """(obs_dim, policy kind) for a flat 1-D Box observation and a Discrete / 1-D Box action space;
-    TypeError naming the space otherwise."""
-    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
-        raise TypeError("observation_space must be a flat 1-D gymnasium.spaces.Box (images, Dict, Tuple and "
-                        f"Discrete observations are not supported), got {observation_space!r}")
-    kind, _ = action_space_kind(action_space)
-    return int(observation_space.shape[0]), kind
 
 
 def _env_factory(env):
@@ -51,7 +40,8 @@ class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
     for 16 CartPole-v1 envs that bookkeeping costs as much as the physics, and the agent reads none
     of it. Here `step` returns the same observations, rewards, terminations and truncations (the
     same sub-envs stepped in the same order), and `infos` holds only what an agent needs:
-    `final_obs` (an object array, set where an episode ended this step) and its mask `_final_obs`.
+    `final_obs` (an object array, set where an episode ended this step) and its mask `_final_obs`,
+    and `action_mask` (stacked, for the observations returned) when the sub-envs' infos have one.
     """
 
     def __init__(self, env_fns, copy: bool = True):
@@ -63,17 +53,21 @@ class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
         return cls([(lambda e=e: e) for e in envs])
 
     def step(self, actions):
-        final_obs = None
+        final_obs, masks = None, []
         for i, (action, env) in enumerate(zip(iterate(self.action_space, actions), self.envs, strict=True)):
-            (self._env_obs[i], self._rewards[i], self._terminations[i], self._truncations[i], _) = env.step(action)
+            (self._env_obs[i], self._rewards[i], self._terminations[i], self._truncations[i], info) = env.step(action)
             if self._terminations[i] or self._truncations[i]:
                 if final_obs is None:
                     final_obs = np.full(self.num_envs, None, dtype=object)
                 final_obs[i] = self._env_obs[i]
-                self._env_obs[i], _ = env.reset()
+                self._env_obs[i], info = env.reset()
+            if "action_mask" in info:
+                masks.append(info["action_mask"])
         self._observations = concatenate(self.single_observation_space, self._env_obs, self._observations)
         self._autoreset_envs = self._terminations | self._truncations
         infos = {} if final_obs is None else {"final_obs": final_obs, "_final_obs": self._autoreset_envs.copy()}
+        if len(masks) == self.num_envs:
+            infos["action_mask"] = np.stack(masks)
         obs = self._observations
         if self.copy:
             obs = obs.copy() if isinstance(obs, np.ndarray) else deepcopy(obs)

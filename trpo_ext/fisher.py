@@ -16,11 +16,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import Categorical, Independent, Normal
+from torch.distributions import Bernoulli, Categorical, Normal
 from torch.overrides import TorchFunctionMode
 
 from . import _ops
+from .distributions import MultiCategorical, base_of, masked
 from .policies import MLPPolicy
+from .spaces import batch_len
 from .reference import conjugate_gradient
 
 
@@ -31,8 +33,18 @@ PATHS = ("auto", "fused", "generic")
 class FusedMLP:
     """What the fused ops need to know about a policy besides its parameters."""
 
-    kind: str  # "categorical" or "gaussian"
+    kind: str  # "categorical", "bernoulli" or "gaussian"
     activation: str
+    segments: tuple[int, ...] | None = None  # MultiDiscrete: the class count of each sub-action
+
+    def extra(self, action_mask: torch.Tensor | None = None, **masks) -> dict:
+        """The ops' keyword arguments for the segments and masks (none for a plain Discrete / Box
+        policy without masks; `masks`: more mask arguments by name, e.g. fvp_action_mask)."""
+        extra = {} if self.segments is None else {"segments": list(self.segments)}
+        if action_mask is not None:
+            extra["action_mask"] = action_mask
+        extra.update((k, v) for k, v in masks.items() if v is not None)
+        return extra
 
 
 def fused_mlp(policy) -> FusedMLP | None:
@@ -47,7 +59,7 @@ def fused_mlp(policy) -> FusedMLP | None:
     if any(getattr(cls, name) is not getattr(MLPPolicy, name) for name in ("forward", "distribution_params",
                                                                           "distribution")):
         return None
-    return FusedMLP(policy.kind, policy.activation)
+    return FusedMLP(policy.kind, policy.activation, policy.segments)
 
 
 def choose_path(policy, path: str) -> FusedMLP | None:
@@ -97,6 +109,15 @@ def _check_tensor(name: str, t, params: list[torch.Tensor]) -> None:
 
 
 def _check_obs(name: str, obs, params, fused: FusedMLP | None, obs_dim: int | None) -> None:
+    if isinstance(obs, dict) and fused is None:  # a Dict observation space's batch: every entry, one batch size
+        if not obs:
+            raise ValueError(f"{name} is an empty dict")
+        for key, t in obs.items():
+            _check_obs(f"{name}[{key!r}]", t, params, None, None)
+        if len({t.shape[0] for t in obs.values()}) != 1:
+            raise ValueError(f"{name}: the entries have different batch sizes "
+                             f"{ {k: t.shape[0] for k, t in obs.items()} }")
+        return
     _check_tensor(name, obs, params)
     if fused is not None:
         if obs.dim() != 2 or obs.shape[1] != obs_dim:
@@ -158,25 +179,41 @@ _GENERIC_LOCK = threading.Lock()
 
 
 def _distribution_outputs(dist) -> tuple[torch.distributions.Distribution, tuple[torch.Tensor, ...]]:
-    """(base distribution, the parameters the output Fisher acts on): logits, or (loc, scale)."""
-    base = dist.base_dist if isinstance(dist, Independent) else dist
-    if isinstance(base, Categorical):
+    """(base distribution, the parameters the output Fisher acts on): logits (of every segment), or
+    (loc, scale)."""
+    base = base_of(dist)
+    if isinstance(base, MultiCategorical):
+        return base, (base.raw_logits,)
+    if isinstance(base, (Categorical, Bernoulli)):
         return base, (base.logits,)
     if isinstance(base, Normal):
         return base, (base.loc, base.scale)
-    raise TypeError("policy must return Categorical, Normal or Independent(Normal), "
-                    f"got {type(dist).__name__}")
+    raise TypeError("policy must return Categorical, MultiCategorical, Independent(Bernoulli) or (Independent) "
+                    f"Normal, got {type(dist).__name__}")
 
 
-def _output_fisher(base, n: int):
+def _output_fisher(base, n: int, mask: torch.Tensor | None = None):
     """u -> M u / n on the distribution's parameters; a None block (a parameter that does not
-    depend on θ) stays None."""
-    if isinstance(base, Categorical):
-        probs = base.probs.detach()
+    depend on θ) stays None. With an action mask the probabilities are the masked distribution's
+    (`trpo_ext.distributions.masked`): a masked logit's row and column of M are exactly 0, so the
+    product equals the masked policy's without the tape seeing the masking."""
+    if isinstance(base, (Categorical, MultiCategorical)):
+        probs = masked(base, mask).probs.detach()
+        segments = base.segments if isinstance(base, MultiCategorical) else (probs.shape[-1],)
 
-        def apply(t):  # M u = p * u - p (p'u)
+        def apply(t):  # M u = p * u - p (p'u), p'u per segment
             (u,) = t
-            return ((probs * u - probs * (probs * u).sum(-1, keepdim=True)) / n,)
+            pu = probs * u
+            if len(segments) == 1:
+                dot = pu.sum(-1, keepdim=True)
+            else:
+                dot = torch.cat([part.sum(-1, keepdim=True).expand_as(part) for part in pu.split(segments, -1)], -1)
+            return ((pu - probs * dot) / n,)
+    elif isinstance(base, Bernoulli):
+        weight = (torch.sigmoid(base.logits) * torch.sigmoid(-base.logits)).detach()  # p (1 - p), accurate saturated
+
+        def apply(t):
+            return (t[0] * weight / n,)
     else:
         inv_var = base.scale.detach().pow(-2)
 
@@ -185,7 +222,7 @@ def _output_fisher(base, n: int):
     return apply
 
 
-def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
+def _generic_products(policy: torch.nn.Module, obs, params: list[torch.Tensor], mask: torch.Tensor | None = None):
     """Linearises the policy's distribution parameters once; returns v -> F v (no damping): the
     batch-mean Fisher times v, flat in `policy.parameters()` order.
 
@@ -196,9 +233,9 @@ def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[t
     JVP (forward pass included) per product.
     """
     try:
-        product = _Tape(policy, obs, params).products()
+        product = _Tape(policy, obs, params).products(mask)
     except _Unsupported:
-        return _functorch_products(policy, obs, params)
+        return _functorch_products(policy, obs, params, mask)
     state = {"product": product, "first": True}
 
     def guarded(v: torch.Tensor) -> torch.Tensor:
@@ -209,7 +246,7 @@ def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[t
         except Exception as exc:  # noqa: BLE001
             warnings.warn(f"trpo_ext: the generic path could not run its recorded linearisation ({exc!r}); "
                           "falling back to torch.func", RuntimeWarning, stacklevel=2)
-            state["product"] = _functorch_products(policy, obs, params)
+            state["product"] = _functorch_products(policy, obs, params, mask)
             out = state["product"](v)
         state["first"] = False
         return out
@@ -217,14 +254,14 @@ def _generic_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[t
     return guarded
 
 
-def _functorch_products(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor]):
+def _functorch_products(policy: torch.nn.Module, obs, params: list[torch.Tensor], mask: torch.Tensor | None = None):
     """The fallback: torch.func's VJP closure built once, a full torch.func.jvp (which repeats the
     forward pass) per product."""
     names = [name for name, _ in policy.named_parameters()]
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
     base, _ = _distribution_outputs(policy(obs))
-    fisher = _output_fisher(base, obs.shape[0])
+    fisher = _output_fisher(base, batch_len(obs), mask)
 
     def f(*flat_params):
         return _distribution_outputs(torch.func.functional_call(policy, dict(zip(names, flat_params)), (obs,)))[1]
@@ -334,10 +371,10 @@ class _Tape(TorchFunctionMode):
         for t, version in self.reads:
             if t._version != version:
                 raise _Unsupported("a tensor that the linearisation reads was modified later in the forward pass")
-        self.n = obs.shape[0]
+        self.n = batch_len(obs)
 
-    def products(self):
-        """v -> F v from the recorded pass."""
+    def products(self, mask: torch.Tensor | None = None):
+        """v -> F v from the recorded pass (of the policy masked by `mask`, when given)."""
         out_slots = [self.slot.get(id(o)) if o.requires_grad else None for o in self.outputs]
         needed, nodes = {s for s in out_slots if s is not None}, []
         for node in reversed(self.nodes):  # only the calls the outputs depend on
@@ -345,7 +382,7 @@ class _Tape(TorchFunctionMode):
                 needed.update(node[2])
                 nodes.append(node)
         nodes.reverse()
-        fisher = _output_fisher(self.base, self.n)
+        fisher = _output_fisher(self.base, self.n, mask)
         n_slots, n_leaves = self.n_slots, len(self.leaves)
         shapes = [p.shape for p in self.leaves]
         sizes = [p.numel() for p in self.leaves]
@@ -917,13 +954,14 @@ def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters:
     return generic_cg_solve(policy, obs, params, b, damping, iters, rtol)
 
 
-def generic_cg_solve(policy: torch.nn.Module, obs: torch.Tensor, params: list[torch.Tensor], b: torch.Tensor,
-                     damping: float, iters: int, rtol: float, combine=None) -> tuple[torch.Tensor, CGInfo]:
+def generic_cg_solve(policy: torch.nn.Module, obs, params: list[torch.Tensor], b: torch.Tensor,
+                     damping: float, iters: int, rtol: float, combine=None,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
     """CG on (F + damping I) x = b on the generic path, the inputs already checked. `combine`, when
     given, maps this process's product F v to the one the solve uses (data-parallel: the sum over
-    the ranks, trpo_ext.step)."""
+    the ranks, trpo_ext.step); `mask`: the action mask of obs's rows (the Fisher of the masked policy)."""
     with _GENERIC_LOCK, torch.no_grad():
-        fisher = _generic_products(policy, obs, params)
+        fisher = _generic_products(policy, obs, params, mask)
         product = fisher if combine is None else (lambda v: combine(fisher(v)))
         x, used, res, xAx = conjugate_gradient(lambda p: product(p) + damping * p, b, iters, rtol)
     return x, CGInfo(torch.tensor(used, device=b.device), res, xAx)

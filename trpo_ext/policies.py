@@ -11,7 +11,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.distributions import Categorical, Independent, Normal
+from torch.distributions import Bernoulli, Categorical, Independent, Normal
+
+from .distributions import MultiCategorical, base_of
+from .spaces import ActionSpec, ObservationCodec, action_spec
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -58,20 +61,19 @@ def _orthogonal_init(layers: nn.ModuleList, last_gain: float) -> None:
 
 
 def action_space_kind(action_space) -> tuple[str, int]:
-    """("categorical", n) for Discrete(n), ("gaussian", k) for a 1-D Box(k); TypeError otherwise."""
-    from gymnasium import spaces
+    """(kind, output width) of a supported action space (`trpo_ext.spaces.action_spec`)."""
+    spec = action_spec(action_space)
+    return spec.kind, spec.width
 
-    if isinstance(action_space, spaces.Discrete):
-        if int(action_space.start) != 0:
-            raise TypeError(f"action_space: Discrete spaces must start at 0, got start={action_space.start}")
-        return "categorical", int(action_space.n)
-    if isinstance(action_space, spaces.Box):
-        if len(action_space.shape) != 1:
-            raise TypeError(f"action_space: Box must be 1-D, got shape {action_space.shape}")
-        return "gaussian", int(action_space.shape[0])
-    raise TypeError(
-        f"action_space must be gymnasium.spaces.Discrete or a 1-D gymnasium.spaces.Box, got {action_space!r}"
-    )
+
+def distribution_for(spec: ActionSpec, out: torch.Tensor, log_std: torch.Tensor | None = None):
+    """The policy distribution of an action space (`trpo_ext.distributions`) from the network's
+    output `out` (B, spec.width): logits, or a Gaussian's mean with the state-independent `log_std`."""
+    if spec.kind == "categorical":
+        return Categorical(logits=out) if spec.segments is None else MultiCategorical(out, spec.segments)
+    if spec.kind == "bernoulli":
+        return Independent(Bernoulli(logits=out), 1)
+    return Independent(Normal(out, log_std.exp().expand_as(out)), 1)
 
 
 class _LogStd(nn.Module):
@@ -84,11 +86,12 @@ class _LogStd(nn.Module):
 
 
 class MLPPolicy(nn.Module):
-    """MLP policy: `policy(obs)` returns `Categorical(logits=...)` or `Independent(Normal(mean, std), 1)`.
+    """MLP policy: `policy(obs)` returns the action space's distribution (`distribution_for`):
+    Categorical, MultiCategorical, Independent(Bernoulli) or Independent(Normal(mean, std)).
 
     Args:
         obs_dim: size of the (flat) observation.
-        action_space: gymnasium `Discrete(n)` or 1-D `Box(k)`.
+        action_space: gymnasium `Discrete(n)`, `MultiDiscrete(nvec)`, `MultiBinary(k)` or 1-D `Box(k)`.
         hidden: hidden layer widths, e.g. (64, 64); () gives a linear policy.
         activation: "tanh" or "relu".
         log_std_init: initial log standard deviation of the Gaussian (ignored for Discrete).
@@ -99,7 +102,9 @@ class MLPPolicy(nn.Module):
         super().__init__()
         if not isinstance(obs_dim, int) or isinstance(obs_dim, bool) or obs_dim < 1:
             raise ValueError(f"obs_dim must be a positive int, got {obs_dim!r}")
-        self.kind, self.action_dim = action_space_kind(action_space)
+        self.action_spec = action_spec(action_space)
+        self.kind, self.action_dim = self.action_spec.kind, self.action_spec.width
+        self.segments = self.action_spec.segments
         self.obs_dim = obs_dim
         self.hidden = _check_sizes("hidden", hidden)
         self.activation = _check_activation(activation)
@@ -112,7 +117,7 @@ class MLPPolicy(nn.Module):
     def log_std(self) -> nn.Parameter:
         """The Gaussian's log standard deviation (last in `parameters()`)."""
         if self.kind != "gaussian":
-            raise AttributeError("a categorical MLPPolicy has no log_std")
+            raise AttributeError(f"a {self.kind} MLPPolicy has no log_std")
         return self.std.log_std
 
     def distribution_params(self, obs: torch.Tensor) -> torch.Tensor:
@@ -121,9 +126,7 @@ class MLPPolicy(nn.Module):
 
     def distribution(self, out: torch.Tensor):
         """The policy's distribution for distribution parameters `out` (logits or mean)."""
-        if self.kind == "categorical":
-            return Categorical(logits=out)
-        return Independent(Normal(out, self.log_std.exp().expand_as(out)), 1)
+        return distribution_for(self.action_spec, out, self.log_std if self.kind == "gaussian" else None)
 
     def forward(self, obs: torch.Tensor):
         return self.distribution(self.distribution_params(obs))
@@ -145,25 +148,146 @@ class ValueNetwork(nn.Module):
         return _mlp_forward(self.layers, self.act, obs).squeeze(-1)
 
 
+# ----------------------------------------------------------------------------- image and Dict inputs
+class NatureCNN(nn.Module):
+    """The encoder of the DQN paper (Mnih et al., 2015), as stable-baselines3's NatureCNN: images
+    (B, C, H, W) scaled to [0, 1] -> conv 32 8x8/4, 64 4x4/2, 64 3x3/1 (ReLU), flatten, a linear
+    layer of `features_dim` units (ReLU)."""
+
+    def __init__(self, shape: tuple[int, int, int], features_dim: int = 512):
+        super().__init__()
+        channels, height, width = shape
+        if height < 36 or width < 36:
+            raise ValueError(f"NatureCNN needs images of at least 36 x 36 pixels (its three convolutions shrink "
+                             f"them by 32), got {height} x {width}; pass your own policy= / value_net= for smaller ones")
+        self.cnn = nn.Sequential(nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2),
+                                 nn.ReLU(), nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            flat = self.cnn(torch.zeros(1, *shape)).shape[1]
+        self.linear = nn.Sequential(nn.Linear(flat, features_dim), nn.ReLU())
+        self.features_dim = features_dim
+        for m in self.modules():  # sb3's initialisation of a features extractor
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(m.weight, gain=math.sqrt(2.0))
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.cnn(images))
+
+
+class FeatureExtractor(nn.Module):
+    """A preprocessed observation (`trpo_ext.spaces.ObservationCodec`) -> features (B, features_dim):
+    a NatureCNN per image part (`cnn_features` units each), the other parts flat, concatenated in
+    the space's key order (stable-baselines3's NatureCNN / CombinedExtractor)."""
+
+    def __init__(self, codec: ObservationCodec, cnn_features: int):
+        super().__init__()
+        self.keys = [p.key for p in codec.parts]
+        self.cnns = nn.ModuleList(NatureCNN(p.shape, cnn_features) for p in codec.parts if p.kind == "image")
+        self.is_image = [p.kind == "image" for p in codec.parts]
+        self.features_dim = sum(cnn_features if p.kind == "image" else p.size for p in codec.parts)
+
+    def forward(self, obs) -> torch.Tensor:
+        parts, cnns = [], iter(self.cnns)
+        for key, image in zip(self.keys, self.is_image):
+            x = obs[key] if key is not None else obs
+            parts.append(next(cnns)(x) if image else x.flatten(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+class FeaturePolicy(nn.Module):
+    """A features extractor, an MLP on its features (`hidden`, may be empty) and the action space's
+    distribution head (`distribution_for`): the built-in "CnnPolicy" and "MultiInputPolicy"."""
+
+    def __init__(self, extractor: FeatureExtractor, action_space, hidden: Sequence[int] = (),
+                 activation: str = "tanh", log_std_init: float = 0.0):
+        super().__init__()
+        self.features = extractor
+        self.action_spec = action_spec(action_space)
+        self.activation = _check_activation(activation)
+        self.layers, self.act = _mlp((extractor.features_dim, *_check_sizes("hidden", hidden),
+                                      self.action_spec.width), activation)
+        _orthogonal_init(self.layers, last_gain=0.01)
+        if self.action_spec.kind == "gaussian":
+            self.std = _LogStd(self.action_spec.width, log_std_init)
+
+    def forward(self, obs):
+        out = _mlp_forward(self.layers, self.act, self.features(obs))
+        return distribution_for(self.action_spec, out, self.std.log_std if self.action_spec.kind == "gaussian" else None)
+
+
+class FeatureValue(nn.Module):
+    """The critic of "CnnPolicy" / "MultiInputPolicy": its own features extractor (not shared with
+    the policy: TRPO's policy step and the critic's Adam then never move each other's parameters),
+    an MLP and one value: obs -> (B,)."""
+
+    def __init__(self, extractor: FeatureExtractor, hidden: Sequence[int] = (), activation: str = "tanh"):
+        super().__init__()
+        self.features = extractor
+        self.layers, self.act = _mlp((extractor.features_dim, *_check_sizes("hidden", hidden), 1),
+                                     _check_activation(activation))
+        _orthogonal_init(self.layers, last_gain=1.0)
+
+    def forward(self, obs) -> torch.Tensor:
+        return _mlp_forward(self.layers, self.act, self.features(obs)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- networks by name
+BUILT_IN = ("MlpPolicy", "CnnPolicy", "MultiInputPolicy")
+"""The `policy=` / `value_net=` names of the built-in networks, as stable-baselines3 calls them."""
+
+
+def default_name(codec: ObservationCodec) -> str:
+    """The built-in network that fits an observation space."""
+    return "MultiInputPolicy" if codec.is_dict else "CnnPolicy" if codec.has_image else "MlpPolicy"
+
+
+def _check_name_fits(name: str, codec: ObservationCodec, role: str) -> None:
+    fits = default_name(codec)
+    if name == fits or (name == "MultiInputPolicy" and codec.is_dict):
+        return
+    why = {"MultiInputPolicy": "needs a Dict observation space", "CnnPolicy": "needs image observations "
+           "(a uint8 Box of rank 3 with bounds 0..255)", "MlpPolicy": "takes flat observations"}[name]
+    raise ValueError(f"{role}={name!r} {why}; the observation space is {codec.space}: use {role}={fits!r}")
+
+
+def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, activation, log_std_init) -> nn.Module:
+    """The built-in policy `name` for these spaces: MLPPolicy (fused ops) for "MlpPolicy"; a
+    FeaturePolicy with a NatureCNN of 512 features and no hidden layers for "CnnPolicy" (sb3's
+    defaults), or with 256 features per image and `hidden` for "MultiInputPolicy"."""
+    _check_name_fits(name, codec, "policy")
+    if name == "MlpPolicy":
+        return MLPPolicy(codec.flat_dim, action_space, hidden, activation, log_std_init)
+    if name == "CnnPolicy":
+        return FeaturePolicy(FeatureExtractor(codec, 512), action_space, (), activation, log_std_init)
+    return FeaturePolicy(FeatureExtractor(codec, 256), action_space, hidden, activation, log_std_init)
+
+
+def built_in_value(name: str, codec: ObservationCodec, hidden, activation) -> nn.Module:
+    """The built-in critic `name`, shaped like `built_in_policy`'s policy."""
+    _check_name_fits(name, codec, "value_net")
+    if name == "MlpPolicy":
+        return ValueNetwork(codec.flat_dim, hidden, activation)
+    if name == "CnnPolicy":
+        return FeatureValue(FeatureExtractor(codec, 512), (), activation)
+    return FeatureValue(FeatureExtractor(codec, 256), hidden, activation)
+
+
 # ----------------------------------------------------------------------------- a user's own networks
-DEFAULT = "MlpPolicy"
-"""The `policy=` / `value_net=` value that selects the built-in networks (MLPPolicy / ValueNetwork)."""
-
-
 def qualified_name(module: nn.Module) -> str:
     """`module.class.qualname` of a network, what a checkpoint records for information."""
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def build_network(name: str, spec, observation_space, action_space, default) -> nn.Module:
-    """The network `spec` selects: `default()` for "MlpPolicy", the module itself, or what a callable
-    `spec(observation_space, action_space)` returns; TypeError for anything else."""
+def build_network(name: str, spec, observation_space, action_space, built_in) -> nn.Module:
+    """The network `spec` selects: `built_in(spec)` for one of BUILT_IN's names, the module itself,
+    or what a callable `spec(observation_space, action_space)` returns; TypeError for anything else."""
     if isinstance(spec, str):
-        if spec != DEFAULT:
-            raise ValueError(f"{name} must be {DEFAULT!r}, a torch.nn.Module or a callable "
+        if spec not in BUILT_IN:
+            raise ValueError(f"{name} must be one of {BUILT_IN}, a torch.nn.Module or a callable "
                              f"(observation_space, action_space) -> nn.Module; got the string {spec!r}")
-        return default()
+        return built_in(spec)
     if isinstance(spec, nn.Module):
         return spec
     if callable(spec):
@@ -172,7 +296,7 @@ def build_network(name: str, spec, observation_space, action_space, default) -> 
             raise TypeError(f"{name}: the callable {getattr(spec, '__qualname__', spec)!r} returned a "
                             f"{type(module).__name__}, expected a torch.nn.Module")
         return module
-    raise TypeError(f"{name} must be {DEFAULT!r}, a torch.nn.Module or a callable (observation_space, "
+    raise TypeError(f"{name} must be one of {BUILT_IN}, a torch.nn.Module or a callable (observation_space, "
                     f"action_space) -> nn.Module; got {type(spec).__name__}")
 
 
@@ -187,24 +311,49 @@ def _what(out) -> str:
     return f"a {type(out).__name__}"
 
 
-def _forward_once(module: nn.Module, label: str, obs_dim: int, device, expected: str):
-    """module(2 zero observations), float32 as the rollout feeds them, without gradients and with
-    torch's RNG put back afterwards; a ValueError naming `label` and `expected` if it raises."""
-    obs = torch.zeros(2, obs_dim, device=device)
+def _forward_once(module: nn.Module, label: str, codec: ObservationCodec, device, expected: str):
+    """module(2 zero observations), preprocessed as the rollout feeds them, without gradients and
+    with torch's RNG put back afterwards; a ValueError naming `label` and `expected` if it raises."""
+    obs = codec.zeros(2, device)
     try:
-        with torch.random.fork_rng(devices=[] if obs.device.type == "cpu" else [obs.device]), torch.no_grad():
+        with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]), torch.no_grad():
             return module(obs)
     except Exception as e:
-        raise ValueError(f"{label}: forward on a batch of observations of shape (2, {obs_dim}) raised "
-                         f"{type(e).__name__}: {e}; expected it to return {expected}") from e
+        raise ValueError(f"{label}: forward on {codec.describe()} with B = 2 raised {type(e).__name__}: {e}; "
+                         f"expected it to return {expected}") from e
 
 
-def check_custom_policy(policy: nn.Module, obs_dim: int, action_space, device) -> None:
+def expected_distribution(action_space) -> str:
+    """What a policy must return for `action_space`, in words."""
+    spec = action_spec(action_space)
+    if spec.kind == "categorical" and spec.segments is None:
+        return f"Categorical(logits=...) with batch_shape (B,) and {spec.width} classes (the action space {action_space})"
+    if spec.kind == "categorical":
+        return (f"trpo_ext.distributions.MultiCategorical(logits, segments={spec.segments}) with batch_shape (B,) "
+                f"(the action space {action_space})")
+    if spec.kind == "bernoulli":
+        return (f"Independent(Bernoulli(logits=...), 1) with batch_shape (B,) and event_shape ({spec.width},) (the "
+                f"action space {action_space})")
+    return (f"Independent(Normal(mean, std), 1) with batch_shape (B,) and event_shape ({spec.width},) (the action "
+            f"space {action_space})")
+
+
+def _fits(out, spec: ActionSpec) -> bool:
+    base = base_of(out)
+    if spec.kind == "categorical" and spec.segments is None:
+        return isinstance(out, Categorical) and tuple(out.batch_shape) == (2,) and out.param_shape[-1] == spec.width
+    if spec.kind == "categorical":
+        return isinstance(out, MultiCategorical) and tuple(out.batch_shape) == (2,) and out.segments == spec.segments
+    kind = Bernoulli if spec.kind == "bernoulli" else Normal
+    return (isinstance(out, Independent) and isinstance(base, kind) and tuple(out.batch_shape) == (2,)
+            and tuple(out.event_shape) == (spec.width,))
+
+
+def check_custom_policy(policy: nn.Module, codec: ObservationCodec, action_space, device) -> None:
     """ValueError unless `policy` (a user's module) has parameters that all require grad and, called
     once on a batch of 2 zero observations (no grad, torch's RNG put back afterwards), returns the
-    distribution the action space needs: Categorical with batch_shape (2,) and n classes for
-    Discrete(n); Independent(Normal, 1) with batch_shape (2,) and event_shape (k,) for Box(k)."""
-    kind, n = action_space_kind(action_space)
+    distribution the action space needs (`expected_distribution`)."""
+    spec = action_spec(action_space)
     name = type(policy).__qualname__
     params = list(policy.parameters())
     if not params:
@@ -212,36 +361,28 @@ def check_custom_policy(policy: nn.Module, obs_dim: int, action_space, device) -
     frozen = [k for k, p in policy.named_parameters() if not p.requires_grad]
     if frozen:
         raise ValueError(f"policy {name}: TRPO optimizes every parameter; these do not require grad: {frozen}")
-    if kind == "categorical":
-        expected = f"Categorical(logits=...) with batch_shape (B,) and {n} classes (the action space Discrete({n}))"
-    else:
-        expected = (f"Independent(Normal(mean, std), 1) with batch_shape (B,) and event_shape ({n},) (the action "
-                    f"space {action_space})")
-    out = _forward_once(policy, f"policy {name}", obs_dim, device, expected)
-    ok = False
-    if kind == "categorical":
-        ok = isinstance(out, Categorical) and tuple(out.batch_shape) == (2,) and out.param_shape[-1] == n
-    elif isinstance(out, Independent) and isinstance(out.base_dist, Normal):
-        ok = tuple(out.batch_shape) == (2,) and tuple(out.event_shape) == (n,)
-    if not ok:
+    expected = expected_distribution(action_space)
+    out = _forward_once(policy, f"policy {name}", codec, device, expected)
+    if not _fits(out, spec):
         hint = ""
-        if kind == "gaussian" and isinstance(out, Normal) and tuple(out.batch_shape) == (2, n):
-            hint = "; wrap it: Independent(Normal(mean, std), 1)"
-        raise ValueError(f"policy {name}: forward(obs) on obs of shape (2, {obs_dim}) returned {_what(out)}; "
+        if spec.kind in ("gaussian", "bernoulli") and isinstance(out, (Normal, Bernoulli)) \
+                and tuple(out.batch_shape) == (2, spec.width):
+            hint = f"; wrap it: Independent({type(out).__name__}(...), 1)"
+        raise ValueError(f"policy {name}: forward(obs) on {codec.describe()} with B = 2 returned {_what(out)}; "
                          f"expected {expected}{hint}")
 
 
-def check_custom_value_net(value_net: nn.Module, obs_dim: int, device) -> None:
-    """ValueError unless `value_net` (a user's module) has parameters and maps a (2, obs_dim) batch
-    of zero observations to floating-point values of shape (2,) or (2, 1)."""
+def check_custom_value_net(value_net: nn.Module, codec: ObservationCodec, device) -> None:
+    """ValueError unless `value_net` (a user's module) has parameters and maps a batch of 2 zero
+    observations to floating-point values of shape (2,) or (2, 1)."""
     name = type(value_net).__qualname__
     params = list(value_net.parameters())
     if not params:
         raise ValueError(f"value_net {name} has no parameters")
-    out = _forward_once(value_net, f"value_net {name}", obs_dim, device, "values of shape (2,) or (2, 1)")
+    out = _forward_once(value_net, f"value_net {name}", codec, device, "values of shape (2,) or (2, 1)")
     if not (isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape) in ((2,), (2, 1))):
         what = f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else _what(out)
-        raise ValueError(f"value_net {name}: forward(obs) on obs of shape (2, {obs_dim}) returned {what}; "
+        raise ValueError(f"value_net {name}: forward(obs) on {codec.describe()} with B = 2 returned {what}; "
                          "expected floating-point values of shape (2,) or (2, 1)")
 
 
@@ -251,5 +392,6 @@ class FlatValues:
     def __init__(self, value_net: nn.Module):
         self.value_net = value_net
 
-    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.value_net(obs).reshape(obs.shape[0])
+    def __call__(self, obs) -> torch.Tensor:
+        values = self.value_net(obs)
+        return values.reshape(values.shape[0])

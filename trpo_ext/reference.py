@@ -9,18 +9,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.distributions import Categorical, Independent, Normal, kl_divergence
+from torch.distributions import kl_divergence
 
-
-def detach_distribution(dist):
-    """A copy of a Categorical / Normal / Independent(Normal) distribution with no graph."""
-    if isinstance(dist, Independent):
-        return Independent(detach_distribution(dist.base_dist), dist.reinterpreted_batch_ndims)
-    if isinstance(dist, Categorical):
-        return Categorical(logits=dist.logits.detach())
-    if isinstance(dist, Normal):
-        return Normal(dist.loc.detach(), dist.scale.detach())
-    raise TypeError(f"policy must return Categorical, Normal or Independent(Normal), got {type(dist).__name__}")
+from .distributions import detach_distribution  # noqa: F401  (also imported from here)
 
 
 def fvp_function(policy: torch.nn.Module, obs: torch.Tensor, damping: float = 0.0) -> Callable:

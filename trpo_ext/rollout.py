@@ -13,12 +13,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from torch.distributions import Categorical, Independent, Normal
-
-from . import _ops
-from .envs import check_spaces
-from .fisher import fused_mlp
+from . import _ops, spaces
+from .distributions import masked, sample_actions  # noqa: F401  (sample_actions: re-exported, its former home)
 from .envs import LeanSyncVectorEnv, make_vec_env  # noqa: F401  (re-exported: their import path before trpo_ext.envs)
+from .fisher import fused_mlp
 
 
 # ----------------------------------------------------------------------------- observation normalization
@@ -208,41 +206,16 @@ def check_rewards(rewards: np.ndarray, step: int, episode_lengths: np.ndarray) -
         "the agent's parameters and episode statistics were left unchanged")
 
 
-def sample_actions(dist, generator: torch.Generator | None, deterministic: bool = False) -> torch.Tensor:
-    """Actions from a custom policy's distribution: a Categorical (int64 classes) or a (possibly
-    Independent) Normal (the unclipped sample).
-
-    Drawn from the distribution's parameters with `generator`, not with `Distribution.sample`
-    (which draws from torch's global RNG): a Categorical by `torch.multinomial` on its probabilities,
-    a Normal as loc + scale * `torch.randn`. So a run's actions follow from the agent's own random
-    stream, reproducibly from its seed and across save / load, and nothing else that uses the global
-    RNG disturbs them. `generator=None` (what `predict` passes) uses the global RNG.
-    `deterministic`: the mode (the most probable class, or the mean)."""
-    base = dist.base_dist if isinstance(dist, Independent) else dist
-    if isinstance(base, Categorical):
-        probs = base.probs
-        if deterministic:
-            return probs.argmax(-1)
-        flat = probs.reshape(-1, probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
-    if isinstance(base, Normal):
-        loc, scale = torch.broadcast_tensors(base.loc, base.scale)
-        if deterministic:
-            return loc.clone()
-        return loc + scale * torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
-    raise TypeError(f"the policy returned a {type(dist).__name__}; expected Categorical, Normal or "
-                    "Independent(Normal)")
-
-
 @dataclass
 class Batch:
     """One rollout, flattened to (n_steps * n_envs, ...) tensors on the agent's device."""
 
-    obs: torch.Tensor  # normalized observations the policy saw
+    obs: object  # the policy's input (normalized): a tensor, or a dict of them (trpo_ext.spaces)
     actions: torch.Tensor  # sampled (unclipped) actions
     advantages: torch.Tensor
     returns: torch.Tensor  # value targets
     values: torch.Tensor  # V(s) before the critic update, for explained variance
+    action_masks: torch.Tensor | None = None  # (N, logits) bool, True = allowed; None without masks
 
 
 class EpisodeStats:
@@ -292,11 +265,59 @@ class EpisodeStats:
         self.finished.extend((float(r), int(n)) for r, n in state["finished"])
 
 
+class ActionMasks:
+    """Where an env's invalid-action masks come from, decided at the first reset: an `action_masks()`
+    method of each sub-env (reached through its wrappers, as sb3-contrib's MaskablePPO calls it),
+    else `info["action_mask"]` (of reset and of every step), else none (every action valid)."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, spec: spaces.ActionSpec):
+        self.envs, self.spec = envs, spec
+        self.source: str | None = None  # "method", "info" or None
+
+    def start(self, infos: dict) -> np.ndarray | None:
+        """At a reset: picks the source, returns the first masks (or None)."""
+        self.source = None
+        if not self.spec.maskable:
+            return None
+        # Asked through has_wrapper_attr: a failing call would shut an AsyncVectorEnv's worker down.
+        if all(self.envs.call("has_wrapper_attr", "action_masks")):
+            self.source = "method"
+            return self._checked(self.envs.call("action_masks"))
+        if "action_mask" in infos:
+            self.source = "info"
+            return self._checked(infos["action_mask"])
+        return None
+
+    def after_step(self, infos: dict) -> np.ndarray | None:
+        if self.source == "method":
+            return self._checked(self.envs.call("action_masks"))
+        if self.source == "info":
+            if "action_mask" not in infos:
+                raise ValueError("the env gave info['action_mask'] at reset but not after a step; every step's "
+                                 "info must carry the mask of the observation it returns")
+            return self._checked(infos["action_mask"])
+        return None
+
+    def _checked(self, masks) -> np.ndarray:
+        return self.spec.check_mask(np.stack([np.asarray(m).reshape(-1) for m in masks]),
+                                    f"the env's action masks ({self.source or 'action_masks()'})")
+
+
+def single_env_masks(env: gym.Env, info: dict, spec: spaces.ActionSpec) -> np.ndarray | None:
+    """The action masks (1, logits) of one env's current observation, found as `ActionMasks` finds
+    them (an `action_masks()` method, else info["action_mask"]), or None."""
+    if not spec.maskable:
+        return None
+    mask = env.get_wrapper_attr("action_masks")() if env.has_wrapper_attr("action_masks") else info.get("action_mask")
+    return None if mask is None else spec.check_mask(np.asarray(mask).reshape(1, -1), "the env's action mask")
+
+
 class RolloutCollector:
     """Steps a vector env `n_steps` times with batched policy inference and turns it into a `Batch`.
 
-    Keeps the last observation between rollouts, so episodes continue across updates. Values are
-    computed once per rollout in one batched forward pass (current, last and final observations).
+    Keeps the last observation (and its action masks) between rollouts, so episodes continue
+    across updates. Values are computed once per rollout in one batched forward pass (current,
+    last and final observations).
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, n_steps: int, device: torch.device,
@@ -305,13 +326,14 @@ class RolloutCollector:
         self.envs, self.n_steps, self.device = envs, n_steps, device
         self.normalizer, self.stats, self.reward_scaler = normalizer, stats, reward_scaler
         self.n_envs = envs.num_envs
-        self.obs_dim, kind = check_spaces(envs.single_observation_space, envs.single_action_space)
+        self.codec = spaces.ObservationCodec(envs.single_observation_space)
+        self.action = spaces.action_spec(envs.single_action_space)
         space = envs.single_action_space
-        self.discrete = kind == "categorical"
-        self.action_shape = () if self.discrete else space.shape
-        self.low = None if self.discrete else space.low.astype(np.float32)
-        self.high = None if self.discrete else space.high.astype(np.float32)
-        self.last_obs: np.ndarray | None = None
+        self.low = space.low.astype(np.float32) if self.action.kind == "gaussian" else None
+        self.high = space.high.astype(np.float32) if self.action.kind == "gaussian" else None
+        self.masks = ActionMasks(envs, self.action)
+        self.last_obs = None  # a raw batch (an array, or a dict of arrays)
+        self.last_masks: np.ndarray | None = None
         self.env_failure: str | None = None  # what the vector env raised, once it has
 
     def _envs(self, call, *args, **kwargs):
@@ -329,18 +351,20 @@ class RolloutCollector:
             raise
 
     def reset(self, seed: int | None) -> None:
-        self.last_obs, _ = self._envs("reset", seed=seed)
+        self.last_obs, infos = self._envs("reset", seed=seed)
+        self.last_masks = self.masks.start(infos)
         self.stats.returns[:] = 0.0
         self.stats.lengths[:] = 0
         if self.reward_scaler is not None:
             self.reward_scaler.returns[:] = 0.0
 
     def state_dict(self) -> dict:
-        """What continues the rollouts exactly (given the same env states): the last observation,
-        the episode statistics, the normalizer's statistics and the reward scaler's state (each None
-        when not used)."""
-        return {"last_obs": None if self.last_obs is None else torch.from_numpy(
-                    np.asarray(self.last_obs, dtype=np.float64)),
+        """What continues the rollouts exactly (given the same env states): the last observation and
+        its masks, the episode statistics, the normalizer's statistics and the reward scaler's state
+        (each None when not used)."""
+        return {"last_obs": None if self.last_obs is None else self.codec.raw_to_state(self.last_obs),
+                "last_masks": None if self.last_masks is None else torch.from_numpy(self.last_masks.copy()),
+                "mask_source": self.masks.source,
                 "stats": self.stats.state_dict(),
                 "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
                 "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict()}
@@ -361,44 +385,56 @@ class RolloutCollector:
             self.reward_scaler.load_state_dict(scaler, resume_episodes=resume_episodes)
         if resume_episodes:
             self.stats.load_state_dict(state["stats"])
-            self.last_obs = None if state["last_obs"] is None else \
-                state["last_obs"].numpy().astype(self.envs.single_observation_space.dtype)
+            self.last_obs = None if state["last_obs"] is None else self.codec.raw_from_state(state["last_obs"])
+            masks = state.get("last_masks")  # absent in files written before action masks
+            self.last_masks = None if masks is None else masks.numpy().copy()
+            self.masks.source = state.get("mask_source")
 
-    def observe(self, obs: np.ndarray) -> torch.Tensor:
-        """Raw observations -> float32 tensor on the device, normalized when enabled."""
-        t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        return t if self.normalizer is None else self.normalizer.normalize(t)
+    def observe(self, obs) -> object:
+        """A raw batch -> the policy's input on the device (`ObservationCodec.preprocess`),
+        normalized when enabled."""
+        return self.codec.preprocess(obs, self.device, self.normalizer)
+
+    def mask_tensor(self, masks: np.ndarray | None) -> torch.Tensor | None:
+        return None if masks is None else torch.as_tensor(masks, device=self.device)
 
     @torch.no_grad()
-    def act(self, policy, obs: np.ndarray, generator: torch.Generator | None = None, deterministic: bool = False,
-            params: list[torch.Tensor] | None = None, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw observations (B, obs_dim) -> (the policy's input, actions).
+    def act(self, policy, obs, generator: torch.Generator | None = None, deterministic: bool = False,
+            params: list[torch.Tensor] | None = None, fused: bool | None = None,
+            masks: torch.Tensor | None = None) -> tuple[object, torch.Tensor]:
+        """A raw batch -> (the policy's input, actions), never an action `masks` (bool (B, logits),
+        True = allowed) rules out.
 
-        An `MLPPolicy` (`trpo_ext.fisher.fused_mlp`) takes one extension call: normalization as
-        `observe`, the forward pass, and a sample (or the mode). Any other module: `observe`, then
-        `policy(obs)` and `sample_actions` on its distribution (drawn with `generator`).
-        `params`: `list(policy.parameters())`, when the caller has it at hand (it costs a module walk);
-        `fused`: whether `fused_mlp(policy)` holds, likewise."""
-        if fused is None:
-            fused = fused_mlp(policy) is not None
-        if not fused:
+        An `MLPPolicy` (`trpo_ext.fisher.fused_mlp`) takes one extension call: (for a 1-D Box
+        observation) normalization as `observe`, the forward pass, and a sample (or the mode). Any
+        other module: `observe`, then `policy(obs)`, masked, and `sample_actions` on its
+        distribution (drawn with `generator`). `params`: `list(policy.parameters())`, when the caller
+        has it at hand (it costs a module walk); `fused`: whether `fused_mlp(policy)` holds, likewise."""
+        description = fused_mlp(policy) if fused is None or fused else None
+        if description is None:
             policy_obs = self.observe(obs)
-            return policy_obs, sample_actions(policy(policy_obs), generator, deterministic)
-        obs = torch.as_tensor(obs, device=self.device)
+            return policy_obs, sample_actions(masked(policy(policy_obs), masks), generator, deterministic)
         mean = inv_std = None
         clip = 1.0
-        if self.normalizer is not None:
-            mean, inv_std = self.normalizer.tensors(obs.device)  # obs.device has an index; self.device may not
-            clip = self.normalizer.clip
-        return _ops.mlp_act(obs, list(policy.parameters()) if params is None else params, kind=policy.kind,
+        if not self.codec.plain_box:  # preprocessed in Python (one-hot, flattened); the op runs the network
+            x = self.observe(obs)
+        else:
+            x = torch.as_tensor(obs, device=self.device)
+            if self.normalizer is not None:
+                mean, inv_std = self.normalizer.tensors(x.device)  # x.device has an index; self.device may not
+                clip = self.normalizer.clip
+        return _ops.mlp_act(x, list(policy.parameters()) if params is None else params, kind=policy.kind,
                             activation=policy.activation, deterministic=deterministic, generator=generator,
-                            obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip)
+                            obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip, **description.extra(masks))
 
     def env_actions(self, actions: torch.Tensor) -> np.ndarray:
-        """Sampled actions as the env takes them: Box actions clipped to the bounds."""
+        """Sampled actions as the env takes them: Box actions clipped to the bounds, MultiBinary
+        ones in the space's integer dtype."""
         a = actions.cpu().numpy()
-        if self.discrete:
+        if self.action.kind == "categorical":
             return a
+        if self.action.kind == "bernoulli":
+            return a.astype(self.envs.single_action_space.dtype)
         # In place on a fresh array: `actions` (the unclipped sample) must stay as it was.
         a = a.copy() if actions.device.type == "cpu" else a
         np.maximum(a, self.low, out=a)
@@ -407,29 +443,31 @@ class RolloutCollector:
     @torch.no_grad()
     def collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
         T, N = self.n_steps, self.n_envs
-        obs_steps, act_steps = [], []  # stacked once at the end: cheaper than T indexed copies
+        obs_steps, act_steps, mask_steps = [], [], []  # stacked once at the end: cheaper than T indexed copies
         rewards = np.empty((T, N))
         terminated = np.empty((T, N), dtype=bool)
         truncated = np.empty((T, N), dtype=bool)
         final_obs = []  # (t, env, observation) where an episode was truncated
 
-        obs = self.last_obs
+        obs, masks = self.last_obs, self.last_masks
         params = list(policy.parameters())
         fused = fused_mlp(policy) is not None
         for t in range(T):
             # Each observation is checked once, before it can reach the statistics or the policy.
-            if not np.isfinite(obs).all():
-                raise ValueError("the environment returned a non-finite observation; "
-                                 "the agent's parameters and observation statistics were left unchanged")
+            self.codec.check(obs)
             if self.normalizer is not None:
                 # Every observation enters the statistics before the policy sees it, one step at a
                 # time (as sb3's VecNormalize does). Updating once per rollout instead lags the
                 # statistics by a rollout and learned far worse on HalfCheetah-v5 (bench/README.md).
-                self.normalizer.update(obs)
-            policy_obs, actions = self.act(policy, obs, generator, params=params, fused=fused)
+                self.normalizer.update(self.codec.norm_features(obs))
+            mask_t = self.mask_tensor(masks)
+            policy_obs, actions = self.act(policy, obs, generator, params=params, fused=fused, masks=mask_t)
             obs_steps.append(policy_obs)
             act_steps.append(actions)
+            if mask_t is not None:
+                mask_steps.append(mask_t)
             obs, rewards[t], terminated[t], truncated[t], infos = self._envs("step", self.env_actions(actions))
+            masks = self.masks.after_step(infos)
             check_rewards(rewards[t], t + 1, self.stats.lengths)  # before the statistics see them
             done = terminated[t] | truncated[t]
             self.stats.step(rewards[t], done)  # the episode statistics keep the raw rewards
@@ -438,19 +476,16 @@ class RolloutCollector:
             if truncated[t].any():
                 final = infos["final_obs"]
                 final_obs += [(t, i, final[i]) for i in np.flatnonzero(truncated[t])]
-        self.last_obs = obs
+        self.last_obs, self.last_masks = obs, masks
 
         # The observation after the last step and the truncated episodes' final observations (the
         # rewards were checked step by step).
-        if not (np.isfinite(obs).all() and all(np.isfinite(o).all() for _, _, o in final_obs)):
-            raise ValueError("the environment returned a non-finite observation; "
-                             "the agent's parameters were left unchanged")
+        extra = obs if not final_obs else self.codec.concat_raw([obs, self.codec.batch_raw([o for *_, o in final_obs])])
+        self.codec.check(extra)
 
         # One value pass: all rollout observations, the observation after the last step, final observations.
-        extra = [obs] + [o[None] for _, _, o in final_obs]
-        extra = self.observe(np.concatenate(extra).astype(np.float32))
-        obs_buf = torch.cat(obs_steps)  # (T * N, obs_dim), step-major like the (T, N) arrays
-        all_values = value_fn(torch.cat([obs_buf, extra])).cpu().numpy().astype(np.float64)
+        obs_buf = spaces.cat(obs_steps)  # (T * N, ...), step-major like the (T, N) arrays
+        all_values = value_fn(spaces.cat([obs_buf, self.observe(extra)])).cpu().numpy().astype(np.float64)
         values = all_values[: T * N].reshape(T, N)
         next_values = np.concatenate([values[1:], all_values[T * N: T * N + N][None]])
         for k, (t, i, _) in enumerate(final_obs):
@@ -461,5 +496,5 @@ class RolloutCollector:
             return torch.as_tensor(a.reshape(T * N), dtype=torch.float32, device=self.device)
 
         return Batch(obs=obs_buf, actions=torch.cat(act_steps),
-                     advantages=flat(advantages), returns=flat(returns), values=flat(values))
-
+                     advantages=flat(advantages), returns=flat(returns), values=flat(values),
+                     action_masks=torch.cat(mask_steps) if mask_steps else None)

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Normal, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from . import _ops, distributed
 from .config import TrustRegionConfig
+from .distributions import MultiCategorical, base_of, detach_distribution, masked
 from .fisher import CGInfo, check_inputs, check_policy, choose_path, generic_cg_solve
-from .reference import detach_distribution
+from .spaces import batch_len
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,10 @@ def _unvalidated_distributions():
 
 def _check_batch(obs, actions, advantages) -> None:
     for name, t in (("obs", obs), ("actions", actions), ("advantages", advantages)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    n = obs.shape[0] if obs.dim() else 0
+        if not isinstance(t, torch.Tensor) and not (name == "obs" and isinstance(obs, dict) and obs):
+            raise TypeError(f"{name} must be a torch.Tensor{' (or a dict of them)' if name == 'obs' else ''}, "
+                            f"got {type(t).__name__}")
+    n = batch_len(obs) if isinstance(obs, dict) or obs.dim() else 0
     if n == 0:
         raise ValueError(f"obs must be a non-empty batch (N, ...), got shape {tuple(obs.shape)}")
     if advantages.shape != (n,):
@@ -81,8 +83,33 @@ def _check_batch(obs, actions, advantages) -> None:
 
 
 def _policy_std(dist) -> float:
-    base = dist.base_dist if isinstance(dist, Independent) else dist
+    base = base_of(dist)
     return base.scale.mean().item() if isinstance(base, Normal) else float("nan")
+
+
+def _check_mask(name: str, mask, n: int, dist, actions: torch.Tensor | None) -> None:
+    """ValueError unless `mask` is a bool (n, logits) tensor on the actions' device for a (Multi)
+    Categorical `dist`, and (with `actions`) allows every action taken."""
+    base = base_of(dist)
+    if not isinstance(base, (torch.distributions.Categorical, MultiCategorical)):
+        raise ValueError(f"{name}: action masks apply to Categorical and MultiCategorical policies, the policy "
+                         f"returned {type(dist).__name__}")
+    width = base.raw_logits.shape[-1] if isinstance(base, MultiCategorical) else base.logits.shape[-1]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != (n, width):
+        raise ValueError(f"{name} must have shape ({n}, {width}) (one entry per logit), got {tuple(mask.shape)}")
+    if actions is None:
+        return
+    if mask.device != actions.device:
+        raise TypeError(f"{name} must be on the actions' device {actions.device}, got {mask.device}")
+    segments = base.segments if isinstance(base, MultiCategorical) else (width,)
+    offsets = torch.tensor([0, *segments[:-1]], device=mask.device).cumsum(0)
+    taken = mask.gather(1, actions.reshape(n, -1) + offsets)
+    if not bool(taken.all()):
+        row = int((~taken).any(1).nonzero()[0])
+        raise ValueError(f"{name}: the action of row {row} ({actions[row].tolist()}) is masked; a masked action "
+                         "cannot have been sampled")
 
 
 class _Direction(NamedTuple):
@@ -94,7 +121,7 @@ class _Direction(NamedTuple):
 
 
 def _direction(policy, params, obs, actions, advantages, config: TrustRegionConfig, fvp_obs, path,
-               group) -> _Direction:
+               group, action_mask=None, fvp_action_mask=None) -> _Direction:
     """The gradient, the CG solve and the line search's trial function, from one forward pass of the
     policy. The fused ops compute g analytically, share the forward pass with the solve's cache, and
     evaluate a trial without touching θ; the generic path takes g from autograd and evaluates a
@@ -107,7 +134,8 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
         check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)  # actions: the ops check them
         result = _ops.mlp_policy_direction(obs, [p.detach() for p in params], actions, advantages, kind=fused.kind,
                                            activation=fused.activation, damping=config.damping,
-                                           iters=config.cg_iters, rtol=config.cg_rtol, fvp_obs=fvp_obs, group=name)
+                                           iters=config.cg_iters, rtol=config.cg_rtol, fvp_obs=fvp_obs, group=name,
+                                           **fused.extra(action_mask, fvp_action_mask=fvp_action_mask))
         with torch.no_grad():
             old_dist = policy.distribution(result.dist_params)
         shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
@@ -117,7 +145,8 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
             views = [t.view(shape) for t, shape in zip(candidate.split(sizes), shapes)]
             kl, improvement = _ops.mlp_policy_trial(obs, views, actions, advantages,
                                                     old_dist_params=result.dist_params, old_log_std=old_log_std,
-                                                    kind=fused.kind, activation=fused.activation, group=name)
+                                                    kind=fused.kind, activation=fused.activation, group=name,
+                                                    **fused.extra(action_mask))
             return kl.item(), improvement.item()
 
         g, x, info = result.gradient, result.x, CGInfo(result.iterations, result.residual_norm, result.xAx)
@@ -125,13 +154,16 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
             x = info = None
     else:
         check_inputs(policy, params, None, obs=obs, fvp_obs=products_obs)
-        n_total, m_total = obs.shape[0], products_obs.shape[0]
+        n_total, m_total = batch_len(obs), batch_len(products_obs)
         if group is not None:  # the batch sizes of all ranks: one reduction
             counts = distributed.all_reduce_sum_(torch.tensor([n_total, m_total], dtype=torch.float64,
                                                               device=obs.device), group).tolist()
             n_total, m_total = counts
         with torch.enable_grad():
             dist = policy(obs)
+            if action_mask is not None:
+                _check_mask("action_mask", action_mask, batch_len(obs), dist, actions)
+                dist = masked(dist, action_mask)
             log_prob = dist.log_prob(actions)
             surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).sum() / n_total
             g = distributed.all_reduce_sum_(parameters_to_vector(torch.autograd.grad(surrogate, params)), group)
@@ -140,21 +172,27 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
         def trial(candidate):
             vector_to_parameters(candidate, params)
             with _unvalidated_distributions(), torch.no_grad():
-                dist = policy(obs)
+                dist = masked(policy(obs), action_mask)
                 sums = torch.stack([kl_divergence(old_dist, dist).sum(),
                                     (torch.expm1(dist.log_prob(actions) - old_log_prob) * advantages).sum()])
                 kl, improvement = (distributed.all_reduce_sum_(sums.double(), group) / n_total).tolist()
                 return kl, improvement
 
+        products_mask = action_mask if fvp_obs is None else fvp_action_mask
+        if fvp_obs is not None and (action_mask is None) != (fvp_action_mask is None):
+            raise ValueError("fvp_action_mask must be given with fvp_obs exactly when action_mask is")
+        if fvp_action_mask is not None:
+            _check_mask("fvp_action_mask", fvp_action_mask, batch_len(fvp_obs), dist, None)
         x = info = None
         if bool(torch.isfinite(g).all()):
-            share = products_obs.shape[0] / m_total
+            share = batch_len(products_obs) / m_total
 
             def over_ranks(fv):  # this rank's share of F v over all ranks' states, summed: one reduction
                 return distributed.all_reduce_sum_(fv * share, group)
 
             x, info = generic_cg_solve(policy, products_obs, params, g, config.damping, config.cg_iters,
-                                       config.cg_rtol, combine=None if group is None else over_ranks)
+                                       config.cg_rtol, combine=None if group is None else over_ranks,
+                                       mask=products_mask)
     return _Direction(g, x, info, old_dist, trial)
 
 
@@ -180,15 +218,18 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
                       advantages: torch.Tensor, *, max_kl: float = 0.01, damping: float = 0.1,
                       cg_iters: int = 10, cg_rtol: float = 1e-10, backtrack_factor: float = 0.8,
                       max_backtracks: int = 10, fvp_obs: torch.Tensor | None = None,
-                      path: str = "auto", process_group=None) -> StepRecord:
+                      path: str = "auto", process_group=None, action_mask: torch.Tensor | None = None,
+                      fvp_action_mask: torch.Tensor | None = None) -> StepRecord:
     """One TRPO policy step on (obs, actions, advantages); moves `policy`'s parameters in place.
 
     Args:
         policy: an `MLPPolicy` (fused Fisher-vector products) or any module whose `forward(obs)`
-            returns a Categorical or a (possibly Independent) Normal (generic path). Every
+            returns one of `trpo_ext.distributions`' distributions: Categorical, MultiCategorical,
+            Independent(Bernoulli) or a (possibly Independent) Normal (generic path). Every
             parameter is optimized and must require grad.
-        obs, actions: the batch the policy acted on; actions as the policy's distribution
-            samples them (int64 classes, or the unclipped Gaussian sample).
+        obs, actions: the batch the policy acted on (obs: a tensor, or a dict of tensors for a
+            policy that takes one); actions as the policy's distribution samples them (int64
+            classes (N,) or (N, sub-actions), 0/1 floats, or the unclipped Gaussian sample).
         advantages: one per observation, used as given (normalize them first if you want that).
         max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks: see
             `trpo_ext.config.TrustRegionConfig`.
@@ -201,6 +242,11 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
             policy parameters and settings, and every rank takes the step a single process would
             take on all shards together. None: this process alone. Reductions: the batch sizes,
             the gradient, one per CG product, one per line-search trial (docs/distributed.md).
+        action_mask: invalid-action masks of obs's rows, bool (N, logits), True = allowed, for a
+            (Multi)Categorical policy: the step is that of the masked policy (masked logits set to
+            `trpo_ext.distributions.MASKED_LOGIT`: probability exactly 0, no part in the KL, the
+            gradient or the Fisher). Every action taken must be allowed.
+        fvp_action_mask: the masks of fvp_obs's rows; required with fvp_obs exactly when action_mask is given.
     Returns:
         a `StepRecord` (entropy and policy_std describe this rank's shard; the rest is the same on
         every rank).
@@ -215,7 +261,8 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     group = distributed.resolve_group(process_group)
 
     start = time.perf_counter()
-    direction = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path, group)
+    direction = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path, group,
+                           action_mask, fvp_action_mask)
     g, x, info, old_dist = direction.gradient, direction.x, direction.info, direction.old_dist
     old_params = parameters_to_vector(params).detach().clone()
     record = dict(accepted=False, kl=0.0, improvement=0.0, expected_improvement=float("nan"), line_search_steps=0,

@@ -20,12 +20,14 @@ import torch
 
 from . import checkpoint, distributed
 from .config import TRPOConfig, check_int
+from . import spaces
 from .critic import check_parallel, fit_value_network, fused_value
-from .envs import check_spaces, eval_env_factory, make_vec_env, registered_spec
+from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .fisher import fused_mlp
-from .policies import FlatValues, MLPPolicy, ValueNetwork, build_network, check_custom_policy, check_custom_value_net
-from .rollout import EpisodeStats, RewardScaler, RolloutCollector, RunningNormalizer
+from .policies import (BUILT_IN, FlatValues, build_network, built_in_policy, built_in_value, check_custom_policy,
+                       check_custom_value_net, default_name)
+from .rollout import EpisodeStats, RewardScaler, RolloutCollector, RunningNormalizer, single_env_masks
 from .step import trust_region_step
 
 RANK_SEED_STRIDE = 1_000_033
@@ -43,26 +45,42 @@ class TRPO:
     Args:
         env: a gymnasium id, an `EnvSpec`, a `gymnasium.Env` (with n_envs=1), a callable returning
             an Env, or a gymnasium vector env built with `autoreset_mode=AutoresetMode.SAME_STEP`.
-            Observations must be a flat 1-D Box; actions Discrete or a 1-D Box (Box actions are
-            clipped to the bounds for the env; log-probabilities use the unclipped sample).
-        policy: the policy network. "MlpPolicy" (the default): the built-in `MLPPolicy` shaped by
-            `policy_kwargs`, whose rollouts, Fisher products and solve run in the fused ops. Or your
-            own `torch.nn.Module` whose `forward(obs)` takes a batch of (normalized) observations
-            (B, obs_dim) and returns `Categorical(logits=...)` for Discrete(n) actions (batch_shape
-            (B,), n classes) or `Independent(Normal(mean, std), 1)` for Box(k) actions (batch_shape
-            (B,), event_shape (k,); the std may depend on the state); every parameter must require
-            grad. Or a callable `(observation_space, action_space) -> nn.Module` (called with torch's
-            RNG seeded from `seed`, so its initialisation is reproducible). A module passed itself is
-            moved to `device` and trained in place. A custom policy samples its
-            actions from its distribution's parameters with the agent's generator (see
-            `trpo_ext.rollout.sample_actions`) and takes the generic path of `trust_region_step`. It
-            is called once at construction on a batch of zero observations: a wrong output is a
-            ValueError naming what it returned and what the action space needs.
-        value_net: the critic, likewise: "MlpPolicy" (the default): the built-in `ValueNetwork` with
-            `policy_kwargs`' hidden sizes and activation (fused fit); or a module mapping observations
-            (B, obs_dim) to values (B,) or (B, 1), fitted by a plain PyTorch Adam loop with the same
-            settings (`trpo_ext.critic.fit_value_module`); or a callable `(observation_space,
-            action_space) -> nn.Module`. A custom critic needs `critic_parallel="gather"` when data-parallel.
+            Observations: Box (vectors, images, any shape), Discrete, MultiDiscrete, MultiBinary or
+            a Dict of those; actions: Discrete, MultiDiscrete, MultiBinary or a 1-D Box (Box actions
+            are clipped to the bounds for the env; log-probabilities use the unclipped sample).
+        policy: the policy network. "auto" (the default): the built-in one that fits the
+            observation space: "MlpPolicy" for flat observations (a Box, Discrete / MultiDiscrete
+            one-hot, MultiBinary), "CnnPolicy" for images, "MultiInputPolicy" for a Dict
+            (`trpo_ext.spaces` says how each observation is preprocessed; docs/spaces.md). "MlpPolicy":
+            the built-in `MLPPolicy` shaped by `policy_kwargs`, whose rollouts, Fisher products and
+            solve run in the fused ops. "CnnPolicy": a NatureCNN (512 features) and the action head;
+            "MultiInputPolicy": a NatureCNN (256 features) per image entry, the other entries
+            flattened, concatenated, then `policy_kwargs`' MLP (stable-baselines3's architectures;
+            generic path). Or your own `torch.nn.Module` whose `forward(obs)` takes a batch of
+            preprocessed (normalized) observations (a tensor (B, ...), or a dict of them for a Dict
+            space) and returns the action space's distribution: `Categorical(logits=...)` for
+            Discrete(n) (batch_shape (B,)), `trpo_ext.MultiCategorical(logits, segments=nvec)` for
+            MultiDiscrete(nvec), `Independent(Bernoulli(logits=...), 1)` for MultiBinary(k),
+            `Independent(Normal(mean, std), 1)` for Box(k) (the std may depend on the state);
+            every parameter must require grad. Or a callable `(observation_space, action_space) ->
+            nn.Module` (called with torch's RNG seeded from `seed`, so its initialisation is
+            reproducible). A module passed itself is moved to `device` and trained in place. A
+            custom policy samples its actions from its distribution's parameters with the agent's
+            generator (`trpo_ext.distributions.sample_actions`) and takes the generic path of
+            `trust_region_step`. It is called once at construction on a batch of zero observations:
+            a wrong output is a ValueError naming what it returned and what the action space needs.
+            Invalid-action masks (Discrete / MultiDiscrete) are read from the envs when they have an
+            `action_masks()` method (as sb3-contrib's MaskablePPO reads them) or put
+            `info["action_mask"]` in reset's and every step's info; masked actions are never
+            sampled and play no part in the update. Recurrent policies, Tuple spaces and Dict or
+            Tuple actions are not supported (TypeError naming the space).
+        value_net: the critic, likewise: "auto" (the default): the built-in critic of the policy's
+            name (of the observation space when the policy is a module): `ValueNetwork` for
+            "MlpPolicy" (fused fit), a NatureCNN / multi-input network with its own feature
+            extractor (not shared with the policy) otherwise; or a module mapping observations to
+            values (B,) or (B, 1), fitted by a plain PyTorch Adam loop with the same settings
+            (`trpo_ext.critic.fit_value_module`); or a callable `(observation_space, action_space) ->
+            nn.Module`. A custom critic needs `critic_parallel="gather"` when data-parallel.
             Custom networks are not stored as code in checkpoints: `TRPO.load(path, policy=...,
             value_net=...)` takes them again.
         n_envs … seed: the hyperparameters, each documented (and checked) in `trpo_ext.config.TRPOConfig`;
@@ -93,7 +111,7 @@ class TRPO:
                  vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
-                 policy="MlpPolicy", value_net="MlpPolicy"):
+                 policy="auto", value_net="auto"):
         config = TRPOConfig.from_dict(dict(
             n_envs=n_envs, n_steps=n_steps, gamma=gamma, gae_lambda=gae_lambda, max_kl=max_kl, damping=damping,
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
@@ -116,10 +134,19 @@ class TRPO:
         self.config = config
         self.env_spec = registered_spec(env, self.envs)
         self.make_eval_env = eval_env_factory(env, self.env_spec)  # None: evaluate needs env=
-        obs_dim, _ = check_spaces(self.envs.single_observation_space, self.envs.single_action_space)
+        observation_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
+        try:
+            codec = spaces.ObservationCodec(observation_space)
+            spaces.action_spec(action_space)
+            if config.normalize_obs and codec.norm_dim == 0:
+                raise ValueError(f"normalize_obs=True normalizes the Box parts of an observation that are not images; "
+                                 f"{observation_space} has none (images are scaled to [0, 1] instead)")
+        except BaseException:
+            self.envs.close()
+            raise
 
         # Rollouts.
-        self.normalizer = RunningNormalizer(obs_dim, config.obs_clip) if config.normalize_obs else None
+        self.normalizer = RunningNormalizer(codec.norm_dim, config.obs_clip) if config.normalize_obs else None
         reward_scaler = RewardScaler(config.n_envs, config.gamma, config.reward_clip) if config.normalize_reward \
             else None
         self.collector = RolloutCollector(self.envs, config.n_steps, self.device, self.normalizer,
@@ -127,18 +154,25 @@ class TRPO:
 
         # Networks, the critic's optimizer and the training random stream.
         hidden, activation = config.policy_kwargs["hidden"], config.policy_kwargs["activation"]
-        observation_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
+        if isinstance(policy, str) and policy == "auto":  # the built-in network that fits the observations
+            policy = default_name(codec)
+        if isinstance(value_net, str) and value_net == "auto":  # the built-in critic that fits the policy's input
+            value_net = policy if isinstance(policy, str) and policy in BUILT_IN else default_name(codec)
+        # The built-in names the networks were made from (None: a user's module); checkpoints keep them.
+        self.network_names = {"policy": policy if isinstance(policy, str) else None,
+                              "value_net": value_net if isinstance(value_net, str) else None}
         try:
             with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
                 torch.manual_seed(config.seed)
-                self.policy = build_network("policy", policy, observation_space, action_space, lambda: MLPPolicy(
-                    obs_dim, action_space, hidden, activation, config.policy_kwargs["log_std_init"])).to(self.device)
+                self.policy = build_network("policy", policy, observation_space, action_space, lambda name: built_in_policy(
+                    name, codec, action_space, hidden, activation, config.policy_kwargs["log_std_init"])).to(self.device)
                 self.value_net = build_network("value_net", value_net, observation_space, action_space,
-                                               lambda: ValueNetwork(obs_dim, hidden, activation)).to(self.device)
+                                               lambda name: built_in_value(name, codec, hidden, activation)
+                                               ).to(self.device)
             if fused_mlp(self.policy) is None:
-                check_custom_policy(self.policy, obs_dim, action_space, self.device)
+                check_custom_policy(self.policy, codec, action_space, self.device)
             if not fused_value(self.value_net):
-                check_custom_value_net(self.value_net, obs_dim, self.device)
+                check_custom_value_net(self.value_net, codec, self.device)
                 if self.group is not None:
                     check_parallel(self.value_net, config.critic_parallel)
         except BaseException:
@@ -242,7 +276,7 @@ class TRPO:
         steps = config.batch_size * self.world_size
         self.num_timesteps += steps
 
-        policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages)
+        policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks)
 
         t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
         value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
@@ -269,16 +303,21 @@ class TRPO:
             self._logger.write(record)
         return record
 
-    def _policy_step(self, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor) -> dict:
+    def _policy_step(self, obs, actions: torch.Tensor, advantages: torch.Tensor,
+                     action_masks: torch.Tensor | None = None) -> dict:
         """`trust_region_step` on the (normalized) advantages, Fisher products on a random
         `fvp_fraction` of the batch; its part of the log record."""
         if self.config.normalize_advantage:
             advantages = _normalized(advantages, self.group)
-        fvp_obs = None
+        fvp_obs = fvp_masks = None
         if self.config.fvp_fraction < 1.0:
-            k = max(1, int(round(self.config.fvp_fraction * obs.shape[0])))
-            fvp_obs = obs[torch.randperm(obs.shape[0], generator=self.generator, device=obs.device)[:k]]
+            n = spaces.batch_len(obs)
+            k = max(1, int(round(self.config.fvp_fraction * n)))
+            subset = torch.randperm(n, generator=self.generator, device=advantages.device)[:k]
+            fvp_obs = spaces.rows(obs, subset)
+            fvp_masks = None if action_masks is None else action_masks[subset]
         step = trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs, process_group=self.group,
+                                 action_mask=action_masks, fvp_action_mask=fvp_masks,
                                  **dataclasses.asdict(self.config.trust_region))
         return {"kl": step.kl, "surrogate_improvement": step.improvement,
                 "expected_improvement": step.expected_improvement, "line_search_steps": step.line_search_steps,
@@ -297,31 +336,41 @@ class TRPO:
         """The space of one action (what `predict` returns for one observation)."""
         return self.envs.single_action_space
 
-    def predict(self, observation, state=None, episode_start=None,
-                deterministic: bool = False) -> tuple[np.ndarray, None]:
-        """`(actions, None)` for raw observations, as stable-baselines3's `predict`: one observation
-        (obs_dim,) gives one action, a batch (B, obs_dim) B actions. The policy is not recurrent:
-        `state` and `episode_start` are accepted and ignored, and the returned state is None.
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = False,
+                action_masks=None) -> tuple[np.ndarray, None]:
+        """`(actions, None)` for observations as the env returns them, as stable-baselines3's
+        `predict`: one observation gives one action, a batch (a leading axis; for a Dict space, on
+        every entry) one action per row. The policy is not recurrent: `state` and `episode_start` are
+        accepted and ignored, and the returned state is None.
 
-        Normalization is applied inside; Box actions are clipped to the action space. `deterministic`:
-        the distribution's mode (the most probable class, or the Gaussian's mean), for a custom
-        policy too. Sampling uses
-        torch's global RNG, so predicting never changes the training random stream. ValueError for
-        the `(obs, info)` tuple `reset()` returns, a wrong shape, or NaN / inf in the observation.
+        Preprocessing and normalization are applied inside; Box actions are clipped to the action
+        space; actions come in the form the env takes. `action_masks` (Discrete / MultiDiscrete
+        actions): bool, one entry per action (of every sub-action), (logits,) for one observation or
+        (B, logits); a masked action is never returned. `deterministic`: the distribution's mode (the
+        most probable class, p > 1/2, or the Gaussian's mean), for a custom policy too. Sampling
+        uses torch's global RNG, so predicting never changes the training random stream. ValueError
+        for the `(obs, info)` tuple `reset()` returns, a wrong shape, or NaN / inf in the observation.
         """
         if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
             raise ValueError("predict got the (obs, info) tuple that env.reset() returns; pass the observation: "
                              "obs, info = env.reset()")
-        obs = np.asarray(observation, dtype=np.float32)
-        single = obs.ndim == 1
-        if obs.shape[-1:] != (self.collector.obs_dim,) or obs.ndim > 2:
-            raise ValueError(f"obs must have shape ({self.collector.obs_dim},) or (B, {self.collector.obs_dim}), "
-                             f"got {obs.shape}")
-        if not np.isfinite(obs).all():
-            where = tuple(int(i) for i in np.argwhere(~np.isfinite(obs))[0])
-            raise ValueError(f"obs contains NaN or inf (obs{list(where)} = {obs[where]})")
+        codec = self.collector.codec
+        obs, single = codec.raw_single(observation)
+        if codec.plain_box:
+            obs = obs.astype(np.float32)
+        bad = codec.first_nonfinite(obs, single)
+        if bad is not None:
+            raise ValueError(f"obs contains NaN or inf ({bad})")
+        masks = None
+        if action_masks is not None:
+            n = codec.raw_len(obs)
+            masks = np.asarray(action_masks)
+            masks = self.collector.action.check_mask(masks[None] if single and masks.ndim == 1 else masks)
+            if masks.shape[0] != n:
+                raise ValueError(f"action_masks has {masks.shape[0]} rows for {n} observations")
         with torch.no_grad():
-            _, actions = self.collector.act(self.policy, obs[None] if single else obs, deterministic=deterministic)
+            _, actions = self.collector.act(self.policy, obs, deterministic=deterministic,
+                                            masks=self.collector.mask_tensor(masks))
         actions = self.collector.env_actions(actions)
         return (actions[0] if single else actions), None
 
@@ -340,11 +389,14 @@ class TRPO:
             env = gym.make(env)
         seed = self.config.seed + 1_000_003 if seed is None else seed
         returns = []
+        spec = self.collector.action
         for episode in range(n_episodes):
-            obs, _ = env.reset(seed=seed + episode)
+            obs, info = env.reset(seed=seed + episode)
             total, done = 0.0, False
             while not done:
-                obs, reward, terminated, truncated, _ = env.step(self.predict(obs, deterministic=deterministic)[0])
+                masks = single_env_masks(env, info, spec)  # None when the env has none
+                action = self.predict(obs, deterministic=deterministic, action_masks=masks)[0]
+                obs, reward, terminated, truncated, info = env.step(action)
                 total += float(reward)
                 done = terminated or truncated
             returns.append(total)

@@ -1,0 +1,218 @@
+"""Small environments, one per kind of space the agent supports, for the tests, the examples and the
+learning benchmarks (bench/space_learning.py). Each is a matching task: the observation says which
+action pays, an episode lasts `horizon` steps (then truncates), a step pays the fraction of the
+action that matches, so a random policy's return and the best one (= horizon) are known.
+
+Registered with gymnasium under the "trpo_ext" namespace when trpo_ext is imported:
+
+    MultiDiscreteMatch-v0  Box obs (one-hots of a target), MultiDiscrete([3, 4, 5]) actions
+    MultiBinaryMatch-v0    Box obs (the target bits), MultiBinary(6) actions
+    MaskedChoice-v0        Box obs, Discrete(6) actions of which a random subset is valid each step,
+                           from an `action_masks()` method; an invalid action raises
+    MaskedChoiceInfo-v0    the same, the masks in info["action_mask"]
+    DictMatch-v0           Dict obs {"target": Discrete(4), "noise": Box(3)}, Discrete(4) actions
+    DiscreteObsMatch-v0    Discrete(5) obs, Discrete(5) actions
+    ImageSide-v0           uint8 image obs (40, 40, 3) HWC with a bright square on one side, Discrete(2)
+    DictImageSide-v0       Dict obs {"image": (1, 40, 40) uint8 CHW, "hint": Box(1)}, Discrete(2)
+"""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+
+class _Match(gym.Env):
+    """A target drawn every step; `_observe()` shows it, `_score(action)` says how much of it matched."""
+
+    metadata: dict = {"render_modes": []}
+
+    def __init__(self, horizon: int = 16):
+        self.horizon = int(horizon)
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        self._draw()
+        return self._observe(), self._info()
+
+    def step(self, action):
+        reward = float(self._score(action))
+        self.t += 1
+        self._draw()
+        return self._observe(), reward, False, self.t >= self.horizon, self._info()
+
+    def _info(self) -> dict:
+        return {}
+
+
+class MultiDiscreteMatch(_Match):
+    nvec = (3, 4, 5)
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon)
+        self.observation_space = spaces.Box(0.0, 1.0, (sum(self.nvec),), np.float32)
+        self.action_space = spaces.MultiDiscrete(self.nvec)
+
+    def _draw(self):
+        self.target = np.array([self.np_random.integers(n) for n in self.nvec])
+
+    def _observe(self):
+        return np.concatenate([np.eye(n, dtype=np.float32)[k] for n, k in zip(self.nvec, self.target)])
+
+    def _score(self, action):
+        return np.mean(np.asarray(action) == self.target)
+
+
+class MultiBinaryMatch(_Match):
+    n = 6
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon)
+        self.observation_space = spaces.Box(0.0, 1.0, (self.n,), np.float32)
+        self.action_space = spaces.MultiBinary(self.n)
+
+    def _draw(self):
+        self.target = self.np_random.integers(0, 2, self.n)
+
+    def _observe(self):
+        return self.target.astype(np.float32)
+
+    def _score(self, action):
+        return np.mean(np.asarray(action) == self.target)
+
+
+class _Masked(_Match):
+    """Each step a random subset (at least 2) of the 6 actions is valid and one of them pays; the
+    observation shows the valid set and the paying action. Taking an invalid action raises."""
+
+    n = 6
+
+    def __init__(self, horizon: int = 16, mask_in_info: bool = False):
+        super().__init__(horizon)
+        self.mask_in_info = mask_in_info
+        self.observation_space = spaces.Box(0.0, 1.0, (2 * self.n,), np.float32)
+        self.action_space = spaces.Discrete(self.n)
+
+    def _draw(self):
+        valid = np.zeros(self.n, dtype=bool)
+        valid[self.np_random.choice(self.n, self.np_random.integers(2, self.n + 1), replace=False)] = True
+        self.valid = valid
+        self.target = int(self.np_random.choice(np.flatnonzero(valid)))
+
+    def _observe(self):
+        return np.concatenate([self.valid.astype(np.float32), np.eye(self.n, dtype=np.float32)[self.target]])
+
+    def _score(self, action):
+        if not self.valid[int(action)]:
+            raise RuntimeError(f"MaskedChoice: action {int(action)} is masked (valid: {np.flatnonzero(self.valid)})")
+        return float(int(action) == self.target)
+
+    def _info(self) -> dict:
+        return {"action_mask": self.valid.copy()} if self.mask_in_info else {}
+
+
+class MaskedChoice(_Masked):
+    """The masks from an `action_masks()` method, as sb3-contrib's MaskablePPO reads them."""
+
+    def action_masks(self) -> np.ndarray:
+        return self.valid.copy()
+
+
+class MaskedChoiceInfo(_Masked):
+    """The masks only in info["action_mask"] (of reset and of every step)."""
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon, mask_in_info=True)
+
+
+class DictMatch(_Match):
+    n = 4
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon)
+        self.observation_space = spaces.Dict({"target": spaces.Discrete(self.n),
+                                              "noise": spaces.Box(-1.0, 1.0, (3,), np.float32)})
+        self.action_space = spaces.Discrete(self.n)
+
+    def _draw(self):
+        self.target = int(self.np_random.integers(self.n))
+
+    def _observe(self):
+        return {"target": self.target, "noise": self.np_random.uniform(-1, 1, 3).astype(np.float32)}
+
+    def _score(self, action):
+        return float(int(action) == self.target)
+
+
+class DiscreteObsMatch(_Match):
+    n = 5
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon)
+        self.observation_space = spaces.Discrete(self.n)
+        self.action_space = spaces.Discrete(self.n)
+
+    def _draw(self):
+        self.target = int(self.np_random.integers(self.n))
+
+    def _observe(self):
+        return self.target
+
+    def _score(self, action):
+        return float(int(action) == self.target)
+
+
+def _side_image(rng, side: int, size: int, channels: int, channels_first: bool) -> np.ndarray:
+    """A dim noisy image with a bright 8 x 8 square in the left (0) or right (1) half."""
+    image = rng.integers(0, 40, (size, size, channels), dtype=np.uint8)
+    row = int(rng.integers(0, size - 8))
+    col = int(rng.integers(0, size // 2 - 8)) + side * (size // 2)
+    image[row:row + 8, col:col + 8] = 255
+    return np.ascontiguousarray(image.transpose(2, 0, 1)) if channels_first else image
+
+
+class ImageSide(_Match):
+    size = 40
+
+    def __init__(self, horizon: int = 16, channels: int = 3, channels_first: bool = False):
+        super().__init__(horizon)
+        self.channels, self.channels_first = channels, channels_first
+        shape = (channels, self.size, self.size) if channels_first else (self.size, self.size, channels)
+        self.observation_space = spaces.Box(0, 255, shape, np.uint8)
+        self.action_space = spaces.Discrete(2)
+
+    def _draw(self):
+        self.target = int(self.np_random.integers(2))
+
+    def _observe(self):
+        return _side_image(self.np_random, self.target, self.size, self.channels, self.channels_first)
+
+    def _score(self, action):
+        return float(int(action) == self.target)
+
+
+class DictImageSide(ImageSide):
+    """The square's side from the image; "hint" is noise the policy must learn to ignore."""
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon, channels=1, channels_first=True)
+        self.observation_space = spaces.Dict({"image": self.observation_space,
+                                              "hint": spaces.Box(-1.0, 1.0, (1,), np.float32)})
+
+    def _observe(self):
+        return {"image": super()._observe(), "hint": self.np_random.uniform(-1, 1, 1).astype(np.float32)}
+
+
+ENVS = {"MultiDiscreteMatch-v0": MultiDiscreteMatch, "MultiBinaryMatch-v0": MultiBinaryMatch,
+        "MaskedChoice-v0": MaskedChoice, "MaskedChoiceInfo-v0": MaskedChoiceInfo, "DictMatch-v0": DictMatch, "DiscreteObsMatch-v0": DiscreteObsMatch,
+        "ImageSide-v0": ImageSide, "DictImageSide-v0": DictImageSide}
+
+
+def register() -> None:
+    """Registers ENVS under the "trpo_ext/" namespace (once)."""
+    for name, cls in ENVS.items():
+        env_id = f"trpo_ext/{name}"
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point=f"{__name__}:{cls.__name__}")
