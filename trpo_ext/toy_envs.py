@@ -85,13 +85,14 @@ class MultiBinaryMatch(_Match):
 
 class _Masked(_Match):
     """Each step a random subset (at least 2) of the 6 actions is valid and one of them pays; the
-    observation shows the valid set and the paying action. Taking an invalid action raises."""
+    observation shows the valid set and the paying action. Taking an invalid action raises, or with
+    `invalid_reward` set (for agents that cannot mask) pays that."""
 
     n = 6
 
-    def __init__(self, horizon: int = 16, mask_in_info: bool = False):
+    def __init__(self, horizon: int = 16, mask_in_info: bool = False, invalid_reward: float | None = None):
         super().__init__(horizon)
-        self.mask_in_info = mask_in_info
+        self.mask_in_info, self.invalid_reward = mask_in_info, invalid_reward
         self.observation_space = spaces.Box(0.0, 1.0, (2 * self.n,), np.float32)
         self.action_space = spaces.Discrete(self.n)
 
@@ -106,6 +107,8 @@ class _Masked(_Match):
 
     def _score(self, action):
         if not self.valid[int(action)]:
+            if self.invalid_reward is not None:
+                return self.invalid_reward
             raise RuntimeError(f"MaskedChoice: action {int(action)} is masked (valid: {np.flatnonzero(self.valid)})")
         return float(int(action) == self.target)
 
@@ -123,8 +126,8 @@ class MaskedChoice(_Masked):
 class MaskedChoiceInfo(_Masked):
     """The masks only in info["action_mask"] (of reset and of every step)."""
 
-    def __init__(self, horizon: int = 16):
-        super().__init__(horizon, mask_in_info=True)
+    def __init__(self, horizon: int = 16, invalid_reward: float | None = None):
+        super().__init__(horizon, mask_in_info=True, invalid_reward=invalid_reward)
 
 
 class DictMatch(_Match):
