@@ -1,0 +1,276 @@
+"""Every supported space end to end through the public API (trpo_ext.toy_envs' matching tasks: the
+best return is 16, a random policy gets far less), the generic path's output Fishers for the new
+distributions and masks against the double-backprop reference, predict on raw observations,
+save / load, and the errors for what is refused."""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from torch import nn
+from torch.distributions import Bernoulli, Categorical, Independent
+from torch.nn.utils import parameters_to_vector
+
+import trpo_ext
+from trpo_ext import TRPO, MultiCategorical, reference, toy_envs
+from trpo_ext.distributions import MASKED_LOGIT, masked, sample_actions
+from trpo_ext.fisher import fused_mlp
+from trpo_ext.policies import FeaturePolicy
+from trpo_ext.spaces import ObservationCodec, action_spec, pack, unpack
+
+from helpers import rel_err
+
+FAST = dict(n_envs=4, n_steps=64, critic_epochs=5, seed=0)
+
+
+def learned(agent, steps, episodes=10) -> float:
+    agent.learn(steps, progress_bar=False)
+    mean, _ = agent.evaluate(episodes)
+    agent.close()
+    return mean
+
+
+# ----------------------------------------------------------------------------- learning, each space
+@pytest.mark.parametrize("env_id, policy, steps, floor", [
+    pytest.param("trpo_ext/MultiDiscreteMatch-v0", "auto", 5000, 13.0, id="multidiscrete-fused"),  # random ~4.2
+    pytest.param("trpo_ext/MultiBinaryMatch-v0", "auto", 5000, 13.0, id="multibinary-fused"),  # random 8
+    pytest.param("trpo_ext/MaskedChoice-v0", "auto", 4000, 14.0, id="masked-method-fused"),  # random ~5.6 with masks
+    pytest.param("trpo_ext/MaskedChoiceInfo-v0", "auto", 4000, 14.0, id="masked-info-fused"),
+    pytest.param("trpo_ext/DiscreteObsMatch-v0", "auto", 4000, 14.0, id="discrete-obs-fused"),  # random 3.2
+    pytest.param("trpo_ext/DictMatch-v0", "MultiInputPolicy", 4000, 14.0, id="dict"),  # random 4
+    pytest.param("trpo_ext/ImageSide-v0", "CnnPolicy", 2048, 14.0, id="image-hwc"),  # random 8
+    pytest.param("trpo_ext/DictImageSide-v0", "auto", 2048, 14.0, id="dict-image-chw"),
+])
+def test_each_space_learns_clearly_better_than_random(env_id, policy, steps, floor):
+    agent = TRPO(env_id, policy=policy, **FAST)
+    assert (fused_mlp(agent.policy) is not None) == env_id.endswith(("Match-v0", "Choice-v0", "ChoiceInfo-v0")) \
+        or policy != "auto"
+    # MaskedChoice raises on a masked action: learning at all shows none was ever sampled.
+    assert learned(agent, steps) >= floor
+
+
+def _custom(obs_space, action_space):
+    """A plain nn.Module policy for flat observations and any action space (the generic path)."""
+    spec, codec = action_spec(action_space), ObservationCodec(obs_space)
+
+    class Policy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(codec.flat_dim, 32), nn.Tanh(), nn.Linear(32, spec.width))
+
+        def forward(self, obs):
+            out = self.net(obs)
+            if spec.segments:
+                return MultiCategorical(out, spec.segments)
+            if spec.kind == "bernoulli":
+                return Independent(Bernoulli(logits=out), 1)
+            return Categorical(logits=out)
+    return Policy()
+
+
+@pytest.mark.parametrize("env_id, floor", [("trpo_ext/MultiDiscreteMatch-v0", 12.0),  # random ~4.2
+                                           ("trpo_ext/MultiBinaryMatch-v0", 11.5),  # random 8
+                                           ("trpo_ext/MaskedChoice-v0", 12.0)])  # random ~5.6
+def test_a_custom_module_learns_the_new_action_spaces_on_the_generic_path(env_id, floor):
+    agent = TRPO(env_id, policy=_custom, **FAST)
+    assert fused_mlp(agent.policy) is None
+    assert learned(agent, 4000) >= floor
+
+
+# ----------------------------------------------------------------------------- generic Fishers vs the reference
+class _Masked(nn.Module):
+    """The reference's view of a masked policy: the mask applied to its distribution."""
+
+    def __init__(self, policy, mask):
+        super().__init__()
+        self.policy, self.mask = policy, mask
+
+    def forward(self, obs):
+        return masked(self.policy(obs), self.mask)
+
+
+def _random_mask(n, segments, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for k in segments:
+        m = torch.rand(n, k, generator=g) < 0.6
+        m[torch.arange(n), torch.randint(k, (n,), generator=g)] = True  # at least one allowed
+        parts.append(m)
+    return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("space, use_mask", [
+    (spaces.MultiDiscrete([3, 2, 4]), False), (spaces.MultiDiscrete([3, 2, 4]), True),
+    (spaces.MultiBinary(5), False), (spaces.Discrete(6), True),
+])
+def test_generic_output_fishers_equal_double_backprop_float64(space, use_mask):
+    torch.manual_seed(0)
+    policy = _custom(spaces.Box(-1, 1, (7,)), space).double()
+    obs, v = torch.randn(50, 7, dtype=torch.float64), torch.randn(sum(p.numel() for p in policy.parameters()),
+                                                                  dtype=torch.float64)
+    spec = action_spec(space)
+    mask = _random_mask(50, spec.segments or (spec.width,)) if use_mask else None
+    expected = reference.fvp(policy if mask is None else _Masked(policy, mask), obs, v, damping=0.1)
+    with torch.no_grad():  # one product of what generic_cg_solve iterates
+        product = trpo_ext.fisher._generic_products(policy, obs, list(policy.parameters()), mask)(v) + 0.1 * v
+    assert rel_err(product, expected) < 1e-10
+
+
+def test_generic_fisher_of_cnn_and_dict_policies_equals_double_backprop():
+    torch.manual_seed(0)
+    codec = ObservationCodec(toy_envs.DictImageSide().observation_space)
+    policy = trpo_ext.policies.built_in_policy("MultiInputPolicy", codec, spaces.Discrete(2), (16,), "tanh", 0.0).double()
+    obs = {"image": torch.rand(6, 1, 40, 40, dtype=torch.float64), "hint": torch.randn(6, 1, dtype=torch.float64)}
+    params = list(policy.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    expected = reference.fvp(policy, obs, v)
+    with torch.no_grad():
+        got = trpo_ext.fisher._generic_products(policy, obs, params)(v)
+    assert rel_err(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize("space", [spaces.MultiDiscrete([3, 2, 4]), spaces.MultiBinary(4), spaces.Discrete(5)])
+def test_fused_and_generic_steps_agree_for_the_new_kinds(space):
+    torch.manual_seed(1)
+    spec = action_spec(space)
+    policy = trpo_ext.MLPPolicy(6, space, hidden=(16,)).double()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    obs = torch.randn(64, 6, dtype=torch.float64)
+    mask = _random_mask(64, spec.segments or (spec.width,), seed=2) if spec.kind == "categorical" else None
+    with torch.no_grad():
+        actions = sample_actions(masked(policy(obs), mask), torch.Generator().manual_seed(0))
+    advantages = torch.randn(64, dtype=torch.float64)
+    start = parameters_to_vector(policy.parameters()).detach().clone()
+    records, ends = [], []
+    for path in ("fused", "generic"):
+        torch.nn.utils.vector_to_parameters(start, policy.parameters())
+        records.append(trpo_ext.trust_region_step(policy, obs, actions, advantages, path=path, action_mask=mask))
+        ends.append(parameters_to_vector(policy.parameters()).detach().clone())
+    assert records[0].accepted and records[1].accepted
+    assert rel_err(ends[0] - start, ends[1] - start) < 1e-8
+    assert abs(records[0].kl - records[1].kl) < 1e-10
+
+
+def test_masked_actions_have_probability_zero_and_are_never_sampled():
+    logits = torch.randn(1000, 5)
+    mask = torch.zeros(1000, 5, dtype=torch.bool)
+    mask[:, [1, 3]] = True
+    dist = masked(Categorical(logits=logits), mask)
+    assert bool((dist.probs[:, [0, 2, 4]] == 0).all())
+    actions = sample_actions(dist, torch.Generator().manual_seed(0))
+    assert set(actions.tolist()) <= {1, 3}
+    multi = masked(MultiCategorical(torch.randn(1000, 5), (2, 3)), torch.tensor([[True, False, False, True, True]] * 1000))
+    drawn = sample_actions(multi, torch.Generator().manual_seed(0))
+    assert bool((drawn[:, 0] == 0).all()) and set(drawn[:, 1].tolist()) <= {1, 2}
+    assert float(dist.log_prob(torch.ones(1000, dtype=torch.long)).min()) > MASKED_LOGIT  # finite log-probabilities
+
+
+# ----------------------------------------------------------------------------- predict, evaluate, save / load
+def test_predict_takes_observations_as_the_env_returns_them():
+    agent = TRPO("trpo_ext/DictImageSide-v0", **FAST)
+    env = gym.make("trpo_ext/DictImageSide-v0")
+    obs, _ = env.reset(seed=0)
+    action, state = agent.predict(obs)
+    assert state is None and env.action_space.contains(action)
+    batch = {k: np.stack([v, v]) for k, v in obs.items()}
+    actions, _ = agent.predict(batch, deterministic=True)
+    assert actions.shape == (2,) and actions[0] == actions[1]
+    with pytest.raises(ValueError, match=r"lacks the keys \['image'\]"):
+        agent.predict({"hint": obs["hint"]})
+    with pytest.raises(ValueError, match=r"obs\['image'\] must have shape \(1, 40, 40\)"):
+        agent.predict({"image": obs["image"][0], "hint": obs["hint"]})
+    agent.close()
+
+    md = TRPO("trpo_ext/MultiBinaryMatch-v0", **FAST)
+    a, _ = md.predict(np.ones(6, np.float32))
+    assert a.dtype == md.action_space.dtype and md.action_space.contains(a)
+    ints = TRPO("trpo_ext/DiscreteObsMatch-v0", **FAST)
+    assert ints.predict(3)[0] in range(5) and ints.predict(np.array([0, 4]))[0].shape == (2,)
+    md.close()
+    ints.close()
+
+
+def test_predict_never_returns_a_masked_action():
+    agent = TRPO("trpo_ext/MaskedChoice-v0", **FAST)
+    obs = np.zeros((200, 12), np.float32)
+    mask = np.zeros((200, 6), bool)
+    mask[:, 4] = True
+    mask[::2, 1] = True
+    actions, _ = agent.predict(obs, action_masks=mask)
+    assert set(actions[1::2].tolist()) == {4} and set(actions.tolist()) <= {1, 4}
+    assert agent.predict(obs[0], action_masks=mask[1], deterministic=True)[0] == 4
+    with pytest.raises(ValueError, match=r"must have shape \(B, 6\)"):
+        agent.predict(obs[0], action_masks=np.ones(5, bool))
+    with pytest.raises(ValueError, match="row 0 allows no action"):
+        agent.predict(obs[0], action_masks=np.zeros(6, bool))
+    agent.close()
+
+
+@pytest.mark.parametrize("env_id", ["trpo_ext/ImageSide-v0", "trpo_ext/DictMatch-v0", "trpo_ext/MaskedChoice-v0",
+                                    "trpo_ext/MultiDiscreteMatch-v0"])
+def test_save_load_resume_for_the_new_spaces(env_id, tmp_path):
+    agent = TRPO(env_id, **dict(FAST, n_steps=16))
+    agent.learn(64, progress_bar=False)
+    agent.save(tmp_path / "model.pt")
+    loaded = TRPO.load(tmp_path / "model.pt", restore_env_states=True)
+    assert type(loaded.policy) is type(agent.policy)
+    for a, b in zip(agent.policy.parameters(), loaded.policy.parameters()):
+        assert torch.equal(a, b)
+    agent.learn(64, progress_bar=False)  # the same next update from the original and the loaded agent
+    loaded.learn(64, progress_bar=False)
+    for a, b in zip(agent.policy.parameters(), loaded.policy.parameters()):
+        assert torch.equal(a, b)
+    fresh = TRPO.load(tmp_path / "model.pt")  # fresh envs: their own episodes
+    fresh.learn(64, progress_bar=False)
+    for a in (agent, loaded, fresh):
+        a.close()
+
+
+def test_normalize_obs_normalizes_the_box_parts_only():
+    agent = TRPO("trpo_ext/DictMatch-v0", normalize_obs=True, **dict(FAST, n_steps=16))
+    agent.learn(64, progress_bar=False)
+    assert agent.normalizer.mean.shape == (3,)  # "noise" only; "target" is a one-hot
+    obs = agent.collector.observe({"target": np.array([2]), "noise": np.array([[0.5, 0.0, -0.5]], np.float32)})
+    assert obs["target"].tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    agent.close()
+    with pytest.raises(ValueError, match="has none .images are scaled"):
+        TRPO("trpo_ext/ImageSide-v0", normalize_obs=True, **FAST)
+
+
+def test_env_masks_that_are_wrong_are_refused():
+    class BadMasks(toy_envs.MaskedChoice):
+        def action_masks(self):
+            return np.zeros(6, bool)
+
+    agent = TRPO(lambda: BadMasks(), **FAST)
+    with pytest.raises(ValueError, match="allows no action"):
+        agent.learn(64, progress_bar=False)
+    agent.close()
+
+
+def test_step_refuses_a_mask_that_rules_out_a_taken_action():
+    policy = _custom(spaces.Box(-1, 1, (3,)), spaces.Discrete(4))
+    obs, actions = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    mask[5, 0] = False
+    with pytest.raises(ValueError, match=r"the action of row 5 \(0\) is masked"):
+        trpo_ext.trust_region_step(policy, obs, actions, torch.randn(8), action_mask=mask)
+    with pytest.raises(ValueError, match=r"action_mask must have shape \(8, 4\)"):
+        trpo_ext.trust_region_step(policy, obs, actions, torch.randn(8), action_mask=mask[:, :3])
+
+
+def test_pack_unpack_round_trip_dict_batches():
+    obs = {"image": torch.rand(3, 1, 40, 40), "hint": torch.randn(3, 1)}
+    flat, layout = pack(obs)
+    assert flat.shape == (3, 1601)
+    back = unpack(flat, layout)
+    assert all(torch.equal(back[k], obs[k]) for k in obs)
+
+
+def test_multi_input_policy_is_a_feature_policy_with_a_cnn_per_image():
+    agent = TRPO("trpo_ext/DictImageSide-v0", **FAST)
+    assert isinstance(agent.policy, FeaturePolicy) and len(agent.policy.features.cnns) == 1
+    assert agent.network_names == {"policy": "MultiInputPolicy", "value_net": "MultiInputPolicy"}
+    agent.close()
