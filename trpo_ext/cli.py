@@ -180,7 +180,7 @@ def _train(args, TRPO) -> int:
         with warnings.catch_warnings():  # the line below says where the run goes instead
             warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
             agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=None if resume else out,
-                         num_threads=args.threads or None, **options)
+                         num_threads=args.threads or None, policy=args.policy, **options)
         if resume and agent.rank == 0:  # the launcher made this directory for this run (no checkpoint yet)
             from .logger import RunLogger
 
@@ -277,6 +277,7 @@ def plot(args) -> int:
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     from .distributed import DEFAULT_TIMEOUT_S
+    from .policies import BUILT_IN
 
     defaults = _trpo_defaults()
     parser = _Parser(prog="trpo-ext", description="TRPO with a fused Fisher-vector-product CG solve")
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize-reward", action="store_true", default=None,
                    help="scale rewards by the running std of the discounted return, as sb3's VecNormalize "
                         f"(default: {defaults['normalize_reward']})")
+    p.add_argument("--policy", default="auto", choices=["auto", *BUILT_IN],
+                   help="the built-in network (default: auto, the one that fits the observation space)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=_int_at_least(0), default=1,
                    help="torch threads while training (TRPO's num_threads); 0: torch's own choice (default: 1)")
