@@ -248,7 +248,24 @@ def custom_case(out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case, "custom": custom_case}
+def spaces_case(out_dir):
+    """The new spaces data-parallel: masked Discrete actions on the fused path, a Dict observation
+    with an image on the generic path (its critic's rows packed for the gather); every rank must end
+    with the same networks (the agent checks its replicas; the test compares them too)."""
+    rank = dist.get_rank()
+    results = {}
+    for env_id, policy in (("trpo_ext/MaskedChoice-v0", "auto"), ("trpo_ext/DictImageSide-v0", "auto"),
+                           ("trpo_ext/MultiDiscreteMatch-v0", "auto")):
+        agent = trpo_ext.TRPO(env_id, policy=policy, n_envs=2, n_steps=32, seed=0, critic_epochs=2)
+        agent.learn(256, progress_bar=False)
+        results[env_id] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
+                               value=parameters_to_vector(agent.value_net.parameters()).detach(),
+                               num_timesteps=agent.num_timesteps, record=agent.last_record)
+        agent.close()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case, "custom": custom_case, "spaces": spaces_case}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -93,3 +93,13 @@ def test_timesteps_take_integral_floats():
 
     assert build_parser().parse_args(["train", "CartPole-v1", "--timesteps", "1e5"]).timesteps == 100_000
     assert main(["train", "CartPole-v1", "--timesteps", "1.5"]) == 2
+
+
+def test_train_policy_option_takes_the_built_in_names():
+    from trpo_ext.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "CartPole-v1"]).policy == "auto"
+    assert parser.parse_args(["train", "X-v0", "--policy", "MultiInputPolicy"]).policy == "MultiInputPolicy"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "X-v0", "--policy", "RnnPolicy"])

@@ -187,3 +187,14 @@ def test_nccl_step_on_one_gpu_equals_the_plain_step(tmp_path):
         (kl, trials, params), (nccl_kl, nccl_trials, nccl_params) = steps["plain"], steps["nccl"]
         assert trials == nccl_trials and kl == pytest.approx(nccl_kl, rel=1e-6), path
         assert rel_err(nccl_params, params) <= 1e-6, path
+
+
+def test_new_spaces_train_data_parallel_with_identical_replicas(tmp_path):
+    """Masked actions (fused), a Dict observation with an image (generic, packed critic rows),
+    MultiDiscrete actions: two ranks end with the same networks after 4 updates of 2 x 64 steps."""
+    ranks = launch("spaces", tmp_path)
+    for env_id, r0 in ranks[0].items():
+        r1 = ranks[1][env_id]
+        assert r0["num_timesteps"] == r1["num_timesteps"] == 256, env_id
+        assert torch.equal(r0["policy"], r1["policy"]) and torch.equal(r0["value"], r1["value"]), env_id
+        assert r0["record"]["world_size"] == 2 and r0["record"]["line_search_failed"] == 0, env_id

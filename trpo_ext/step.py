@@ -157,7 +157,7 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
         n_total, m_total = batch_len(obs), batch_len(products_obs)
         if group is not None:  # the batch sizes of all ranks: one reduction
             counts = distributed.all_reduce_sum_(torch.tensor([n_total, m_total], dtype=torch.float64,
-                                                              device=obs.device), group).tolist()
+                                                              device=advantages.device), group).tolist()
             n_total, m_total = counts
         with torch.enable_grad():
             dist = policy(obs)
