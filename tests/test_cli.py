@@ -96,10 +96,10 @@ def test_timesteps_take_integral_floats():
 
 
 def test_train_policy_option_takes_the_built_in_names():
-    from trpo_ext.cli import build_parser
+    from trpo_ext.cli import UsageError, build_parser
 
     parser = build_parser()
     assert parser.parse_args(["train", "CartPole-v1"]).policy == "auto"
     assert parser.parse_args(["train", "X-v0", "--policy", "MultiInputPolicy"]).policy == "MultiInputPolicy"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="invalid choice: 'RnnPolicy'"):
         parser.parse_args(["train", "X-v0", "--policy", "RnnPolicy"])
