@@ -49,19 +49,24 @@ SUITE = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "Hopper-v5", "HalfCheetah-v
 # gae_lambda 0.95, cg_max_steps 15, cg_damping 0.1, n_critic_updates 10, learning_rate 1e-3,
 # target_kl 0.01). The zoo's MuJoCo entries are for -v4; the same values are used for -v5.
 # Deviations from the zoo (trpo_ext has no equivalent, and both libraries must run the same thing):
-#   * zoo `normalize: true` is VecNormalize(norm_obs=True, norm_reward=True); here only observations
-#     are normalized (trpo_ext has no reward normalization): VecNormalize(norm_reward=False).
+#   * zoo `normalize: true` is VecNormalize(norm_obs=True, norm_reward=True) (`zoo_normalize` below);
+#     by default only observations are normalized: VecNormalize(norm_reward=False), the set-up of the
+#     results recorded before trpo_ext had reward normalization. `--reward-norm` runs those presets
+#     as the zoo does, rewards normalized on both sides (trpo_ext normalize_reward=True, reward_clip=10;
+#     VecNormalize(norm_reward=True, clip_reward=10)), into <out>/<env>-reward-norm/.
 #   * Pendulum-v1: the zoo uses gSDE (use_sde=True, sde_sample_freq=4); here a plain diagonal Gaussian.
 #   * budgets are the issue's (Pendulum 200k rather than the zoo's 100k).
 # Key names are the generic ones; see `trpo_ext_kwargs` / `sb3_kwargs` for the mapping.
 _SB3_DEFAULTS = dict(n_steps=2048, batch_size=128, gamma=0.99, gae_lambda=0.95, cg_iters=15, damping=0.1,
                      critic_epochs=10, critic_lr=1e-3, max_kl=0.01, normalize_obs=False)
 _MUJOCO = dict(_SB3_DEFAULTS, timesteps=1_000_000, n_envs=2, n_steps=1024, batch_size=128, gamma=0.99,
-               gae_lambda=0.95, cg_iters=25, damping=0.1, critic_epochs=20, critic_lr=1e-3, normalize_obs=True)
+               gae_lambda=0.95, cg_iters=25, damping=0.1, critic_epochs=20, critic_lr=1e-3, normalize_obs=True,
+               zoo_normalize=True)
 PRESETS = {
     "CartPole-v1": dict(_SB3_DEFAULTS, timesteps=100_000, n_envs=2, n_steps=512, batch_size=512, damping=1e-3,
                         gae_lambda=0.98, gamma=0.99, critic_lr=1e-3, critic_epochs=20),
-    "Acrobot-v1": dict(_SB3_DEFAULTS, timesteps=100_000, n_envs=2, n_steps=1024, normalize_obs=True),
+    "Acrobot-v1": dict(_SB3_DEFAULTS, timesteps=100_000, n_envs=2, n_steps=1024, normalize_obs=True,
+                       zoo_normalize=True),
     "Pendulum-v1": dict(_SB3_DEFAULTS, timesteps=200_000, n_envs=2, n_steps=1024, gamma=0.9, critic_epochs=15),
     "Hopper-v5": dict(_MUJOCO),
     "HalfCheetah-v5": dict(_MUJOCO, max_kl=0.04),
@@ -97,7 +102,7 @@ def trpo_ext_kwargs(p: dict, seed: int, device: str, kl_scale: int = 1) -> dict:
     return dict(n_envs=p["n_envs"], n_steps=p["n_steps"], gamma=p["gamma"], gae_lambda=p["gae_lambda"],
                 max_kl=p["max_kl"], damping=p["damping"], cg_iters=p["cg_iters"], backtrack_factor=0.8,
                 max_backtracks=10, fvp_fraction=1.0, normalize_advantage=True, normalize_obs=p["normalize_obs"],
-                obs_clip=10.0, critic_lr=p["critic_lr"], critic_epochs=p["critic_epochs"],
+                obs_clip=10.0, normalize_reward=p.get("normalize_reward", False), reward_clip=10.0, critic_lr=p["critic_lr"], critic_epochs=p["critic_epochs"],
                 critic_batch_size=p["batch_size"], policy_kwargs=dict(NET), stats_window=100, seed=seed,
                 device=device)
 
@@ -116,9 +121,22 @@ def sb3_kwargs(p: dict, seed: int, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- one run
-def _run_dir(out: str, env_id: str, timesteps: int) -> str:
+def _run_dir(out: str, env_id: str, timesteps: int, reward_norm: bool = False) -> str:
     default = PRESETS[env_id]["timesteps"]
-    return os.path.join(out, env_id if timesteps == default else f"{env_id}-{timesteps}")
+    name = env_id if timesteps == default else f"{env_id}-{timesteps}"
+    return os.path.join(out, name + ("-reward-norm" if reward_norm else ""))
+
+
+def preset(env_id: str, reward_norm: bool = False) -> dict:
+    """The matched hyperparameters of env_id; with `reward_norm`, rewards normalized as the zoo's
+    `normalize: true` says (ValueError for a preset whose zoo entry does not normalize)."""
+    p = dict(PRESETS[env_id])
+    if reward_norm:
+        if not p.get("zoo_normalize"):
+            raise ValueError(f"--reward-norm: the zoo's {env_id} entry does not normalize; presets that do: "
+                             f"{[e for e, q in PRESETS.items() if q.get('zoo_normalize')]}")
+        p["normalize_reward"] = True
+    return p
 
 
 def _paths(run_dir: str, lib: str, seed: int) -> tuple[str, str]:
@@ -265,9 +283,10 @@ def run_sb3(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int,
     else:
         env = make_vec_env(env_id, n_envs=p["n_envs"], seed=seed)
         kwargs = sb3_kwargs(p, seed, device)
-        normalize = p["normalize_obs"]
+        normalize = p["normalize_obs"] or p.get("normalize_reward", False)
         if normalize:
-            env = VecNormalize(env, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=p["gamma"])
+            env = VecNormalize(env, norm_obs=p["normalize_obs"], norm_reward=p.get("normalize_reward", False),
+                               clip_obs=10.0, clip_reward=10.0, gamma=p["gamma"])
     model = TRPO("MlpPolicy", env, **kwargs)
     t0_box = [0.0]
     recorder = _SB3Recorder.make(t0_box)
@@ -290,7 +309,8 @@ def run_sb3(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int,
     split = {"rollout": recorder.rollout_time, "train": recorder.train_time}
     if not default:
         kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"], activation_fn="Tanh")
-        kwargs["n_envs"], kwargs["normalize_obs"] = p["n_envs"], normalize
+        kwargs["n_envs"], kwargs["normalize_obs"] = p["n_envs"], p["normalize_obs"]
+        kwargs["normalize_reward"] = p.get("normalize_reward", False)
     else:
         kwargs["n_envs"] = 1
     return recorder.rows, wall, n_steps, returns, split, kwargs
@@ -301,9 +321,9 @@ def run_one(args, env_id: str, lib: str, seed: int) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    p = PRESETS[env_id]
+    p = preset(env_id, args.reward_norm)
     timesteps = args.timesteps or p["timesteps"]
-    run_dir = _run_dir(args.out, env_id, timesteps)
+    run_dir = _run_dir(args.out, env_id, timesteps, args.reward_norm)
     os.makedirs(run_dir, exist_ok=True)
     csv_path, json_path = _paths(run_dir, lib, seed)
     load_start = os.getloadavg()
@@ -512,6 +532,9 @@ def main(argv=None) -> int:
     parser.add_argument("--summary-only", action="store_true", help="only rebuild summaries and plots")
     parser.add_argument("--in-process", action="store_true", help="run everything in this process")
     parser.add_argument("--list-presets", action="store_true")
+    parser.add_argument("--reward-norm", action="store_true",
+                        help="normalize rewards on both sides where the zoo's entry says normalize: true "
+                             "(writes <out>/<env>-reward-norm/)")
     parser.add_argument("--worker", nargs=2, metavar=("LIB", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -528,12 +551,18 @@ def main(argv=None) -> int:
         return 0
     if not envs and not args.summary_only:
         parser.error("--env is required (or --summary-only)")
+    if args.reward_norm:
+        try:
+            for env_id in envs:
+                preset(env_id, True)
+        except ValueError as e:
+            parser.error(str(e))
 
     failures = []
     if not args.summary_only:
         for env_id in envs:
             timesteps = args.timesteps or PRESETS[env_id]["timesteps"]
-            run_dir = _run_dir(args.out, env_id, timesteps)
+            run_dir = _run_dir(args.out, env_id, timesteps, args.reward_norm)
             print(f"{env_id}: {timesteps} steps per run -> {run_dir}", flush=True)
             for seed in args.seeds:
                 for lib in args.libs:  # libraries alternate within each seed
@@ -548,13 +577,16 @@ def main(argv=None) -> int:
                            "--eval-episodes", str(args.eval_episodes)]
                     if args.timesteps:
                         cmd += ["--timesteps", str(args.timesteps)]
+                    if args.reward_norm:
+                        cmd.append("--reward-norm")
                     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
                     if subprocess.run(cmd, env=env).returncode != 0:
                         failures.append(f"{env_id} {lib} seed {seed}")
                         print(f"  {lib} seed {seed}: FAILED", flush=True)
             summarize_env(run_dir)
     else:
-        dirs = ([_run_dir(args.out, e, args.timesteps or PRESETS[e]["timesteps"]) for e in envs] if envs
+        dirs = ([_run_dir(args.out, e, args.timesteps or PRESETS[e]["timesteps"], args.reward_norm) for e in envs]
+                if envs
                 else sorted(d for d in glob.glob(os.path.join(args.out, "*")) if os.path.isdir(d)))
         for run_dir in dirs:
             if summarize_env(run_dir) is not None:
