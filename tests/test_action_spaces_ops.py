@@ -185,6 +185,18 @@ def n_params(params):
     return sum(p.numel() for p in params)
 
 
+def on(device, value):
+    """`value` (a tensor, a list of them, or an op's keyword dict) with its tensors on `device`: the
+    ops run there, the reference stays on the CPU (CPU always, CUDA when present)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: on(device, v) for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [v.to(device) for v in value]
+    return value
+
+
 DTYPES = [torch.float64, torch.float32]
 CG_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}  # CG amplifies rounding (docs/design.md, "Tolerances")
 
@@ -192,22 +204,23 @@ CG_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}  # CG amplifies rounding (d
 # ----------------------------------------------------------------------------- FVP and CG
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_fvp_is_the_double_backprop_reference(case, dtype):
+def test_fvp_is_the_double_backprop_reference(case, dtype, device):
     obs, params, dist, _, _ = problem(case, dtype)
     v = torch.randn(n_params(params), generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
-    out = _ops.mlp_fvp(obs, params, v, activation=ACTIVATION, damping=DAMPING, **dist.op_kwargs())
-    assert out.dtype == dtype
-    assert rel_err(out, reference_fvp(obs, params, v, dist)) <= RTOL[dtype]
+    out = _ops.mlp_fvp(on(device, obs), on(device, params), on(device, v), activation=ACTIVATION, damping=DAMPING,
+                       **on(device, dist.op_kwargs()))
+    assert out.dtype == dtype and out.device.type == device.type
+    assert rel_err(out.cpu(), reference_fvp(obs, params, v, dist)) <= RTOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_cg_is_the_reference_cg(case, dtype):
+def test_cg_is_the_reference_cg(case, dtype, device):
     obs, params, dist, _, _ = problem(case, dtype)
     b = torch.randn(n_params(params), generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(dtype)
-    result = _ops.mlp_cg(obs, params, b, activation=ACTIVATION, damping=DAMPING, iters=10, rtol=0.0,
-                         **dist.op_kwargs())
-    assert rel_err(result.x, reference_cg(obs, params, b, dist)) <= CG_RTOL[dtype]
+    result = _ops.mlp_cg(on(device, obs), on(device, params), on(device, b), activation=ACTIVATION, damping=DAMPING,
+                         iters=10, rtol=0.0, **on(device, dist.op_kwargs()))
+    assert rel_err(result.x.cpu(), reference_cg(obs, params, b, dist)) <= CG_RTOL[dtype]
     assert result.iterations.item() == 10
 
 
@@ -250,7 +263,7 @@ def test_a_size_one_segment_adds_nothing():
 @pytest.mark.parametrize("with_fvp_obs", [False, True], ids=["fvp-on-obs", "fvp-obs"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_policy_direction_is_the_autograd_gradient_and_the_reference_solve(case, dtype, with_fvp_obs):
+def test_policy_direction_is_the_autograd_gradient_and_the_reference_solve(case, dtype, with_fvp_obs, device):
     obs, params, dist, actions, advantages = problem(case, dtype)
     fvp_obs, fvp_dist = obs, dist
     kwargs = dist.op_kwargs()
@@ -263,27 +276,29 @@ def test_policy_direction_is_the_autograd_gradient_and_the_reference_solve(case,
         else:
             fvp_dist = dist
         kwargs["fvp_obs"] = fvp_obs
-    result = _ops.mlp_policy_direction(obs, params, actions, advantages, activation=ACTIVATION, damping=DAMPING,
-                                       iters=10, rtol=0.0, **kwargs)
+    result = _ops.mlp_policy_direction(on(device, obs), on(device, params), on(device, actions), on(device, advantages),
+                                       activation=ACTIVATION, damping=DAMPING, iters=10, rtol=0.0,
+                                       **on(device, kwargs))
     gradient = reference_gradient(obs, params, actions, advantages, dist)
-    assert rel_err(result.gradient, gradient) <= RTOL[dtype]
-    assert rel_err(result.x, reference_cg(fvp_obs, params, gradient.to(dtype), fvp_dist)) <= CG_RTOL[dtype]
+    assert rel_err(result.gradient.cpu(), gradient) <= RTOL[dtype]
+    assert rel_err(result.x.cpu(), reference_cg(fvp_obs, params, gradient.to(dtype), fvp_dist)) <= CG_RTOL[dtype]
     logits = forward(obs, params)
     if dist.mask is not None:  # the masked logits: the old distribution as it was sampled
         logits = logits.masked_fill(~dist.mask, MASKED_LOGIT)
-    torch.testing.assert_close(result.dist_params, logits)
+    torch.testing.assert_close(result.dist_params.cpu(), logits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_policy_trial_is_the_reference_kl_and_improvement(case, dtype):
+def test_policy_trial_is_the_reference_kl_and_improvement(case, dtype, device):
     obs, params, dist, actions, advantages = problem(case, dtype)
-    old = _ops.mlp_policy_direction(obs, params, actions, advantages, activation=ACTIVATION, damping=DAMPING,
-                                    iters=2, rtol=0.0, **dist.op_kwargs()).dist_params
+    batch = on(device, obs), on(device, params), on(device, actions), on(device, advantages)
+    old = _ops.mlp_policy_direction(*batch, activation=ACTIVATION, damping=DAMPING, iters=2, rtol=0.0,
+                                    **on(device, dist.op_kwargs())).dist_params
     g = torch.Generator().manual_seed(10)
     trial = [p + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in params]
-    kl, improvement = _ops.mlp_policy_trial(obs, trial, actions, advantages, old_dist_params=old, old_log_std=None,
-                                            activation=ACTIVATION, **dist.op_kwargs())
+    kl, improvement = _ops.mlp_policy_trial(batch[0], on(device, trial), *batch[2:], old_dist_params=old,
+                                            old_log_std=None, activation=ACTIVATION, **on(device, dist.op_kwargs()))
     assert kl.dtype == improvement.dtype == torch.float64
     old_logits, new_logits = forward(obs.double(), [p.double() for p in params]), forward(obs.double(),
                                                                                           [p.double() for p in trial])
@@ -308,19 +323,20 @@ def test_policy_trial_at_the_old_parameters_is_zero(case):
 
 
 # ----------------------------------------------------------------------------- acting
-def act(obs, params, dist, deterministic, seed=0):
-    return _ops.mlp_act(obs, params, activation=ACTIVATION, deterministic=deterministic,
-                        generator=torch.Generator().manual_seed(seed), **dist.op_kwargs())[1]
+def act(obs, params, dist, deterministic, seed=0, device=torch.device("cpu")):
+    """mlp_act on `device` (a generator of that device), the actions back on the CPU."""
+    return _ops.mlp_act(on(device, obs), on(device, params), activation=ACTIVATION, deterministic=deterministic,
+                        generator=torch.Generator(device).manual_seed(seed), **on(device, dist.op_kwargs()))[1].cpu()
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_samples_follow_the_distribution_and_never_a_masked_action(case):
+def test_samples_follow_the_distribution_and_never_a_masked_action(case, device):
     obs, params, dist, _, _ = problem(case, n=1)
     n = 20000
     many = obs.expand(n, -1)
     if dist.mask is not None:
         dist = dist.with_mask(dist.mask.expand(n, -1))
-    actions = act(many, params, dist, deterministic=False)
+    actions = act(many, params, dist, deterministic=False, device=device)
     probs = dist.probs(forward(obs, params))[0]
     if dist.kind == "bernoulli":
         assert actions.shape == (n, dist.width) and actions.dtype == torch.float64
