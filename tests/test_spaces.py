@@ -274,3 +274,8 @@ def test_multi_input_policy_is_a_feature_policy_with_a_cnn_per_image():
     assert isinstance(agent.policy, FeaturePolicy) and len(agent.policy.features.cnns) == 1
     assert agent.network_names == {"policy": "MultiInputPolicy", "value_net": "MultiInputPolicy"}
     agent.close()
+
+
+def test_recurrent_policies_are_refused_with_an_error_saying_so():
+    with pytest.raises(ValueError, match="recurrent policies are not supported"):
+        TRPO("CartPole-v1", policy="MlpLstmPolicy", **FAST)

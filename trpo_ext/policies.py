@@ -285,8 +285,11 @@ def build_network(name: str, spec, observation_space, action_space, built_in) ->
     or what a callable `spec(observation_space, action_space)` returns; TypeError for anything else."""
     if isinstance(spec, str):
         if spec not in BUILT_IN:
+            recurrent = any(word in spec.lower() for word in ("lstm", "gru", "recurrent", "rnn"))
             raise ValueError(f"{name} must be one of {BUILT_IN}, a torch.nn.Module or a callable "
-                             f"(observation_space, action_space) -> nn.Module; got the string {spec!r}")
+                             f"(observation_space, action_space) -> nn.Module; got the string {spec!r}"
+                             + ("; recurrent policies are not supported (a policy maps one observation to "
+                                "its action distribution, with no state carried between steps)" if recurrent else ""))
         return built_in(spec)
     if isinstance(spec, nn.Module):
         return spec
