@@ -104,14 +104,29 @@ def test_two_torchrun_nodes_train_like_nproc_2(tmp_path):
     local = train("--nproc", "2", "--out", str(tmp_path / "local"), *common, cwd=tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
     port = 29_000 + os.getpid() % 1000
+    # Each node's output goes to a file: with pipes read one after the other, a node whose output
+    # fills its pipe blocks, and the other waits for it at torchrun's exit barrier.
+    logs = [open(tmp_path / f"node{node}.log", "w+") for node in (0, 1)]
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
          "--rdzv-backend=static", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "trpo_ext", "train",
          "CartPole-v1", "--out", str(tmp_path / "nodes"), *common],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path) for node in (0, 1)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+        stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path, start_new_session=True) for node, log in zip((0, 1), logs)]
+    try:
+        for node in nodes:
+            node.wait(timeout=300)
+    finally:
+        for node in nodes:  # the launcher and its worker, whatever state they are in
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
     a = trpo_ext.TRPO.load(tmp_path / "local" / "model.pt")
     b = trpo_ext.TRPO.load(tmp_path / "nodes" / "model.pt")
     for p, q in zip(a.policy.parameters(), b.policy.parameters()):

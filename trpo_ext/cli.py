@@ -147,6 +147,9 @@ def train(args) -> int:
     finally:
         import torch.distributed as dist
 
+        from .distributed import stop_heartbeat
+
+        stop_heartbeat()
         if dist.is_initialized():
             dist.destroy_process_group()
 

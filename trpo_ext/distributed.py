@@ -146,6 +146,7 @@ def start_heartbeat(group) -> None:
     if store is None or (_heartbeat is not None and _heartbeat.is_alive()):
         return
     key = _HEARTBEAT_KEY.format(rank=dist.get_rank())
+    stop = threading.Event()
 
     def beat():
         while True:
@@ -153,10 +154,22 @@ def start_heartbeat(group) -> None:
                 store.add(key, 1)
             except Exception:  # the job is over (store closed): stop quietly
                 return
-            time.sleep(HEARTBEAT_S)
+            if stop.wait(HEARTBEAT_S):
+                return
 
     _heartbeat = threading.Thread(target=beat, name="trpo_ext-heartbeat", daemon=True)
+    _heartbeat.stop = stop
     _heartbeat.start()
+
+
+def stop_heartbeat() -> None:
+    """Stops this process's heartbeat thread and waits for it (before the process group goes), so
+    that no store call is in flight while the job shuts down."""
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop.set()
+        _heartbeat.join(timeout=5 * HEARTBEAT_S)
+        _heartbeat = None
 
 
 def _silent_ranks() -> str:
