@@ -262,14 +262,6 @@ def spaces_case(out_dir):
                                value=parameters_to_vector(agent.value_net.parameters()).detach(),
                                num_timesteps=agent.num_timesteps, record=agent.last_record)
         agent.close()
-    # The critic's epochs beside the policy step (the default) or after it: the same update, bitwise.
-    for beside in (True, False):
-        agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, seed=3, normalize_obs=True)
-        agent.critic_beside_step = beside
-        agent.learn(256, progress_bar=False)
-        results[f"beside-{beside}"] = (parameters_to_vector(agent.policy.parameters()).detach(),
-                                       parameters_to_vector(agent.value_net.parameters()).detach())
-        agent.close()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -191,11 +191,8 @@ def test_nccl_step_on_one_gpu_equals_the_plain_step(tmp_path):
 
 def test_new_spaces_train_data_parallel_with_identical_replicas(tmp_path):
     """Masked actions (fused), a Dict observation with an image (generic, packed critic rows),
-    MultiDiscrete actions: two ranks end with the same networks after 4 updates of 2 x 64 steps. And
-    the critic's epochs in a thread beside the policy step change nothing."""
+    MultiDiscrete actions: two ranks end with the same networks after 4 updates of 2 x 64 steps."""
     ranks = launch("spaces", tmp_path)
-    for rank in ranks:  # the critic's epochs beside the policy step or after it: the same update
-        assert all(torch.equal(a, b) for a, b in zip(rank.pop("beside-True"), rank.pop("beside-False")))
     for env_id, r0 in ranks[0].items():
         r1 = ranks[1][env_id]
         assert r0["num_timesteps"] == r1["num_timesteps"] == 256, env_id

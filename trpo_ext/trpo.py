@@ -189,9 +189,6 @@ class TRPO:
         self.critic_optimizer = torch.optim.Adam(self.value_net.parameters(), lr=config.critic_lr)
         self.generator = torch.Generator(self.device).manual_seed(self.rank_seed(config.seed))
 
-        # Data-parallel: the gathered critic's epochs run in a thread beside the policy step (same result;
-        # False runs them after it, as one process does; docs/distributed.md, "Design choices").
-        self.critic_beside_step = True
         self.num_timesteps = 0
         self.n_updates = 0
         self.last_record: dict | None = None
@@ -291,7 +288,7 @@ class TRPO:
                                  config.critic_batch_size, self.generator, process_group=group,
                                  parallel=config.critic_parallel)
         prepare_time = time.perf_counter() - t
-        if group is not None and self.critic_beside_step and not critic_fit.communicates:
+        if group is not None and not critic_fit.communicates:
             join = _timed_in_thread(critic_fit)
             try:
                 policy_log = self._trust_region_step(*step_inputs)
