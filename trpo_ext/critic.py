@@ -8,9 +8,6 @@ same semantics (`fit_value_module`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from . import _ops, spaces
@@ -76,41 +73,16 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
       gradient of the ranks' minibatches together (1 collective to check that every rank has as many
       rows, 1 per minibatch, 1 for the loss).
     """
-    return prepare_fit(value_net, optimizer, obs, returns, epochs, batch_size, generator, process_group, parallel)()
-
-
-@dataclass(frozen=True)
-class PreparedFit:
-    """The rest of a critic fit (`prepare_fit`): call it for the mean loss."""
-
-    run: Callable[[], float]
-    communicates: bool
-    """Whether the rest still talks to the other ranks (parallel="reduce", or a custom critic's
-    gathers): then it must not run beside other collectives of the group."""
-
-    def __call__(self) -> float:
-        return self.run()
-
-
-def prepare_fit(value_net, optimizer: torch.optim.Adam, obs, returns: torch.Tensor, epochs: int, batch_size: int,
-                generator: torch.Generator | None = None, process_group=None,
-                parallel: str = "gather") -> PreparedFit:
-    """`fit_value_network` in two parts: what talks to the other ranks or draws from `generator`
-    (the gathered rows, the shared seed, the permutations) happens now, in the caller's thread; the
-    Adam epochs are returned as a callable. For the built-in critic with parallel="gather" the
-    callable talks to no one, so a data-parallel agent can run it beside the policy step's
-    collectives (`PreparedFit.communicates` is False); the result is the same either way."""
     from . import distributed
 
     if epochs == 0:
-        return PreparedFit(lambda: float("nan"), False)
+        return float("nan")
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if not fused_value(value_net):
         if process_group is not None:
             check_parallel(value_net, parallel)
-        return PreparedFit(lambda: fit_value_module(value_net, optimizer, obs, returns, epochs, batch_size, generator,
-                                                    process_group), process_group is not None)
+        return fit_value_module(value_net, optimizer, obs, returns, epochs, batch_size, generator, process_group)
     group_name = None
     if process_group is not None and parallel == "gather":
         rows = distributed.gather_rows(torch.cat([obs, returns.unsqueeze(1)], 1), process_group)
@@ -127,9 +99,7 @@ def prepare_fit(value_net, optimizer: torch.optim.Adam, obs, returns: torch.Tens
     order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
                          for _ in range(epochs)])
     beta1, beta2 = group["betas"]
-
-    @torch.no_grad()
-    def run() -> float:
+    with torch.no_grad():
         tensors = {"parameters": [p.detach() for p in params], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         before = [[t.clone() for t in group_] for group_ in tensors.values()] + [[s.clone() for s in steps]]
         loss = _ops.mlp_value_fit(obs, returns, tensors["parameters"], exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
@@ -147,9 +117,7 @@ def prepare_fit(value_net, optimizer: torch.optim.Adam, obs, returns: torch.Tens
                     t.copy_(b)
             bad = [name for name, ok in zip(["the loss", *tensors], finite) if not ok]
             raise ValueError(_overflow_message(bad, loss.item(), returns))
-        return loss.item()
-
-    return PreparedFit(run, group_name is not None)
+    return loss.item()
 
 
 def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, obs: torch.Tensor,

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import threading
 import time
 
 import gymnasium as gym
@@ -22,7 +21,7 @@ import torch
 from . import checkpoint, distributed
 from .config import TRPOConfig, check_int
 from . import spaces
-from .critic import check_parallel, fused_value, prepare_fit
+from .critic import check_parallel, fit_value_network, fused_value
 from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .fisher import fused_mlp
@@ -185,7 +184,7 @@ class TRPO:
         distributed.broadcast_([*self.policy.parameters(), *self.value_net.parameters()], self.group)
         for statistics in self._running_statistics():
             statistics.sync(self.group)
-        # Holds the critic's Adam state; the steps themselves run in trpo_ext.critic (prepare_fit).
+        # Holds the critic's Adam state; the steps themselves run in trpo_ext.critic.fit_value_network.
         self.critic_optimizer = torch.optim.Adam(self.value_net.parameters(), lr=config.critic_lr)
         self.generator = torch.Generator(self.device).manual_seed(self.rank_seed(config.seed))
 
@@ -277,27 +276,13 @@ class TRPO:
         steps = config.batch_size * self.world_size
         self.num_timesteps += steps
 
-        step_inputs = self._policy_step_inputs(batch)  # draws from the generator before the critic does
+        policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks)
 
-        # The critic: Adam minibatch regression of V(s) on the GAE returns, one extension call. Its
-        # gathers and draws happen here; data-parallel, its epochs then run in a thread beside the
-        # policy step, whose collectives leave this rank's core idle while they wait (the two touch
-        # disjoint parameters and nothing of the other: the result is the same as one after the other).
-        t = time.perf_counter()
-        critic_fit = prepare_fit(self.value_net, self.critic_optimizer, batch.obs, batch.returns, config.critic_epochs,
-                                 config.critic_batch_size, self.generator, process_group=group,
-                                 parallel=config.critic_parallel)
-        prepare_time = time.perf_counter() - t
-        if group is not None and not critic_fit.communicates:
-            join = _timed_in_thread(critic_fit)
-            try:
-                policy_log = self._trust_region_step(*step_inputs)
-            finally:
-                value_loss, fit_time = join()
-        else:
-            policy_log = self._trust_region_step(*step_inputs)
-            value_loss, fit_time = _timed(critic_fit)
-        critic_time = prepare_time + fit_time
+        t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
+        value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
+                                       config.critic_epochs, config.critic_batch_size, self.generator,
+                                       process_group=group, parallel=config.critic_parallel)
+        critic_time = time.perf_counter() - t
         self.n_updates += 1
         if group is not None and self.n_updates % CHECK_REPLICAS_EVERY == 0:
             self._check_replicas()
@@ -318,11 +303,12 @@ class TRPO:
             self._logger.write(record)
         return record
 
-    def _policy_step_inputs(self, batch) -> tuple:
-        """The trust-region step's inputs from a batch: the (normalized) advantages, and the random
-        `fvp_fraction` of the batch the Fisher products use (with its action masks)."""
-        obs, action_masks = batch.obs, batch.action_masks
-        advantages = _normalized(batch.advantages, self.group) if self.config.normalize_advantage else batch.advantages
+    def _policy_step(self, obs, actions: torch.Tensor, advantages: torch.Tensor,
+                     action_masks: torch.Tensor | None = None) -> dict:
+        """`trust_region_step` on the (normalized) advantages, Fisher products on a random
+        `fvp_fraction` of the batch; its part of the log record."""
+        if self.config.normalize_advantage:
+            advantages = _normalized(advantages, self.group)
         fvp_obs = fvp_masks = None
         if self.config.fvp_fraction < 1.0:
             n = spaces.batch_len(obs)
@@ -330,10 +316,6 @@ class TRPO:
             subset = torch.randperm(n, generator=self.generator, device=advantages.device)[:k]
             fvp_obs = spaces.rows(obs, subset)
             fvp_masks = None if action_masks is None else action_masks[subset]
-        return obs, batch.actions, advantages, action_masks, fvp_obs, fvp_masks
-
-    def _trust_region_step(self, obs, actions, advantages, action_masks, fvp_obs, fvp_masks) -> dict:
-        """`trust_region_step` with the agent's settings; its part of the log record."""
         step = trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs, process_group=self.group,
                                  action_mask=action_masks, fvp_action_mask=fvp_masks,
                                  **dataclasses.asdict(self.config.trust_region))
@@ -512,34 +494,6 @@ def _normalized(advantages: torch.Tensor, group) -> torch.Tensor:
     mean = total / n
     std = math.sqrt(max(squares - n * mean * mean, 0.0) / max(n - 1, 1))
     return (advantages - mean) / (std + 1e-8)
-
-
-def _timed(fn) -> tuple:
-    """(fn(), its wall time in seconds)."""
-    start = time.perf_counter()
-    return fn(), time.perf_counter() - start
-
-
-def _timed_in_thread(fn):
-    """Starts `_timed(fn)` in a thread; returns a join() that waits for it and gives its result or
-    raises what it raised."""
-    box = {}
-
-    def target():
-        try:
-            box["result"] = _timed(fn)
-        except BaseException as e:  # noqa: BLE001 - handed to the joining thread
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name="trpo_ext-critic", daemon=True)
-    thread.start()
-
-    def join():
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
-    return join
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
