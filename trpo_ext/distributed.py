@@ -8,6 +8,7 @@ the identity) and are called by every rank in the same order.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import math
@@ -160,6 +161,10 @@ def start_heartbeat(group) -> None:
     _heartbeat = threading.Thread(target=beat, name="trpo_ext-heartbeat", daemon=True)
     _heartbeat.stop = stop
     _heartbeat.start()
+    # Stopped before the interpreter finalizes: a daemon thread still inside the store's C++ call
+    # then is ended by CPython mid-call, which aborts the process ("terminate called without an
+    # active exception", seen once under ASan) or can leave it hanging at exit.
+    atexit.register(stop_heartbeat)
 
 
 def stop_heartbeat() -> None:
@@ -170,6 +175,7 @@ def stop_heartbeat() -> None:
         _heartbeat.stop.set()
         _heartbeat.join(timeout=5 * HEARTBEAT_S)
         _heartbeat = None
+        atexit.unregister(stop_heartbeat)
 
 
 def _silent_ranks() -> str:
