@@ -37,9 +37,9 @@ def train_command(env_id, nproc, envs_per_rank, n_steps, steps, seed, out, *extr
             "--max-kl", str(MATCHED["max_kl"]), "--no-progress", "--out", out, *sets, *extra]
 
 
-def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out, env=ENV):
+def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out):
     cmd = train_command(env_id, nproc, n_envs // nproc, n_steps, steps, seed, out, "--eval-episodes", "1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     rate = float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1))
@@ -97,9 +97,7 @@ def main():
     parser.add_argument("--timesteps", type=int, default=40_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--setups", default="nproc1,nproc2,sb3-dummy,sb3-subproc",
-                        help="also: 2x-independent (two unconnected half-size runs at once: the ceiling for 2 ranks), "
-                             "nproc2-busy-loop (nproc2 with gloo's event loops left at normal priority, "
-                             "TRPO_EXT_GLOO_IDLE_LOOP=0)")
+                        help="also: 2x-independent (two unconnected half-size runs at once: the ceiling for 2 ranks)")
     args = parser.parse_args()
     import gymnasium
     import torch
@@ -120,10 +118,8 @@ def main():
                     if setup == "2x-independent":
                         rate = run_independent(env_id, args.n_envs, args.n_steps, args.timesteps, rep, tmp)
                     elif setup.startswith("nproc"):
-                        nproc, _, variant = setup[5:].partition("-")
-                        env = {**ENV, "TRPO_EXT_GLOO_IDLE_LOOP": "0"} if variant == "busy-loop" else ENV
-                        rate, split = run_trpo_ext(env_id, int(nproc), args.n_envs, args.n_steps, args.timesteps,
-                                                   rep, os.path.join(tmp, "run"), env)
+                        rate, split = run_trpo_ext(env_id, int(setup[5:]), args.n_envs, args.n_steps, args.timesteps,
+                                                   rep, os.path.join(tmp, "run"))
                         splits[setup].append(split)
                     else:
                         vec = "SubprocVecEnv" if setup == "sb3-subproc" else "DummyVecEnv"
