@@ -27,6 +27,7 @@ import time
 MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters=15, damping=0.1, max_kl=0.01,
                gamma=0.99, gae_lambda=0.95)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SPLIT = ("time_rollout", "time_cg", "time_line_search", "time_critic")
 
 
 def train_command(env_id, nproc, envs_per_rank, n_steps, steps, seed, out, *extra) -> list[str]:
@@ -37,26 +38,29 @@ def train_command(env_id, nproc, envs_per_rank, n_steps, steps, seed, out, *extr
             "--max-kl", str(MATCHED["max_kl"]), "--no-progress", "--out", out, *sets, *extra]
 
 
+def read_split(out) -> dict:
+    """Mean seconds per update of each part (rollout / cg / line search / critic) from a run's progress.csv."""
+    with open(os.path.join(out, "progress.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in SPLIT}
+
+
 def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out):
     cmd = train_command(env_id, nproc, n_envs // nproc, n_steps, steps, seed, out, "--eval-episodes", "1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-    rate = float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1))
-    with open(os.path.join(out, "progress.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
-    split = {k: sum(float(r[k]) for r in rows) / len(rows)
-             for k in ("time_rollout", "time_cg", "time_line_search", "time_critic")}
-    return rate, split
+    return float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1)), read_split(out)
 
 
 def run_independent(env_id, n_envs, n_steps, steps, seed, tmp):
     """Two one-process runs with half the envs each, at the same time and with no communication: the
-    most two data-parallel ranks could reach on this machine. Returns the sum of their rates."""
-    procs = []
+    most two data-parallel ranks could reach on this machine. Returns the sum of their rates and
+    their mean split (each half's rollout is what one rank's rollout costs while the other runs)."""
+    procs, outs = [], []
     for half in range(2):
-        cmd = train_command(env_id, 1, n_envs // 2, n_steps, steps // 2, seed + half, os.path.join(tmp, f"half{half}"),
-                            "--eval-episodes", "1")
+        outs.append(os.path.join(tmp, f"half{half}"))
+        cmd = train_command(env_id, 1, n_envs // 2, n_steps, steps // 2, seed + half, outs[-1], "--eval-episodes", "1")
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
     total = 0.0
     for proc in procs:
@@ -64,7 +68,8 @@ def run_independent(env_id, n_envs, n_steps, steps, seed, tmp):
         if proc.returncode != 0:
             raise RuntimeError(err[-2000:])
         total += float(re.search(r"\(([\d.]+) steps/s", out).group(1))
-    return total
+    halves = [read_split(out) for out in outs]
+    return total, {k: statistics.mean(h[k] for h in halves) for k in SPLIT}
 
 
 def run_sb3(env_id, n_envs, n_steps, steps, seed, vec_env):
@@ -116,7 +121,8 @@ def main():
             for setup in setups:
                 with tempfile.TemporaryDirectory() as tmp:
                     if setup == "2x-independent":
-                        rate = run_independent(env_id, args.n_envs, args.n_steps, args.timesteps, rep, tmp)
+                        rate, split = run_independent(env_id, args.n_envs, args.n_steps, args.timesteps, rep, tmp)
+                        splits[setup].append(split)
                     elif setup.startswith("nproc"):
                         rate, split = run_trpo_ext(env_id, int(setup[5:]), args.n_envs, args.n_steps, args.timesteps,
                                                    rep, os.path.join(tmp, "run"))
@@ -131,8 +137,7 @@ def main():
             ratio = f"{med['nproc2'] / med[setup]:.2f}x" if "nproc2" in med else ""
             split = ""
             if splits[setup]:
-                split = " / ".join(f"{statistics.median(s[k] for s in splits[setup]) * 1e3:.1f}"
-                                   for k in ("time_rollout", "time_cg", "time_line_search", "time_critic"))
+                split = " / ".join(f"{statistics.median(s[k] for s in splits[setup]) * 1e3:.1f}" for k in SPLIT)
             runs = ", ".join(f"{r:,.0f}" for r in rates[setup])
             print(f"| {env_id} | {setup} | {med[setup]:,.0f} | {runs} | {ratio} | {split} |", flush=True)
 
