@@ -1,11 +1,14 @@
 """Latency of the collectives a data-parallel TRPO update runs, on this machine's backend (the
 inputs of docs/distributed.md's cost model).
 
-    python -m torch.distributed.run --nproc-per-node 2 bench/collective_latency.py [--iters 300]
+    python -m torch.distributed.run --nproc-per-node 2 bench/collective_latency.py [--iters 300] [--idle-gloo-loop]
 
 Rank 0 prints a markdown table: per collective and message size, the median, 90th-percentile and
 mean wall time of one blocking call (the ranks run in lock-step, interleaving the sizes round by round),
-and what an update of the Hopper-v5 set-up spends in collectives at that latency.
+and what an update of the Hopper-v5 set-up spends in collectives at that latency; then 500
+back-to-back all-reduces of 5,126 floats: their wall time and the CPU time of gloo's event-loop
+thread(s) (docs/distributed.md, "gloo's event loop"). --idle-gloo-loop first moves that thread to
+SCHED_IDLE (Linux; the experiment of bench/results/distributed/speed.md, run 5).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -28,14 +32,40 @@ def timed(fn, iters: int) -> list[float]:
     return out
 
 
+GLOO_EVENT_LOOP = "gloo_tcp_loop"  # the name gloo's TCP transport gives its epoll thread
+
+
+def gloo_loop_threads() -> list[int]:
+    threads = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().strip() == GLOO_EVENT_LOOP:
+                threads.append(int(tid))
+    return threads
+
+
+def thread_cpu_s(tid: int) -> float:
+    """User + system CPU seconds of one thread of this process."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--idle-gloo-loop", action="store_true", help="gloo's event-loop threads at SCHED_IDLE")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    linux = sys.platform.startswith("linux")
+    if args.idle_gloo_loop:
+        if not linux:
+            parser.error("--idle-gloo-loop needs Linux (SCHED_IDLE, /proc/self/task)")
+        for tid in gloo_loop_threads():
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     group_name = dist.group.WORLD.group_name
 
     def all_reduce(n, dtype=torch.float32):
@@ -75,6 +105,16 @@ def main():
     for _ in range(args.iters // 10):  # interleaved, 10 calls of each at a time
         for name, fn in cases.items():
             times[name] += timed(fn, 10)
+    # Back to back: nothing between the calls, the pattern of a critic's gather or a step's first reductions.
+    back_to_back = torch.ones(5126)
+    loops = gloo_loop_threads() if linux else []
+    cpu_before = sum(thread_cpu_s(t) for t in loops)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(500):
+        dist.all_reduce(back_to_back)
+    wall = time.perf_counter() - start
+    loop_cpu = sum(thread_cpu_s(t) for t in loops) - cpu_before
     if rank == 0:
         print(f"torch {torch.__version__}, backend {args.backend}, world size {world} on one machine "
               f"({os.cpu_count()} cores), python {platform.python_version()}, {platform.machine()}; "
@@ -93,6 +133,9 @@ def main():
         # docs/distributed.md: 1 + 1 (statistics, advantages), 2 + 15 + ~1 (step), 3 (critic), 1 (episodes).
         update = 3 * small + 16 * grad + small + small + gather + bcast + small + small
         print(f"\nHopper-v5 update (15 CG products, 1 trial, obs normalization): {update * 1e3:.2f} ms in collectives")
+        print(f"\n500 back-to-back all_reduce of 5,126 x f32 (gloo event loop {'SCHED_IDLE' if args.idle_gloo_loop else 'as gloo starts it'}): "
+              f"{wall * 1e3:.0f} ms, {wall / 500 * 1e6:.0f} µs per call; rank 0's event-loop CPU "
+              f"{loop_cpu * 1e3:.0f} ms ({len(loops)} thread(s))" + ("" if linux else " (not measured: not Linux)"))
     dist.destroy_process_group()
 
 

@@ -45,9 +45,9 @@ def read_split(out) -> dict:
     return {k: sum(float(r[k]) for r in rows) / len(rows) for k in SPLIT}
 
 
-def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out):
+def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out, env=ENV):
     cmd = train_command(env_id, nproc, n_envs // nproc, n_steps, steps, seed, out, "--eval-episodes", "1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=3600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1)), read_split(out)
@@ -102,7 +102,9 @@ def main():
     parser.add_argument("--timesteps", type=int, default=40_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--setups", default="nproc1,nproc2,sb3-dummy,sb3-subproc",
-                        help="also: 2x-independent (two unconnected half-size runs at once: the ceiling for 2 ranks)")
+                        help="also: 2x-independent (two unconnected half-size runs at once: the ceiling for 2 ranks); "
+                             "nprocN-busy-loop / nprocN-idle-loop: gloo's event loops left at normal priority / "
+                             "at SCHED_IDLE whatever the rank count (TRPO_EXT_GLOO_IDLE_LOOP=0 / 1)")
     args = parser.parse_args()
     import gymnasium
     import torch
@@ -124,8 +126,11 @@ def main():
                         rate, split = run_independent(env_id, args.n_envs, args.n_steps, args.timesteps, rep, tmp)
                         splits[setup].append(split)
                     elif setup.startswith("nproc"):
-                        rate, split = run_trpo_ext(env_id, int(setup[5:]), args.n_envs, args.n_steps, args.timesteps,
-                                                   rep, os.path.join(tmp, "run"))
+                        nproc, _, loop = setup[5:].partition("-")
+                        env = {**ENV, "TRPO_EXT_GLOO_IDLE_LOOP": {"busy-loop": "0", "idle-loop": "1"}[loop]} if loop \
+                            else ENV
+                        rate, split = run_trpo_ext(env_id, int(nproc), args.n_envs, args.n_steps, args.timesteps,
+                                                   rep, os.path.join(tmp, "run"), env)
                         splits[setup].append(split)
                     else:
                         vec = "SubprocVecEnv" if setup == "sb3-subproc" else "DummyVecEnv"

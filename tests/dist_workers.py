@@ -63,6 +63,18 @@ def count_collectives(fn, ops=("c10d::allreduce_",)):
     return result, sum(1 for n in names if n in ops)
 
 
+def gloo_event_loop_policies() -> list[int]:
+    """The scheduling policy of each of this process's gloo event-loop threads."""
+    from trpo_ext.distributed import GLOO_EVENT_LOOP_THREAD
+
+    policies = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().strip() == GLOO_EVENT_LOOP_THREAD:
+                policies.append(os.sched_getscheduler(int(tid)))
+    return policies
+
+
 def step_case(out_dir):
     rank = dist.get_rank()
     results = {}
@@ -136,6 +148,10 @@ def agent_case(out_dir):
 
     rank = dist.get_rank()
     results = {}
+    # gloo's event loops: as gloo starts them, then after the helper every group resolution calls.
+    before = gloo_event_loop_policies()
+    changed = trpo_ext.distributed.idle_gloo_event_loops(dist.group.WORLD)
+    results["gloo_loops"] = (before, changed, gloo_event_loop_policies())
     # The critic on shards equals the critic on the whole batch, given rank 0's random stream.
     results["critic"] = critic_on_shards(lambda: trpo_ext.ValueNetwork(4, (8,)))
     # parallel="reduce": each rank its own rows and order; one process with the ranks' minibatches

@@ -162,6 +162,17 @@ def test_collectives_per_update_are_as_documented(agent_results):
     assert (return_vars[0] == return_vars[1]).all()  # the ranks' return statistics merged alike
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE and /proc/self/task are Linux's")
+def test_gloo_event_loops_run_at_idle_priority(agent_results):
+    # trpo_ext.distributed.idle_gloo_event_loops: gloo starts its loops at the normal policy; every
+    # rank's loops are at SCHED_IDLE once the helper ran (as it does for every group the agent and
+    # trust_region_step resolve).
+    for rank in agent_results[1]:
+        before, changed, after = rank["gloo_loops"]
+        assert before and all(policy == os.SCHED_OTHER for policy in before)
+        assert changed == len(before) and after == [os.SCHED_IDLE] * len(before)
+
+
 def test_checkpoints_continue_at_another_world_size(agent_results):
     import trpo_ext
 
