@@ -1,14 +1,15 @@
 """Latency of the collectives a data-parallel TRPO update runs, on this machine's backend (the
 inputs of docs/distributed.md's cost model).
 
-    python -m torch.distributed.run --nproc-per-node 2 bench/collective_latency.py [--iters 300] [--idle-gloo-loop]
+    python -m torch.distributed.run --nproc-per-node 2 bench/collective_latency.py [--iters 300] [--gloo-loop low]
 
 Rank 0 prints a markdown table: per collective and message size, the median, 90th-percentile and
 mean wall time of one blocking call (the ranks run in lock-step, interleaving the sizes round by round),
 and what an update of the Hopper-v5 set-up spends in collectives at that latency; then 500
 back-to-back all-reduces of 5,126 floats: their wall time and the CPU time of gloo's event-loop
-thread(s) (docs/distributed.md, "gloo's event loop"). --idle-gloo-loop first moves that thread to
-SCHED_IDLE (Linux; the experiment of bench/results/distributed/speed.md, run 5).
+thread(s) (docs/distributed.md, "gloo's event loop"). --gloo-loop: the priority those threads get
+first, as trpo_ext sets it (TRPO_EXT_GLOO_LOOP_PRIORITY; "normal", the default here, leaves them as
+gloo starts them).
 """
 from __future__ import annotations
 
@@ -32,14 +33,13 @@ def timed(fn, iters: int) -> list[float]:
     return out
 
 
-GLOO_EVENT_LOOP = "gloo_tcp_loop"  # the name gloo's TCP transport gives its epoll thread
-
-
 def gloo_loop_threads() -> list[int]:
+    from trpo_ext.distributed import GLOO_EVENT_LOOP_THREAD
+
     threads = []
     for tid in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().strip() == GLOO_EVENT_LOOP:
+            if f.read().strip() == GLOO_EVENT_LOOP_THREAD:
                 threads.append(int(tid))
     return threads
 
@@ -55,17 +55,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--backend", default="gloo")
-    parser.add_argument("--idle-gloo-loop", action="store_true", help="gloo's event-loop threads at SCHED_IDLE")
+    parser.add_argument("--gloo-loop", choices=("normal", "low", "idle"), default="normal",
+                        help="gloo's event-loop priority: as started, nice 19, SCHED_IDLE")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     linux = sys.platform.startswith("linux")
-    if args.idle_gloo_loop:
+    if args.gloo_loop != "normal":
         if not linux:
-            parser.error("--idle-gloo-loop needs Linux (SCHED_IDLE, /proc/self/task)")
-        for tid in gloo_loop_threads():
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            parser.error("--gloo-loop needs Linux (per-thread priorities, /proc/self/task)")
+        from trpo_ext.distributed import lower_gloo_event_loops
+
+        os.environ["TRPO_EXT_GLOO_LOOP_PRIORITY"] = args.gloo_loop
+        lower_gloo_event_loops(dist.group.WORLD)
     group_name = dist.group.WORLD.group_name
 
     def all_reduce(n, dtype=torch.float32):
@@ -133,7 +136,7 @@ def main():
         # docs/distributed.md: 1 + 1 (statistics, advantages), 2 + 15 + ~1 (step), 3 (critic), 1 (episodes).
         update = 3 * small + 16 * grad + small + small + gather + bcast + small + small
         print(f"\nHopper-v5 update (15 CG products, 1 trial, obs normalization): {update * 1e3:.2f} ms in collectives")
-        print(f"\n500 back-to-back all_reduce of 5,126 x f32 (gloo event loop {'SCHED_IDLE' if args.idle_gloo_loop else 'as gloo starts it'}): "
+        print(f"\n500 back-to-back all_reduce of 5,126 x f32 (gloo event loop: {args.gloo_loop}): "
               f"{wall * 1e3:.0f} ms, {wall / 500 * 1e6:.0f} µs per call; rank 0's event-loop CPU "
               f"{loop_cpu * 1e3:.0f} ms ({len(loops)} thread(s))" + ("" if linux else " (not measured: not Linux)"))
     dist.destroy_process_group()

@@ -103,8 +103,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--setups", default="nproc1,nproc2,sb3-dummy,sb3-subproc",
                         help="also: 2x-independent (two unconnected half-size runs at once: the ceiling for 2 ranks); "
-                             "nprocN-busy-loop / nprocN-idle-loop: gloo's event loops left at normal priority / "
-                             "at SCHED_IDLE whatever the rank count (TRPO_EXT_GLOO_IDLE_LOOP=0 / 1)")
+                             "nprocN-normal-loop / nprocN-idle-loop: gloo's event loops at normal priority / at "
+                             "SCHED_IDLE instead of nice 19 (TRPO_EXT_GLOO_LOOP_PRIORITY=normal / idle)")
     args = parser.parse_args()
     import gymnasium
     import torch
@@ -127,8 +127,7 @@ def main():
                         splits[setup].append(split)
                     elif setup.startswith("nproc"):
                         nproc, _, loop = setup[5:].partition("-")
-                        env = {**ENV, "TRPO_EXT_GLOO_IDLE_LOOP": {"busy-loop": "0", "idle-loop": "1"}[loop]} if loop \
-                            else ENV
+                        env = {**ENV, "TRPO_EXT_GLOO_LOOP_PRIORITY": loop.removesuffix("-loop")} if loop else ENV
                         rate, split = run_trpo_ext(env_id, int(nproc), args.n_envs, args.n_steps, args.timesteps,
                                                    rep, os.path.join(tmp, "run"), env)
                         splits[setup].append(split)

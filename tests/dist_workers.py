@@ -63,16 +63,16 @@ def count_collectives(fn, ops=("c10d::allreduce_",)):
     return result, sum(1 for n in names if n in ops)
 
 
-def gloo_event_loop_policies() -> list[int]:
-    """The scheduling policy of each of this process's gloo event-loop threads."""
+def gloo_event_loops() -> list[tuple[int, int]]:
+    """(scheduling policy, nice value) of each of this process's gloo event-loop threads."""
     from trpo_ext.distributed import GLOO_EVENT_LOOP_THREAD
 
-    policies = []
+    loops = []
     for tid in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{tid}/comm") as f:
             if f.read().strip() == GLOO_EVENT_LOOP_THREAD:
-                policies.append(os.sched_getscheduler(int(tid)))
-    return policies
+                loops.append((os.sched_getscheduler(int(tid)), os.getpriority(os.PRIO_PROCESS, int(tid))))
+    return loops
 
 
 def step_case(out_dir):
@@ -148,10 +148,20 @@ def agent_case(out_dir):
 
     rank = dist.get_rank()
     results = {}
-    # gloo's event loops: as gloo starts them, then after the helper every group resolution calls.
-    before = gloo_event_loop_policies()
-    changed = trpo_ext.distributed.idle_gloo_event_loops(dist.group.WORLD)
-    results["gloo_loops"] = (before, changed, gloo_event_loop_policies())
+    # gloo's event loops: as gloo starts them, after the helper every group resolution calls (the
+    # default, then "idle"), and a call that finds nothing left to change.
+    lower = trpo_ext.distributed.lower_gloo_event_loops
+    loops = {"nice": os.getpriority(os.PRIO_PROCESS, 0), "started": gloo_event_loops(),
+             "low_changed": lower(dist.group.WORLD)}
+    loops["low"] = gloo_event_loops()
+    loops["again_changed"] = lower(dist.group.WORLD)
+    os.environ["TRPO_EXT_GLOO_LOOP_PRIORITY"] = "idle"
+    try:
+        loops["idle_changed"] = lower(dist.group.WORLD)
+        loops["idle"] = gloo_event_loops()
+    finally:
+        del os.environ["TRPO_EXT_GLOO_LOOP_PRIORITY"]
+    results["gloo_loops"] = loops
     # The critic on shards equals the critic on the whole batch, given rank 0's random stream.
     results["critic"] = critic_on_shards(lambda: trpo_ext.ValueNetwork(4, (8,)))
     # parallel="reduce": each rank its own rows and order; one process with the ranks' minibatches

@@ -162,15 +162,26 @@ def test_collectives_per_update_are_as_documented(agent_results):
     assert (return_vars[0] == return_vars[1]).all()  # the ranks' return statistics merged alike
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE and /proc/self/task are Linux's")
-def test_gloo_event_loops_run_at_idle_priority(agent_results):
-    # trpo_ext.distributed.idle_gloo_event_loops: gloo starts its loops at the normal policy; every
-    # rank's loops are at SCHED_IDLE once the helper ran (as it does for every group the agent and
-    # trust_region_step resolve).
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities and /proc/self/task are Linux's")
+def test_gloo_event_loops_run_at_low_priority(agent_results):
+    # trpo_ext.distributed.lower_gloo_event_loops, which every group resolution calls: gloo starts its
+    # event loops under SCHED_OTHER at the process's nice value; the default lowers them to nice 19,
+    # "idle" moves them to SCHED_IDLE, and a loop already there is left alone.
     for rank in agent_results[1]:
-        before, changed, after = rank["gloo_loops"]
-        assert before and all(policy == os.SCHED_OTHER for policy in before)
-        assert changed == len(before) and after == [os.SCHED_IDLE] * len(before)
+        loops = rank["gloo_loops"]
+        n = len(loops["started"])
+        assert n >= 1 and loops["started"] == [(os.SCHED_OTHER, loops["nice"])] * n
+        assert loops["low_changed"] == (n if loops["nice"] < 19 else 0) and loops["low"] == [(os.SCHED_OTHER, 19)] * n
+        assert loops["again_changed"] == 0
+        assert loops["idle_changed"] == n and all(policy == os.SCHED_IDLE for policy, _ in loops["idle"])
+
+
+def test_a_bad_gloo_loop_priority_is_an_error_naming_the_variable(monkeypatch):
+    from trpo_ext import distributed
+
+    monkeypatch.setenv("TRPO_EXT_GLOO_LOOP_PRIORITY", "fast")
+    with pytest.raises(ValueError, match="TRPO_EXT_GLOO_LOOP_PRIORITY must be one of"):
+        distributed.lower_gloo_event_loops(None)
 
 
 def test_checkpoints_continue_at_another_world_size(agent_results):

@@ -41,34 +41,36 @@ def resolve_group(process_group):
                         f"got {type(process_group).__name__}")
     if dist.get_rank(process_group) < 0:
         raise ValueError("process_group: this rank is not a member of the group")
-    idle_gloo_event_loops(process_group)
+    lower_gloo_event_loops(process_group)
     return process_group
 
 
 GLOO_EVENT_LOOP_THREAD = "gloo_tcp_loop"
 """The name gloo's TCP transport gives the thread that runs its epoll loop."""
 
+GLOO_LOOP_PRIORITIES = ("low", "idle", "normal")
+"""TRPO_EXT_GLOO_LOOP_PRIORITY's values: nice 19 (the default), SCHED_IDLE, or as gloo starts it."""
 
-def idle_gloo_event_loops(group) -> int:
-    """Puts gloo's TCP event-loop threads of this process under SCHED_IDLE (Linux) when `group`
-    uses gloo and this machine's ranks do not outnumber its cores; returns how many threads it
-    changed. TRPO_EXT_GLOO_IDLE_LOOP=1 does it regardless of the count, =0 never. Every call looks
-    at the process's threads again (new groups bring new loops; tens of µs).
+
+def lower_gloo_event_loops(group) -> int:
+    """Lowers the scheduling priority of gloo's TCP event-loop threads in this process when `group`
+    uses gloo (Linux; elsewhere nothing), to what TRPO_EXT_GLOO_LOOP_PRIORITY says: "low" (the
+    default) nice 19, "idle" SCHED_IDLE, "normal" leaves them alone. Returns how many threads it
+    changed. Every call looks at the process's threads again (new groups bring new loops; tens of µs).
 
     Why (docs/distributed.md, "gloo's event loop"): when a worker thread holds a connection's
     mutex, the loop's handler fails a try_lock and returns to its level-triggered epoll, which
-    wakes it again at once: it spins until the worker lets go. At normal priority the spinning
-    loop can preempt the very threads it waits for and keep the core until the scheduler's next
-    tick (4 ms on the project's VM): the slow mode of gloo's latency. At SCHED_IDLE it never
-    preempts them, and still gets a core whenever one is free, which is whenever its rank waits
-    in a collective. The price: behind other jobs' threads on the same cores it waits longer,
-    hence the count."""
-    setting = os.environ.get("TRPO_EXT_GLOO_IDLE_LOOP", "auto")
-    if group is None or setting == "0" or not sys.platform.startswith("linux") \
+    wakes it again at once: it spins until the worker lets go. At normal priority that spinning
+    loop preempts the threads it waits for and can keep the core until the scheduler's next tick
+    (4 ms on the project's VM): the slow mode of gloo's latency. At a low priority it does not
+    preempt them. SCHED_IDLE goes furthest (a Hopper-sized 2-rank step 41 -> 26 ms on the VM) but
+    starves behind other jobs' threads on the same cores (3.4x slower with two CPU hogs); nice 19
+    gets most of the gain (29-38 ms) and stays ahead of normal priority with the hogs."""
+    setting = os.environ.get("TRPO_EXT_GLOO_LOOP_PRIORITY", "low")
+    if setting not in GLOO_LOOP_PRIORITIES:
+        raise ValueError(f"TRPO_EXT_GLOO_LOOP_PRIORITY must be one of {GLOO_LOOP_PRIORITIES}, got {setting!r}")
+    if group is None or setting == "normal" or not sys.platform.startswith("linux") \
             or "gloo" not in str(dist.get_backend(group)):
-        return 0
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size(group)))
-    if setting != "1" and local_ranks > len(os.sched_getaffinity(0)):
         return 0
     changed = 0
     for tid in os.listdir("/proc/self/task"):
@@ -76,8 +78,11 @@ def idle_gloo_event_loops(group) -> int:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if f.read().strip() != GLOO_EVENT_LOOP_THREAD:
                     continue
-            if os.sched_getscheduler(int(tid)) != os.SCHED_IDLE:
+            if setting == "idle" and os.sched_getscheduler(int(tid)) != os.SCHED_IDLE:
                 os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+                changed += 1
+            elif setting == "low" and os.getpriority(os.PRIO_PROCESS, int(tid)) < 19:
+                os.setpriority(os.PRIO_PROCESS, int(tid), 19)  # a thread's own nice value (Linux)
                 changed += 1
         except (FileNotFoundError, ProcessLookupError, PermissionError):  # the thread ended; a sandbox forbids it
             continue
