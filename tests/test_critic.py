@@ -46,6 +46,29 @@ def test_fit_matches_plain_adam_loop(activation, hidden, dtype, tol, device):
             assert rel_err(s["exp_avg_sq"], t["exp_avg_sq"]) <= tol
 
 
+def test_parameters_with_different_step_counts_keep_their_own(device):
+    # The op increments one shared count when every parameter has taken as many Adam steps; a state
+    # where they differ (one parameter's state reset, say) keeps one count per parameter, as
+    # torch.optim.Adam does.
+    torch.manual_seed(0)
+    net = trpo_ext.ValueNetwork(5, (8,)).to(device, torch.float64)
+    ref = copy.deepcopy(net)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=3e-3, foreach=False)
+    obs, returns = torch.randn(64, 5, dtype=torch.float64, device=device), torch.randn(64, dtype=torch.float64,
+                                                                                   device=device)
+    for o, n in ((opt, net), (ref_opt, ref)):
+        fit = fit_value_network if o is opt else _plain_fit
+        fit(n, o, obs, returns, 1, 16, torch.Generator(device).manual_seed(0))
+        del o.state[list(n.parameters())[0]]  # the first weight starts over
+    fit_value_network(net, opt, obs, returns, 2, 16, torch.Generator(device).manual_seed(1))
+    _plain_fit(ref, ref_opt, obs, returns, 2, 16, torch.Generator(device).manual_seed(1))
+    assert [float(opt.state[p]["step"]) for p in net.parameters()] == [8.0, 12.0, 12.0, 12.0]
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"])
+        assert rel_err(p.detach(), q.detach()) <= 1e-10
+
+
 def test_zero_epochs_changes_nothing():
     net = trpo_ext.ValueNetwork(3)
     before = [p.detach().clone() for p in net.parameters()]
