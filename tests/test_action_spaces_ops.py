@@ -643,8 +643,12 @@ def test_data_parallel_step_equals_one_process_on_the_whole_batch(dist_results, 
     bounds = dist_results[0][case]["bounds"]
     for rank, results in enumerate(dist_results):
         shard = results[case]["shard"]
-        for key in ("g", "x", "kl", "improvement"):
+        for key in ("g", "kl", "improvement"):
             torch.testing.assert_close(shard[key], whole[key], rtol=1e-10, atol=1e-12, msg=f"{key} on rank {rank}")
+        # The CG direction relative to its norm, as tests/test_distributed.py compares it: ten CG
+        # iterations amplify the shards' different summation order, and an elementwise bound fails
+        # on the direction's small entries (seen: 4e-11 off in an entry, 2e-11 in norm, on an AVX2 host).
+        assert rel_err(shard["x"], whole["x"]) <= RTOL[torch.float64], f"x on rank {rank}"
         torch.testing.assert_close(shard["dist_params"], whole["dist_params"][bounds[rank]:bounds[rank + 1]])
 
 
