@@ -2,6 +2,7 @@
 and the activation added last (elu) is tested like tanh and relu are in test_fisher.py,
 test_act.py and test_critic.py (FVP and CG against the double-backprop reference, mlp_act against
 the module's forward pass)."""
+import copy
 import re
 
 import pytest
@@ -51,10 +52,26 @@ def test_elu_cg_matches_reference(kind, dtype, device):
     policy, obs, b = _setup(kind, (8, 7), "elu", dtype, device)
     x_ref, used, _, xAx_ref = reference.cg_solve(policy, obs, b, iters=10, damping=0.1, rtol=1e-8)
     x, info = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.1, rtol=1e-8)
-    # Both solves in the same dtype: CG amplifies rounding, float32 gets the FVP's bound times 10.
-    tol = 1e-8 if dtype == torch.float64 else 10 * RTOL[dtype]
-    assert rel_err(x, x_ref) <= tol
     assert int(info.iterations) == used
+    if dtype == torch.float64:
+        assert rel_err(x, x_ref) <= 1e-8
+        assert float(info.xAx) == pytest.approx(float(xAx_ref), rel=1e-8)
+        return
+    # float32: ten CG iterations on this system (far from converged in the Gaussian case) amplify
+    # rounding by orders of magnitude, and equally accurate products land anywhere in that spread
+    # (on an AVX2 host the fused solve was 2.5e-3 off the float64 one, the reference 1.2e-4, the
+    # reference with b moved by one float32 ulp up to 1.8e-3). So the fused solve is held, against
+    # the float64 solve, to 4 times that spread as the reference shows it, or to the FVP's bound
+    # times 10, whichever is larger.
+    x_64 = reference.cg_solve(copy.deepcopy(policy).double(), obs.double(), b.double(), iters=10, damping=0.1,
+                              rtol=1e-8)[0]
+    g = torch.Generator().manual_seed(5)
+    spread = [rel_err(x_ref, x_64)]
+    for _ in range(3):
+        nudged = b * (1 + torch.finfo(dtype).eps * (2 * torch.rand(b.shape, generator=g) - 1)).to(b.device)
+        spread.append(rel_err(reference.cg_solve(policy, obs, nudged, iters=10, damping=0.1, rtol=1e-8)[0], x_64))
+    tol = max(10 * RTOL[dtype], 4 * max(spread))
+    assert rel_err(x, x_64) <= tol
     assert float(info.xAx) == pytest.approx(float(xAx_ref), rel=tol)
 
 
