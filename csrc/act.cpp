@@ -4,11 +4,20 @@
 // as much as stepping a cheap environment; here they are one dispatcher call.
 #include "act.h"
 
+#include <algorithm>
+
 #include "distribution.h"
 #include "kernels.h"
 #include "mlp.h"
 
 namespace trpo_ext {
+namespace {
+
+bool all_contiguous(at::TensorList tensors) {
+  return std::all_of(tensors.begin(), tensors.end(), [](const at::Tensor& t) { return t.is_contiguous(); });
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::optional<at::Tensor>& obs_mean,
                                            const std::optional<at::Tensor>& obs_inv_std, double obs_clip,
@@ -35,8 +44,16 @@ std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::opt
     TORCH_CHECK_VALUE(obs_clip > 0, "trpo_ext: obs_clip must be > 0, got ", obs_clip);
     TRPO_EXT_DISPATCH(x, normalize_rows_, x, obs_mean->contiguous(), obs_inv_std->contiguous(), obs_clip);
   }
+  // A rollout step's few rows on the CPU: plain loops instead of a GEMM per layer (kernels.h).
+  at::Tensor logits;
+  if (x.is_cpu() && x.size(0) <= cpu::kSmallBatchRows && all_contiguous(params)) {
+    logits = at::empty({x.size(0), shape.out_width}, x.options());
+    cpu::mlp_forward_rows(x, params, shape.n_layers, act, logits);
+  } else {
+    logits = mlp_forward(x, params, shape.n_layers, act);
+  }
   // A masked class's logit is kMaskedLogit: probability exactly 0, so it is never drawn nor the argmax.
-  const at::Tensor out = apply_action_mask(mlp_forward(x, params, shape.n_layers, act), action_mask);
+  const at::Tensor out = apply_action_mask(logits, action_mask);
   const int64_t n = out.size(0);
 
   at::Tensor actions;

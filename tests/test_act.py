@@ -176,3 +176,31 @@ def test_opcheck_mlp_act(kind, device):
     mean, inv_std = torch.zeros(5, device=device), torch.ones(5, device=device)
     # deterministic: opcheck runs the op several times and compares the outputs
     torch.library.opcheck(ops.mlp_act.default, (obs, mean, inv_std, 5.0, _params(policy), kind, "tanh", True, None))
+
+
+@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_few_rows_on_the_cpu_match_the_gemm_path(kind, activation, dtype):
+    # mlp_act runs a rollout step's few rows (up to kernels.h's kSmallBatchRows, 16) through plain
+    # loops on the CPU and larger batches through GEMMs: the first rows of a large batch must come
+    # out as the same rows alone, to rounding, normalization included. (The sampling after the
+    # forward pass is shared; the tests above check it at 11 rows.)
+    policy = make_policy(kind, 5, 4, (8, 7), activation, dtype)
+    g = torch.Generator().manual_seed(0)
+    obs = 2 * torch.randn(200, 5, generator=g, dtype=dtype)
+    mean, inv_std = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.5
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+
+    def act(x):
+        return ops.mlp_act(x, mean, inv_std, 3.0, _params(policy), kind, activation, True, None)
+
+    x_all, mode_all = act(obs)
+    with torch.no_grad():
+        expected = policy.distribution_params(x_all)
+    for rows in (1, 7, 16):
+        x, mode = act(obs[:rows])
+        torch.testing.assert_close(x, x_all[:rows], **tol)
+        torch.testing.assert_close(mode, mode_all[:rows], **tol)
+        if kind == "gaussian":  # the mode is the forward pass itself
+            torch.testing.assert_close(mode, expected[:rows], **tol)

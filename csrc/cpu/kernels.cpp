@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "elementwise.h"
 #include "kernels.h"
@@ -167,6 +168,47 @@ void sample_categorical_(const at::Tensor& logits, const at::Tensor& u, at::Tens
     int64_t* ap = actions.data_ptr<int64_t>();
     at::parallel_for(0, n, row_grain(k), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) ap[i] = ew::categorical_sample_row(lp + i * k, k, up[i]);
+    });
+  });
+}
+
+void mlp_forward_rows(const at::Tensor& x, at::TensorList params, int64_t n_layers, Activation act, at::Tensor& out) {
+  const int64_t n = x.size(0);
+  int64_t widest = 0;
+  for (int64_t l = 0; l + 1 < n_layers; ++l) widest = std::max(widest, params[2 * l].size(0));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward_rows", [&] {
+    visit_activation(act, [&](auto op) {
+      using Op = decltype(op);
+      // Layer by layer over all rows: z_i = b + sum_k h_ik W[:, k], through the layer's transpose so
+      // that the inner loop is an axpy over contiguous output units (no reduction to reorder).
+      std::vector<scalar_t> hidden[2] = {std::vector<scalar_t>(n * widest), std::vector<scalar_t>(n * widest)};
+      std::vector<scalar_t> wt;
+      const scalar_t* in = x.const_data_ptr<scalar_t>();
+      int64_t width = x.size(1);
+      for (int64_t l = 0; l < n_layers; ++l) {
+        const scalar_t* w = params[2 * l].const_data_ptr<scalar_t>();
+        const scalar_t* b = params[2 * l + 1].const_data_ptr<scalar_t>();
+        const int64_t units = params[2 * l].size(0);
+        wt.resize(width * units);
+        for (int64_t j = 0; j < units; ++j)
+          for (int64_t k = 0; k < width; ++k) wt[k * units + j] = w[j * width + k];
+        const bool last = l + 1 == n_layers;
+        scalar_t* dst = last ? out.data_ptr<scalar_t>() : hidden[l % 2].data();
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* z = dst + i * units;
+          std::copy(b, b + units, z);
+          for (int64_t k = 0; k < width; ++k) {
+            const scalar_t h = in[i * width + k];
+            const scalar_t* col = wt.data() + k * units;
+            for (int64_t j = 0; j < units; ++j) z[j] += h * col[j];
+          }
+          if (!last) {
+            for (int64_t j = 0; j < units; ++j) z[j] = Op::value(z[j]);
+          }
+        }
+        in = dst;
+        width = units;
+      }
     });
   });
 }
