@@ -23,6 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from trpo_ext.distributed import gloo_event_loop_threads, lower_gloo_event_loops
+
 
 def timed(fn, iters: int) -> list[float]:
     out = []
@@ -31,17 +33,6 @@ def timed(fn, iters: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - start)
     return out
-
-
-def gloo_loop_threads() -> list[int]:
-    from trpo_ext.distributed import GLOO_EVENT_LOOP_THREAD
-
-    threads = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().strip() == GLOO_EVENT_LOOP_THREAD:
-                threads.append(int(tid))
-    return threads
 
 
 def thread_cpu_s(tid: int) -> float:
@@ -65,8 +56,6 @@ def main():
     if args.gloo_loop != "normal":
         if not linux:
             parser.error("--gloo-loop needs Linux (per-thread priorities, /proc/self/task)")
-        from trpo_ext.distributed import lower_gloo_event_loops
-
         os.environ["TRPO_EXT_GLOO_LOOP_PRIORITY"] = args.gloo_loop
         lower_gloo_event_loops(dist.group.WORLD)
     group_name = dist.group.WORLD.group_name
@@ -110,7 +99,7 @@ def main():
             times[name] += timed(fn, 10)
     # Back to back: nothing between the calls, the pattern of a critic's gather or a step's first reductions.
     back_to_back = torch.ones(5126)
-    loops = gloo_loop_threads() if linux else []
+    loops = gloo_event_loop_threads()
     cpu_before = sum(thread_cpu_s(t) for t in loops)
     dist.barrier()
     start = time.perf_counter()

@@ -65,14 +65,8 @@ def count_collectives(fn, ops=("c10d::allreduce_",)):
 
 def gloo_event_loops() -> list[tuple[int, int]]:
     """(scheduling policy, nice value) of each of this process's gloo event-loop threads."""
-    from trpo_ext.distributed import GLOO_EVENT_LOOP_THREAD
-
-    loops = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().strip() == GLOO_EVENT_LOOP_THREAD:
-                loops.append((os.sched_getscheduler(int(tid)), os.getpriority(os.PRIO_PROCESS, int(tid))))
-    return loops
+    return [(os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            for tid in trpo_ext.distributed.gloo_event_loop_threads()]
 
 
 def step_case(out_dir):

@@ -51,41 +51,61 @@ GLOO_EVENT_LOOP_THREAD = "gloo_tcp_loop"
 GLOO_LOOP_PRIORITIES = ("low", "idle", "normal")
 """TRPO_EXT_GLOO_LOOP_PRIORITY's values: nice 19 (the default), SCHED_IDLE, or as gloo starts it."""
 
+_threads_seen: tuple[frozenset, str] | None = None  # this process's threads and the setting at the last look
+
+
+def gloo_event_loop_threads() -> list[int]:
+    """The thread ids of this process's gloo event loops (Linux; [] elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    found = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() == GLOO_EVENT_LOOP_THREAD:
+                    found.append(int(tid))
+        except FileNotFoundError:  # the thread ended
+            continue
+    return found
+
 
 def lower_gloo_event_loops(group) -> int:
     """Lowers the scheduling priority of gloo's TCP event-loop threads in this process when `group`
     uses gloo (Linux; elsewhere nothing), to what TRPO_EXT_GLOO_LOOP_PRIORITY says: "low" (the
     default) nice 19, "idle" SCHED_IDLE, "normal" leaves them alone. Returns how many threads it
-    changed. Every call looks at the process's threads again (new groups bring new loops; tens of µs).
+    changed. It looks at the threads again only when the process's set of threads has changed
+    (new groups bring new loops): resolve_group calls it on every step.
 
     Why (docs/distributed.md, "gloo's event loop"): when a worker thread holds a connection's
     mutex, the loop's handler fails a try_lock and returns to its level-triggered epoll, which
     wakes it again at once: it spins until the worker lets go. At normal priority that spinning
     loop preempts the threads it waits for and can keep the core until the scheduler's next tick
     (4 ms on the project's VM): the slow mode of gloo's latency. At a low priority it does not
-    preempt them. SCHED_IDLE goes furthest (a Hopper-sized 2-rank step 41 -> 26 ms on the VM) but
-    starves behind other jobs' threads on the same cores (3.4x slower with two CPU hogs); nice 19
-    gets most of the gain (29-38 ms) and stays ahead of normal priority with the hogs."""
+    preempt them. SCHED_IDLE goes furthest on a machine the job has to itself but starves behind
+    other jobs' threads on the same cores; nice 19 keeps most of the gain and stays ahead of normal
+    priority beside them (bench/dist_step.py; the table in docs/distributed.md)."""
+    global _threads_seen
     setting = os.environ.get("TRPO_EXT_GLOO_LOOP_PRIORITY", "low")
     if setting not in GLOO_LOOP_PRIORITIES:
         raise ValueError(f"TRPO_EXT_GLOO_LOOP_PRIORITY must be one of {GLOO_LOOP_PRIORITIES}, got {setting!r}")
     if group is None or setting == "normal" or not sys.platform.startswith("linux") \
             or "gloo" not in str(dist.get_backend(group)):
         return 0
+    seen = (frozenset(os.listdir("/proc/self/task")), setting)
+    if seen == _threads_seen:
+        return 0
     changed = 0
-    for tid in os.listdir("/proc/self/task"):
+    for tid in gloo_event_loop_threads():
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() != GLOO_EVENT_LOOP_THREAD:
-                    continue
-            if setting == "idle" and os.sched_getscheduler(int(tid)) != os.SCHED_IDLE:
-                os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            if setting == "idle" and os.sched_getscheduler(tid) != os.SCHED_IDLE:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
                 changed += 1
-            elif setting == "low" and os.getpriority(os.PRIO_PROCESS, int(tid)) < 19:
-                os.setpriority(os.PRIO_PROCESS, int(tid), 19)  # a thread's own nice value (Linux)
+            elif setting == "low" and os.getpriority(os.PRIO_PROCESS, tid) < 19:
+                os.setpriority(os.PRIO_PROCESS, tid, 19)  # a thread's own nice value (Linux)
                 changed += 1
-        except (FileNotFoundError, ProcessLookupError, PermissionError):  # the thread ended; a sandbox forbids it
+        except (ProcessLookupError, PermissionError):  # the thread ended; a sandbox forbids it
             continue
+    _threads_seen = seen
     return changed
 
 
