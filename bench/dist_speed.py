@@ -45,8 +45,8 @@ def read_split(out) -> dict:
     return {k: sum(float(r[k]) for r in rows) / len(rows) for k in SPLIT}
 
 
-def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out, env=ENV):
-    cmd = train_command(env_id, nproc, n_envs // nproc, n_steps, steps, seed, out, "--eval-episodes", "1")
+def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out, env=ENV, extra=()):
+    cmd = train_command(env_id, nproc, n_envs // nproc, n_steps, steps, seed, out, "--eval-episodes", "1", *extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -104,7 +104,8 @@ def main():
     parser.add_argument("--setups", default="nproc1,nproc2,sb3-dummy,sb3-subproc",
                         help="also: 2x-independent (two unconnected half-size runs at once: the ceiling for 2 ranks); "
                              "nprocN-normal-loop / nprocN-idle-loop: gloo's event loops at normal priority / at "
-                             "SCHED_IDLE instead of nice 19 (TRPO_EXT_GLOO_LOOP_PRIORITY=normal / idle)")
+                             "SCHED_IDLE instead of nice 19 (TRPO_EXT_GLOO_LOOP_PRIORITY=normal / idle); "
+                             "nprocN-split / nprocN-data: update_parallel='split' / 'data' instead of 'auto'")
     args = parser.parse_args()
     import gymnasium
     import torch
@@ -126,10 +127,14 @@ def main():
                         rate, split = run_independent(env_id, args.n_envs, args.n_steps, args.timesteps, rep, tmp)
                         splits[setup].append(split)
                     elif setup.startswith("nproc"):
-                        nproc, _, loop = setup[5:].partition("-")
-                        env = {**ENV, "TRPO_EXT_GLOO_LOOP_PRIORITY": loop.removesuffix("-loop")} if loop else ENV
+                        nproc, _, variant = setup[5:].partition("-")
+                        env, extra = ENV, ()
+                        if variant.endswith("-loop"):
+                            env = {**ENV, "TRPO_EXT_GLOO_LOOP_PRIORITY": variant.removesuffix("-loop")}
+                        elif variant:
+                            extra = ("--set", f"update_parallel={variant}")
                         rate, split = run_trpo_ext(env_id, int(nproc), args.n_envs, args.n_steps, args.timesteps,
-                                                   rep, os.path.join(tmp, "run"), env)
+                                                   rep, os.path.join(tmp, "run"), env, extra)
                         splits[setup].append(split)
                     else:
                         vec = "SubprocVecEnv" if setup == "sb3-subproc" else "DummyVecEnv"

@@ -79,7 +79,7 @@ def one_step(env_id: str, kl_scale: int, updates: int, seed: int) -> None:
     cos = torch.nn.functional.cosine_similarity(fv_ours, fv_sb3, 0).item()
 
     before = [t.detach().clone() for t in ours]
-    log = agent._policy_step(batch.obs, batch.actions, batch.advantages)
+    log = agent._policy_step(batch.obs, batch.actions, batch.advantages, None, agent.group)
     model.train()
     d = sb3_kl_scale(env_id)
     print(f"\n{env_id} (sb3 KL scale d = {d}), trpo_ext with max_kl = {kl_scale} x {p['max_kl']}, damping = "

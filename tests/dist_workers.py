@@ -178,8 +178,8 @@ def agent_case(out_dir):
     order = torch.stack([torch.cat([torch.cat([perms[0][e, j:j + batch], 25 + perms[1][e, j:j + batch]])
                                     for j in range(0, 25, batch)]) for e in range(epochs)])
     single, single_optimizer = fresh_net()
-    from trpo_ext.critic import _adam_state
-    group_, steps, exp_avg, exp_avg_sq = _adam_state(single_optimizer, list(single.parameters()))
+    from trpo_ext.critic import adam_state
+    group_, steps, exp_avg, exp_avg_sq = adam_state(single_optimizer, list(single.parameters()))
     with torch.no_grad():
         single_loss = trpo_ext._ops.mlp_value_fit(obs64, returns64, [p.detach() for p in single.parameters()],
                                                   exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps, order=order,
@@ -197,7 +197,7 @@ def agent_case(out_dir):
     normalizer.sync(dist.group.WORLD)
     results["normalizer"] = (normalizer.count, normalizer.mean.copy(), normalizer.var.copy(), mine)
 
-    agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, normalize_obs=True, seed=0,
+    agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, normalize_obs=True, seed=0, update_parallel="data",
                           log_dir=os.path.join(out_dir, "run"))
     agent.learn(1024, progress_bar=False)
     agent.save(os.path.join(out_dir, "model.pt"))
@@ -212,7 +212,7 @@ def agent_case(out_dir):
     agent.close()
     # The critic reducing minibatch gradients, in the agent: 10 epochs x 1 minibatch of 128 rows.
     reducing = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, critic_parallel="reduce", normalize_reward=True,
-                             seed=1)
+                             seed=1, update_parallel="data")
     reducing.learn(512, progress_bar=False)
     record, n = count_collectives(reducing._update, COLLECTIVES)
     results["reduce_agent"] = dict(value=parameters_to_vector(reducing.value_net.parameters()).detach(),
@@ -254,12 +254,14 @@ def custom_case(out_dir):
     rank = dist.get_rank()
     results = critic_on_shards(lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
                                                            torch.nn.Linear(8, 1)))
-    agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, seed=0, policy=CategoricalPolicy, value_net=Critic)
-    agent.learn(512, progress_bar=False)
-    results["agent"] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
-                            value=parameters_to_vector(agent.value_net.parameters()).detach(),
-                            num_timesteps=agent.num_timesteps, record=agent.last_record)
-    agent.close()
+    for layout in ("split", "data"):
+        agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, seed=0, policy=CategoricalPolicy, value_net=Critic,
+                              update_parallel=layout)
+        agent.learn(512, progress_bar=False)
+        results[f"agent-{layout}"] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
+                                          value=parameters_to_vector(agent.value_net.parameters()).detach(),
+                                          num_timesteps=agent.num_timesteps, record=agent.last_record)
+        agent.close()
     try:
         trpo_ext.TRPO("CartPole-v1", n_envs=2, seed=0, value_net=Critic, critic_parallel="reduce")
         results["reduce_error"] = None
@@ -274,18 +276,68 @@ def spaces_case(out_dir):
     with the same networks (the agent checks its replicas; the test compares them too)."""
     rank = dist.get_rank()
     results = {}
-    for env_id, policy in (("trpo_ext/MaskedChoice-v0", "auto"), ("trpo_ext/DictImageSide-v0", "auto"),
-                           ("trpo_ext/MultiDiscreteMatch-v0", "auto")):
-        agent = trpo_ext.TRPO(env_id, policy=policy, n_envs=2, n_steps=32, seed=0, critic_epochs=2)
+    for env_id, layout in [(env_id, layout) for env_id in ("trpo_ext/MaskedChoice-v0", "trpo_ext/DictImageSide-v0",
+                                                            "trpo_ext/MultiDiscreteMatch-v0")
+                           for layout in ("split", "data")]:
+        agent = trpo_ext.TRPO(env_id, n_envs=2, n_steps=32, seed=0, critic_epochs=2, update_parallel=layout)
         agent.learn(256, progress_bar=False)
-        results[env_id] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
+        results[env_id, layout] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
                                value=parameters_to_vector(agent.value_net.parameters()).detach(),
                                num_timesteps=agent.num_timesteps, record=agent.last_record)
         agent.close()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case, "custom": custom_case, "spaces": spaces_case}
+def split_case(out_dir):
+    """update_parallel="split": its two collectives on their own (bit-exact gather of mixed dtypes and
+    unequal row counts; results copied from their owners), one update against the data layout's
+    from the same start, and a task that fails on one rank."""
+    from trpo_ext.distributed import gather_tensors, share_
+
+    rank, world = dist.get_rank(), dist.group.WORLD
+    results = {}
+    g = torch.Generator().manual_seed(rank)
+    n = 3 + 4 * rank
+    mine = [torch.randn(n, 2, 3, generator=g), torch.randint(-2**40, 2**40, (n,), generator=g),
+            torch.rand(n, 2, generator=g) > 0.5, torch.randn(n, generator=g, dtype=torch.float64)]
+    mine[0][0, 0, 0], mine[3][-1] = float("nan"), -0.0
+    gathered, ints = gather_tensors(mine, world, [10 * rank, -5])
+    results["gather"] = dict(mine=mine, gathered=gathered, ints=ints)
+    owned = [torch.full((3,), float(rank)), torch.full((2, 2), 10.0 + rank, dtype=torch.float64),
+             torch.tensor(float(rank + 1))]
+    share_([(0, owned[:1]), (1, owned[1:])], world)
+    results["share"] = owned
+
+    for layout in ("split", "data"):
+        agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, normalize_obs=True, seed=0, update_parallel=layout)
+        agent.collector.reset(seed=agent.rank_seed(0))
+        record, n_collectives = count_collectives(agent._update, COLLECTIVES)
+        _, steps, exp_avg, exp_avg_sq = trpo_ext.critic.adam_state(agent.critic_optimizer,
+                                                                   list(agent.value_net.parameters()))
+        results[layout] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
+                               value=parameters_to_vector(agent.value_net.parameters()).detach(),
+                               adam=[t.clone() for t in (*steps, *exp_avg, *exp_avg_sq)], record=record,
+                               collectives=n_collectives, layout=agent.update_layout)
+        agent.close()
+
+    agent = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, seed=0, update_parallel="split")
+    if rank == 1:
+        def failing_fit(*args, **kwargs):
+            raise ValueError("the critic fit failed here")
+        trpo_ext.trpo.fit_value_network = failing_fit
+    try:
+        agent.learn(256, progress_bar=False)
+        results["failure"] = None
+    except Exception as exc:
+        results["failure"] = (type(exc).__name__, str(exc))
+    results["after_failure"] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
+                                    value=parameters_to_vector(agent.value_net.parameters()).detach())
+    agent.close()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case, "custom": custom_case, "spaces": spaces_case,
+         "split": split_case}
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -275,6 +275,7 @@ def test_data_parallel_custom_networks(tmp_path):
         (loss, params), (single_loss, single_params) = rank["distributed"], rank["single"]
         assert torch.equal(params, single_params) and loss == single_loss
         assert "critic_parallel='reduce' needs the built-in ValueNetwork" in rank["reduce_error"]
-    a0, a1 = ranks[0]["agent"], ranks[1]["agent"]
-    assert torch.equal(a0["policy"], a1["policy"]) and torch.equal(a0["value"], a1["value"])
-    assert a0["num_timesteps"] == 512 and math.isfinite(a0["record"]["value_loss"])
+    for layout in ("split", "data"):  # the agent keeps identical replicas with either update layout
+        a0, a1 = ranks[0][f"agent-{layout}"], ranks[1][f"agent-{layout}"]
+        assert torch.equal(a0["policy"], a1["policy"]) and torch.equal(a0["value"], a1["value"]), layout
+        assert a0["num_timesteps"] == 512 and math.isfinite(a0["record"]["value_loss"]), layout

@@ -215,8 +215,79 @@ def test_new_spaces_train_data_parallel_with_identical_replicas(tmp_path):
     """Masked actions (fused), a Dict observation with an image (generic, packed critic rows),
     MultiDiscrete actions: two ranks end with the same networks after 4 updates of 2 x 64 steps."""
     ranks = launch("spaces", tmp_path)
-    for env_id, r0 in ranks[0].items():
-        r1 = ranks[1][env_id]
-        assert r0["num_timesteps"] == r1["num_timesteps"] == 256, env_id
-        assert torch.equal(r0["policy"], r1["policy"]) and torch.equal(r0["value"], r1["value"]), env_id
-        assert r0["record"]["world_size"] == 2 and r0["record"]["line_search_failed"] == 0, env_id
+    assert len(ranks[0]) == 6  # 3 envs x the split and the data update layouts
+    for key, r0 in ranks[0].items():
+        r1 = ranks[1][key]
+        assert r0["num_timesteps"] == r1["num_timesteps"] == 256, key
+        assert torch.equal(r0["policy"], r1["policy"]) and torch.equal(r0["value"], r1["value"]), key
+        assert r0["record"]["world_size"] == 2 and r0["record"]["line_search_failed"] == 0, key
+
+
+# ----------------------------------------------------------------------------- update_parallel="split"
+@pytest.fixture(scope="module")
+def split_results(tmp_path_factory):
+    return launch("split", tmp_path_factory.mktemp("split"))
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().numpy().tobytes()
+
+
+def test_split_gather_is_bit_exact_for_any_dtype_and_row_count(split_results):
+    theirs = [r["gather"]["mine"] for r in split_results]
+    for rank in split_results:
+        gathered, ints = rank["gather"]["gathered"], rank["gather"]["ints"]
+        for i, part in enumerate(gathered):  # a NaN, a -0.0, int64 beyond 2**32 and bools survive as they were
+            whole = torch.cat([theirs[0][i], theirs[1][i]])
+            assert part.dtype == whole.dtype and part.shape == whole.shape and _bits(part) == _bits(whole), i
+        assert ints.tolist() == [[0, -5], [10, -5]]
+
+
+def test_split_share_copies_each_owners_tensors_to_every_rank(split_results):
+    for rank in split_results:
+        a, b, steps = rank["share"]
+        assert a.tolist() == [0.0] * 3 and b.tolist() == [[11.0, 11.0]] * 2 and steps.item() == 2.0
+
+
+def test_split_update_equals_the_data_layout_and_keeps_identical_replicas(split_results):
+    for rank in split_results:
+        split, data = rank["split"], rank["data"]
+        assert split["layout"] == "split" and data["layout"] == "data"
+        # The critic: the same rows, the same minibatch order (rank 0's seed) -> the same fit, bit for bit.
+        assert torch.equal(split["value"], data["value"])
+        assert all(torch.equal(a, b) for a, b in zip(split["adam"], data["adam"]))
+        # The policy: one process's step on the whole batch vs the step reduced over the shards (float32).
+        assert rel_err(split["policy"], data["policy"]) <= 1e-5
+        assert split["record"]["kl"] == pytest.approx(data["record"]["kl"], rel=1e-4)
+        assert split["record"]["line_search_steps"] == data["record"]["line_search_steps"]
+        assert isinstance(split["record"]["cg_iterations"], int)
+        # docs/distributed.md: observation statistics 1, the gather 2, the results 1, the episode statistics 1.
+        assert split["collectives"] == 1 + 2 + 1 + 1
+    r0, r1 = split_results
+    assert torch.equal(r0["split"]["policy"], r1["split"]["policy"]) and torch.equal(r0["split"]["value"],
+                                                                                       r1["split"]["value"])
+    from trpo_ext.trpo import _STEP_LOG_TYPES  # the step's entries and the critic's come from their owner rank
+
+    for key in [*_STEP_LOG_TYPES, "value_loss", "time_critic", "explained_variance"]:
+        assert r0["split"]["record"][key] == pytest.approx(r1["split"]["record"][key], rel=0, nan_ok=True), key
+
+
+def test_a_task_failing_on_one_rank_stops_both_with_the_same_networks(split_results):
+    r0, r1 = split_results
+    assert r1["failure"] == ("ValueError", "the critic fit failed here")
+    kind, message = r0["failure"]
+    assert kind == "RuntimeError" and "the critic fit failed on rank 1" in message
+    assert torch.equal(r0["after_failure"]["policy"], r1["after_failure"]["policy"])
+    assert torch.equal(r0["after_failure"]["value"], r1["after_failure"]["value"])
+
+
+def test_update_layout_by_world_size():
+    from trpo_ext.config import TRPOConfig
+
+    assert [TRPOConfig().update_layout(w) for w in (1, 2, 3)] == [None, "split", "data"]
+    assert [TRPOConfig(update_parallel="data").update_layout(w) for w in (1, 2)] == [None, "data"]
+    assert TRPOConfig(update_parallel="split").update_layout(2) == "split"
+    with pytest.raises(ValueError, match="update_parallel='split' runs on exactly 2 ranks.*this job has 4"):
+        TRPOConfig(update_parallel="split").update_layout(4)
+    with pytest.raises(ValueError, match="update_parallel"):
+        TRPOConfig(update_parallel="tasks")

@@ -95,6 +95,9 @@ class TrustRegionConfig:
             object.__setattr__(self, name, value)
 
 
+UPDATE_PARALLEL = ("auto", "split", "data")
+"""`TRPOConfig.update_parallel`'s values."""
+
 POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0}
 """The defaults of `TRPOConfig.policy_kwargs`; a user's dict overrides some of them."""
 
@@ -160,6 +163,13 @@ class TRPOConfig:
     """Data-parallel only: "gather" (every rank fits the critic on all ranks' rows; fewest
     collectives, best on a few ranks) or "reduce" (each rank fits its own rows, all-reducing every
     minibatch's gradient; scales to many ranks). docs/distributed.md, "Cost model"."""
+    update_parallel: str = "auto"
+    """Data-parallel only: how the ranks share an update's two computations after their rollouts.
+    "split" (2 ranks): the ranks' batches are gathered, then rank 0 takes the policy step and rank 1
+    fits the critic, each on the whole batch and at the same time, and each sends its result to the
+    other (3 collectives besides the statistics'); "data": both ranks take part in both (the policy
+    step's Fisher products reduced inside the fused solve, the critic by `critic_parallel`); "auto"
+    (the default): "split" at world size 2, "data" at any other. docs/distributed.md, "Cost model"."""
     policy_kwargs: dict | None = None
     """Dict with `hidden` (layer widths, also used by the value network), `activation` (a key of
     `trpo_ext.policies.ACTIVATIONS`) and `log_std_init` (Gaussian policies, in [-20, 2]); missing
@@ -194,6 +204,7 @@ class TRPOConfig:
             "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0),
             "critic_batch_size": check_int("critic_batch_size", self.critic_batch_size, 1),
             "critic_parallel": check_choice("critic_parallel", self.critic_parallel, ("gather", "reduce")),
+            "update_parallel": check_choice("update_parallel", self.update_parallel, UPDATE_PARALLEL),
             "policy_kwargs": _check_policy_kwargs(self.policy_kwargs),
             "vectorization": check_choice("vectorization", self.vectorization, ("sync", "async")),
             "stats_window": check_int("stats_window", self.stats_window, 1),
@@ -201,6 +212,17 @@ class TRPOConfig:
         }
         for name, value in checked.items():  # numpy scalars become plain Python values
             object.__setattr__(self, name, value)
+
+    def update_layout(self, world_size: int) -> str | None:
+        """How an update runs at `world_size` ranks: None (one process), "split" or "data"
+        (`update_parallel`, "auto" resolved); ValueError for "split" at more than 2 ranks."""
+        if world_size == 1:
+            return None
+        if self.update_parallel == "split" and world_size != 2:
+            raise ValueError(f"update_parallel='split' runs on exactly 2 ranks (one takes the policy step, the other "
+                             f"fits the critic); this job has {world_size}: use 'data' or 'auto'")
+        return "split" if self.update_parallel == "split" or (self.update_parallel == "auto" and world_size == 2) \
+            else "data"
 
     @property
     def batch_size(self) -> int:

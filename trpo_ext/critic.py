@@ -18,7 +18,9 @@ PARALLEL = ("gather", "reduce")
 """How a data-parallel critic fit combines the ranks' rows (`fit_value_network`'s `parallel`)."""
 
 
-def _adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
+def adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
+    """(param group, steps, exp_avg, exp_avg_sq) of a plain Adam over `params`, its state created as
+    torch.optim.Adam creates it when it has none yet."""
     group = optimizer.param_groups[0]
     if len(optimizer.param_groups) != 1 or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
         raise ValueError("critic optimizer: one param group of plain Adam (no weight decay, amsgrad or maximize)")
@@ -95,7 +97,7 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
                              f"minibatch per rank); the ranks have {counts.flatten().tolist()}")
         group_name = distributed.group_name(process_group)
     params = list(value_net.parameters())
-    group, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
+    group, steps, exp_avg, exp_avg_sq = adam_state(optimizer, params)
     order = torch.stack([torch.randperm(obs.shape[0], generator=generator, device=obs.device)
                          for _ in range(epochs)])
     beta1, beta2 = group["betas"]
@@ -147,7 +149,7 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
         generator = shared_generator(generator, process_group)
         n = returns.shape[0]
     params = list(value_net.parameters())
-    _, steps, exp_avg, exp_avg_sq = _adam_state(optimizer, params)
+    _, steps, exp_avg, exp_avg_sq = adam_state(optimizer, params)
     tensors = {"parameters": [p.detach() for p in params], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     with torch.no_grad():
         before = [[t.clone() for t in group_] for group_ in tensors.values()] + [[s.clone() for s in steps]]
@@ -177,13 +179,23 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
 
 def shared_generator(generator: torch.Generator | None, process_group) -> torch.Generator:
     """A generator seeded alike on every rank: from a seed each rank draws from its own `generator`
-    (so every stream advances the same way), rank 0's broadcast (one collective of one number)."""
+    (`draw_seed`: every stream advances the same way), rank 0's broadcast (one collective of one number)."""
     from . import distributed
 
     device = generator.device if generator is not None else torch.device("cpu")
-    seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+    seed = torch.tensor([draw_seed(generator)], device=device)
     distributed.broadcast_([seed], process_group)
-    return torch.Generator(device).manual_seed(int(seed))
+    return seeded_generator(int(seed), device)
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A seed for another generator, drawn from `generator` (on its device)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+
+
+def seeded_generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _overflow_message(bad: list[str], loss: float, returns: torch.Tensor) -> str:

@@ -145,16 +145,50 @@ def broadcast_(tensors, group, src_rank: int = 0) -> None:
 def gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     """The ranks' tensors concatenated along dim 0 in rank order, on every rank (row counts may
     differ between ranks): two collectives, the row counts and the padded rows."""
+    return gather_tensors([t], group)[0][0]
+
+
+def gather_tensors(tensors, group, ints=()) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Every rank's `tensors` (one row count among them, any dtypes and trailing shapes; the same
+    list on every rank) concatenated along dim 0 in rank order, and every rank's `ints` as a
+    (world size, len(ints)) int64 tensor: two collectives, the row counts with the ints, then the
+    rows as raw bytes (every value arrives bit for bit). Without a group: (tensors, None)."""
+    tensors = list(tensors)
     if group is None:
-        return t
-    counts = torch.zeros(world_size(group), dtype=torch.int64, device=t.device)
-    counts[rank(group)] = t.shape[0]
-    all_reduce_sum_(counts, group)
-    longest = int(counts.max())
-    padded = t.new_zeros((longest, *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = all_gather_rows(padded, group)
-    return torch.cat([part[:n] for part, n in zip(parts, counts.tolist())])
+        return tensors, None
+    n = tensors[0].shape[0]
+    device = tensors[0].device
+    as_bytes = [t.reshape(n, math.prod(t.shape[1:])).contiguous().view(torch.uint8) for t in tensors]
+    header = torch.zeros(world_size(group), 1 + len(ints), dtype=torch.int64, device=device)
+    header[rank(group)] = torch.tensor([n, *ints], dtype=torch.int64)
+    all_reduce_sum_(header, group)
+    counts = header[:, 0].tolist()
+    padded = torch.zeros((max(counts), sum(b.shape[1] for b in as_bytes)), dtype=torch.uint8, device=device)
+    torch.cat(as_bytes, 1, out=padded[:n])
+    rows = torch.cat([part[:k] for part, k in zip(all_gather_rows(padded, group), counts)])
+    gathered = [part.contiguous().view(t.dtype).reshape(-1, *t.shape[1:])
+                for t, part in zip(tensors, rows.split([b.shape[1] for b in as_bytes], 1))]
+    return gathered, header[:, 1:]
+
+
+def share_(owned, group) -> None:
+    """For each (owner rank, tensors) of `owned`: copies the owner's tensors to every rank, in place,
+    all in one collective: a float64 all-reduce (sum) in which each rank fills what it owns and
+    leaves zeros elsewhere (x + 0 = x; float32 and integers below 2**53 pass through float64
+    exactly). The buffer lives on the first tensor's device (Adam keeps its step counts on the CPU
+    beside CUDA moments)."""
+    owned = [(owner, list(tensors)) for owner, tensors in owned]
+    everything = [t for _, tensors in owned for t in tensors]
+    if group is None or not everything:
+        return
+    me, device = rank(group), everything[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) if owner == me
+                      else torch.zeros(t.numel(), dtype=torch.float64, device=device)
+                      for owner, tensors in owned for t in tensors])
+    all_reduce_sum_(flat, group)
+    with torch.no_grad():
+        for t, part in zip(everything, flat.split([t.numel() for t in everything])):
+            t.copy_(part.view_as(t))
 
 
 def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:

@@ -21,14 +21,14 @@ import torch
 from . import checkpoint, distributed
 from .config import TRPOConfig, check_int
 from . import spaces
-from .critic import check_parallel, fit_value_network, fused_value
+from .critic import adam_state, check_parallel, draw_seed, fit_value_network, fused_value, seeded_generator
 from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .fisher import fused_mlp
 from .policies import (BUILT_IN, FlatValues, build_network, built_in_policy, built_in_value, check_custom_policy,
                        check_custom_value_net, default_name)
-from .rollout import EpisodeStats, RewardScaler, RolloutCollector, RunningNormalizer, single_env_masks
-from .step import trust_region_step
+from .rollout import Batch, EpisodeStats, RewardScaler, RolloutCollector, RunningNormalizer, single_env_masks
+from .step import StepRecord, trust_region_step
 
 RANK_SEED_STRIDE = 1_000_033
 """Data-parallel rank r seeds its envs and its sampling with seed + r * RANK_SEED_STRIDE (rank 0:
@@ -107,7 +107,8 @@ class TRPO:
                  fvp_fraction: float = 1.0, normalize_advantage: bool = True, normalize_obs: bool = False,
                  obs_clip: float = 10.0, normalize_reward: bool = False, reward_clip: float = 10.0,
                  critic_lr: float = 1e-3, critic_epochs: int = 10,
-                 critic_batch_size: int = 128, critic_parallel: str = "gather", policy_kwargs: dict | None = None,
+                 critic_batch_size: int = 128, critic_parallel: str = "gather", update_parallel: str = "auto",
+                 policy_kwargs: dict | None = None,
                  vectorization: str = "sync",
                  stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
@@ -118,11 +119,13 @@ class TRPO:
             fvp_fraction=fvp_fraction, normalize_advantage=normalize_advantage, normalize_obs=normalize_obs,
             obs_clip=obs_clip, normalize_reward=normalize_reward, reward_clip=reward_clip, critic_lr=critic_lr,
             critic_epochs=critic_epochs,
-            critic_batch_size=critic_batch_size, critic_parallel=critic_parallel, policy_kwargs=policy_kwargs,
+            critic_batch_size=critic_batch_size, critic_parallel=critic_parallel, update_parallel=update_parallel,
+            policy_kwargs=policy_kwargs,
             vectorization=vectorization,
             stats_window=stats_window, seed=seed))
         self.group = distributed.resolve_group(process_group)
         self.rank, self.world_size = distributed.rank(self.group), distributed.world_size(self.group)
+        self.update_layout = config.update_layout(self.world_size)  # None, "split" or "data"
         self.log_dir = check_log_dir(log_dir) if self.rank == 0 else None
         self.device = _resolve_device(device)
         self.num_threads = None if num_threads is None else check_int("num_threads", num_threads, 1)
@@ -276,13 +279,15 @@ class TRPO:
         steps = config.batch_size * self.world_size
         self.num_timesteps += steps
 
-        policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks)
-
-        t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
-        value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
-                                       config.critic_epochs, config.critic_batch_size, self.generator,
-                                       process_group=group, parallel=config.critic_parallel)
-        critic_time = time.perf_counter() - t
+        if self.update_layout == "split":
+            batch, policy_log, value_loss, critic_time = self._split_update(batch)
+        else:
+            policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks, group)
+            t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
+            value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
+                                           config.critic_epochs, config.critic_batch_size, self.generator,
+                                           process_group=group, parallel=config.critic_parallel)
+            critic_time = time.perf_counter() - t
         self.n_updates += 1
         if group is not None and self.n_updates % CHECK_REPLICAS_EVERY == 0:
             self._check_replicas()
@@ -304,11 +309,11 @@ class TRPO:
         return record
 
     def _policy_step(self, obs, actions: torch.Tensor, advantages: torch.Tensor,
-                     action_masks: torch.Tensor | None = None) -> dict:
+                     action_masks: torch.Tensor | None, group) -> dict:
         """`trust_region_step` on the (normalized) advantages, Fisher products on a random
-        `fvp_fraction` of the batch; its part of the log record."""
+        `fvp_fraction` of the batch, data-parallel over `group`; its part of the log record."""
         if self.config.normalize_advantage:
-            advantages = _normalized(advantages, self.group)
+            advantages = _normalized(advantages, group)
         fvp_obs = fvp_masks = None
         if self.config.fvp_fraction < 1.0:
             n = spaces.batch_len(obs)
@@ -316,14 +321,56 @@ class TRPO:
             subset = torch.randperm(n, generator=self.generator, device=advantages.device)[:k]
             fvp_obs = spaces.rows(obs, subset)
             fvp_masks = None if action_masks is None else action_masks[subset]
-        step = trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs, process_group=self.group,
+        step = trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs, process_group=group,
                                  action_mask=action_masks, fvp_action_mask=fvp_masks,
                                  **dataclasses.asdict(self.config.trust_region))
-        return {"kl": step.kl, "surrogate_improvement": step.improvement,
-                "expected_improvement": step.expected_improvement, "line_search_steps": step.line_search_steps,
-                "line_search_failed": int(not step.accepted), "cg_iterations": step.cg_iterations,
-                "cg_residual": step.cg_residual, "entropy": step.entropy, "policy_std": step.policy_std,
-                "time_cg": step.time_cg, "time_line_search": step.time_line_search}
+        return _step_log(step)
+
+    def _split_update(self, batch: Batch) -> tuple[Batch, dict, float, float]:
+        """update_parallel="split" (2 ranks; docs/distributed.md): the ranks gather the whole batch
+        (one collective pair, which also carries rank 0's seed for the critic's minibatch order, drawn
+        as `critic.shared_generator` draws it); then rank 0 takes the policy step and rank 1 fits the
+        critic, on the whole batch and at the same time; one more collective gives every rank both
+        results (the networks, the critic's Adam state, the log entries). Returns the gathered batch,
+        the policy step's log, the value loss and the critic's time. A step that raises on its rank
+        still shares what it left (its networks as they are), then both ranks raise."""
+        config, group = self.config, self.group
+        obs, layout = spaces.pack(batch.obs)
+        masks = [] if batch.action_masks is None else [batch.action_masks]
+        gathered, ints = distributed.gather_tensors(
+            [obs, batch.actions, batch.advantages, batch.returns, batch.values, *masks], group,
+            [draw_seed(self.generator)])  # every rank draws: the ranks' streams advance alike
+        obs, actions, advantages, returns, values, *masks = gathered
+        batch = Batch(obs=spaces.unpack(obs, layout), actions=actions, advantages=advantages, returns=returns,
+                      values=values, action_masks=masks[0] if masks else None)
+
+        policy_log, value_loss, critic_time, failure = dict.fromkeys(_STEP_LOG_TYPES, 0.0), float("nan"), 0.0, None
+        try:
+            if self.rank == 0:
+                policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks, None)
+            else:
+                t = time.perf_counter()
+                value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
+                                               config.critic_epochs, config.critic_batch_size,
+                                               seeded_generator(int(ints[0, 0]), self.device))
+                critic_time = time.perf_counter() - t
+        except Exception as exc:  # shared below, so that the other rank does not wait for results in vain
+            failure = exc
+        failed = float(failure is not None)
+        policy_part = torch.tensor([*(float(v) for v in policy_log.values()), failed], dtype=torch.float64)
+        critic_part = torch.tensor([value_loss, critic_time, failed], dtype=torch.float64)
+        critic_params = list(self.value_net.parameters())
+        _, steps, exp_avg, exp_avg_sq = adam_state(self.critic_optimizer, critic_params)
+        distributed.share_([(0, [*self.policy.parameters(), policy_part]),
+                            (1, [*critic_params, *steps, *exp_avg, *exp_avg_sq, critic_part])], group)
+        if failure is not None:
+            raise failure
+        for owner, (part, task) in enumerate(((policy_part, "policy step"), (critic_part, "critic fit"))):
+            if part[-1]:
+                raise RuntimeError(f"data-parallel split update: the {task} failed on rank {owner} (its error is in "
+                                   "that rank's output); every rank holds the networks as that rank left them")
+        policy_log = {k: kind(v) for (k, kind), v in zip(_STEP_LOG_TYPES.items(), policy_part.tolist())}
+        return batch, policy_log, critic_part[0].item(), critic_part[1].item()
 
     # ------------------------------------------------------------------------- use
     @property
@@ -481,6 +528,21 @@ def _check_callback(callback) -> list:
             raise ValueError(f"callback must be a callable callback(agent, record) or a list of them, "
                              f"got {type(cb).__name__} {cb!r:.60}")
     return callbacks
+
+
+def _step_log(step: StepRecord) -> dict:
+    """A policy step's entries of the log record."""
+    return {"kl": step.kl, "surrogate_improvement": step.improvement,
+            "expected_improvement": step.expected_improvement, "line_search_steps": step.line_search_steps,
+            "line_search_failed": int(not step.accepted), "cg_iterations": step.cg_iterations,
+            "cg_residual": step.cg_residual, "entropy": step.entropy, "policy_std": step.policy_std,
+            "time_cg": step.time_cg, "time_line_search": step.time_line_search}
+
+
+_STEP_LOG_TYPES = {k: type(v) for k, v in _step_log(StepRecord(**{
+    f.name: 0.0 if f.type == "float" else 0 for f in dataclasses.fields(StepRecord)})).items()}
+"""The type (int or float) of each of `_step_log`'s entries, in its order: how the split update
+restores them from the float64 tensor they travel in."""
 
 
 def _normalized(advantages: torch.Tensor, group) -> torch.Tensor:
