@@ -75,6 +75,7 @@ BAD = [
     case("policy_kwargs", {"log_std_init": 3.0}, "policy_kwargs['log_std_init'] must be a finite number in [-20.0, 2.0]"),
     case("vectorization", "gpu", "vectorization must be one of ['async', 'sync']"),
     case("critic_parallel", "scatter", "critic_parallel must be one of ['gather', 'reduce']"),
+    case("update_parallel", "tasks", "update_parallel must be one of ['auto', 'data', 'split']"),
     case("vectorization", None, "vectorization must be one of ['async', 'sync']"),
     case("stats_window", 0, "stats_window must be an int >= 1"),
     case("seed", -1, "seed must be an int in [0, 9223372036854775807]"),
