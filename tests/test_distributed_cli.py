@@ -24,7 +24,7 @@ def test_nproc_2_learns_cartpole(tmp_path):
     proc = train("--nproc", "2", "--timesteps", "100000", "--out", str(tmp_path / "run"), "--no-progress",
                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 ranks x 8 envs" in proc.stdout
+    assert "2 ranks x 8 envs, split update" in proc.stdout
     mean = float(proc.stdout.split("deterministic evaluation over 10 episodes: ")[1].split()[0])
     assert mean >= 475, proc.stdout
     agent = trpo_ext.TRPO.load(tmp_path / "run" / "model.pt")

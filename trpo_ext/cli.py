@@ -191,8 +191,8 @@ def _train(args, TRPO) -> int:
         elsewhere = f" ({out} already holds a run)" if agent.rank == 0 and agent.log_dir != out else ""
         out = agent.log_dir if agent.rank == 0 else out  # a fresh numbered directory when `out` holds a run
         model_path = os.path.join(out, "model.pt")
-    envs = f"{agent.world_size} ranks x {agent.config.n_envs} envs" if agent.world_size > 1 else \
-        f"{agent.config.n_envs} envs"
+    envs = f"{agent.world_size} ranks x {agent.config.n_envs} envs, {agent.update_layout} update" \
+        if agent.world_size > 1 else f"{agent.config.n_envs} envs"
     say(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {envs}, "
         f"{agent.config.batch_size * agent.world_size} steps per update) -> {out}{elsewhere}", flush=True)
     # Periodic checkpoints by default only when a restart can use them (torchrun says how many it allows).

@@ -160,7 +160,8 @@ class TRPOConfig:
     critic_batch_size: int = 128
     """Minibatch size of the value-network regression."""
     critic_parallel: str = "gather"
-    """Data-parallel only: "gather" (every rank fits the critic on all ranks' rows; fewest
+    """Data-parallel with the "data" update layout (`update_parallel`; the split one fits the
+    critic on one rank): "gather" (every rank fits the critic on all ranks' rows; fewest
     collectives, best on a few ranks) or "reduce" (each rank fits its own rows, all-reducing every
     minibatch's gradient; scales to many ranks). docs/distributed.md, "Cost model"."""
     update_parallel: str = "auto"
