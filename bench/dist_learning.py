@@ -42,8 +42,11 @@ def main():
             cmd = train_command(args.env, nproc, args.n_envs // nproc, args.n_steps, args.timesteps, seed, out,
                                 "--normalize-obs")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-            if proc.returncode != 0:
-                print(f"| {nproc} | {seed} | failed: {proc.stderr.strip().splitlines()[-1][:200]} | | |", flush=True)
+            if proc.returncode != 0:  # the whole output kept: the last line rarely says why
+                with open(out + ".failed.txt", "w") as f:
+                    f.write(proc.stdout + proc.stderr)
+                print(f"| {nproc} | {seed} | failed: {proc.stderr.strip().splitlines()[-1][:200]} (output: "
+                      f"{out}.failed.txt) | | |", flush=True)
                 continue
             final = float(re.search(r"episodes: ([-\d.]+)", proc.stdout).group(1))
             rate = float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1))

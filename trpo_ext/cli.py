@@ -145,13 +145,9 @@ def train(args) -> int:
     try:
         return _train(args, TRPO)
     finally:
-        import torch.distributed as dist
+        from .distributed import leave_group
 
-        from .distributed import stop_heartbeat
-
-        stop_heartbeat()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group(together=False)  # after a failure (or already left)
 
 
 def _train(args, TRPO) -> int:
@@ -208,6 +204,9 @@ def _train(args, TRPO) -> int:
                 progress_bar=not args.no_progress and rank == 0)
     elapsed = time.perf_counter() - start
     agent.save(model_path)
+    from .distributed import leave_group
+
+    leave_group(together=True)  # before rank 0's evaluation, which needs no other rank
     if rank == 0:
         plot_runs([out], os.path.join(out, "learning_curve.png"), title=args.env_id)
         mean, std = agent.evaluate(args.eval_episodes)
