@@ -168,7 +168,7 @@ class TRPOConfig:
     """Data-parallel only: how the ranks share an update's two computations after their rollouts.
     "split" (2 ranks): the ranks' batches are gathered, then rank 0 takes the policy step and rank 1
     fits the critic, each on the whole batch and at the same time, and each sends its result to the
-    other (3 collectives besides the statistics'); "data": both ranks take part in both (the policy
+    other (the batch gathered in 2 collectives, the results shared in 1); "data": both ranks take part in both (the policy
     step's Fisher products reduced inside the fused solve, the critic by `critic_parallel`); "auto"
     (the default): "split" at world size 2, "data" at any other. docs/distributed.md, "Cost model"."""
     policy_kwargs: dict | None = None
