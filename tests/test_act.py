@@ -104,7 +104,7 @@ def test_collector_act_matches_normalizer_and_policy():
     import trpo_ext
     from trpo_ext.rollout import EpisodeStats, RolloutCollector, RunningNormalizer
 
-    envs = trpo_ext.rollout.make_vec_env("Pendulum-v1", 2)
+    envs = trpo_ext.envs.make_vec_env("Pendulum-v1", 2)
     norm = RunningNormalizer(3, clip=2.0)
     norm.update(np.random.default_rng(0).normal(size=(50, 3)) * 4)
     collector = RolloutCollector(envs, 4, torch.device("cpu"), norm, EpisodeStats(2, 10))

@@ -11,7 +11,7 @@ from torch.nn.utils import parameters_to_vector
 
 from trpo_ext import TRPO
 from trpo_ext.critic import fit_value_network, fit_value_module
-from trpo_ext.rollout import sample_actions
+from trpo_ext.distributions import sample_actions
 
 FAST = dict(n_envs=2, n_steps=64, critic_epochs=2, seed=0)
 

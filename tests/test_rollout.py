@@ -11,7 +11,8 @@ from gymnasium import spaces
 from trpo_ext import MLPPolicy
 from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, make_vec_env
 from trpo_ext.rollout import EpisodeStats, RolloutCollector, RunningNormalizer, compute_gae
-from trpo_ext.spaces import ActionSpec, ObservationCodec, action_spec
+from trpo_ext.distributions import BERNOULLI, CATEGORICAL, GAUSSIAN, ActionSpec, action_spec
+from trpo_ext.spaces import ObservationCodec
 
 
 class CounterEnv(gym.Env):
@@ -306,10 +307,10 @@ def test_unsupported_spaces_name_the_bad_space(obs_space, action_space, match):
 
 
 def test_supported_spaces():
-    assert action_spec(spaces.Discrete(4)) == ActionSpec("categorical", 4)
-    assert action_spec(spaces.MultiDiscrete([2, 3])) == ActionSpec("categorical", 5, (2, 3))
-    assert action_spec(spaces.MultiBinary(3)) == ActionSpec("bernoulli", 3)
-    assert action_spec(spaces.Box(-2, 2, (2,))) == ActionSpec("gaussian", 2)
+    assert action_spec(spaces.Discrete(4)) == ActionSpec(CATEGORICAL, 4)
+    assert action_spec(spaces.MultiDiscrete([2, 3])) == ActionSpec(CATEGORICAL, 5, (2, 3))
+    assert action_spec(spaces.MultiBinary(3)) == ActionSpec(BERNOULLI, 3)
+    assert action_spec(spaces.Box(-2, 2, (2,))) == ActionSpec(GAUSSIAN, 2)
     assert ObservationCodec(spaces.Box(-1, 1, (3,))).flat_dim == 3
     assert ObservationCodec(spaces.Box(-1, 1, (3, 2))).flat_dim == 6
     assert ObservationCodec(spaces.Discrete(5)).flat_dim == 5

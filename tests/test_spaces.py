@@ -14,9 +14,10 @@ from torch.nn.utils import parameters_to_vector
 import trpo_ext
 from trpo_ext import TRPO, MultiCategorical, reference, toy_envs
 from trpo_ext.distributions import MASKED_LOGIT, masked, sample_actions
-from trpo_ext.fisher import fused_mlp
 from trpo_ext.policies import FeaturePolicy
-from trpo_ext.spaces import ObservationCodec, action_spec, pack, unpack
+from trpo_ext.distributions import action_spec
+from trpo_ext.policies import fused_spec
+from trpo_ext.spaces import ObservationCodec, pack, unpack
 
 from helpers import rel_err
 
@@ -43,7 +44,7 @@ def learned(agent, steps, episodes=10) -> float:
 ])
 def test_each_space_learns_clearly_better_than_random(env_id, policy, steps, floor):
     agent = TRPO(env_id, policy=policy, **FAST)
-    assert (fused_mlp(agent.policy) is not None) == env_id.endswith(("Match-v0", "Choice-v0", "ChoiceInfo-v0")) \
+    assert (fused_spec(agent.policy) is not None) == env_id.endswith(("Match-v0", "Choice-v0", "ChoiceInfo-v0")) \
         or policy != "auto"
     # MaskedChoice raises on a masked action: learning at all shows none was ever sampled.
     assert learned(agent, steps) >= floor
@@ -73,7 +74,7 @@ def _custom(obs_space, action_space):
                                            ("trpo_ext/MaskedChoice-v0", 12.0)])  # random ~5.6
 def test_a_custom_module_learns_the_new_action_spaces_on_the_generic_path(env_id, floor):
     agent = TRPO(env_id, policy=_custom, **FAST)
-    assert fused_mlp(agent.policy) is None
+    assert fused_spec(agent.policy) is None
     assert learned(agent, 4000) >= floor
 
 
@@ -112,7 +113,7 @@ def test_generic_output_fishers_equal_double_backprop_float64(space, use_mask):
     mask = _random_mask(50, spec.segments or (spec.width,)) if use_mask else None
     expected = reference.fvp(policy if mask is None else _Masked(policy, mask), obs, v, damping=0.1)
     with torch.no_grad():  # one product of what generic_cg_solve iterates
-        product = trpo_ext.fisher._generic_products(policy, obs, list(policy.parameters()), mask)(v) + 0.1 * v
+        product = trpo_ext.generic.generic_products(policy, obs, list(policy.parameters()), mask)(v) + 0.1 * v
     assert rel_err(product, expected) < 1e-10
 
 
@@ -125,7 +126,7 @@ def test_generic_fisher_of_cnn_and_dict_policies_equals_double_backprop():
     v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
     expected = reference.fvp(policy, obs, v)
     with torch.no_grad():
-        got = trpo_ext.fisher._generic_products(policy, obs, params)(v)
+        got = trpo_ext.generic.generic_products(policy, obs, params)(v)
     assert rel_err(got, expected) < 1e-10
 
 

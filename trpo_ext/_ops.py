@@ -5,10 +5,9 @@ Parameter lists are flat, in `MLPPolicy.parameters()` order: W1, b1, ..., WL, bL
 (docs/design.md, "The parameter-order contract"). The wrappers pass their arguments through
 unchanged; the ops check them (docs/design.md, "Checks").
 
-`kind` is "categorical", "gaussian" or "bernoulli" (docs/design.md, "Action spaces"). A categorical
-takes `segments` (the class counts of consecutive softmaxes, summing to the output width: a
-MultiDiscrete space; actions are then (N, len(segments))) and `action_mask` (bool (N, K), True =
-allowed; a masked logit becomes -1e8, so a masked action has probability 0).
+`kind`, `activation`, `segments` and the masks describe the policy: build them with
+`trpo_ext.policies.FusedSpec.op_kwargs`, never by hand (`kind` is an action family's name,
+`trpo_ext.distributions`; docs/design.md, "Action spaces of the fused ops").
 """
 from __future__ import annotations
 
@@ -16,6 +15,8 @@ import os
 from typing import NamedTuple, Sequence
 
 import torch
+
+from .distributions import family_named
 
 # TRPO_EXT_OPS_LIBRARY: a path to the ops built by CMake (libtrpo_ext_ops.so), loaded instead of the
 # package's own extension — how .ci/sanitize runs the tests against an ASan/UBSan build.
@@ -173,10 +174,8 @@ def mlp_act(obs: torch.Tensor, params: Sequence[torch.Tensor], *, kind: str, act
 def _mlp_act_fake(obs, obs_mean, obs_inv_std, obs_clip, params, kind, activation, deterministic, generator,
                   segments=None, action_mask=None):
     dtype = params[0].dtype
-    n = obs.shape[0]
-    policy_obs = obs.new_empty(obs.shape, dtype=dtype)
-    if kind == "categorical":
-        shape = (n,) if segments is None else (n, len(segments))
-        return policy_obs, obs.new_empty(shape, dtype=torch.int64)
-    # Bernoulli and Gaussian: one value per output unit; the last parameter (output bias or log_std) is (K,).
-    return policy_obs, obs.new_empty((n, params[-1].shape[0]), dtype=dtype)
+    family = family_named(kind)
+    # The last parameter (the output bias, or a Gaussian's log_std) is (K,).
+    shape = family.action_shape(obs.shape[0], params[-1].shape[0], segments)
+    actions = obs.new_empty(shape, dtype=family.action_dtype(dtype))
+    return obs.new_empty(obs.shape, dtype=dtype), actions

@@ -80,19 +80,28 @@ class TrustRegionConfig:
     """Step sizes tried before the step is abandoned and θ restored."""
 
     def __post_init__(self):
-        checked = {
-            # Beyond a few nats the quadratic model behind the step means nothing (and a huge δ only
-            # makes every trial overflow): the bound turns a typo into an error instead of a no-op.
-            "max_kl": check_float("max_kl", self.max_kl, 0.0, 10.0, low_open=True),
-            "damping": check_float("damping", self.damping, 0.0),
-            "cg_iters": check_int("cg_iters", self.cg_iters, 1),
-            "cg_rtol": check_float("cg_rtol", self.cg_rtol, 0.0, 1.0, high_open=True),  # >= 1: no iteration
-            "backtrack_factor": check_float("backtrack_factor", self.backtrack_factor, 0.0, 1.0,
-                                            low_open=True, high_open=True),
-            "max_backtracks": check_int("max_backtracks", self.max_backtracks, 1),
-        }
-        for name, value in checked.items():  # numpy scalars become plain Python numbers
-            object.__setattr__(self, name, value)
+        for f in dataclasses.fields(self):  # numpy scalars become plain Python numbers
+            object.__setattr__(self, f.name, check_trust_region(f.name, getattr(self, f.name)))
+
+
+TRUST_REGION_RANGES = {
+    # Beyond a few nats the quadratic model behind the step means nothing (and a huge δ only makes
+    # every trial overflow): the bound turns a typo into an error instead of a no-op.
+    "max_kl": lambda name, v: check_float(name, v, 0.0, 10.0, low_open=True),
+    "damping": lambda name, v: check_float(name, v, 0.0),
+    "cg_iters": lambda name, v: check_int(name, v, 1),
+    "cg_rtol": lambda name, v: check_float(name, v, 0.0, 1.0, high_open=True),  # >= 1: no iteration
+    "backtrack_factor": lambda name, v: check_float(name, v, 0.0, 1.0, low_open=True, high_open=True),
+    "max_backtracks": lambda name, v: check_int(name, v, 1),
+}
+"""The valid range of each trust-region setting, checked here and nowhere else: `TrustRegionConfig`,
+`trpo_ext.fvp` (damping) and `trpo_ext.cg_solve` (damping, cg_iters as `iters`, cg_rtol as `rtol`)."""
+
+
+def check_trust_region(field: str, value, name: str | None = None):
+    """`value` checked against the range of the trust-region setting `field` (TRUST_REGION_RANGES);
+    the error names `name` (the caller's argument; `field` by default)."""
+    return TRUST_REGION_RANGES[field](name or field, value)
 
 
 UPDATE_PARALLEL = ("auto", "split", "data")

@@ -1,20 +1,23 @@
 """Policy and value networks.
 
-`MLPPolicy` is the network the fused extension ops understand: a plain MLP whose output is either
-categorical logits or the mean of a diagonal Gaussian with a state-independent log-std parameter
-(last in `parameters()` order: docs/design.md, "Contracts across the C++ boundary").
+`MLPPolicy` is the network the fused extension ops understand: a plain MLP whose output is the
+parameters of the action space's distribution (`trpo_ext.distributions`), with a state-independent
+log-std parameter last in `parameters()` order for a Gaussian (docs/design.md, "Contracts across the
+C++ boundary"). `fused_spec(policy)` says whether the fused ops compute its Fisher, and builds their
+keyword arguments (`FusedSpec.op_kwargs`): every call into a fused op takes them from there.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Categorical, Independent, Normal
+from torch.distributions import Independent
 
-from .distributions import MultiCategorical, base_of
-from .spaces import ActionSpec, ObservationCodec, action_spec
+from .distributions import ActionSpec, action_spec
+from .spaces import ObservationCodec
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -60,22 +63,6 @@ def _orthogonal_init(layers: nn.ModuleList, last_gain: float) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def action_space_kind(action_space) -> tuple[str, int]:
-    """(kind, output width) of a supported action space (`trpo_ext.spaces.action_spec`)."""
-    spec = action_spec(action_space)
-    return spec.kind, spec.width
-
-
-def distribution_for(spec: ActionSpec, out: torch.Tensor, log_std: torch.Tensor | None = None):
-    """The policy distribution of an action space (`trpo_ext.distributions`) from the network's
-    output `out` (B, spec.width): logits, or a Gaussian's mean with the state-independent `log_std`."""
-    if spec.kind == "categorical":
-        return Categorical(logits=out) if spec.segments is None else MultiCategorical(out, spec.segments)
-    if spec.kind == "bernoulli":
-        return Independent(Bernoulli(logits=out), 1)
-    return Independent(Normal(out, log_std.exp().expand_as(out)), 1)
-
-
 class _LogStd(nn.Module):
     """Holds the state-independent log-std in a submodule, so it comes last in `parameters()`
     (a module yields its own parameters before its submodules')."""
@@ -86,15 +73,14 @@ class _LogStd(nn.Module):
 
 
 class MLPPolicy(nn.Module):
-    """MLP policy: `policy(obs)` returns the action space's distribution (`distribution_for`):
-    Categorical, MultiCategorical, Independent(Bernoulli) or Independent(Normal(mean, std)).
+    """MLP policy: `policy(obs)` returns the action space's distribution (`trpo_ext.distributions`).
 
     Args:
         obs_dim: size of the (flat) observation.
         action_space: gymnasium `Discrete(n)`, `MultiDiscrete(nvec)`, `MultiBinary(k)` or 1-D `Box(k)`.
         hidden: hidden layer widths, e.g. (64, 64); () gives a linear policy.
-        activation: "tanh" or "relu".
-        log_std_init: initial log standard deviation of the Gaussian (ignored for Discrete).
+        activation: a key of ACTIVATIONS.
+        log_std_init: initial log standard deviation of a Gaussian (ignored by the other families).
     """
 
     def __init__(self, obs_dim: int, action_space, hidden: Sequence[int] = (64, 64),
@@ -110,29 +96,60 @@ class MLPPolicy(nn.Module):
         self.activation = _check_activation(activation)
         self.layers, self.act = _mlp((obs_dim, *self.hidden, self.action_dim), activation)
         _orthogonal_init(self.layers, last_gain=0.01)
-        if self.kind == "gaussian":
+        if self.action_spec.family.has_log_std:
             self.std = _LogStd(self.action_dim, log_std_init)
 
     @property
     def log_std(self) -> nn.Parameter:
         """The Gaussian's log standard deviation (last in `parameters()`)."""
-        if self.kind != "gaussian":
+        if not self.action_spec.family.has_log_std:
             raise AttributeError(f"a {self.kind} MLPPolicy has no log_std")
         return self.std.log_std
 
     def distribution_params(self, obs: torch.Tensor) -> torch.Tensor:
-        """Logits (categorical) or mean (Gaussian) for a batch of observations."""
+        """The network's output for a batch of observations: logits, or a Gaussian's mean."""
         return _mlp_forward(self.layers, self.act, obs)
 
     def distribution(self, out: torch.Tensor):
         """The policy's distribution for distribution parameters `out` (logits or mean)."""
-        return distribution_for(self.action_spec, out, self.log_std if self.kind == "gaussian" else None)
+        return self.action_spec.distribution(out, self.log_std if self.action_spec.family.has_log_std else None)
 
     def forward(self, obs: torch.Tensor):
         return self.distribution(self.distribution_params(obs))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, obs_dim={self.obs_dim}, action_dim={self.action_dim}, activation={self.activation}"
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """What the fused ops need to know about a policy besides its parameters and the batch."""
+
+    action: ActionSpec
+    activation: str
+
+    def op_kwargs(self, **masks) -> dict:
+        """The keyword arguments every fused op takes for this policy: kind, activation, segments,
+        and the masks given by name (`action_mask=`, `fvp_action_mask=`; None ones are left out).
+        The one place they are built: a call site that wrote them by hand could forget one."""
+        kwargs = {**self.action.op_kwargs(), "activation": self.activation}
+        kwargs.update((name, mask) for name, mask in masks.items() if mask is not None)
+        return kwargs
+
+
+def fused_spec(policy) -> FusedSpec | None:
+    """The fused ops' description of `policy`, or None when only the generic path is exact for it.
+
+    The fused ops compute the Fisher of the plain MLP that `MLPPolicy` defines; a subclass that
+    overrides `forward`, `distribution_params` or `distribution` computes something else, so it gets None.
+    """
+    if not isinstance(policy, MLPPolicy):
+        return None
+    cls = type(policy)
+    if any(getattr(cls, name) is not getattr(MLPPolicy, name) for name in ("forward", "distribution_params",
+                                                                          "distribution")):
+        return None
+    return FusedSpec(policy.action_spec, policy.activation)
 
 
 class ValueNetwork(nn.Module):
@@ -197,7 +214,7 @@ class FeatureExtractor(nn.Module):
 
 class FeaturePolicy(nn.Module):
     """A features extractor, an MLP on its features (`hidden`, may be empty) and the action space's
-    distribution head (`distribution_for`): the built-in "CnnPolicy" and "MultiInputPolicy"."""
+    distribution head: the built-in "CnnPolicy" and "MultiInputPolicy"."""
 
     def __init__(self, extractor: FeatureExtractor, action_space, hidden: Sequence[int] = (),
                  activation: str = "tanh", log_std_init: float = 0.0):
@@ -208,12 +225,12 @@ class FeaturePolicy(nn.Module):
         self.layers, self.act = _mlp((extractor.features_dim, *_check_sizes("hidden", hidden),
                                       self.action_spec.width), activation)
         _orthogonal_init(self.layers, last_gain=0.01)
-        if self.action_spec.kind == "gaussian":
+        if self.action_spec.family.has_log_std:
             self.std = _LogStd(self.action_spec.width, log_std_init)
 
     def forward(self, obs):
         out = _mlp_forward(self.layers, self.act, self.features(obs))
-        return distribution_for(self.action_spec, out, self.std.log_std if self.action_spec.kind == "gaussian" else None)
+        return self.action_spec.distribution(out, self.std.log_std if self.action_spec.family.has_log_std else None)
 
 
 class FeatureValue(nn.Module):
@@ -326,36 +343,10 @@ def _forward_once(module: nn.Module, label: str, codec: ObservationCodec, device
                          f"expected it to return {expected}") from e
 
 
-def expected_distribution(action_space) -> str:
-    """What a policy must return for `action_space`, in words."""
-    spec = action_spec(action_space)
-    if spec.kind == "categorical" and spec.segments is None:
-        return f"Categorical(logits=...) with batch_shape (B,) and {spec.width} classes (the action space {action_space})"
-    if spec.kind == "categorical":
-        return (f"trpo_ext.distributions.MultiCategorical(logits, segments={spec.segments}) with batch_shape (B,) "
-                f"(the action space {action_space})")
-    if spec.kind == "bernoulli":
-        return (f"Independent(Bernoulli(logits=...), 1) with batch_shape (B,) and event_shape ({spec.width},) (the "
-                f"action space {action_space})")
-    return (f"Independent(Normal(mean, std), 1) with batch_shape (B,) and event_shape ({spec.width},) (the action "
-            f"space {action_space})")
-
-
-def _fits(out, spec: ActionSpec) -> bool:
-    base = base_of(out)
-    if spec.kind == "categorical" and spec.segments is None:
-        return isinstance(out, Categorical) and tuple(out.batch_shape) == (2,) and out.param_shape[-1] == spec.width
-    if spec.kind == "categorical":
-        return isinstance(out, MultiCategorical) and tuple(out.batch_shape) == (2,) and out.segments == spec.segments
-    kind = Bernoulli if spec.kind == "bernoulli" else Normal
-    return (isinstance(out, Independent) and isinstance(base, kind) and tuple(out.batch_shape) == (2,)
-            and tuple(out.event_shape) == (spec.width,))
-
-
 def check_custom_policy(policy: nn.Module, codec: ObservationCodec, action_space, device) -> None:
     """ValueError unless `policy` (a user's module) has parameters that all require grad and, called
     once on a batch of 2 zero observations (no grad, torch's RNG put back afterwards), returns the
-    distribution the action space needs (`expected_distribution`)."""
+    distribution the action space needs (`ActionSpec.describe`)."""
     spec = action_spec(action_space)
     name = type(policy).__qualname__
     params = list(policy.parameters())
@@ -364,12 +355,12 @@ def check_custom_policy(policy: nn.Module, codec: ObservationCodec, action_space
     frozen = [k for k, p in policy.named_parameters() if not p.requires_grad]
     if frozen:
         raise ValueError(f"policy {name}: TRPO optimizes every parameter; these do not require grad: {frozen}")
-    expected = expected_distribution(action_space)
+    expected = spec.describe()
     out = _forward_once(policy, f"policy {name}", codec, device, expected)
-    if not _fits(out, spec):
+    if not (isinstance(out, torch.distributions.Distribution) and spec.fits(out, 2)):
         hint = ""
-        if spec.kind in ("gaussian", "bernoulli") and isinstance(out, (Normal, Bernoulli)) \
-                and tuple(out.batch_shape) == (2, spec.width):
+        if isinstance(out, torch.distributions.Distribution) and not isinstance(out, Independent) \
+                and len(out.batch_shape) == 2 and spec.fits(Independent(out, 1), 2):
             hint = f"; wrap it: Independent({type(out).__name__}(...), 1)"
         raise ValueError(f"policy {name}: forward(obs) on {codec.describe()} with B = 2 returned {_what(out)}; "
                          f"expected {expected}{hint}")

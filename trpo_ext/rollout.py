@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from . import _ops, spaces
-from .distributions import masked, sample_actions  # noqa: F401  (sample_actions: re-exported, its former home)
-from .envs import LeanSyncVectorEnv, make_vec_env  # noqa: F401  (re-exported: their import path before trpo_ext.envs)
-from .fisher import fused_mlp
+from .distributions import ActionSpec, action_spec, masked, sample_actions
+from .policies import fused_spec
 
 
 # ----------------------------------------------------------------------------- observation normalization
@@ -270,7 +269,7 @@ class ActionMasks:
     method of each sub-env (reached through its wrappers, as sb3-contrib's MaskablePPO calls it),
     else `info["action_mask"]` (of reset and of every step), else none (every action valid)."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, spec: spaces.ActionSpec):
+    def __init__(self, envs: gym.vector.VectorEnv, spec: ActionSpec):
         self.envs, self.spec = envs, spec
         self.source: str | None = None  # "method", "info" or None
 
@@ -303,7 +302,7 @@ class ActionMasks:
                                     f"the env's action masks ({self.source or 'action_masks()'})")
 
 
-def single_env_masks(env: gym.Env, info: dict, spec: spaces.ActionSpec) -> np.ndarray | None:
+def single_env_masks(env: gym.Env, info: dict, spec: ActionSpec) -> np.ndarray | None:
     """The action masks (1, logits) of one env's current observation, found as `ActionMasks` finds
     them (an `action_masks()` method, else info["action_mask"]), or None."""
     if not spec.maskable:
@@ -327,10 +326,7 @@ class RolloutCollector:
         self.normalizer, self.stats, self.reward_scaler = normalizer, stats, reward_scaler
         self.n_envs = envs.num_envs
         self.codec = spaces.ObservationCodec(envs.single_observation_space)
-        self.action = spaces.action_spec(envs.single_action_space)
-        space = envs.single_action_space
-        self.low = space.low.astype(np.float32) if self.action.kind == "gaussian" else None
-        self.high = space.high.astype(np.float32) if self.action.kind == "gaussian" else None
+        self.action = action_spec(envs.single_action_space)
         self.masks = ActionMasks(envs, self.action)
         self.last_obs = None  # a raw batch (an array, or a dict of arrays)
         self.last_masks: np.ndarray | None = None
@@ -405,13 +401,13 @@ class RolloutCollector:
         """A raw batch -> (the policy's input, actions), never an action `masks` (bool (B, logits),
         True = allowed) rules out.
 
-        An `MLPPolicy` (`trpo_ext.fisher.fused_mlp`) takes one extension call: (for a 1-D Box
+        An `MLPPolicy` (`trpo_ext.policies.fused_spec`) takes one extension call: (for a 1-D Box
         observation) normalization as `observe`, the forward pass, and a sample (or the mode). Any
         other module: `observe`, then `policy(obs)`, masked, and `sample_actions` on its
         distribution (drawn with `generator`). `params`: `list(policy.parameters())`, when the caller
-        has it at hand (it costs a module walk); `fused`: whether `fused_mlp(policy)` holds, likewise."""
-        description = fused_mlp(policy) if fused is None or fused else None
-        if description is None:
+        has it at hand (it costs a module walk); `fused`: whether `fused_spec(policy)` holds, likewise."""
+        spec = fused_spec(policy) if fused is None or fused else None
+        if spec is None:
             policy_obs = self.observe(obs)
             return policy_obs, sample_actions(masked(policy(policy_obs), masks), generator, deterministic)
         mean = inv_std = None
@@ -423,22 +419,13 @@ class RolloutCollector:
             if self.normalizer is not None:
                 mean, inv_std = self.normalizer.tensors(x.device)  # x.device has an index; self.device may not
                 clip = self.normalizer.clip
-        return _ops.mlp_act(x, list(policy.parameters()) if params is None else params, kind=policy.kind,
-                            activation=policy.activation, deterministic=deterministic, generator=generator,
-                            obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip, **description.extra(masks))
+        return _ops.mlp_act(x, list(policy.parameters()) if params is None else params, deterministic=deterministic,
+                            generator=generator, obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip,
+                            **spec.op_kwargs(action_mask=masks))
 
     def env_actions(self, actions: torch.Tensor) -> np.ndarray:
-        """Sampled actions as the env takes them: Box actions clipped to the bounds, MultiBinary
-        ones in the space's integer dtype."""
-        a = actions.cpu().numpy()
-        if self.action.kind == "categorical":
-            return a
-        if self.action.kind == "bernoulli":
-            return a.astype(self.envs.single_action_space.dtype)
-        # In place on a fresh array: `actions` (the unclipped sample) must stay as it was.
-        a = a.copy() if actions.device.type == "cpu" else a
-        np.maximum(a, self.low, out=a)
-        return np.minimum(a, self.high, out=a)
+        """Sampled actions as the env takes them (`ActionSpec.env_action`)."""
+        return self.action.env_action(actions)
 
     @torch.no_grad()
     def collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
@@ -451,7 +438,7 @@ class RolloutCollector:
 
         obs, masks = self.last_obs, self.last_masks
         params = list(policy.parameters())
-        fused = fused_mlp(policy) is not None
+        fused = fused_spec(policy) is not None
         for t in range(T):
             # Each observation is checked once, before it can reach the statistics or the policy.
             self.codec.check(obs)

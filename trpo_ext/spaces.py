@@ -1,14 +1,13 @@
-"""What the agent accepts from gymnasium spaces, and how observations become the policy's input.
+"""How observations from gymnasium spaces become the policy's input (`ObservationCodec`); what an
+action space means is `trpo_ext.distributions`' job.
 
-Actions (`action_spec`): Discrete, MultiDiscrete (1-D), MultiBinary (1-D) and 1-D Box; each maps to
-one distribution of `trpo_ext.distributions`. Observations (`ObservationCodec`): a Box (a 1-D vector;
-an image: uint8, 3-D, bounds 0..255; any other shape flattened), Discrete (one-hot), MultiDiscrete
-(one one-hot per component, concatenated), MultiBinary (0/1 floats), or a Dict of those. They are
-preprocessed as stable-baselines3 does (`preprocess_obs`): images channel-first (HWC transposed to
-CHW, the channel axis being the smallest) and scaled to [0, 1]; a Dict becomes a dict of tensors in
-the space's key order. Observation normalization (`normalize_obs`) applies to the Box parts that are
-not images. Tuple spaces, Dict / Tuple actions, nested Dicts and Text / Graph spaces are refused
-with a TypeError naming the space.
+Accepted: a Box (a 1-D vector; an image: uint8, 3-D, bounds 0..255; any other shape flattened),
+Discrete (one-hot), MultiDiscrete (one one-hot per component, concatenated), MultiBinary (0/1
+floats), or a Dict of those. They are preprocessed as stable-baselines3 does (`preprocess_obs`):
+images channel-first (HWC transposed to CHW, the channel axis being the smallest) and scaled to
+[0, 1]; a Dict becomes a dict of tensors in the space's key order. Observation normalization
+(`normalize_obs`) applies to the Box parts that are not images. Tuple spaces, nested Dicts and Text
+/ Graph spaces are refused with a TypeError naming the space.
 """
 from __future__ import annotations
 
@@ -17,66 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gymnasium import spaces
-
-
-# ----------------------------------------------------------------------------- actions
-@dataclass(frozen=True)
-class ActionSpec:
-    """What the policy's output is for an action space."""
-
-    kind: str  # "categorical" (Discrete, MultiDiscrete), "bernoulli" (MultiBinary) or "gaussian" (Box)
-    width: int  # the network's output units: logits or the mean
-    segments: tuple[int, ...] | None = None  # MultiDiscrete: the class count of each sub-action
-
-    @property
-    def maskable(self) -> bool:
-        """Whether invalid-action masks apply (one mask entry per logit)."""
-        return self.kind == "categorical"
-
-    def check_mask(self, mask, name: str = "action_masks") -> np.ndarray:
-        """`mask` as a bool array (B, width), True = allowed; ValueError naming `name` unless it has
-        that shape and every row allows at least one action of every sub-action."""
-        if not self.maskable:
-            raise ValueError(f"{name}: action masks apply to Discrete and MultiDiscrete actions, not {self.kind}")
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_:
-            if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)) or \
-                    not np.isin(mask, (0, 1)).all():
-                raise ValueError(f"{name} must hold booleans (or 0 / 1), got dtype {mask.dtype}")
-            mask = mask.astype(bool)
-        if mask.ndim != 2 or mask.shape[1] != self.width:
-            raise ValueError(f"{name} must have shape (B, {self.width}) (one entry per action"
-                             f"{' of every sub-action' if self.segments else ''}), got {mask.shape}")
-        for s, part in enumerate(np.split(mask, np.cumsum(self.segments or (self.width,))[:-1], axis=1)):
-            empty = np.flatnonzero(~part.any(1))
-            if empty.size:
-                which = f" sub-action {s}" if self.segments else ""
-                raise ValueError(f"{name}: row {int(empty[0])} allows no action{which}; every state needs at least "
-                                 "one valid action")
-        return mask
-
-
-def action_spec(action_space) -> ActionSpec:
-    """The ActionSpec of a supported action space; TypeError naming the space otherwise."""
-    if isinstance(action_space, spaces.Discrete):
-        if int(action_space.start) != 0:
-            raise TypeError(f"action_space: Discrete spaces must start at 0, got start={action_space.start}")
-        return ActionSpec("categorical", int(action_space.n))
-    if isinstance(action_space, spaces.MultiDiscrete):
-        if action_space.nvec.ndim != 1 or np.any(action_space.start != 0):
-            raise TypeError(f"action_space: MultiDiscrete must be 1-D and start at 0, got {action_space!r}")
-        nvec = tuple(int(n) for n in action_space.nvec)
-        return ActionSpec("categorical", sum(nvec), nvec)
-    if isinstance(action_space, spaces.MultiBinary):
-        if len(action_space.shape) != 1:
-            raise TypeError(f"action_space: MultiBinary must be 1-D, got shape {action_space.shape}")
-        return ActionSpec("bernoulli", int(action_space.shape[0]))
-    if isinstance(action_space, spaces.Box):
-        if len(action_space.shape) != 1:
-            raise TypeError(f"action_space: Box must be 1-D, got shape {action_space.shape}")
-        return ActionSpec("gaussian", int(action_space.shape[0]))
-    raise TypeError("action_space must be Discrete, MultiDiscrete, MultiBinary or a 1-D Box (Tuple and Dict actions "
-                    f"are not supported), got {action_space!r}")
 
 
 # ----------------------------------------------------------------------------- observations

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
-from torch.distributions import Distribution, Normal, kl_divergence
+from torch.distributions import Distribution, kl_divergence
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from . import _ops, distributed
 from .config import TrustRegionConfig
-from .distributions import MultiCategorical, base_of, detach_distribution, masked
+from .distributions import detach_distribution, family_of, masked
 from .fisher import CGInfo, check_inputs, check_policy, choose_path, generic_cg_solve
 from .spaces import batch_len
 
@@ -82,36 +82,6 @@ def _check_batch(obs, actions, advantages) -> None:
         raise ValueError("advantages must be a finite floating-point tensor")
 
 
-def _policy_std(dist) -> float:
-    base = base_of(dist)
-    return base.scale.mean().item() if isinstance(base, Normal) else float("nan")
-
-
-def _check_mask(name: str, mask, n: int, dist, actions: torch.Tensor | None) -> None:
-    """ValueError unless `mask` is a bool (n, logits) tensor on the actions' device for a (Multi)
-    Categorical `dist`, and (with `actions`) allows every action taken."""
-    base = base_of(dist)
-    if not isinstance(base, (torch.distributions.Categorical, MultiCategorical)):
-        raise ValueError(f"{name}: action masks apply to Categorical and MultiCategorical policies, the policy "
-                         f"returned {type(dist).__name__}")
-    width = base.raw_logits.shape[-1] if isinstance(base, MultiCategorical) else base.logits.shape[-1]
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    if mask.shape != (n, width):
-        raise ValueError(f"{name} must have shape ({n}, {width}) (one entry per logit), got {tuple(mask.shape)}")
-    if actions is None:
-        return
-    if mask.device != actions.device:
-        raise TypeError(f"{name} must be on the actions' device {actions.device}, got {mask.device}")
-    segments = base.segments if isinstance(base, MultiCategorical) else (width,)
-    offsets = torch.tensor([0, *segments[:-1]], device=mask.device).cumsum(0)
-    taken = mask.gather(1, actions.reshape(n, -1) + offsets)
-    if not bool(taken.all()):
-        row = int((~taken).any(1).nonzero()[0])
-        raise ValueError(f"{name}: the action of row {row} ({actions[row].tolist()}) is masked; a masked action "
-                         "cannot have been sampled")
-
-
 class _Direction(NamedTuple):
     gradient: torch.Tensor
     x: torch.Tensor | None  # None when the gradient is not finite
@@ -132,21 +102,20 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
     name = distributed.group_name(group)
     if fused is not None:
         check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)  # actions: the ops check them
-        result = _ops.mlp_policy_direction(obs, [p.detach() for p in params], actions, advantages, kind=fused.kind,
-                                           activation=fused.activation, damping=config.damping,
-                                           iters=config.cg_iters, rtol=config.cg_rtol, fvp_obs=fvp_obs, group=name,
-                                           **fused.extra(action_mask, fvp_action_mask=fvp_action_mask))
+        result = _ops.mlp_policy_direction(obs, [p.detach() for p in params], actions, advantages,
+                                           damping=config.damping, iters=config.cg_iters, rtol=config.cg_rtol,
+                                           fvp_obs=fvp_obs, group=name,
+                                           **fused.op_kwargs(action_mask=action_mask, fvp_action_mask=fvp_action_mask))
         with torch.no_grad():
             old_dist = policy.distribution(result.dist_params)
         shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
-        old_log_std = params[-1].detach().clone() if fused.kind == "gaussian" else None
+        old_log_std = params[-1].detach().clone() if fused.action.family.has_log_std else None
 
         def trial(candidate):
             views = [t.view(shape) for t, shape in zip(candidate.split(sizes), shapes)]
             kl, improvement = _ops.mlp_policy_trial(obs, views, actions, advantages,
                                                     old_dist_params=result.dist_params, old_log_std=old_log_std,
-                                                    kind=fused.kind, activation=fused.activation, group=name,
-                                                    **fused.extra(action_mask))
+                                                    group=name, **fused.op_kwargs(action_mask=action_mask))
             return kl.item(), improvement.item()
 
         g, x, info = result.gradient, result.x, CGInfo(result.iterations, result.residual_norm, result.xAx)
@@ -161,8 +130,9 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
             n_total, m_total = counts
         with torch.enable_grad():
             dist = policy(obs)
+            spec = family_of(dist).spec_of(dist)
             if action_mask is not None:
-                _check_mask("action_mask", action_mask, batch_len(obs), dist, actions)
+                spec.check_mask_tensor("action_mask", action_mask, batch_len(obs), advantages.device, actions)
                 dist = masked(dist, action_mask)
             log_prob = dist.log_prob(actions)
             surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).sum() / n_total
@@ -182,7 +152,7 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
         if fvp_obs is not None and (action_mask is None) != (fvp_action_mask is None):
             raise ValueError("fvp_action_mask must be given with fvp_obs exactly when action_mask is")
         if fvp_action_mask is not None:
-            _check_mask("fvp_action_mask", fvp_action_mask, batch_len(fvp_obs), dist, None)
+            spec.check_mask_tensor("fvp_action_mask", fvp_action_mask, batch_len(fvp_obs), advantages.device)
         x = info = None
         if bool(torch.isfinite(g).all()):
             share = batch_len(products_obs) / m_total
@@ -267,7 +237,7 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     old_params = parameters_to_vector(params).detach().clone()
     record = dict(accepted=False, kl=0.0, improvement=0.0, expected_improvement=float("nan"), line_search_steps=0,
                   cg_iterations=0, cg_residual=float("nan"), entropy=old_dist.entropy().mean().item(),
-                  policy_std=_policy_std(old_dist), time_cg=0.0, time_line_search=0.0)
+                  policy_std=family_of(old_dist).mean_std(old_dist), time_cg=0.0, time_line_search=0.0)
 
     def finish(**changes) -> StepRecord:
         now = time.perf_counter()

@@ -24,9 +24,9 @@ from . import spaces
 from .critic import adam_state, check_parallel, draw_seed, fit_value_network, fused_value, seeded_generator
 from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
-from .fisher import fused_mlp
+from .distributions import action_spec
 from .policies import (BUILT_IN, FlatValues, build_network, built_in_policy, built_in_value, check_custom_policy,
-                       check_custom_value_net, default_name)
+                       check_custom_value_net, default_name, fused_spec)
 from .rollout import Batch, EpisodeStats, RewardScaler, RolloutCollector, RunningNormalizer, single_env_masks
 from .step import StepRecord, trust_region_step
 
@@ -140,7 +140,7 @@ class TRPO:
         observation_space, action_space = self.envs.single_observation_space, self.envs.single_action_space
         try:
             codec = spaces.ObservationCodec(observation_space)
-            spaces.action_spec(action_space)
+            action_spec(action_space)
             if config.normalize_obs and codec.norm_dim == 0:
                 raise ValueError(f"normalize_obs=True normalizes the Box parts of an observation that are not images; "
                                  f"{observation_space} has none (images are scaled to [0, 1] instead)")
@@ -172,7 +172,7 @@ class TRPO:
                 self.value_net = build_network("value_net", value_net, observation_space, action_space,
                                                lambda name: built_in_value(name, codec, hidden, activation)
                                                ).to(self.device)
-            if fused_mlp(self.policy) is None:
+            if fused_spec(self.policy) is None:
                 check_custom_policy(self.policy, codec, action_space, self.device)
             if not fused_value(self.value_net):
                 check_custom_value_net(self.value_net, codec, self.device)
