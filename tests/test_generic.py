@@ -1,13 +1,14 @@
 """The generic (any nn.Module) Fisher-vector product against the double-backprop reference: the
-recorded linearisation (`fisher._Tape`) on the layers and calls it knows, the torch.func fallback on
-forward passes it cannot follow (docs/design.md, "Which path computes the product")."""
+recorded linearisation (`trpo_ext.tape`, its rules in `trpo_ext.tape_rules` / `tape_layers`) on the
+layers and calls it knows, the torch.func fallback (`trpo_ext.generic`) on forward passes it cannot
+follow (docs/design.md, "Which path computes the product")."""
 import pytest
 import torch
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
 import trpo_ext
-from trpo_ext import fisher, reference
+from trpo_ext import generic, reference, tape, tape_rules
 
 from helpers import RTOL, make_policy, n_params, rel_err
 
@@ -201,10 +202,10 @@ def _takes_the_tape(policy, obs) -> bool:
     """Whether the tape records `policy` (and then runs a product: unguarded, so that a rule that
     breaks fails the test instead of falling back)."""
     params = list(policy.parameters())
-    with fisher._GENERIC_LOCK, torch.no_grad():
+    with generic.GENERIC_LOCK, torch.no_grad():
         try:
-            product = fisher._Tape(policy, obs, params).products()
-        except fisher._Unsupported:
+            product = tape.Tape(policy, obs, params).products()
+        except tape_rules.Unsupported:
             return False
         product(torch.ones(n_params(policy), dtype=params[0].dtype, device=params[0].device))
     return True
@@ -232,9 +233,9 @@ def test_tape_products_are_symmetric_and_match_the_fallback(name):
     policy, obs, v = _setup(*POLICIES[name], torch.float64)
     u = torch.randn(v.shape, dtype=v.dtype, generator=torch.Generator().manual_seed(7))
     params = list(policy.parameters())
-    with fisher._GENERIC_LOCK, torch.no_grad():
-        product = fisher._Tape(policy, obs, params).products()
-        fallback = fisher._functorch_products(policy, obs, params)
+    with generic.GENERIC_LOCK, torch.no_grad():
+        product = tape.Tape(policy, obs, params).products()
+        fallback = generic.functorch_products(policy, obs, params)
         fv, fu = product(v), product(u)
         assert torch.equal(product(v), fv)  # products do not change the cached state
         assert rel_err(fallback(v), fv) <= 1e-12
@@ -284,11 +285,11 @@ def test_a_rule_that_breaks_falls_back_with_a_warning(monkeypatch):
     policy, obs, v = _setup(*POLICIES["layernorm-mlp"], torch.float64)
     expected = reference.fvp(policy, obs, v)
 
-    def broken(self, *args):
+    def broken(call):
         def jvp(t):
             raise IndexError("simulated")
         return jvp, jvp
-    monkeypatch.setattr(fisher._Tape, "_layer_norm", broken)
+    monkeypatch.setitem(tape_rules.RULES, torch.nn.functional.layer_norm, [broken])
     with pytest.warns(RuntimeWarning, match="falling back to torch.func"):
         got = trpo_ext.fvp(policy, obs, v, path="generic")
     assert rel_err(got, expected) <= RTOL[torch.float64]
@@ -309,8 +310,8 @@ def test_interleaved_solves_share_buffers_safely():
     # Two solves of the same shapes take the same pooled buffers; products never overlap, so
     # interleaving them changes nothing.
     (p1, obs, v), (p2, _, _) = (_setup(*POLICIES["layernorm-mlp"], torch.float64, seed=s) for s in (0, 1))
-    with fisher._GENERIC_LOCK, torch.no_grad():
-        a, b = (fisher._generic_products(p, obs, list(p.parameters())) for p in (p1, p2))
+    with generic.GENERIC_LOCK, torch.no_grad():
+        a, b = (generic.generic_products(p, obs, list(p.parameters())) for p in (p1, p2))
         a1, b1, a2, b2 = a(v), b(v), a(2 * v), b(2 * v)
     assert rel_err(a1, reference.fvp(p1, obs, v)) <= 1e-10 and rel_err(b1, reference.fvp(p2, obs, v)) <= 1e-10
     assert torch.allclose(a2, 2 * a1, rtol=1e-12, atol=0) and torch.allclose(b2, 2 * b1, rtol=1e-12, atol=0)
