@@ -1,4 +1,5 @@
-"""Shared test helpers: the device list, tolerances, relative error and small policies."""
+"""Shared test helpers: the device list, tolerances, relative error, and policies, masks and
+batches for every action family."""
 import gymnasium as gym
 import torch
 
@@ -10,20 +11,71 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and trpo_ext.cuda_bui
 # Relative error bounds against the double-backprop reference (docs/design.md, "Tolerances").
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
+# Every action family, by the name make_policy takes: (the family, whether masks apply).
+KINDS = ["categorical", "multicategorical", "bernoulli", "gaussian"]
+# Every action case the public functions are held to: a kind, masked or not.
+ACTION_CASES = ["categorical", "categorical-masked", "multicategorical", "multicategorical-masked", "bernoulli",
+                "gaussian"]
+PATHS = ["auto", "fused", "generic"]
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
+def action_space(kind: str, act_dim: int = 3) -> gym.Space:
+    """The action space of a kind: Discrete(act_dim), MultiDiscrete of act_dim sub-actions
+    ([3, 2, 4] for 3), MultiBinary(act_dim) or Box(-1, 1, (act_dim,))."""
+    if kind == "categorical":
+        return gym.spaces.Discrete(act_dim)
+    if kind == "multicategorical":
+        return gym.spaces.MultiDiscrete([(3, 2, 4)[i % 3] for i in range(act_dim)])
+    if kind == "bernoulli":
+        return gym.spaces.MultiBinary(act_dim)
+    if kind == "gaussian":
+        return gym.spaces.Box(-1, 1, (act_dim,))
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
 def make_policy(kind="gaussian", obs_dim=5, act_dim=3, hidden=(8, 7), activation="tanh",
                 dtype=torch.float64, device="cpu", seed=0):
     torch.manual_seed(seed)
-    space = gym.spaces.Discrete(act_dim) if kind == "categorical" else gym.spaces.Box(-1, 1, (act_dim,))
-    policy = trpo_ext.MLPPolicy(obs_dim, space, hidden=hidden, activation=activation).to(device, dtype)
+    policy = trpo_ext.MLPPolicy(obs_dim, action_space(kind, act_dim), hidden=hidden,
+                                activation=activation).to(device, dtype)
     with torch.no_grad():  # move away from the near-uniform init so every block of F matters
         for p in policy.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return policy
+
+
+def random_mask(spec, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
+    """A bool (n, width) mask that allows about half the classes and at least one of every segment."""
+    mask = torch.rand(n, spec.width, generator=generator) < 0.5
+    for lo, k in spec.bounds:
+        keep = torch.randint(k, (n,), generator=generator)
+        mask[torch.arange(n), lo + keep] = True
+    return mask.to(device)
+
+
+def action_problem(case: str, dtype=torch.float64, device="cpu", n=23, seed=0, hidden=(8, 7)):
+    """(policy, obs, v, mask) for an ACTION_CASES entry: a policy of that kind, a batch, a vector of
+    the parameters' size and the case's mask (None when unmasked)."""
+    kind, masked = case.removesuffix("-masked"), case.endswith("-masked")
+    policy = make_policy(kind, 5, 3, hidden, "tanh", dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    obs = torch.randn(n, 5, generator=g, dtype=dtype).to(device)
+    v = torch.randn(n_params(policy), generator=g, dtype=dtype).to(device)
+    mask = random_mask(policy.action_spec, n, g, device) if masked else None
+    return policy, obs, v, mask
+
+
+def sample_batch(policy, obs, mask=None, seed=0):
+    """(actions, advantages) for obs: actions drawn from the (masked) policy, advantages standard normal."""
+    g = torch.Generator(obs.device).manual_seed(seed)
+    with torch.no_grad():
+        actions = trpo_ext.distributions.sample_actions(trpo_ext.distributions.masked(policy(obs), mask), g)
+    advantages = torch.randn(obs.shape[0], generator=g, dtype=obs.dtype, device=obs.device)
+    return actions, advantages
 
 
 def n_params(policy) -> int:

@@ -1,4 +1,6 @@
-"""Fused FVP / CG against the double-backprop reference and a dense solve (docs/design.md, "Tolerances")."""
+"""The public fvp / cg_solve against the double-backprop reference (`trpo_ext.reference`), the Fisher
+enumerated from its definition and a dense solve (docs/design.md, "Tolerances"): every action
+family, masked and not, on every path; every activation and depth on the fused op."""
 import copy
 import itertools
 
@@ -8,7 +10,7 @@ import torch
 import trpo_ext
 from trpo_ext import reference
 
-from helpers import RTOL, make_policy, n_params, rel_err
+from helpers import ACTION_CASES, PATHS, RTOL, action_problem, make_policy, n_params, rel_err
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -164,3 +166,78 @@ def test_cg_tiny_damping_stays_finite(dtype, device):
     assert torch.isfinite(x).all() and torch.isfinite(info.xAx) and torch.isfinite(info.residual_norm)
     x0, info0 = trpo_ext.cg_solve(policy, obs, b, iters=10, damping=0.0)
     assert torch.isfinite(x0).all() and torch.equal(x0, torch.zeros_like(b)) and int(info0.iterations) == 0
+
+
+# ----------------------------------------------------------------------------- every action family
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ACTION_CASES)
+def test_fvp_and_cg_on_every_action_case(case, path, dtype, device):
+    policy, obs, v, mask = action_problem(case, dtype, device)
+    before = [p.detach().clone() for p in policy.parameters()]
+    expected = reference.fvp(policy, obs, v, damping=0.05, action_mask=mask)
+    got = trpo_ext.fvp(policy, obs, v, damping=0.05, path=path, action_mask=mask)
+    assert got.shape == v.shape and got.dtype == dtype and got.device == v.device
+    assert rel_err(got, expected) <= RTOL[dtype]
+
+    policy64 = copy.deepcopy(policy).double()
+    obs64, v64 = obs.double(), v.double()
+    truth, used, _, xAx_truth = reference.cg_solve(policy64, obs64, v64, iters=10, damping=0.1, rtol=1e-8,
+                                                   action_mask=mask)
+    x, info = trpo_ext.cg_solve(policy, obs, v, iters=10, damping=0.1, rtol=1e-8, path=path, action_mask=mask)
+    tol = 1e-8  # float32: as close as twice the float32 reference gets (or float32's rounding, 1e-5)
+    if dtype != torch.float64:
+        tol = max(1e-5, 2 * rel_err(reference.cg_solve(policy, obs, v, iters=10, damping=0.1, rtol=1e-8,
+                                                       action_mask=mask)[0], truth))
+    assert rel_err(x, truth) <= tol
+    assert float(info.xAx) == pytest.approx(float(xAx_truth), rel=tol)
+    if dtype == torch.float64:
+        assert int(info.iterations) == used
+    for b, p in zip(before, policy.parameters()):
+        assert torch.equal(b, p), "fvp / cg_solve changed the policy's parameters"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", [c for c in ACTION_CASES if not c.startswith("gaussian")])
+def test_fvp_and_cg_equal_the_enumerated_fisher(case, path):
+    # F from its definition (the score's outer product over every joint action), not from the KL.
+    policy, obs, v, mask = action_problem(case, torch.float64, n=11)
+    A = reference.enumerated_fisher(policy, obs, mask) + 0.1 * torch.eye(n_params(policy), dtype=torch.float64)
+    assert rel_err(trpo_ext.fvp(policy, obs, v, damping=0.1, path=path, action_mask=mask), A @ v) <= 1e-9
+    x, _ = trpo_ext.cg_solve(policy, obs, v, iters=500, damping=0.1, rtol=1e-13, path=path, action_mask=mask)
+    assert rel_err(x, torch.linalg.solve(A, v)) <= 1e-6
+
+
+def test_a_mask_changes_the_fisher():
+    # The mask is not ignored anywhere: the masked Fisher differs from the unmasked one.
+    policy, obs, v, mask = action_problem("multicategorical-masked", torch.float64)
+    for path in PATHS:
+        assert rel_err(trpo_ext.fvp(policy, obs, v, path=path, action_mask=mask), trpo_ext.fvp(policy, obs, v)) > 0.01
+
+
+BAD_MASKS = {
+    "not bool": (TypeError, "must be a bool tensor", lambda m: m.to(torch.int64)),
+    "wrong shape": (ValueError, "must have shape", lambda m: m[:, 1:]),
+    "row allows nothing": (ValueError, r"action_mask\[2\] allows no action in segment 1",
+                           lambda m: m.index_put((torch.tensor([2]), torch.tensor([3])), torch.tensor(False))
+                           .index_put((torch.tensor([2]), torch.tensor([4])), torch.tensor(False))),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bad", list(BAD_MASKS))
+def test_a_bad_mask_is_refused_by_name(bad, path):
+    policy, obs, v, mask = action_problem("multicategorical-masked", torch.float64)
+    error, words, change = BAD_MASKS[bad]
+    for call in (lambda m: trpo_ext.fvp(policy, obs, v, path=path, action_mask=m),
+                 lambda m: trpo_ext.cg_solve(policy, obs, v, path=path, action_mask=m)):
+        with pytest.raises(error, match=words):
+            call(change(mask))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["bernoulli", "gaussian"])
+def test_a_mask_on_a_family_without_masks_is_refused(kind, path):
+    policy, obs, v, _ = action_problem(kind, torch.float64)
+    with pytest.raises(ValueError, match="action masks apply to Categorical and MultiCategorical"):
+        trpo_ext.fvp(policy, obs, v, path=path, action_mask=torch.ones(obs.shape[0], 3, dtype=torch.bool))

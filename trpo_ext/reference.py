@@ -1,25 +1,61 @@
-"""Pure-PyTorch Fisher-vector product and conjugate gradient, the way sb3-contrib does them.
+"""Pure-PyTorch Fisher-vector products and conjugate gradient, the way sb3-contrib does them: the
+test oracle for every path and action family, and the baseline the benchmarks compare against.
 
 The FVP differentiates the batch-mean KL twice: the gradient of KL(pi_old || pi_theta) is built once
-with `create_graph=True`, and each product is the gradient of its dot product with v. This is the
-test oracle for the fused ops and the baseline the benchmarks compare against.
+with `create_graph=True`, and each product is the gradient of its dot product with v. With an action
+mask the KL is written from its definition here, independently of the package's -1e8 masking: a
+masked class is excluded (each segment's log-softmax normalises over the allowed classes, and its
+terms weigh exactly 0). `enumerated_fisher` forms F a second, independent way for the discrete
+families: the expected outer product of the score over every joint action.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
-from torch.distributions import kl_divergence
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, kl_divergence
 
-from .distributions import detach_distribution  # noqa: F401  (also imported from here)
+from .distributions import MultiCategorical, detach_distribution
 
 
-def fvp_function(policy: torch.nn.Module, obs: torch.Tensor, damping: float = 0.0) -> Callable:
+def _categorical_logits(dist: Distribution) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The logits of a (Multi)Categorical and the (first column, count) of each segment."""
+    if isinstance(dist, MultiCategorical):
+        counts = dist.segments
+        return dist.raw_logits, [(sum(counts[:s]), c) for s, c in enumerate(counts)]
+    if isinstance(dist, Categorical):
+        return dist.logits, [(0, dist.logits.shape[-1])]
+    raise TypeError(f"action masks apply to Categorical and MultiCategorical policies, got {type(dist).__name__}")
+
+
+def _masked_log_probs(logits: torch.Tensor, bounds, mask: torch.Tensor) -> torch.Tensor:
+    """Each segment's log-probabilities over its allowed classes (masked entries finite, weighted 0 by callers)."""
+    parts = []
+    for lo, k in bounds:
+        x, allowed = logits[:, lo:lo + k], mask[:, lo:lo + k]
+        parts.append(x - torch.logsumexp(x.masked_fill(~allowed, float("-inf")), 1, keepdim=True))
+    return torch.cat(parts, 1)
+
+
+def kl(policy: torch.nn.Module, obs, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch-mean KL(π_old ‖ π_θ) with π_old the policy's output detached, as a function of θ."""
+    dist = policy(obs)
+    if action_mask is None:
+        return kl_divergence(detach_distribution(dist), dist).mean()
+    logits, bounds = _categorical_logits(dist)
+    new = _masked_log_probs(logits, bounds, action_mask)
+    old = new.detach()
+    p_old = torch.where(action_mask, old.exp(), torch.zeros_like(old))
+    return (p_old * (old - new)).sum(1).mean()
+
+
+def fvp_function(policy: torch.nn.Module, obs, damping: float = 0.0,
+                 action_mask: torch.Tensor | None = None) -> Callable:
     """Returns v -> (F + damping I) v by double backprop through the batch-mean KL."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    dist = policy(obs)
-    kl = kl_divergence(detach_distribution(dist), dist).mean()
-    grads = torch.autograd.grad(kl, params, create_graph=True)
+    grads = torch.autograd.grad(kl(policy, obs, action_mask), params, create_graph=True)
     flat_grad = torch.cat([g.reshape(-1) for g in grads])
 
     def product(v: torch.Tensor) -> torch.Tensor:
@@ -29,9 +65,55 @@ def fvp_function(policy: torch.nn.Module, obs: torch.Tensor, damping: float = 0.
     return product
 
 
-def fvp(policy: torch.nn.Module, obs: torch.Tensor, v: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+def fvp(policy: torch.nn.Module, obs, v: torch.Tensor, damping: float = 0.0,
+        action_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(F + damping I) v by double backprop (one product; build fvp_function once for many)."""
-    return fvp_function(policy, obs, damping)(v)
+    return fvp_function(policy, obs, damping, action_mask)(v)
+
+
+def _joint_log_probs(dist: Distribution, action_mask: torch.Tensor | None) -> torch.Tensor:
+    """log π(a|s) for every state and every joint action a, (N, A), in itertools.product order."""
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    if isinstance(base, Bernoulli):
+        k = base.logits.shape[-1]
+        actions = torch.tensor(list(itertools.product((0.0, 1.0), repeat=k)), dtype=base.logits.dtype,
+                               device=base.logits.device)
+        return F.logsigmoid(base.logits) @ actions.t() + F.logsigmoid(-base.logits) @ (1 - actions).t()
+    logits, bounds = _categorical_logits(base)
+    mask = torch.ones_like(logits, dtype=torch.bool) if action_mask is None else action_mask
+    table = _masked_log_probs(logits, bounds, mask)
+    columns = torch.tensor([[lo + a for (lo, _), a in zip(bounds, joint)]
+                            for joint in itertools.product(*(range(k) for _, k in bounds))], device=logits.device)
+    return table[:, columns].sum(-1)
+
+
+def enumerated_fisher(policy: torch.nn.Module, obs, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """F as a dense matrix for a discrete policy (Categorical, MultiCategorical or Bernoullis), from
+    its definition: (1/N) Σ_states Σ_joint actions π(a|s) ∇log π(a|s) ∇log π(a|s)ᵀ (masked actions
+    have π = 0). Every joint action is enumerated: for small action spaces only."""
+    names = [name for name, p in policy.named_parameters() if p.requires_grad]
+    primals = tuple(p.detach() for p in policy.parameters() if p.requires_grad)
+
+    def log_probs(*values):
+        return _joint_log_probs(torch.func.functional_call(policy, dict(zip(names, values)), (obs,)), action_mask)
+
+    with torch.no_grad():
+        table = log_probs(*primals)
+    n, n_actions = table.shape
+    jacobians = torch.autograd.functional.jacobian(log_probs, primals)
+    scores = torch.cat([j.reshape(n, n_actions, -1) for j in jacobians], -1)  # (N, A, P)
+    p = table.exp() if action_mask is None else table.exp() * _allowed(policy, obs, action_mask).to(table.dtype)
+    return torch.einsum("na,nap,naq->pq", p, scores, scores) / n
+
+
+def _allowed(policy, obs, action_mask) -> torch.Tensor:
+    """(N, A): 1 where every sub-action of the joint action is allowed, else 0."""
+    with torch.no_grad():
+        _, bounds = _categorical_logits(policy(obs))
+    joints = itertools.product(*(range(k) for _, k in bounds))
+    columns = torch.tensor([[lo + a for (lo, _), a in zip(bounds, joint)] for joint in joints],
+                           device=action_mask.device)
+    return action_mask[:, columns].all(-1)
 
 
 def conjugate_gradient(matvec: Callable, b: torch.Tensor, iters: int = 10, rtol: float = 1e-6,
@@ -66,10 +148,10 @@ def conjugate_gradient(matvec: Callable, b: torch.Tensor, iters: int = 10, rtol:
     return x, used, rs.sqrt(), xAx
 
 
-def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters: int = 10,
-             damping: float = 0.1, rtol: float = 1e-6):
+def cg_solve(policy: torch.nn.Module, obs, b: torch.Tensor, iters: int = 10, damping: float = 0.1,
+             rtol: float = 1e-6, action_mask: torch.Tensor | None = None):
     """Reference CG on (F + damping I) x = b with double-backprop products."""
-    return conjugate_gradient(fvp_function(policy, obs, damping), b, iters, rtol)
+    return conjugate_gradient(fvp_function(policy, obs, damping, action_mask), b, iters, rtol)
 
 
 def sb3_policy_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor,
