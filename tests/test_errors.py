@@ -49,12 +49,13 @@ def test_bad_arguments(setup, fn, mutate, error, words):
     assert _params_unchanged(policy, before)
 
 
-def test_negative_damping(setup):
+@pytest.mark.parametrize("damping", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_bad_damping(setup, damping):
     policy, obs, v = setup
-    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
-        trpo_ext.fvp(policy, obs, v, damping=-0.1)
-    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
-        trpo_ext.cg_solve(policy, obs, v, damping=float("nan"))
+    for call in (lambda: trpo_ext.fvp(policy, obs, v, damping=damping),
+                 lambda: trpo_ext.cg_solve(policy, obs, v, damping=damping)):
+        with pytest.raises(ValueError, match=r"damping must be a finite number in \[0.0, inf\]"):
+            call()
 
 
 @pytest.mark.parametrize("iters", [0, -3, 2.5, True])
@@ -64,10 +65,14 @@ def test_bad_iters(setup, iters):
         trpo_ext.cg_solve(policy, obs, v, iters=iters)
 
 
-def test_bad_rtol(setup):
+@pytest.mark.parametrize("rtol", [-1.0, 1.0, 2.0, float("nan")])
+def test_bad_rtol(setup, rtol):
+    # The range of TrustRegionConfig.cg_rtol, checked in one place: rtol >= 1 would run no iteration.
     policy, obs, v = setup
-    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
-        trpo_ext.cg_solve(policy, obs, v, rtol=-1.0)
+    with pytest.raises(ValueError, match=r"rtol must be a finite number in \[0.0, 1.0\)"):
+        trpo_ext.cg_solve(policy, obs, v, rtol=rtol)
+    with pytest.raises(ValueError, match=r"cg_rtol must be a finite number in \[0.0, 1.0\)"):
+        trpo_ext.trust_region_step(policy, obs, v[:obs.shape[0]] * 0, v[:obs.shape[0]], cg_rtol=rtol)
 
 
 @pytest.mark.parametrize("space", [
