@@ -39,16 +39,32 @@ def _masked_log_probs(logits: torch.Tensor, bounds, mask: torch.Tensor) -> torch
     return torch.cat(parts, 1)
 
 
-def kl(policy: torch.nn.Module, obs, action_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch-mean KL(π_old ‖ π_θ) with π_old the policy's output detached, as a function of θ."""
+def kl(policy: torch.nn.Module, obs, action_mask: torch.Tensor | None = None,
+       old_policy: torch.nn.Module | None = None) -> torch.Tensor:
+    """The batch-mean KL(π_old ‖ π_θ), a function of `policy`'s θ; π_old is `old_policy` (no grad),
+    by default the policy itself detached."""
     dist = policy(obs)
+    with torch.no_grad():
+        old = dist if old_policy is None else old_policy(obs)
     if action_mask is None:
-        return kl_divergence(detach_distribution(dist), dist).mean()
+        return kl_divergence(detach_distribution(old), dist).mean()
     logits, bounds = _categorical_logits(dist)
     new = _masked_log_probs(logits, bounds, action_mask)
-    old = new.detach()
+    old = _masked_log_probs(_categorical_logits(old)[0], bounds, action_mask).detach()
     p_old = torch.where(action_mask, old.exp(), torch.zeros_like(old))
     return (p_old * (old - new)).sum(1).mean()
+
+
+def log_prob(policy: torch.nn.Module, obs, actions: torch.Tensor,
+             action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log π_θ(a|s) per state (of the masked policy with `action_mask`)."""
+    dist = policy(obs)
+    if action_mask is None:
+        return dist.log_prob(actions)
+    logits, bounds = _categorical_logits(dist)
+    table = _masked_log_probs(logits, bounds, action_mask)
+    columns = actions.reshape(len(actions), -1) + torch.tensor([lo for lo, _ in bounds], device=actions.device)
+    return table.gather(1, columns).sum(1)
 
 
 def fvp_function(policy: torch.nn.Module, obs, damping: float = 0.0,
