@@ -8,18 +8,14 @@ import pytest
 import torch
 from gymnasium import spaces
 from torch import nn
-from torch.distributions import Bernoulli, Categorical, Independent
-from torch.nn.utils import parameters_to_vector
 
 import trpo_ext
-from trpo_ext import TRPO, MultiCategorical, reference, toy_envs
-from trpo_ext.distributions import MASKED_LOGIT, masked, sample_actions
-from trpo_ext.policies import FeaturePolicy
+from trpo_ext import TRPO, reference, toy_envs
 from trpo_ext.distributions import action_spec
-from trpo_ext.policies import fused_spec
+from trpo_ext.policies import FeaturePolicy, fused_spec
 from trpo_ext.spaces import ObservationCodec, pack, unpack
 
-from helpers import rel_err
+from helpers import random_mask, rel_err
 
 FAST = dict(n_envs=4, n_steps=64, critic_epochs=5, seed=0)
 
@@ -60,12 +56,7 @@ def _custom(obs_space, action_space):
             self.net = nn.Sequential(nn.Linear(codec.flat_dim, 32), nn.Tanh(), nn.Linear(32, spec.width))
 
         def forward(self, obs):
-            out = self.net(obs)
-            if spec.segments:
-                return MultiCategorical(out, spec.segments)
-            if spec.kind == "bernoulli":
-                return Independent(Bernoulli(logits=out), 1)
-            return Categorical(logits=out)
+            return spec.distribution(self.net(obs))
     return Policy()
 
 
@@ -79,27 +70,6 @@ def test_a_custom_module_learns_the_new_action_spaces_on_the_generic_path(env_id
 
 
 # ----------------------------------------------------------------------------- generic Fishers vs the reference
-class _Masked(nn.Module):
-    """The reference's view of a masked policy: the mask applied to its distribution."""
-
-    def __init__(self, policy, mask):
-        super().__init__()
-        self.policy, self.mask = policy, mask
-
-    def forward(self, obs):
-        return masked(self.policy(obs), self.mask)
-
-
-def _random_mask(n, segments, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    parts = []
-    for k in segments:
-        m = torch.rand(n, k, generator=g) < 0.6
-        m[torch.arange(n), torch.randint(k, (n,), generator=g)] = True  # at least one allowed
-        parts.append(m)
-    return torch.cat(parts, 1)
-
-
 @pytest.mark.parametrize("space, use_mask", [
     (spaces.MultiDiscrete([3, 2, 4]), False), (spaces.MultiDiscrete([3, 2, 4]), True),
     (spaces.MultiBinary(5), False), (spaces.Discrete(6), True),
@@ -109,9 +79,8 @@ def test_generic_output_fishers_equal_double_backprop_float64(space, use_mask):
     policy = _custom(spaces.Box(-1, 1, (7,)), space).double()
     obs, v = torch.randn(50, 7, dtype=torch.float64), torch.randn(sum(p.numel() for p in policy.parameters()),
                                                                   dtype=torch.float64)
-    spec = action_spec(space)
-    mask = _random_mask(50, spec.segments or (spec.width,)) if use_mask else None
-    expected = reference.fvp(policy if mask is None else _Masked(policy, mask), obs, v, damping=0.1)
+    mask = random_mask(action_spec(space), 50, torch.Generator().manual_seed(0)) if use_mask else None
+    expected = reference.fvp(policy, obs, v, damping=0.1, action_mask=mask)
     with torch.no_grad():  # one product of what generic_cg_solve iterates
         product = trpo_ext.generic.generic_products(policy, obs, list(policy.parameters()), mask)(v) + 0.1 * v
     assert rel_err(product, expected) < 1e-10
@@ -130,45 +99,6 @@ def test_generic_fisher_of_cnn_and_dict_policies_equals_double_backprop():
     assert rel_err(got, expected) < 1e-10
 
 
-@pytest.mark.parametrize("space", [spaces.MultiDiscrete([3, 2, 4]), spaces.MultiBinary(4), spaces.Discrete(5)])
-def test_fused_and_generic_steps_agree_for_the_new_kinds(space):
-    torch.manual_seed(1)
-    spec = action_spec(space)
-    policy = trpo_ext.MLPPolicy(6, space, hidden=(16,)).double()
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    obs = torch.randn(64, 6, dtype=torch.float64)
-    mask = _random_mask(64, spec.segments or (spec.width,), seed=2) if spec.kind == "categorical" else None
-    with torch.no_grad():
-        actions = sample_actions(masked(policy(obs), mask), torch.Generator().manual_seed(0))
-    advantages = torch.randn(64, dtype=torch.float64)
-    start = parameters_to_vector(policy.parameters()).detach().clone()
-    records, ends = [], []
-    for path in ("fused", "generic"):
-        torch.nn.utils.vector_to_parameters(start, policy.parameters())
-        records.append(trpo_ext.trust_region_step(policy, obs, actions, advantages, path=path, action_mask=mask))
-        ends.append(parameters_to_vector(policy.parameters()).detach().clone())
-    assert records[0].accepted and records[1].accepted
-    assert rel_err(ends[0] - start, ends[1] - start) < 1e-8
-    assert abs(records[0].kl - records[1].kl) < 1e-10
-
-
-def test_masked_actions_have_probability_zero_and_are_never_sampled():
-    logits = torch.randn(1000, 5)
-    mask = torch.zeros(1000, 5, dtype=torch.bool)
-    mask[:, [1, 3]] = True
-    dist = masked(Categorical(logits=logits), mask)
-    assert bool((dist.probs[:, [0, 2, 4]] == 0).all())
-    actions = sample_actions(dist, torch.Generator().manual_seed(0))
-    assert set(actions.tolist()) <= {1, 3}
-    multi = masked(MultiCategorical(torch.randn(1000, 5), (2, 3)), torch.tensor([[True, False, False, True, True]] * 1000))
-    drawn = sample_actions(multi, torch.Generator().manual_seed(0))
-    assert bool((drawn[:, 0] == 0).all()) and set(drawn[:, 1].tolist()) <= {1, 2}
-    assert float(dist.log_prob(torch.ones(1000, dtype=torch.long)).min()) > MASKED_LOGIT  # finite log-probabilities
-
-
-# ----------------------------------------------------------------------------- predict, evaluate, save / load
 def test_predict_takes_observations_as_the_env_returns_them():
     agent = TRPO("trpo_ext/DictImageSide-v0", **FAST)
     env = gym.make("trpo_ext/DictImageSide-v0")

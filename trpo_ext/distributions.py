@@ -193,6 +193,7 @@ class ActionFamily:
 
     name: str  # also the fused ops' `kind` (csrc/distribution.h); unique
     space_names: tuple[str, ...]  # the spaces it serves, in words (errors)
+    dist_names: tuple[str, ...]  # the distributions it owns, in words (errors)
     dist_types: tuple[type, ...]  # the base distributions it owns (inside Independent, when wrapped)
     maskable = False  # invalid-action masks apply (one per logit)
     has_log_std = False  # a state-independent log-std parameter, last in the policy's parameters
@@ -256,8 +257,8 @@ class ActionFamily:
 class CategoricalFamily(ActionFamily):
     """Discrete(n): one softmax; MultiDiscrete(nvec): one softmax per segment (block-diagonal M)."""
 
-    name, space_names, dist_types, maskable = "categorical", ("Discrete", "MultiDiscrete"), \
-        (Categorical, MultiCategorical), True
+    name, space_names, maskable = "categorical", ("Discrete", "MultiDiscrete"), True
+    dist_types, dist_names = (Categorical, MultiCategorical), ("Categorical", "MultiCategorical")
 
     def spec(self, space):
         if isinstance(space, spaces.Discrete):
@@ -344,7 +345,7 @@ class CategoricalFamily(ActionFamily):
 class BernoulliFamily(ActionFamily):
     """MultiBinary(k): k independent Bernoullis on k logits; M = diag p(1 - p)."""
 
-    name, space_names, dist_types = "bernoulli", ("MultiBinary",), (Bernoulli,)
+    name, space_names, dist_types, dist_names = "bernoulli", ("MultiBinary",), (Bernoulli,), ("Independent(Bernoulli)",)
 
     def spec(self, space):
         if not isinstance(space, spaces.MultiBinary):
@@ -389,7 +390,8 @@ class GaussianFamily(ActionFamily):
     state-independent log-std parameter (MLPPolicy) or another network output (a custom policy).
     M = 1/σ² on the mean, 2/σ² on the scale."""
 
-    name, space_names, dist_types, has_log_std = "gaussian", ("a 1-D Box",), (Normal,), True
+    name, space_names, dist_types, dist_names = "gaussian", ("a 1-D Box",), (Normal,), ("(Independent) Normal",)
+    has_log_std = True
 
     def spec(self, space):
         if not isinstance(space, spaces.Box):
@@ -450,9 +452,8 @@ def action_spec(action_space) -> ActionSpec:
         spec = family.spec(action_space)
         if spec is not None:
             return spec
-    names = [name for family in FAMILIES for name in family.space_names]
-    raise TypeError(f"action_space must be {', '.join(names[:-1])} or {names[-1]} (Tuple and Dict actions are not "
-                    f"supported), got {action_space!r}")
+    raise TypeError(f"action_space must be {_either(f.space_names for f in FAMILIES)} (Tuple and Dict actions are "
+                    f"not supported), got {action_space!r}")
 
 
 def family_of(dist: Distribution) -> ActionFamily:
@@ -460,8 +461,13 @@ def family_of(dist: Distribution) -> ActionFamily:
     for family in FAMILIES:
         if family.owns(dist):
             return family
-    raise TypeError("the policy must return Categorical, MultiCategorical, Independent(Bernoulli) or (Independent) "
-                    f"Normal, got {type(dist).__name__}")
+    raise TypeError(f"the policy must return {_either(f.dist_names for f in FAMILIES)}, got {type(dist).__name__}")
+
+
+def _either(groups) -> str:
+    """'a, b or c' from the families' word lists."""
+    words = [word for group in groups for word in group]
+    return f"{', '.join(words[:-1])} or {words[-1]}"
 
 
 def family_named(kind: str) -> ActionFamily:
