@@ -2,7 +2,7 @@
 (meta) kernel for torch.compile / FakeTensor.
 
 Parameter lists are flat, in `MLPPolicy.parameters()` order: W1, b1, ..., WL, bL[, log_std]
-(docs/design.md, "The parameter-order contract"). The wrappers pass their arguments through
+(docs/design.md, "Contracts across the C++ boundary"). The wrappers pass their arguments through
 unchanged; the ops check them (docs/design.md, "Checks").
 
 `kind`, `activation`, `segments` and the masks describe the policy: build them with

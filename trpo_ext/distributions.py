@@ -197,6 +197,7 @@ class ActionFamily:
     dist_types: tuple[type, ...]  # the base distributions it owns (inside Independent, when wrapped)
     maskable = False  # invalid-action masks apply (one per logit)
     has_log_std = False  # a state-independent log-std parameter, last in the policy's parameters
+    fused = True  # the extension's ops implement it (csrc/distribution.*): MLPPolicy takes the fused path
 
     def spec(self, space) -> ActionSpec | None:
         """The ActionSpec of `space` when this family serves it (TypeError if it serves its kind of

@@ -140,10 +140,11 @@ class FusedSpec:
 def fused_spec(policy) -> FusedSpec | None:
     """The fused ops' description of `policy`, or None when only the generic path is exact for it.
 
-    The fused ops compute the Fisher of the plain MLP that `MLPPolicy` defines; a subclass that
-    overrides `forward`, `distribution_params` or `distribution` computes something else, so it gets None.
+    The fused ops compute the Fisher of the plain MLP that `MLPPolicy` defines, for the families
+    they implement; a subclass that overrides `forward`, `distribution_params` or `distribution`
+    computes something else, so it gets None.
     """
-    if not isinstance(policy, MLPPolicy):
+    if not isinstance(policy, MLPPolicy) or not policy.action_spec.family.fused:
         return None
     cls = type(policy)
     if any(getattr(cls, name) is not getattr(MLPPolicy, name) for name in ("forward", "distribution_params",
