@@ -36,6 +36,7 @@ import gymnasium as gym
 import torch
 
 from . import reference
+from .distributions import action_spec
 from .fisher import cg_solve, fvp
 from .policies import MLPPolicy
 from .step import trust_region_step
@@ -135,9 +136,13 @@ def _graphed(fn):
     return replay
 
 
+ACTION_SPACES = {"categorical": lambda n: gym.spaces.Discrete(n), "gaussian": lambda n: gym.spaces.Box(-1, 1, (n,))}
+"""The action space of a configuration's kind, for `act_dim` actions."""
+
+
 class LayerNormMLP(torch.nn.Module):
     """The "layernorm" configurations' policy: Linear -> LayerNorm -> tanh per hidden layer, a linear
-    head; categorical logits or an Independent(Normal) with a state-independent log-std."""
+    head, and the action space's distribution (a Gaussian's log-std a state-independent parameter)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -145,16 +150,15 @@ class LayerNormMLP(torch.nn.Module):
         for h in cfg.hidden:
             layers += [torch.nn.Linear(width, h), torch.nn.LayerNorm(h), torch.nn.Tanh()]
             width = h
-        self.body = torch.nn.Sequential(*layers, torch.nn.Linear(width, cfg.act_dim))
-        self.kind = cfg.kind
-        if cfg.kind == "gaussian":
-            self.log_std = torch.nn.Parameter(torch.zeros(cfg.act_dim))
+        self._head(cfg, layers, width)
+
+    def _head(self, cfg: Config, layers: list, width: int) -> None:
+        self.spec = action_spec(ACTION_SPACES[cfg.kind](cfg.act_dim))
+        self.body = torch.nn.Sequential(*layers, torch.nn.Linear(width, self.spec.width))
+        self.log_std = torch.nn.Parameter(torch.zeros(self.spec.width)) if self.spec.family.has_log_std else None
 
     def forward(self, obs):
-        out = self.body(obs)
-        if self.kind == "categorical":
-            return torch.distributions.Categorical(logits=out)
-        return torch.distributions.Independent(torch.distributions.Normal(out, self.log_std.exp().expand_as(out)), 1)
+        return self.spec.distribution(self.body(obs), self.log_std)
 
 
 class ConvPolicy(LayerNormMLP):
@@ -172,18 +176,15 @@ class ConvPolicy(LayerNormMLP):
         for h in cfg.hidden:
             layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
             width = h
-        self.body = torch.nn.Sequential(*layers, torch.nn.Linear(width, cfg.act_dim))
-        self.kind = cfg.kind
-        if cfg.kind == "gaussian":
-            self.log_std = torch.nn.Parameter(torch.zeros(cfg.act_dim))
+        self._head(cfg, layers, width)
 
 
 def make_policy(cfg: Config, device: str):
     """The policy and a batch of observations of `cfg` (seeded)."""
     torch.manual_seed(0)
     if cfg.net == "mlp":
-        space = gym.spaces.Discrete(cfg.act_dim) if cfg.kind == "categorical" else gym.spaces.Box(-1, 1, (cfg.act_dim,))
-        return MLPPolicy(cfg.obs_dim, space, cfg.hidden).to(device), torch.randn(cfg.batch, cfg.obs_dim, device=device)
+        policy = MLPPolicy(cfg.obs_dim, ACTION_SPACES[cfg.kind](cfg.act_dim), cfg.hidden)
+        return policy.to(device), torch.randn(cfg.batch, cfg.obs_dim, device=device)
     if cfg.net == "layernorm":
         return LayerNormMLP(cfg).to(device), torch.randn(cfg.batch, cfg.obs_dim, device=device)
     if cfg.net == "cnn":
