@@ -194,12 +194,11 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
 
     Args:
         policy: an `MLPPolicy` (fused Fisher-vector products) or any module whose `forward(obs)`
-            returns one of `trpo_ext.distributions`' distributions: Categorical, MultiCategorical,
-            Independent(Bernoulli) or a (possibly Independent) Normal (generic path). Every
-            parameter is optimized and must require grad.
+            returns the distribution of one of `trpo_ext.distributions`' action families (generic
+            path). Every parameter is optimized and must require grad.
         obs, actions: the batch the policy acted on (obs: a tensor, or a dict of tensors for a
-            policy that takes one); actions as the policy's distribution samples them (int64
-            classes (N,) or (N, sub-actions), 0/1 floats, or the unclipped Gaussian sample).
+            policy that takes one); actions as the policy's distribution samples them (the
+            family's table in `trpo_ext.distributions`; a Gaussian's unclipped sample).
         advantages: one per observation, used as given (normalize them first if you want that).
         max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks: see
             `trpo_ext.config.TrustRegionConfig`.
