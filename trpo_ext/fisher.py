@@ -34,8 +34,8 @@ def choose_path(policy, path: str) -> FusedSpec | None:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     fused = fused_spec(policy) if path != "generic" else None
     if path == "fused" and fused is None:
-        raise TypeError(f"path='fused' needs an MLPPolicy that does not override forward or distribution_params, "
-                        f"got {type(policy).__name__}; use path='auto' or 'generic'")
+        raise TypeError(f"path='fused' needs an MLPPolicy of a fused action family that does not override forward, "
+                        f"distribution_params or distribution, got {type(policy).__name__}; use path='auto' or 'generic'")
     return fused
 
 
