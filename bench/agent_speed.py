@@ -7,8 +7,9 @@ For each env, in one process and interleaved over --repeats rounds (medians repo
   trpo_ext      trpo_ext.TRPO(n_envs=E, n_steps=S).learn(budget)
   sb3-same      sb3-contrib TRPO("MlpPolicy", E envs, n_steps=S), the same settings
   sb3-default   sb3-contrib TRPO("MlpPolicy", env) with its defaults (one env, n_steps 2048)
-Matched settings (sb3-contrib's defaults): critic Adam lr 1e-3, 10 epochs of minibatches of 128,
-15 CG iterations, damping 0.1, max_kl 0.01, line search 10 x 0.8, gamma 0.99, GAE 0.95, 64x64 tanh.
+Matched settings (sb3-contrib's defaults, common.SB3_TRPO_DEFAULTS): critic Adam lr 1e-3, 10 epochs
+of minibatches of 128, 15 CG iterations, damping 0.1, max_kl 0.01, line search 10 x 0.8, gamma 0.99,
+GAE 0.95, 64x64 tanh.
 
     python bench/agent_speed.py --env CartPole-v1 --env Hopper-v5 --timesteps 20000 --repeats 3
 """
@@ -24,15 +25,15 @@ import numpy as np
 import torch
 
 import trpo_ext
+from trpo_ext.envs import LeanSyncVectorEnv
 
-MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters=15, damping=0.1, max_kl=0.01,
-               backtrack_factor=0.8, max_backtracks=10, gamma=0.99, gae_lambda=0.95)
+from common import SB3_TRPO_DEFAULTS, learn_sb3, learn_trpo_ext, sb3_names
 
 
 def bare_rate(env_id: str, n_envs: int, steps: int, lean: bool) -> float:
     fns = [lambda: gym.make(env_id)] * n_envs
     if lean:  # the vector env trpo_ext's rollouts step (vectorization="sync")
-        envs = trpo_ext.envs.LeanSyncVectorEnv(fns)
+        envs = LeanSyncVectorEnv(fns)
     else:
         envs = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)
@@ -46,13 +47,10 @@ def bare_rate(env_id: str, n_envs: int, steps: int, lean: bool) -> float:
 
 
 def run_trpo_ext(env_id, n_envs, n_steps, steps, seed, vectorization="sync"):
-    records = []
-    agent = trpo_ext.TRPO(env_id, n_envs=n_envs, n_steps=n_steps, seed=seed, vectorization=vectorization, **MATCHED)
-    t = time.perf_counter()
-    agent.learn(steps, callback=lambda a, r: records.append(r), progress_bar=False)
-    wall = time.perf_counter() - t
-    split = {k: sum(r[k] for r in records) for k in ("time_rollout", "time_cg", "time_line_search", "time_critic")}
-    ret = records[-1]["ep_return_mean"] if records else float("nan")
+    agent = trpo_ext.TRPO(env_id, n_envs=n_envs, n_steps=n_steps, seed=seed, vectorization=vectorization,
+                          **SB3_TRPO_DEFAULTS)
+    rows, wall, split = learn_trpo_ext(agent, steps)
+    ret = rows[-1]["ep_return_mean"] if rows else float("nan")
     agent.close()
     return agent.num_timesteps / wall, ret, split, agent.num_timesteps
 
@@ -64,14 +62,10 @@ def run_sb3(env_id, n_envs, n_steps, steps, seed):
     if n_envs is None:  # sb3-contrib's default set-up
         model = TRPO("MlpPolicy", env_id, seed=seed, verbose=0)
     else:
-        model = TRPO("MlpPolicy", make_vec_env(env_id, n_envs=n_envs, seed=seed), n_steps=n_steps,
-                     batch_size=128, n_critic_updates=10, cg_max_steps=15, cg_damping=0.1, target_kl=0.01,
-                     learning_rate=1e-3, gamma=0.99, gae_lambda=0.95, seed=seed, verbose=0)
-    t = time.perf_counter()
-    model.learn(steps)
-    wall = time.perf_counter() - t
-    infos = list(model.ep_info_buffer)
-    ret = float(np.mean([i["r"] for i in infos])) if infos else float("nan")
+        model = TRPO("MlpPolicy", make_vec_env(env_id, n_envs=n_envs, seed=seed),
+                     **sb3_names(dict(SB3_TRPO_DEFAULTS, n_steps=n_steps)), seed=seed, verbose=0)
+    rows, wall, _ = learn_sb3(model, steps)
+    ret = rows[-1]["ep_return_mean"] if rows else float("nan")
     return model.num_timesteps / wall, ret
 
 
@@ -105,7 +99,7 @@ def main():
                                                   args.vectorization)
             rates["trpo_ext"].append(sps)
             rets["trpo_ext"].append(ret)
-            rollout_rates.append(steps / split["time_rollout"])
+            rollout_rates.append(steps / split["rollout"])
             for key, n in (("sb3-same", args.n_envs), ("sb3-default", None)):
                 sps, ret = run_sb3(env_id, n, args.n_steps, args.timesteps, rep)
                 rates[key].append(sps)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from trpo_ext.distributed import gloo_event_loop_threads, lower_gloo_event_loops
 
+from common import median_p90_mean
+
 
 def timed(fn, iters: int) -> list[float]:
     out = []
@@ -114,9 +116,8 @@ def main():
         print("| collective | median (µs) | p90 (µs) | mean (µs) |")
         print("|---|---|---|---|")
         for name, ts in times.items():
-            ts = sorted(ts)
-            print(f"| {name} | {statistics.median(ts) * 1e6:,.0f} | {ts[int(0.9 * len(ts))] * 1e6:,.0f} | "
-                  f"{statistics.mean(ts) * 1e6:,.0f} |")
+            median, p90, mean = median_p90_mean(ts)
+            print(f"| {name} | {median * 1e6:,.0f} | {p90 * 1e6:,.0f} | {mean * 1e6:,.0f} |")
         # Means: an update pays every call, the slow ones included.
         small = statistics.mean(times["all_reduce 3 x f64 (counts, trial scalars)"])
         grad = statistics.mean(times["all_reduce 5,126 x f32 (gradient, one CG product), torch.distributed"])

@@ -1,7 +1,7 @@
 """trpo_ext vs sb3-contrib TRPO: learning curves, final evaluation and whole-run speed.
 
 Trains trpo_ext.TRPO and sb3_contrib.TRPO on the same machine with matched hyperparameters (per-env
-presets below, from rl-baselines3-zoo's hyperparams/trpo.yml), several seeds and a fixed step budget,
+presets in bench/common.py, from rl-baselines3-zoo's hyperparams/trpo.yml), several seeds and a fixed step budget,
 plus sb3-contrib's out-of-the-box set-up (`TRPO("MlpPolicy", env)`, one env) for reference.
 
     python bench/compare_sb3.py --env CartPole-v1                      # 3 seeds, all three libs
@@ -31,93 +31,18 @@ import glob
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
+
+from common import (NET, PRESETS, episode_return, learn_sb3, learn_trpo_ext, machine, mean_std, mean_std_text,
+                    run_once, sb3_kl_scale, sb3_kwargs, trpo_ext_kwargs, versions, write_csv, write_json)
 
 LIBS = ("trpo_ext", "trpo_ext-sb3kl", "sb3", "sb3-default")
 LIB_LABELS = {"trpo_ext": "trpo_ext", "trpo_ext-sb3kl": "trpo_ext, sb3-contrib's trust region",
               "sb3": "sb3-contrib (matched)", "sb3-default": "sb3-contrib defaults, 1 env"}
 LIB_COLORS = {"trpo_ext": "tab:blue", "trpo_ext-sb3kl": "tab:green", "sb3": "tab:orange", "sb3-default": "tab:gray"}
 SUITE = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5")
-
-# ----------------------------------------------------------------------------- presets
-# Matched hyperparameters, from rl-baselines3-zoo hyperparams/trpo.yml (DLR-RM/rl-baselines3-zoo);
-# keys the zoo leaves out are sb3-contrib's TRPO defaults (n_steps 2048, batch_size 128, gamma 0.99,
-# gae_lambda 0.95, cg_max_steps 15, cg_damping 0.1, n_critic_updates 10, learning_rate 1e-3,
-# target_kl 0.01). The zoo's MuJoCo entries are for -v4; the same values are used for -v5.
-# Deviations from the zoo (trpo_ext has no equivalent, and both libraries must run the same thing):
-#   * zoo `normalize: true` is VecNormalize(norm_obs=True, norm_reward=True) (`zoo_normalize` below);
-#     by default only observations are normalized: VecNormalize(norm_reward=False), the set-up of the
-#     results recorded before trpo_ext had reward normalization. `--reward-norm` runs those presets
-#     as the zoo does, rewards normalized on both sides (trpo_ext normalize_reward=True, reward_clip=10;
-#     VecNormalize(norm_reward=True, clip_reward=10)), into <out>/<env>-reward-norm/.
-#   * Pendulum-v1: the zoo uses gSDE (use_sde=True, sde_sample_freq=4); here a plain diagonal Gaussian.
-#   * budgets are the issue's (Pendulum 200k rather than the zoo's 100k).
-# Key names are the generic ones; see `trpo_ext_kwargs` / `sb3_kwargs` for the mapping.
-_SB3_DEFAULTS = dict(n_steps=2048, batch_size=128, gamma=0.99, gae_lambda=0.95, cg_iters=15, damping=0.1,
-                     critic_epochs=10, critic_lr=1e-3, max_kl=0.01, normalize_obs=False)
-_MUJOCO = dict(_SB3_DEFAULTS, timesteps=1_000_000, n_envs=2, n_steps=1024, batch_size=128, gamma=0.99,
-               gae_lambda=0.95, cg_iters=25, damping=0.1, critic_epochs=20, critic_lr=1e-3, normalize_obs=True,
-               zoo_normalize=True)
-PRESETS = {
-    "CartPole-v1": dict(_SB3_DEFAULTS, timesteps=100_000, n_envs=2, n_steps=512, batch_size=512, damping=1e-3,
-                        gae_lambda=0.98, gamma=0.99, critic_lr=1e-3, critic_epochs=20),
-    "Acrobot-v1": dict(_SB3_DEFAULTS, timesteps=100_000, n_envs=2, n_steps=1024, normalize_obs=True,
-                       zoo_normalize=True),
-    "Pendulum-v1": dict(_SB3_DEFAULTS, timesteps=200_000, n_envs=2, n_steps=1024, gamma=0.9, critic_epochs=15),
-    "Hopper-v5": dict(_MUJOCO),
-    "HalfCheetah-v5": dict(_MUJOCO, max_kl=0.04),
-    "Walker2d-v5": dict(_MUJOCO),
-}
-# Shared by both matched set-ups: separate 64-64 tanh actor and critic, log-std 0, orthogonal init
-# (sb3's MlpPolicy default; trpo_ext's policies use the same scheme), advantage normalization,
-# line search 0.8^k for k < 10, no FVP sub-sampling, obs clip 10.
-NET = dict(hidden=(64, 64), activation="tanh", log_std_init=0.0)
-
-
-def sb3_kl_scale(env_id: str) -> int:
-    """How much larger sb3-contrib's trust region is than its target_kl says, for this env.
-
-    sb3-contrib's TRPO takes `kl_divergence(new, old).mean()` over a (batch, action_dim) tensor for
-    Box actions (its DiagGaussian KL is per dimension), so both its Fisher matrix and its KL
-    constraint are the paper's KL (summed over action dimensions) divided by d = action_dim. Its
-    update with (target_kl δ, cg_damping λ) is exactly trpo_ext's with (max_kl d·δ, damping d·λ):
-    bench/sb3_step_check.py checks that the two steps agree on the same batch. Discrete: d = 1.
-    """
-    import gymnasium as gym
-
-    env = gym.make(env_id)
-    space = env.action_space
-    env.close()
-    return int(space.shape[0]) if isinstance(space, gym.spaces.Box) else 1
-
-
-def trpo_ext_kwargs(p: dict, seed: int, device: str, kl_scale: int = 1) -> dict:
-    """trpo_ext.TRPO's arguments for preset `p`; kl_scale = d gives sb3-contrib's effective trust
-    region (see `sb3_kl_scale`)."""
-    p = dict(p, max_kl=p["max_kl"] * kl_scale, damping=p["damping"] * kl_scale)
-    return dict(n_envs=p["n_envs"], n_steps=p["n_steps"], gamma=p["gamma"], gae_lambda=p["gae_lambda"],
-                max_kl=p["max_kl"], damping=p["damping"], cg_iters=p["cg_iters"], backtrack_factor=0.8,
-                max_backtracks=10, fvp_fraction=1.0, normalize_advantage=True, normalize_obs=p["normalize_obs"],
-                obs_clip=10.0, normalize_reward=p.get("normalize_reward", False), reward_clip=10.0, critic_lr=p["critic_lr"], critic_epochs=p["critic_epochs"],
-                critic_batch_size=p["batch_size"], policy_kwargs=dict(NET), stats_window=100, seed=seed,
-                device=device)
-
-
-def sb3_kwargs(p: dict, seed: int, device: str) -> dict:
-    import torch.nn as nn
-
-    return dict(n_steps=p["n_steps"], batch_size=p["batch_size"], gamma=p["gamma"], gae_lambda=p["gae_lambda"],
-                target_kl=p["max_kl"], cg_damping=p["damping"], cg_max_steps=p["cg_iters"],
-                line_search_shrinking_factor=0.8, line_search_max_iter=10, n_critic_updates=p["critic_epochs"],
-                learning_rate=p["critic_lr"], normalize_advantage=True, sub_sampling_factor=1,
-                stats_window_size=100,
-                policy_kwargs=dict(net_arch=dict(pi=list(NET["hidden"]), vf=list(NET["hidden"])),
-                                   activation_fn=nn.Tanh, log_std_init=NET["log_std_init"], ortho_init=True),
-                seed=seed, device=device)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -154,44 +79,9 @@ def _evaluate(env_id: str, act, seed: int, n_episodes: int) -> list[float]:
     import gymnasium as gym
 
     env = gym.make(env_id)
-    returns = []
-    for episode in range(n_episodes):
-        obs, _ = env.reset(seed=_eval_seed(seed) + episode)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
+    returns = [episode_return(env, act, _eval_seed(seed) + episode) for episode in range(n_episodes)]
     env.close()
     return returns
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    fields = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _versions() -> dict:
-    import gymnasium
-    import numpy
-    import torch
-
-    v = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gymnasium.__version__,
-         "numpy": numpy.__version__}
-    for name in ("trpo_ext", "sb3_contrib", "stable_baselines3", "mujoco"):
-        try:
-            v[name] = __import__(name).__version__
-        except Exception:  # not installed / no version attribute
-            pass
-    return v
 
 
 def run_trpo_ext(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int, device: str,
@@ -200,75 +90,13 @@ def run_trpo_ext(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes:
 
     kwargs = trpo_ext_kwargs(p, seed, device, kl_scale)
     agent = trpo_ext.TRPO(env_id, **kwargs)
-    rows = []
-    split = {"rollout": 0.0, "cg": 0.0, "line_search": 0.0, "critic": 0.0}
-    t0 = time.perf_counter()
-
-    def callback(_agent, record):
-        for k in split:
-            split[k] += record[f"time_{k}"]
-        rows.append({"update": record["update"], "timesteps": record["timesteps"],
-                     "wall_s": time.perf_counter() - t0, "ep_return_mean": record["ep_return_mean"],
-                     "ep_length_mean": record["ep_length_mean"], "time_rollout": record["time_rollout"],
-                     "time_cg": record["time_cg"], "time_line_search": record["time_line_search"],
-                     "time_critic": record["time_critic"], "kl": record["kl"],
-                     "line_search_failed": record["line_search_failed"], "cg_iterations": record["cg_iterations"]})
-
-    agent.learn(timesteps, callback=callback, progress_bar=False)
-    wall = time.perf_counter() - t0
+    rows, wall, split = learn_trpo_ext(agent, timesteps, ("time_rollout", "time_cg", "time_line_search", "time_critic",
+                                                          "kl", "line_search_failed", "cg_iterations"))
     n_steps = agent.num_timesteps
     returns = _evaluate(env_id, lambda obs: agent.predict(obs, deterministic=True)[0], seed, eval_episodes)
     agent.close()
     kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"], hidden=list(NET["hidden"]))
     return rows, wall, n_steps, returns, split, kwargs
-
-
-class _SB3Recorder:
-    """BaseCallback factory (sb3 is imported lazily). One row per update, written once the update
-    (train()) is done, like trpo_ext's callback: at the next rollout's start or at training end."""
-
-    @staticmethod
-    def make(t0_box: list):
-        from stable_baselines3.common.callbacks import BaseCallback
-
-        class Recorder(BaseCallback):
-            def __init__(self):
-                super().__init__()
-                self.rows, self.pending = [], None
-                self.rollout_time = self.train_time = 0.0
-                self.t_rollout_start = self.t_rollout_end = None
-
-            def _flush(self, now):
-                if self.pending is not None:
-                    self.train_time += now - self.t_rollout_end
-                    self.pending["time_train"] = now - self.t_rollout_end
-                    self.pending["wall_s"] = now - t0_box[0]
-                    self.rows.append(self.pending)
-                    self.pending = None
-
-            def _on_rollout_start(self):
-                now = time.perf_counter()
-                self._flush(now)
-                self.t_rollout_start = now
-
-            def _on_rollout_end(self):
-                now = time.perf_counter()
-                self.t_rollout_end = now
-                self.rollout_time += now - self.t_rollout_start
-                buf = self.model.ep_info_buffer
-                ret = float(sum(e["r"] for e in buf) / len(buf)) if buf else float("nan")
-                length = float(sum(e["l"] for e in buf) / len(buf)) if buf else float("nan")
-                self.pending = {"update": len(self.rows) + 1, "timesteps": self.model.num_timesteps,
-                                "wall_s": float("nan"), "ep_return_mean": ret, "ep_length_mean": length,
-                                "time_rollout": now - self.t_rollout_start}
-
-            def _on_training_end(self):
-                self._flush(time.perf_counter())
-
-            def _on_step(self):
-                return True
-
-        return Recorder()
 
 
 def run_sb3(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int, device: str, default: bool):
@@ -288,11 +116,7 @@ def run_sb3(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int,
             env = VecNormalize(env, norm_obs=p["normalize_obs"], norm_reward=p.get("normalize_reward", False),
                                clip_obs=10.0, clip_reward=10.0, gamma=p["gamma"])
     model = TRPO("MlpPolicy", env, **kwargs)
-    t0_box = [0.0]
-    recorder = _SB3Recorder.make(t0_box)
-    t0_box[0] = time.perf_counter()
-    model.learn(timesteps, callback=recorder, progress_bar=False)
-    wall = time.perf_counter() - t0_box[0]
+    rows, wall, split = learn_sb3(model, timesteps)
     n_steps = model.num_timesteps
 
     vec_normalize = model.get_vec_normalize_env() if normalize else None
@@ -306,14 +130,13 @@ def run_sb3(env_id: str, p: dict, seed: int, timesteps: int, eval_episodes: int,
 
     returns = _evaluate(env_id, act, seed, eval_episodes)
     env.close()
-    split = {"rollout": recorder.rollout_time, "train": recorder.train_time}
     if not default:
         kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"], activation_fn="Tanh")
         kwargs["n_envs"], kwargs["normalize_obs"] = p["n_envs"], p["normalize_obs"]
         kwargs["normalize_reward"] = p.get("normalize_reward", False)
     else:
         kwargs["n_envs"] = 1
-    return recorder.rows, wall, n_steps, returns, split, kwargs
+    return rows, wall, n_steps, returns, split, kwargs
 
 
 def run_one(args, env_id: str, lib: str, seed: int) -> None:
@@ -334,7 +157,7 @@ def run_one(args, env_id: str, lib: str, seed: int) -> None:
     else:
         rows, wall, n_steps, returns, split, kwargs = run_sb3(env_id, p, seed, timesteps, args.eval_episodes,
                                                               args.device, default=lib == "sb3-default")
-    _write_csv(csv_path, rows)
+    write_csv(csv_path, rows)
     result = {
         "env": env_id, "lib": lib, "seed": seed, "budget": timesteps, "timesteps": n_steps,
         "n_envs": kwargs["n_envs"], "wall_clock_s": wall, "steps_per_sec": n_steps / wall,
@@ -342,15 +165,10 @@ def run_one(args, env_id: str, lib: str, seed: int) -> None:
         "eval_episodes": len(returns), "eval_seed": _eval_seed(seed),
         "final_train_return": rows[-1]["ep_return_mean"] if rows else float("nan"),
         "updates": len(rows), "time_split_s": split, "threads": args.threads, "device": args.device,
-        "hyperparameters": kwargs, "versions": _versions(),
-        "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_start": load_start,
-                    "loadavg_end": os.getloadavg()},
+        "hyperparameters": kwargs, "versions": versions(), "machine": machine(load_start),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, json_path)  # the JSON marks the run finished (resumability)
+    write_json(json_path, result)
     print(f"  {lib} seed {seed}: {n_steps} steps in {wall:.1f} s ({n_steps / wall:.0f} steps/s), "
           f"eval {result['eval_mean']:.1f} +/- {result['eval_std']:.1f}", flush=True)
 
@@ -375,13 +193,6 @@ def _lib_order(lib: str) -> int:
     return LIBS.index(lib) if lib in LIBS else len(LIBS)
 
 
-def _mean_std(values) -> tuple[float, float]:
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std())
-
-
 def _split_text(run_list: list[dict]) -> str:
     keys = list(run_list[0]["time_split_s"])
     total = sum(r["wall_clock_s"] for r in run_list)
@@ -394,19 +205,18 @@ def _split_text(run_list: list[dict]) -> str:
 
 def _table_rows(env_label: str, runs: dict[str, list[dict]], with_env: bool) -> list[str]:
     base = runs.get("sb3")
-    base_sps = _mean_std([r["steps_per_sec"] for r in base])[0] if base else None
+    base_sps = mean_std([r["steps_per_sec"] for r in base])[0] if base else None
     lines = []
     for lib, run_list in runs.items():
-        ev, ev_std = _mean_std([r["eval_mean"] for r in run_list])
-        tr, tr_std = _mean_std([r["final_train_return"] for r in run_list])
-        wall, _ = _mean_std([r["wall_clock_s"] for r in run_list])
-        sps, sps_std = _mean_std([r["steps_per_sec"] for r in run_list])
+        wall, _ = mean_std([r["wall_clock_s"] for r in run_list])
+        sps = mean_std([r["steps_per_sec"] for r in run_list])[0]
         ratio = f"{sps / base_sps:.2f}x" if base_sps else "-"
         seeds = ",".join(str(r["seed"]) for r in run_list)
         cells = ([env_label] if with_env else []) + [
             LIB_LABELS.get(lib, lib), str(run_list[0]["n_envs"]), seeds, f"{int(run_list[0]['timesteps']):,}",
-            f"{ev:.1f} ± {ev_std:.1f}", f"{tr:.1f} ± {tr_std:.1f}", f"{wall:.1f}", f"{sps:.0f} ± {sps_std:.0f}",
-            ratio]
+            mean_std_text([r["eval_mean"] for r in run_list], 1),
+            mean_std_text([r["final_train_return"] for r in run_list], 1), f"{wall:.1f}",
+            mean_std_text([r["steps_per_sec"] for r in run_list], 0), ratio]
         if not with_env:
             cells.append(_split_text(run_list))
         lines.append("| " + " | ".join(cells) + " |")
@@ -566,12 +376,6 @@ def main(argv=None) -> int:
             print(f"{env_id}: {timesteps} steps per run -> {run_dir}", flush=True)
             for seed in args.seeds:
                 for lib in args.libs:  # libraries alternate within each seed
-                    if os.path.exists(_paths(run_dir, lib, seed)[1]):
-                        print(f"  {lib} seed {seed}: done already, skipped", flush=True)
-                        continue
-                    if args.in_process:
-                        run_one(args, env_id, lib, seed)
-                        continue
                     cmd = [sys.executable, os.path.abspath(__file__), "--env", env_id, "--worker", lib, str(seed),
                            "--out", args.out, "--threads", str(args.threads), "--device", args.device,
                            "--eval-episodes", str(args.eval_episodes)]
@@ -580,9 +384,9 @@ def main(argv=None) -> int:
                     if args.reward_norm:
                         cmd.append("--reward-norm")
                     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-                    if subprocess.run(cmd, env=env).returncode != 0:
+                    if not run_once(_paths(run_dir, lib, seed)[1], f"{lib} seed {seed}", args.in_process,
+                                    lambda: run_one(args, env_id, lib, seed), cmd, env):
                         failures.append(f"{env_id} {lib} seed {seed}")
-                        print(f"  {lib} seed {seed}: FAILED", flush=True)
             summarize_env(run_dir)
     else:
         dirs = ([_run_dir(args.out, e, args.timesteps or PRESETS[e]["timesteps"], args.reward_norm) for e in envs]

@@ -10,14 +10,12 @@ std over seeds.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
-import statistics
 import subprocess
 import time
 
-from dist_speed import ENV, train_command
+from common import ONE_THREAD_ENV, mean_std_text, read_progress, train_command, trained_rate
 
 
 def main():
@@ -41,7 +39,7 @@ def main():
             out = os.path.join(args.out, f"{args.env}-nproc{nproc}-seed{seed}")
             cmd = train_command(args.env, nproc, args.n_envs // nproc, args.n_steps, args.timesteps, seed, out,
                                 "--normalize-obs")
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD_ENV)
             if proc.returncode != 0:  # the whole output kept: the last line rarely says why
                 with open(out + ".failed.txt", "w") as f:
                     f.write(proc.stdout + proc.stderr)
@@ -49,19 +47,17 @@ def main():
                       f"{out}.failed.txt) | | |", flush=True)
                 continue
             final = float(re.search(r"episodes: ([-\d.]+)", proc.stdout).group(1))
-            rate = float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1))
+            rate = trained_rate(proc.stdout)
             run_dir = re.search(r"saved (\S+)/model.pt", proc.stdout).group(1)
-            with open(os.path.join(run_dir, "progress.csv"), newline="") as f:
-                last = float(list(csv.DictReader(f))[-1]["ep_return_mean"])
+            last = float(read_progress(run_dir)[-1]["ep_return_mean"])
             results[nproc].append((final, last))
             print(f"| {nproc} | {seed} | {final:.1f} | {last:.1f} | {rate:,.0f} |", flush=True)
     print("\n| nproc | final eval, mean ± std over seeds | last-100 training return, mean ± std |")
     print("|---|---|---|")
     for nproc, rows in results.items():
         if len(rows) > 1:
-            finals, lasts = zip(*rows)
-            print(f"| {nproc} | {statistics.mean(finals):.1f} ± {statistics.stdev(finals):.1f} | "
-                  f"{statistics.mean(lasts):.1f} ± {statistics.stdev(lasts):.1f} |")
+            finals, lasts = zip(*rows)  # the sample std over seeds
+            print(f"| {nproc} | {mean_std_text(finals, 1, ddof=1)} | {mean_std_text(lasts, 1, ddof=1)} |")
 
 
 if __name__ == "__main__":

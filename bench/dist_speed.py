@@ -12,45 +12,33 @@ model.learn's steps over its wall time. trpo_ext at --nproc N runs E/N envs per 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-# sb3-contrib's TRPO defaults, given to both libraries (as bench/agent_speed.py).
-MATCHED = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters=15, damping=0.1, max_kl=0.01,
-               gamma=0.99, gae_lambda=0.95)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-SPLIT = ("time_rollout", "time_cg", "time_line_search", "time_critic")
+from common import (ONE_THREAD_ENV, SB3_TRPO_DEFAULTS, TRPO_EXT_SPLIT, read_progress, sb3_names, train_command,
+                    trained_rate)
 
-
-def train_command(env_id, nproc, envs_per_rank, n_steps, steps, seed, out, *extra) -> list[str]:
-    """`trpo-ext train` with MATCHED's settings, 1 torch thread per rank, no progress bar."""
-    sets = [x for k, v in MATCHED.items() if k != "max_kl" for x in ("--set", f"{k}={v}")]
-    return [sys.executable, "-m", "trpo_ext", "train", env_id, "--nproc", str(nproc), "--n-envs", str(envs_per_rank),
-            "--n-steps", str(n_steps), "--timesteps", str(steps), "--seed", str(seed), "--threads", "1",
-            "--max-kl", str(MATCHED["max_kl"]), "--no-progress", "--out", out, *sets, *extra]
+SPLIT = tuple(f"time_{k}" for k in TRPO_EXT_SPLIT)  # progress.csv's columns
 
 
 def read_split(out) -> dict:
     """Mean seconds per update of each part (rollout / cg / line search / critic) from a run's progress.csv."""
-    with open(os.path.join(out, "progress.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_progress(out)
     return {k: sum(float(r[k]) for r in rows) / len(rows) for k in SPLIT}
 
 
-def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out, env=ENV, extra=()):
+def run_trpo_ext(env_id, nproc, n_envs, n_steps, steps, seed, out, env=ONE_THREAD_ENV, extra=()):
     cmd = train_command(env_id, nproc, n_envs // nproc, n_steps, steps, seed, out, "--eval-episodes", "1", *extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-    return float(re.search(r"\(([\d.]+) steps/s", proc.stdout).group(1)), read_split(out)
+    return trained_rate(proc.stdout), read_split(out)
 
 
 def run_independent(env_id, n_envs, n_steps, steps, seed, tmp):
@@ -61,13 +49,14 @@ def run_independent(env_id, n_envs, n_steps, steps, seed, tmp):
     for half in range(2):
         outs.append(os.path.join(tmp, f"half{half}"))
         cmd = train_command(env_id, 1, n_envs // 2, n_steps, steps // 2, seed + half, outs[-1], "--eval-episodes", "1")
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=ONE_THREAD_ENV))
     total = 0.0
     for proc in procs:
         out, err = proc.communicate(timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(err[-2000:])
-        total += float(re.search(r"\(([\d.]+) steps/s", out).group(1))
+        total += trained_rate(out)
     halves = [read_split(out) for out in outs]
     return total, {k: statistics.mean(h[k] for h in halves) for k in SPLIT}
 
@@ -80,15 +69,12 @@ from sb3_contrib import TRPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 envs = make_vec_env({env_id!r}, n_envs={n_envs}, seed={seed}, vec_env_cls={vec_env})
-m = {MATCHED}
-model = TRPO("MlpPolicy", envs, n_steps={n_steps}, batch_size=m["critic_batch_size"],
-             n_critic_updates=m["critic_epochs"], cg_max_steps=m["cg_iters"], cg_damping=m["damping"],
-             target_kl=m["max_kl"], learning_rate=m["critic_lr"], gamma=m["gamma"], gae_lambda=m["gae_lambda"],
-             seed={seed}, verbose=0)
+model = TRPO("MlpPolicy", envs, **{sb3_names(dict(SB3_TRPO_DEFAULTS, n_steps=n_steps))!r}, seed={seed}, verbose=0)
 t = time.perf_counter(); model.learn({steps}); wall = time.perf_counter() - t
 print(json.dumps(model.num_timesteps / wall)); envs.close()
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=3600)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ONE_THREAD_ENV,
+                          timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,9 +114,9 @@ def main():
                         splits[setup].append(split)
                     elif setup.startswith("nproc"):
                         nproc, _, variant = setup[5:].partition("-")
-                        env, extra = ENV, ()
+                        env, extra = ONE_THREAD_ENV, ()
                         if variant.endswith("-loop"):
-                            env = {**ENV, "TRPO_EXT_GLOO_LOOP_PRIORITY": variant.removesuffix("-loop")}
+                            env = {**ONE_THREAD_ENV, "TRPO_EXT_GLOO_LOOP_PRIORITY": variant.removesuffix("-loop")}
                         elif variant:
                             extra = ("--set", f"update_parallel={variant}")
                         rate, split = run_trpo_ext(env_id, int(nproc), args.n_envs, args.n_steps, args.timesteps,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 
 import gymnasium as gym
@@ -22,6 +21,8 @@ import torch.distributed as dist
 
 import trpo_ext
 from trpo_ext import distributed
+
+from common import median_p90_mean
 
 SETTINGS = dict(max_kl=0.01, damping=0.1, cg_iters=15)
 
@@ -66,9 +67,8 @@ def main():
         print("| step | median (ms) | p90 (ms) | mean (ms) |")
         print("|---|---|---|---|")
         for name, ts in times.items():
-            ts = sorted(ts[5:])
-            print(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {ts[int(0.9 * len(ts))] * 1e3:.2f} | "
-                  f"{statistics.mean(ts) * 1e3:.2f} |")
+            median, p90, mean = median_p90_mean(ts[5:])
+            print(f"| {name} | {median * 1e3:.2f} | {p90 * 1e3:.2f} | {mean * 1e3:.2f} |")
     dist.destroy_process_group()
 
 

@@ -1,8 +1,8 @@
 """Is trpo_ext's policy step the same as sb3-contrib's TRPO step? Same batch, same weights, one update.
 
-Trains trpo_ext briefly on an env's compare_sb3 preset, collects one rollout, copies the policy
-weights into an sb3-contrib TRPO model, fills its rollout buffer with the same observations,
-actions, log-probabilities and advantages, and runs one update in each library. Printed per
+Trains trpo_ext briefly on an env's compare_sb3.py preset (bench/common.py), collects one rollout,
+copies the policy weights into an sb3-contrib TRPO model, fills its rollout buffer with the same
+observations, actions, log-probabilities and advantages, and runs one update in each library. Printed per
 parameter block: the norm of each library's step, the norm of their difference and their cosine;
 then the ratio of the two Fisher-vector products on a random vector.
 
@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_sb3 import PRESETS, sb3_kl_scale, sb3_kwargs, trpo_ext_kwargs  # noqa: E402
-
-import trpo_ext  # noqa: E402
+import trpo_ext
+from common import PRESETS, sb3_kl_scale, sb3_kwargs, trpo_ext_kwargs
 
 
 def sb3_actor_params(policy) -> list[torch.Tensor]:

@@ -11,8 +11,8 @@ a random policy's return is known.
 
 Both libraries get the same policy type name ("MlpPolicy" / "CnnPolicy" / "MultiInputPolicy"), the
 same n_envs, rollout length, budget, gamma, gae_lambda, target KL, CG iterations, damping and critic
-settings: the mapping is bench/compare_sb3.py's (`trpo_ext_kwargs`, `sb3_kwargs`, imported from
-there). Architecture: "MlpPolicy" and "MultiInputPolicy" a 64-64 tanh MLP (after sb3's
+settings: the mapping is bench/common.py's `trpo_ext_kwargs` / `sb3_kwargs`, as in compare_sb3.py.
+Architecture: "MlpPolicy" and "MultiInputPolicy" a 64-64 tanh MLP (after sb3's
 CombinedExtractor / trpo_ext's equivalent for a Dict), "CnnPolicy" a NatureCNN (512 features) and a
 linear head (sb3's default net_arch=[] for a NatureCNN). sb3's CnnPolicy / MultiInputPolicy are given
 `share_features_extractor=False`, because trpo_ext's critic has its own extractor (sb3's default
@@ -39,17 +39,16 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_sb3 import NET, _SB3Recorder, _versions, _write_csv, sb3_kwargs, trpo_ext_kwargs  # noqa: E402
+from common import (NET, SB3_TRPO_DEFAULTS, episode_return, learn_sb3, learn_trpo_ext, machine, mean_std,
+                    mean_std_text, run_once, sb3_kl_scale, sb3_kwargs, trpo_ext_kwargs, versions, write_csv,
+                    write_json)
 
 HORIZON = 16
-# The settings both libraries get (compare_sb3's generic key names).
-HP = dict(n_envs=4, n_steps=128, batch_size=128, gamma=0.99, gae_lambda=0.95, max_kl=0.01, damping=0.1,
-          cg_iters=15, critic_epochs=10, critic_lr=1e-3, normalize_obs=False)
+# The settings both libraries get (trpo_ext's names, as common.PRESETS): sb3-contrib's defaults.
+HP = dict(SB3_TRPO_DEFAULTS, n_envs=4, n_steps=128, normalize_obs=False)
 TASKS = {
     "MultiDiscreteMatch": dict(env_id="trpo_ext/MultiDiscreteMatch-v0", policy="MlpPolicy", timesteps=20_000,
                                space="MultiDiscrete([3, 4, 5]) actions"),
@@ -69,17 +68,6 @@ LIBS = ("trpo_ext", "sb3")
 # tensor that TRPO averages (`.mean()`), i.e. the summed KL / k, so on MultiBinary(k) its target_kl and
 # cg_damping act as k times larger ones do in trpo_ext (compare_sb3.py's "trpo_ext-sb3kl" for Box actions).
 EXTRA_LIBS = ("trpo_ext-sb3kl",)
-
-
-def sb3_kl_scale(env_id: str) -> int:
-    import gymnasium as gym
-
-    import trpo_ext  # noqa: F401
-
-    env = gym.make(env_id)
-    space = env.action_space
-    env.close()
-    return int(space.n) if isinstance(space, gym.spaces.MultiBinary) else 1
 EVAL_SEED_OFFSET = 1_000_003
 
 
@@ -106,18 +94,7 @@ def run_trpo_ext(task: dict, seed: int, eval_episodes: int, device: str, kl_scal
 
     kwargs = _trpo_kwargs(task, seed, device, kl_scale)
     agent = trpo_ext.TRPO(task["env_id"], **kwargs)
-    rows = []
-    t0 = time.perf_counter()
-
-    def callback(_agent, record):
-        rows.append({"update": record["update"], "timesteps": record["timesteps"],
-                     "wall_s": time.perf_counter() - t0, "ep_return_mean": record["ep_return_mean"],
-                     "ep_length_mean": record["ep_length_mean"], "kl": record["kl"],
-                     "line_search_failed": record["line_search_failed"],
-                     "cg_iterations": record["cg_iterations"], "entropy": record.get("entropy")})
-
-    agent.learn(task["timesteps"], callback=callback, progress_bar=False)
-    wall = time.perf_counter() - t0
+    rows, wall, _ = learn_trpo_ext(agent, task["timesteps"], ("kl", "line_search_failed", "cg_iterations", "entropy"))
     n_steps = agent.num_timesteps
     eval_mean, eval_std = agent.evaluate(eval_episodes)
     agent.close()
@@ -153,11 +130,7 @@ def run_sb3(task: dict, seed: int, eval_episodes: int, device: str):
     env = make_vec_env(task["env_id"], n_envs=HP["n_envs"], seed=seed, env_kwargs=env_kwargs)
     kwargs = _sb3_kwargs(task, seed, device)
     model = TRPO(task["policy"], env, **kwargs)
-    t0_box = [0.0]
-    recorder = _SB3Recorder.make(t0_box)
-    t0_box[0] = time.perf_counter()
-    model.learn(task["timesteps"], callback=recorder, progress_bar=False)
-    wall = time.perf_counter() - t0_box[0]
+    rows, wall, _ = learn_sb3(model, task["timesteps"])
     n_steps = model.num_timesteps
     counter = _invalid_counter() if env_kwargs and "invalid_reward" in env_kwargs else None
     eval_env = make_vec_env(task["env_id"], n_envs=1, seed=seed + EVAL_SEED_OFFSET, env_kwargs=env_kwargs,
@@ -174,7 +147,7 @@ def run_sb3(task: dict, seed: int, eval_episodes: int, device: str):
     env.close()
     kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"], activation_fn="Tanh")
     kwargs["n_envs"], kwargs["env_kwargs"] = HP["n_envs"], env_kwargs
-    return recorder.rows, wall, n_steps, float(np.mean(returns)), float(np.std(returns)), extra, kwargs
+    return rows, wall, n_steps, float(np.mean(returns)), float(np.std(returns)), extra, kwargs
 
 
 def _paths(out: str, task_name: str, lib: str, seed: int) -> tuple[str, str]:
@@ -196,23 +169,18 @@ def run_one(args, task_name: str, lib: str, seed: int) -> None:
         out = run_trpo_ext(task, seed, args.eval_episodes, args.device,
                            sb3_kl_scale(task["env_id"]) if lib == "trpo_ext-sb3kl" else 1)
     rows, wall, n_steps, eval_mean, eval_std, extra, kwargs = out
-    _write_csv(csv_path, rows)
+    write_csv(csv_path, rows)
     result = {
         "task": task_name, "env_id": task["env_id"], "policy": task["policy"], "lib": lib, "seed": seed,
         "budget": task["timesteps"], "timesteps": n_steps, "updates": len(rows), "wall_clock_s": wall,
         "steps_per_sec": n_steps / wall, "eval_mean": eval_mean, "eval_std": eval_std,
         "eval_episodes": args.eval_episodes, **extra,
         "final_train_return": rows[-1]["ep_return_mean"] if rows else float("nan"),
-        "threads": args.threads, "device": args.device, "hyperparameters": kwargs, "versions": _versions(),
-        "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg_start": load_start,
-                    "loadavg_end": os.getloadavg()},
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "threads": args.threads, "device": args.device, "hyperparameters": kwargs, "versions": versions(),
+        "machine": machine(load_start), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": os.environ.get("SPACE_LEARNING_COMMAND", "python " + " ".join(sys.argv)),
     }
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, json_path)
+    write_json(json_path, result)
     print(f"  {task_name} {lib} seed {seed}: {n_steps} steps in {wall:.1f} s ({n_steps / wall:.0f} steps/s), "
           f"eval {eval_mean:.2f} +/- {eval_std:.2f}, last train return {result['final_train_return']:.2f}",
           flush=True)
@@ -232,19 +200,13 @@ def random_returns(task_name: str, episodes: int, seed: int = 12345) -> dict:
 
     def play(env, masked: bool) -> list[float]:
         env.action_space.seed(int(rng.integers(2**31)))
-        out = []
-        for i in range(episodes):
-            env.reset(seed=seed + i)
-            total, done = 0.0, False
-            while not done:
-                if masked:
-                    action = int(rng.choice(np.flatnonzero(env.unwrapped.action_masks())))
-                else:
-                    action = env.action_space.sample()
-                _, reward, terminated, truncated, _ = env.step(action)
-                total += float(reward)
-                done = terminated or truncated
-            out.append(total)
+        if masked:
+            def act(_obs):
+                return int(rng.choice(np.flatnonzero(env.unwrapped.action_masks())))
+        else:
+            def act(_obs):
+                return env.action_space.sample()
+        out = [episode_return(env, act, seed + i) for i in range(episodes)]
         env.close()
         return out
 
@@ -274,13 +236,6 @@ def expected_random(task_name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- summary
-def _mean_std(values) -> tuple[float, float]:
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std())
-
-
 THRESHOLD = 14.0  # training return (of 16) for the "steps to" column
 
 
@@ -318,7 +273,7 @@ def write_summary(args) -> str:
         with open(random_path) as f:
             randoms = json.load(f)
     any_run = next((r for libs in runs.values() for rs in libs.values() for r in rs), None)
-    versions = any_run["versions"] if any_run else _versions()
+    run_versions = any_run["versions"] if any_run else versions()
     all_runs = [r for libs in runs.values() for rs in libs.values() for r in rs]
     commands = sorted({r.get("command", "?") for r in all_runs}) or ["python bench/space_learning.py"]
     dates = sorted({r["finished"][:10] for r in all_runs}) or [time.strftime("%Y-%m-%d")]
@@ -328,15 +283,15 @@ def write_summary(args) -> str:
         + " (from the repository root; `python bench/space_learning.py --summary-only` rebuilds this file).", "",
         f"Date of the runs: {', '.join(dates)}. Machine: 2-core VM ({platform.machine()}, {os.cpu_count()} CPUs), "
         f"CPU only, 1 torch thread per process, runs one at a time (another engineer's tests were running "
-        f"on the same machine at the time). Versions: torch {versions.get('torch')}, "
-        f"stable-baselines3 {versions.get('stable_baselines3')}, sb3-contrib {versions.get('sb3_contrib')}, "
-        f"gymnasium {versions.get('gymnasium')}, trpo_ext {versions.get('trpo_ext')}, python {versions.get('python')}.",
+        f"on the same machine at the time). Versions: torch {run_versions.get('torch')}, "
+        f"stable-baselines3 {run_versions.get('stable_baselines3')}, sb3-contrib {run_versions.get('sb3_contrib')}, "
+        f"gymnasium {run_versions.get('gymnasium')}, trpo_ext {run_versions.get('trpo_ext')}, python {run_versions.get('python')}.",
         "",
         "Tasks: trpo_ext/toy_envs.py; 16-step episodes, best return 16. Settings, both libraries: "
         f"n_envs {HP['n_envs']}, n_steps {HP['n_steps']} per env ({HP['n_envs'] * HP['n_steps']} steps per update), "
         f"gamma {HP['gamma']}, gae_lambda {HP['gae_lambda']}, max_kl = target_kl {HP['max_kl']}, "
         f"cg_iters = cg_max_steps {HP['cg_iters']}, damping = cg_damping {HP['damping']}, critic lr {HP['critic_lr']}, "
-        f"{HP['critic_epochs']} critic epochs, critic batch {HP['batch_size']}, line search 0.8^k (k < 10), advantage "
+        f"{HP['critic_epochs']} critic epochs, critic batch {HP['critic_batch_size']}, line search 0.8^k (k < 10), advantage "
         "normalization, no observation normalization; 64-64 tanh MLP for MlpPolicy / MultiInputPolicy, NatureCNN "
         "(512) + linear head for CnnPolicy (256 per image for MultiInputPolicy); sb3's CNN / multi-input policies "
         "with `share_features_extractor=False` (trpo_ext's critic has its own extractor). Budgets are rounded up "
@@ -361,16 +316,16 @@ def write_summary(args) -> str:
         cells.append(f"{int(any_lib[0]['timesteps']):,}")
         cells.append(",".join(sorted({str(r["seed"]) for rs in libs.values() for r in rs})))
 
-        def stat(lib, key, fmt="{:.2f} ± {:.2f}"):
+        def stat(lib, key, digits=2):
             rs = libs.get(lib)
-            return fmt.format(*_mean_std([r[key] for r in rs])) if rs else "-"
+            return mean_std_text([r[key] for r in rs], digits) if rs else "-"
 
         def steps_to(lib):
             rs = libs.get(lib)
             if not rs:
                 return "-"
             hit = [r["to_threshold"] for r in rs if r["to_threshold"] == r["to_threshold"]]
-            text = f"{_mean_std(hit)[0]:,.0f}" if hit else "never"
+            text = f"{mean_std(hit)[0]:,.0f}" if hit else "never"
             return text + (f" ({len(hit)}/{len(rs)} seeds)" if len(hit) != len(rs) else "")
 
         cells += [stat("trpo_ext", "eval_mean"), stat("sb3", "eval_mean"),
@@ -380,14 +335,14 @@ def write_summary(args) -> str:
         played = randoms.get(name, {})
         rand = f"{exp['valid']:.2f}"
         if "valid" in played:
-            rand += f" ({_mean_std(played['valid'])[0]:.2f}, {len(played['valid'])} ep)"
+            rand += f" ({mean_std(played['valid'])[0]:.2f}, {len(played['valid'])} ep)"
         if "all_actions_sb3_env" in exp:
             rand += f"; any action on sb3's env: {exp['all_actions_sb3_env']:.2f}"
             if "all_actions_sb3_env" in played:
-                rand += f" ({_mean_std(played['all_actions_sb3_env'])[0]:.2f})"
+                rand += f" ({mean_std(played['all_actions_sb3_env'])[0]:.2f})"
         cells.append(rand)
-        cells += [stat("trpo_ext", "steps_per_sec", "{:.0f} ± {:.0f}"), stat("sb3", "steps_per_sec", "{:.0f} ± {:.0f}"),
-                  stat("trpo_ext", "wall_clock_s", "{:.1f} ± {:.1f}"), stat("sb3", "wall_clock_s", "{:.1f} ± {:.1f}")]
+        cells += [stat("trpo_ext", "steps_per_sec", 0), stat("sb3", "steps_per_sec", 0),
+                  stat("trpo_ext", "wall_clock_s", 1), stat("sb3", "wall_clock_s", 1)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Per run", "",
               f"| task | lib | seed | steps | eval mean ± std (20 ep) | last train | steps to train ≥ {THRESHOLD:g} "
@@ -418,9 +373,9 @@ def write_summary(args) -> str:
         if rs:
             hit = [r["to_threshold"] for r in rs if r["to_threshold"] == r["to_threshold"]]
             lines.append(f"| {lib} | {','.join(str(r['seed']) for r in rs)} | "
-                         f"{'{:.2f} ± {:.2f}'.format(*_mean_std([r['eval_mean'] for r in rs]))} | "
-                         f"{'{:.2f} ± {:.2f}'.format(*_mean_std([r['final_train_return'] for r in rs]))} | "
-                         f"{_fmt_steps(_mean_std(hit)[0]) if hit else 'never'} ({len(hit)}/{len(rs)} seeds) |")
+                         f"{mean_std_text([r['eval_mean'] for r in rs], 2)} | "
+                         f"{mean_std_text([r['final_train_return'] for r in rs], 2)} | "
+                         f"{_fmt_steps(mean_std(hit)[0]) if hit else 'never'} ({len(hit)}/{len(rs)} seeds) |")
     lines += ["", "## The masked task's asymmetry", "",
               "sb3-contrib has no maskable TRPO. trpo_ext trains and is evaluated on `trpo_ext/MaskedChoice-v0`, "
               "whose invalid actions raise, with the masks of its `action_masks()` method (never sampled, no part "
@@ -479,17 +434,11 @@ def main(argv=None) -> int:
                 for lib in args.libs:
                     if lib == "trpo_ext-sb3kl" and sb3_kl_scale(TASKS[name]["env_id"]) == 1:
                         continue  # identical to trpo_ext there
-                    if os.path.exists(_paths(args.out, name, lib, seed)[1]):
-                        print(f"  {name} {lib} seed {seed}: done, skipped", flush=True)
-                        continue
-                    if args.in_process:
-                        run_one(args, name, lib, seed)
-                        continue
                     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, lib, str(seed),
                            "--threads", str(args.threads), "--device", args.device,
                            "--eval-episodes", str(args.eval_episodes), "--out", args.out]
-                    if subprocess.run(cmd, env=dict(os.environ)).returncode != 0:
-                        print(f"  {name} {lib} seed {seed}: FAILED", flush=True)
+                    run_once(_paths(args.out, name, lib, seed)[1], f"{name} {lib} seed {seed}", args.in_process,
+                             lambda: run_one(args, name, lib, seed), cmd, dict(os.environ))
     print("wrote", write_summary(args))
     return 0
 
