@@ -39,9 +39,11 @@ def action_space(kind: str, act_dim: int = 3) -> gym.Space:
 
 def make_policy(kind="gaussian", obs_dim=5, act_dim=3, hidden=(8, 7), activation="tanh",
                 dtype=torch.float64, device="cpu", seed=0):
+    """An MLPPolicy for `kind` (a KINDS name: its action_space(kind, act_dim)) or for `kind` given as
+    a gymnasium action space itself (act_dim is then unused), its weights moved off the init."""
     torch.manual_seed(seed)
-    policy = trpo_ext.MLPPolicy(obs_dim, action_space(kind, act_dim), hidden=hidden,
-                                activation=activation).to(device, dtype)
+    space = kind if isinstance(kind, gym.Space) else action_space(kind, act_dim)
+    policy = trpo_ext.MLPPolicy(obs_dim, space, hidden=hidden, activation=activation).to(device, dtype)
     with torch.no_grad():  # move away from the near-uniform init so every block of F matters
         for p in policy.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -57,11 +59,11 @@ def random_mask(spec, n: int, generator: torch.Generator, device="cpu") -> torch
     return mask.to(device)
 
 
-def action_problem(case: str, dtype=torch.float64, device="cpu", n=23, seed=0, hidden=(8, 7)):
+def action_problem(case: str, dtype=torch.float64, device="cpu", n=23, seed=0, hidden=(8, 7), activation="tanh"):
     """(policy, obs, v, mask) for an ACTION_CASES entry: a policy of that kind, a batch, a vector of
     the parameters' size and the case's mask (None when unmasked)."""
     kind, masked = case.removesuffix("-masked"), case.endswith("-masked")
-    policy = make_policy(kind, 5, 3, hidden, "tanh", dtype, device, seed)
+    policy = make_policy(kind, 5, 3, hidden, activation, dtype, device, seed)
     g = torch.Generator().manual_seed(seed + 1)
     obs = torch.randn(n, 5, generator=g, dtype=dtype).to(device)
     v = torch.randn(n_params(policy), generator=g, dtype=dtype).to(device)

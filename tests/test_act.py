@@ -1,11 +1,17 @@
-"""The rollout inference op (trpo_ext::mlp_act): normalization, forward pass and sampling against
-plain PyTorch; its distributions; bad input; opcheck."""
+"""The rollout inference op (trpo_ext::mlp_act) on every action case (helpers.ACTION_CASES):
+normalization and the forward pass against plain PyTorch, samples against the reference's
+probabilities (trpo_ext.reference), the mode, masks, generators; bad input; opcheck."""
+import itertools
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from helpers import make_policy, zero_width
+from trpo_ext import _ops, reference
+from trpo_ext.policies import fused_spec
+
+from helpers import ACTION_CASES, action_problem, make_policy, zero_width
 
 ops = torch.ops.trpo_ext
 
@@ -16,6 +22,53 @@ def _params(policy):
 
 def _normalized(obs, mean, inv_std, clip):
     return ((obs - mean) * inv_std).clamp(-clip, clip)
+
+
+def _act(policy, obs, mask=None, deterministic=False, seed=0, **normalization):
+    """mlp_act with the policy's arguments from the one builder (kind, activation, segments, the mask)
+    and a generator of obs's device seeded with `seed`: (normalized obs, actions)."""
+    return _ops.mlp_act(obs, _params(policy), deterministic=deterministic,
+                        generator=torch.Generator(obs.device).manual_seed(seed), **normalization,
+                        **fused_spec(policy).op_kwargs(action_mask=mask))
+
+
+def _action_shape(case, n, dtype=torch.float64):
+    """(shape, dtype) of the actions mlp_act returns for n rows of an ACTION_CASES policy of `dtype`
+    (3 classes, sub-actions, bits or coordinates)."""
+    kind = case.removesuffix("-masked")
+    shape = (n,) if kind == "categorical" else (n, 3)
+    return shape, torch.int64 if kind.endswith("categorical") else dtype
+
+
+def _joint_actions(policy):
+    """Every joint action of a discrete policy, in the form mlp_act returns actions."""
+    spec = policy.action_spec
+    device = next(policy.parameters()).device
+    if spec.kind == "bernoulli":
+        return torch.tensor(list(itertools.product((0.0, 1.0), repeat=spec.width)), device=device,
+                            dtype=next(policy.parameters()).dtype)
+    joint = torch.tensor(list(itertools.product(*(range(k) for _, k in spec.bounds))), device=device)
+    return joint if spec.segments is not None else joint[:, 0]
+
+
+def _allowed(policy, actions, mask):
+    """Whether the mask allows every sub-action of each row's action, (N,)."""
+    offsets = torch.tensor([lo for lo, _ in policy.action_spec.bounds], device=actions.device)
+    return mask.gather(1, actions.reshape(len(actions), -1) + offsets).all(1)
+
+
+def _joint_probs(policy, obs, mask, joint):
+    """π(a|s) of every joint action at every state, (N, A), from the reference (trpo_ext.reference):
+    0 where the mask forbids the action."""
+    n, a = obs.shape[0], joint.shape[0]
+    obs_rows = obs.repeat_interleave(a, 0)
+    actions = joint.repeat(n, *[1] * (joint.dim() - 1))
+    mask_rows = None if mask is None else mask.repeat_interleave(a, 0)
+    with torch.no_grad():
+        probs = reference.log_prob(policy, obs_rows, actions, mask_rows).exp()
+    if mask is not None:
+        probs = torch.where(_allowed(policy, actions, mask_rows), probs, torch.zeros_like(probs))
+    return probs.view(n, a)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
@@ -37,26 +90,49 @@ def test_gaussian_sample_is_mean_plus_std_times_the_same_randn(activation, dtype
     torch.testing.assert_close(actions, expected, **tol)
 
 
-@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
-def test_deterministic_is_the_mode_without_normalization(kind, device):
-    policy = make_policy(kind, 4, 3, (6,), "tanh", torch.float64, device)
-    obs = torch.randn(7, 4, dtype=torch.float64, device=device)
-    x, actions = ops.mlp_act(obs, None, None, 1.0, _params(policy), kind, "tanh", True, None)
+@pytest.mark.parametrize("case", ACTION_CASES)
+def test_deterministic_is_the_mode_without_normalization(case, device):
+    policy, obs, _, mask = action_problem(case, torch.float64, device, n=40)
     with torch.no_grad():
         out = policy.distribution_params(obs)
+    if mask is not None:
+        # Forbid the unmasked argmax of every segment with more than one class: the mode must move.
+        mask = torch.ones_like(mask)
+        for lo, k in policy.action_spec.bounds:
+            if k > 1:
+                mask[torch.arange(len(obs)), lo + out[:, lo:lo + k].argmax(1)] = False
+    x, actions = _act(policy, obs, mask, deterministic=True)
     assert torch.equal(x, obs)
-    torch.testing.assert_close(actions, out.argmax(-1) if kind == "categorical" else out)
+    assert (actions.shape, actions.dtype) == _action_shape(case, len(obs))
+    if policy.kind == "gaussian":  # the mean
+        torch.testing.assert_close(actions, out)
+        return
+    joint = _joint_actions(policy)  # the most probable joint action of the (masked) reference distribution
+    assert torch.equal(actions, joint[_joint_probs(policy, obs, mask, joint).argmax(1)])
+    if mask is not None:
+        assert _allowed(policy, actions, mask).all()
 
 
-def test_categorical_samples_follow_softmax(device):
-    policy = make_policy("categorical", 3, 4, (5,), "relu", torch.float64, device)
-    obs = torch.randn(1, 3, dtype=torch.float64, device=device).expand(200_000, 3)
-    _, actions = ops.mlp_act(obs, None, None, 1.0, _params(policy), "categorical", "relu", False,
-                             torch.Generator(device).manual_seed(0))
-    with torch.no_grad():
-        probs = policy(obs[:1]).probs[0]
-    assert actions.dtype == torch.int64 and actions.min() >= 0 and actions.max() <= 3
-    freq = torch.bincount(actions, minlength=4).double() / actions.numel()
+@pytest.mark.parametrize("case", ACTION_CASES)
+def test_samples_follow_the_distribution_and_never_a_masked_action(case, device):
+    policy, obs, _, mask = action_problem(case, torch.float64, device, n=1, seed=4)
+    n = 200_000
+    _, actions = _act(policy, obs.expand(n, -1), None if mask is None else mask.expand(n, -1))
+    assert (actions.shape, actions.dtype) == _action_shape(case, n)
+    if policy.kind == "gaussian":
+        with torch.no_grad():
+            dist = policy(obs)
+        z = (actions - dist.mean) / dist.stddev
+        # 200k draws: the standard error of z's mean is 0.0022, of its std 0.0016; 5 of them is a loose bound.
+        assert z.mean(0).abs().max() < 0.011 and (z.std(0) - 1).abs().max() < 0.008
+        return
+    joint = _joint_actions(policy)
+    drawn = (actions.reshape(n, 1, -1) == joint.reshape(1, len(joint), -1)).all(-1)  # (n, joint actions)
+    assert drawn.sum(1).eq(1).all()  # every draw is one joint action: each class in range of its segment
+    freq, probs = drawn.double().mean(0), _joint_probs(policy, obs, mask, joint)[0]
+    if mask is not None:
+        forbidden = ~_allowed(policy, joint, mask.expand(len(joint), -1))
+        assert forbidden.any() and (freq[forbidden] == 0).all()
     # 200k draws: the standard error of each frequency is below 0.0012; 5 of them is a loose bound.
     assert (freq - probs).abs().max() < 0.006, (freq, probs)
 
@@ -92,17 +168,37 @@ def test_zero_probability_class_is_never_sampled(device):
     assert counts[1] == 0 and counts[0] > 0 and counts[2] > 0
 
 
-def test_same_generator_state_same_actions():
-    policy = make_policy("categorical", 3, 5, (4,), "tanh", torch.float32)
-    obs = torch.randn(64, 3)
-    runs = [ops.mlp_act(obs, None, None, 1.0, _params(policy), "categorical", "tanh", False,
-                        torch.Generator().manual_seed(7))[1] for _ in range(2)]
-    assert torch.equal(*runs)
+@pytest.mark.parametrize("case", ACTION_CASES)
+def test_same_generator_state_same_actions(case):
+    policy, obs, _, mask = action_problem(case, torch.float32, n=64)
+    first, second = _act(policy, obs, mask, seed=7)[1], _act(policy, obs, mask, seed=7)[1]
+    assert (first.shape, first.dtype) == _action_shape(case, 64, torch.float32)
+    assert torch.equal(first, second)
+
+
+def test_one_segment_of_all_classes_draws_like_no_segments():
+    # MultiDiscrete([K]) (segments=(K,)) is one softmax: the same draw as Discrete(K), in one column.
+    discrete = make_policy("categorical", 5, 9, (8, 7), "tanh", torch.float64)
+    one_segment = make_policy(gym.spaces.MultiDiscrete([9]), 5, hidden=(8, 7))
+    one_segment.load_state_dict(discrete.state_dict())
+    obs = torch.randn(30, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    columns = _act(one_segment, obs, seed=4)[1]
+    assert columns.shape == (30, 1)
+    assert torch.equal(columns[:, 0], _act(discrete, obs, seed=4)[1])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["sample", "argmax"])
+@pytest.mark.parametrize("case", ACTION_CASES)
+def test_an_empty_batch_gives_no_actions(case, deterministic):
+    policy, obs, _, mask = action_problem(case, torch.float64, n=1)
+    x, actions = _act(policy, obs[:0], None if mask is None else mask[:0], deterministic)
+    assert x.shape == (0, 5) and (actions.shape, actions.dtype) == _action_shape(case, 0)
 
 
 def test_collector_act_matches_normalizer_and_policy():
     import trpo_ext
-    from trpo_ext.rollout import EpisodeStats, RolloutCollector, RunningNormalizer
+    from trpo_ext.normalization import RunningNormalizer
+    from trpo_ext.rollout import EpisodeStats, RolloutCollector
 
     envs = trpo_ext.envs.make_vec_env("Pendulum-v1", 2)
     norm = RunningNormalizer(3, clip=2.0)
@@ -169,38 +265,40 @@ def test_categorical_with_zero_actions_is_refused(deterministic):
         ops.mlp_act(torch.randn(5, 3), None, None, 1.0, params, "categorical", "relu", deterministic, None)
 
 
-@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
-def test_opcheck_mlp_act(kind, device):
-    policy = make_policy(kind, 5, 3, (8, 7), "tanh", torch.float32, device)
-    obs = torch.randn(9, 5, device=device)
+@pytest.mark.parametrize("case", ACTION_CASES)
+def test_opcheck_mlp_act(case, device):
+    policy, obs, _, mask = action_problem(case, torch.float32, device, n=9)
+    op = fused_spec(policy).op_kwargs()
     mean, inv_std = torch.zeros(5, device=device), torch.ones(5, device=device)
     # deterministic: opcheck runs the op several times and compares the outputs
-    torch.library.opcheck(ops.mlp_act.default, (obs, mean, inv_std, 5.0, _params(policy), kind, "tanh", True, None))
+    torch.library.opcheck(ops.mlp_act.default, (obs, mean, inv_std, 5.0, _params(policy), op["kind"], op["activation"],
+                                                True, None, op["segments"], mask))
 
 
-@pytest.mark.parametrize("kind", ["categorical", "gaussian"])
+@pytest.mark.parametrize("case", ACTION_CASES)
 @pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_few_rows_on_the_cpu_match_the_gemm_path(kind, activation, dtype):
+def test_a_few_rows_on_the_cpu_match_the_gemm_path(case, activation, dtype):
     # mlp_act runs a rollout step's few rows (up to kernels.h's kSmallBatchRows, 16) through plain
     # loops on the CPU and larger batches through GEMMs: the first rows of a large batch must come
     # out as the same rows alone, to rounding, normalization included. (The sampling after the
     # forward pass is shared; the tests above check it at 11 rows.)
-    policy = make_policy(kind, 5, 4, (8, 7), activation, dtype)
+    policy, obs, _, mask = action_problem(case, dtype, n=200, activation=activation)
+    obs = 2 * obs
     g = torch.Generator().manual_seed(0)
-    obs = 2 * torch.randn(200, 5, generator=g, dtype=dtype)
-    mean, inv_std = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.5
+    mean, inv_std = torch.randn(5, generator=g, dtype=dtype), torch.rand(5, generator=g, dtype=dtype) + 0.5
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
 
-    def act(x):
-        return ops.mlp_act(x, mean, inv_std, 3.0, _params(policy), kind, activation, True, None)
+    def act(rows):
+        return _act(policy, obs[:rows], None if mask is None else mask[:rows], deterministic=True,
+                    obs_mean=mean, obs_inv_std=inv_std, obs_clip=3.0)
 
-    x_all, mode_all = act(obs)
+    x_all, mode_all = act(200)
     with torch.no_grad():
         expected = policy.distribution_params(x_all)
     for rows in (1, 7, 16):
-        x, mode = act(obs[:rows])
+        x, mode = act(rows)
         torch.testing.assert_close(x, x_all[:rows], **tol)
         torch.testing.assert_close(mode, mode_all[:rows], **tol)
-        if kind == "gaussian":  # the mode is the forward pass itself
+        if policy.kind == "gaussian":  # the mode is the forward pass itself
             torch.testing.assert_close(mode, expected[:rows], **tol)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import trpo_ext
+from trpo_ext import _ops
+from trpo_ext.policies import fused_spec
 
-from helpers import make_policy, n_params, zero_width
+from helpers import action_problem, make_policy, n_params, random_mask, sample_batch, zero_width
 
 ops = torch.ops.trpo_ext
 
@@ -184,3 +186,192 @@ def test_op_cg_checks(setup):
     with pytest.raises(ValueError, match="rtol must be finite"):
         ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, 3, float("inf"))
 
+
+
+# ----------------------------------------------------------------------------- the ops' action arguments
+# Segments, masks, actions and the old distribution, on every op that takes them: a valid batch of an
+# ACTION_CASES policy (helpers.action_problem) with one argument replaced.
+N = 11  # the batch's rows
+MASK_OPS = ["fvp", "cg", "direction", "trial", "act"]
+
+
+def _batch(case):
+    """(policy, obs, mask, actions, advantages): a valid batch of N rows for an ACTION_CASES entry,
+    or for a gymnasium action space (masked when it is categorical); actions drawn from the policy."""
+    if isinstance(case, gym.Space):
+        policy = make_policy(case, 5, hidden=(8, 7))
+        g = torch.Generator().manual_seed(1)
+        obs = torch.randn(N, 5, generator=g, dtype=torch.float64)
+        mask = random_mask(policy.action_spec, N, g) if policy.action_spec.maskable else None
+    else:
+        policy, obs, _, mask = action_problem(case, torch.float64, n=N)
+    return (policy, obs, mask, *sample_batch(policy, obs, mask))
+
+
+def _call(op, case="multicategorical-masked", **change):
+    """Calls the fused op `op` on a valid batch of `case` (see _batch), its keyword arguments (from the
+    one builder, policies.fused_spec) with those in `change` replaced."""
+    policy, obs, mask, actions, advantages = _batch(case)
+    params = [p.detach() for p in policy.parameters()]
+    kwargs = fused_spec(policy).op_kwargs(action_mask=mask)
+    if op == "act":
+        kwargs.update(deterministic=False, **change)
+        return _ops.mlp_act(obs, params, **kwargs)
+    if op in ("fvp", "cg"):
+        v = torch.zeros(n_params(policy), dtype=torch.float64)
+        kwargs.update(damping=0.1, **(dict(iters=3, rtol=0.0) if op == "cg" else {}), **change)
+        return (_ops.mlp_fvp if op == "fvp" else _ops.mlp_cg)(obs, params, v, **kwargs)
+    kwargs.update(actions=actions, advantages=advantages)
+    if op == "trial":
+        with torch.no_grad():
+            kwargs.update(old_dist_params=policy.distribution_params(obs),
+                          old_log_std=policy.log_std.detach() if policy.kind == "gaussian" else None)
+    else:
+        kwargs.update(damping=0.1, iters=3, rtol=0.0)
+    kwargs.update(change)
+    fn = _ops.mlp_policy_trial if op == "trial" else _ops.mlp_policy_direction
+    return fn(obs, params, kwargs.pop("actions"), kwargs.pop("advantages"), **kwargs)
+
+
+def _mask_without(row, columns, width=9):
+    mask = torch.ones(N, width, dtype=torch.bool)
+    mask[row, columns] = False
+    return mask
+
+
+# The default case, multicategorical-masked: MultiDiscrete([3, 2, 4]), 9 logits.
+@pytest.mark.parametrize("op", MASK_OPS)
+@pytest.mark.parametrize("case, change, error, match", [
+    pytest.param(None, dict(segments=(3, 2, 3)), ValueError, r"segments must sum to the output width 9", id="sum"),
+    pytest.param(None, dict(segments=(5, 0, 4)), ValueError, r"segments must be class counts >= 1", id="zero"),
+    pytest.param(None, dict(segments=(-1, 10)), ValueError, r"segments must be class counts >= 1", id="negative"),
+    pytest.param(None, dict(segments=()), ValueError, r"segments must list at least one", id="empty"),
+    pytest.param(None, dict(kind="beta"), ValueError, r"kind must be 'categorical', 'gaussian' or 'bernoulli'",
+                 id="kind"),
+    pytest.param(None, dict(action_mask=torch.ones(N, 9)), TypeError, r"action_mask must be bool", id="mask-dtype"),
+    pytest.param(None, dict(action_mask=torch.ones(N, 8, dtype=torch.bool)), ValueError,
+                 r"action_mask must have shape \(11, 9\)", id="mask-shape"),
+    pytest.param(None, dict(action_mask=torch.ones(9, dtype=torch.bool)), ValueError,
+                 r"action_mask must have shape \(11, 9\)", id="mask-1d"),
+    pytest.param(None, dict(action_mask=_mask_without(4, [3, 4])), ValueError,
+                 r"action_mask\[4\] allows no action in segment 1 \(columns \[3, 5\)\)", id="mask-empty-segment"),
+    pytest.param(gym.spaces.MultiDiscrete([2, 1, 3, 3]), dict(action_mask=_mask_without(7, [2])), ValueError,
+                 r"action_mask\[7\] allows no action in segment 1", id="mask-empty-one-class-segment"),
+])
+def test_bad_segments_and_masks_name_the_argument(op, case, change, error, match):
+    with pytest.raises(error, match=match):
+        _call(op, "multicategorical-masked" if case is None else case, **change)
+
+
+@pytest.mark.parametrize("op", MASK_OPS)
+def test_an_unsegmented_row_that_allows_nothing(op):
+    mask = torch.ones(N, 3, dtype=torch.bool)
+    mask[2] = False
+    with pytest.raises(ValueError, match=r"action_mask\[2\] allows no action: every row needs at least one"):
+        _call(op, "categorical-masked", action_mask=mask)
+
+
+@pytest.mark.parametrize("op", MASK_OPS)
+@pytest.mark.parametrize("kind", ["gaussian", "bernoulli"])
+def test_segments_and_masks_are_for_categorical_only(op, kind):
+    with pytest.raises(ValueError, match=f"segments is only for kind 'categorical', got kind '{kind}'"):
+        _call(op, kind, segments=(2, 1))
+    with pytest.raises(ValueError, match=f"action_mask is only for kind 'categorical', got kind '{kind}'"):
+        _call(op, kind, action_mask=torch.ones(N, 3, dtype=torch.bool))
+
+
+def _set(index, value):
+    """actions with actions[index] = value."""
+    return lambda a: a.index_put(tuple(torch.tensor([i]) for i in index), torch.tensor(value, dtype=a.dtype))
+
+
+@pytest.mark.parametrize("op", ["direction", "trial"])
+@pytest.mark.parametrize("case, actions, error, match", [
+    pytest.param("categorical", lambda a: a + 3, ValueError, r"actions must be class indices in \[0, 3\)",
+                 id="categorical-range"),
+    pytest.param("categorical", lambda a: a.double(), TypeError, r"actions must be int64", id="categorical-dtype"),
+    pytest.param("multicategorical", lambda a: a[:, :2], ValueError,
+                 r"actions must have shape \(11, 3\) \(one class index", id="segments-columns"),
+    pytest.param("multicategorical", lambda a: a[:, 0], ValueError, r"actions must have shape \(11, 3\)",
+                 id="segments-1d"),
+    pytest.param("multicategorical", _set((5, 1), 2), ValueError,
+                 r"actions\[:, 1\] must be class indices in \[0, 2\) \(segments\[1\]\), got values in \[\d+, 2\]",
+                 id="segments-range"),
+    pytest.param("multicategorical", _set((0, 2), -1), ValueError, r"actions\[:, 2\] must be class indices in \[0, 4\)",
+                 id="segments-negative"),
+    pytest.param("multicategorical", lambda a: a.double(), TypeError, r"actions must be int64 class indices",
+                 id="segments-dtype"),
+    pytest.param("bernoulli", _set((3, 1), 0.5), ValueError,
+                 r"actions of a bernoulli policy must hold 0 or 1, got 0.5 at actions\[3, 1\]", id="bernoulli-value"),
+    pytest.param("bernoulli", _set((0, 0), float("nan")), ValueError, r"must hold 0 or 1, got nan at actions\[0, 0\]",
+                 id="bernoulli-nan"),
+    pytest.param("bernoulli", lambda a: a.long(), TypeError, r"actions must have obs's dtype", id="bernoulli-dtype"),
+    pytest.param("bernoulli", lambda a: a[:, :2], ValueError, r"actions must have shape \(11, 3\)",
+                 id="bernoulli-shape"),
+    pytest.param("gaussian", lambda a: a[:, :2], ValueError, r"actions must have shape \(11, 3\)",
+                 id="gaussian-shape"),
+])
+def test_bad_actions_name_the_column(op, case, actions, error, match):
+    good = _batch(case)[3]
+    with pytest.raises(error, match=match):
+        _call(op, case, actions=actions(good))
+
+
+@pytest.mark.parametrize("op", ["direction", "trial"])
+@pytest.mark.parametrize("case", ["categorical-masked", "multicategorical-masked"])
+def test_a_masked_action_is_refused(op, case):
+    policy, _, mask, actions, _ = _batch(case)
+    bounds = policy.action_spec.bounds
+    mask = mask.clone()
+    columns = actions.reshape(N, -1) + torch.tensor([lo for lo, _ in bounds])
+    mask[6, columns[6, -1]] = False  # forbid row 6's action in its last segment...
+    lo, k = bounds[-1]
+    mask[6, lo + (columns[6, -1] - lo + 1) % k] = True  # ...while the segment still allows one
+    where = r"actions\[6\]" if policy.segments is None else rf"actions\[6, {len(bounds) - 1}\]"
+    with pytest.raises(ValueError, match=where + r" = \d+ is an action that action_mask\[6\] forbids"):
+        _call(op, case, action_mask=mask)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    pytest.param(dict(advantages=torch.zeros(4, dtype=torch.float64)), ValueError, r"advantages must have shape \(11\)",
+                 id="advantages-length"),
+    pytest.param(dict(advantages=torch.zeros(N)), TypeError, "advantages must have obs's dtype", id="advantages-dtype"),
+    pytest.param(dict(fvp_obs=torch.zeros(4, 2, dtype=torch.float64)), ValueError, "fvp_obs must have shape",
+                 id="fvp-obs-width"),
+])
+def test_policy_direction_checks(change, error, match):
+    with pytest.raises(error, match=match):
+        _call("direction", "gaussian", **change)
+
+
+def test_fvp_action_mask_comes_exactly_with_fvp_obs_and_action_mask():
+    policy, obs, mask, actions, advantages = _batch("categorical-masked")
+    fvp_obs = obs[:4]
+
+    def direction(fvp_obs=None, **masks):
+        return _ops.mlp_policy_direction(obs, [p.detach() for p in policy.parameters()], actions, advantages,
+                                         damping=0.1, iters=3, rtol=0.0, fvp_obs=fvp_obs,
+                                         **fused_spec(policy).op_kwargs(**masks))
+
+    with pytest.raises(ValueError, match="fvp_action_mask must be given when fvp_obs and action_mask are"):
+        direction(fvp_obs=fvp_obs, action_mask=mask)
+    with pytest.raises(ValueError, match="fvp_action_mask is only for fvp_obs's rows when action_mask is given"):
+        direction(fvp_obs=fvp_obs, fvp_action_mask=mask[:4])
+    with pytest.raises(ValueError, match="fvp_action_mask is only for fvp_obs's rows"):
+        direction(action_mask=mask, fvp_action_mask=mask)
+    with pytest.raises(ValueError, match=r"fvp_action_mask must have shape \(4, 3\)"):
+        direction(fvp_obs=fvp_obs, action_mask=mask, fvp_action_mask=mask)
+    with pytest.raises(TypeError, match="fvp_action_mask must be bool"):
+        direction(fvp_obs=fvp_obs, action_mask=mask, fvp_action_mask=mask[:4].long())
+    bad = mask[:4].clone()
+    bad[1] = False
+    with pytest.raises(ValueError, match=r"fvp_action_mask\[1\] allows no action"):
+        direction(fvp_obs=fvp_obs, action_mask=mask, fvp_action_mask=bad)
+    direction(fvp_obs=fvp_obs, action_mask=mask, fvp_action_mask=mask[:4])
+
+
+def test_policy_trial_checks_the_old_distribution():
+    with pytest.raises(ValueError, match="old_log_std must be given for a gaussian policy"):
+        _call("trial", "gaussian", old_log_std=None)
+    with pytest.raises(ValueError, match=r"old_dist_params must have shape \(11, 3\)"):
+        _call("trial", "gaussian", old_dist_params=torch.zeros(N, 2, dtype=torch.float64))
