@@ -57,7 +57,8 @@ def kl(policy: torch.nn.Module, obs, action_mask: torch.Tensor | None = None,
 
 def log_prob(policy: torch.nn.Module, obs, actions: torch.Tensor,
              action_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log π_θ(a|s) per state (of the masked policy with `action_mask`)."""
+    """log π_θ(a|s) per state (of the masked policy with `action_mask`; an action the mask forbids
+    has probability 0 but gets a finite value here, the allowed classes' normalisation: weigh it 0)."""
     dist = policy(obs)
     if action_mask is None:
         return dist.log_prob(actions)
