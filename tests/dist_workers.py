@@ -138,7 +138,7 @@ def agent_case(out_dir):
     """A data-parallel agent: replicas stay identical, the step counts are totals, rank 0 alone logs
     and saves, and a checkpoint (this job's, or one from a single process) continues here."""
     from trpo_ext.critic import fit_value_network
-    from trpo_ext.rollout import RunningNormalizer
+    from trpo_ext.normalization import RunningNormalizer
 
     rank = dist.get_rank()
     results = {}
@@ -324,7 +324,7 @@ def split_case(out_dir):
     if rank == 1:
         def failing_fit(*args, **kwargs):
             raise ValueError("the critic fit failed here")
-        trpo_ext.trpo.fit_value_network = failing_fit
+        trpo_ext.split_update.fit_value_network = failing_fit
     try:
         agent.learn(256, progress_bar=False)
         results["failure"] = None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import trpo_ext
-from trpo_ext.rollout import RewardScaler
+from trpo_ext.normalization import RewardScaler
 
 
 def test_reward_scaler_is_vecnormalize_reward_normalization():

@@ -10,7 +10,8 @@ from gymnasium import spaces
 
 from trpo_ext import MLPPolicy
 from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, make_vec_env
-from trpo_ext.rollout import EpisodeStats, RolloutCollector, RunningNormalizer, compute_gae
+from trpo_ext.normalization import RunningNormalizer
+from trpo_ext.rollout import EpisodeStats, RolloutCollector, compute_gae
 from trpo_ext.distributions import BERNOULLI, CATEGORICAL, GAUSSIAN, ActionSpec, action_spec
 from trpo_ext.spaces import ObservationCodec
 

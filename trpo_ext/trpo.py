@@ -2,14 +2,16 @@
 (rollout → trust-region policy step → critic → log record), predict / evaluate, save / load, close.
 
 The parts live beside it: hyperparameters and their checks in `config`, env construction in
-`envs`, rollouts / GAE / observation normalization in `rollout`, the natural-gradient step with
-the fused CG solve and the line search in `step`, the critic regression in `critic`, the file
-format in `checkpoint`, progress.csv / TensorBoard in `logger`.
+`envs`, rollouts and GAE in `rollout`, observation / reward statistics in `normalization`, policy
+inference (for the rollout and `predict`) in `inference`, the natural-gradient step with the fused
+CG solve and the line search in `step`, the critic regression in `critic`, the 2-rank split update
+in `split_update`, the file format in `checkpoint`, progress.csv / TensorBoard in `logger`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -18,16 +20,19 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, spaces
+from .action_masks import single_env_masks
 from .config import TRPOConfig, check_int
-from . import spaces
-from .critic import adam_state, check_parallel, draw_seed, fit_value_network, fused_value, seeded_generator
-from .envs import eval_env_factory, make_vec_env, registered_spec
-from .logger import RunLogger, check_log_dir
+from .critic import check_parallel, fit_value_network, fused_value
 from .distributions import action_spec
+from .envs import eval_env_factory, make_vec_env, registered_spec
+from .inference import Inference
+from .logger import RunLogger, check_log_dir
+from .normalization import RewardScaler, RunningNormalizer
 from .policies import (BUILT_IN, FlatValues, build_network, built_in_policy, built_in_value, check_custom_policy,
                        check_custom_value_net, default_name, fused_spec)
-from .rollout import Batch, EpisodeStats, RewardScaler, RolloutCollector, RunningNormalizer, single_env_masks
+from .rollout import EpisodeStats, RolloutCollector
+from .split_update import split_update
 from .step import StepRecord, trust_region_step
 
 RANK_SEED_STRIDE = 1_000_033
@@ -42,63 +47,22 @@ of their networks and observation statistics, and fail loudly if they differ."""
 class TRPO:
     """Trust Region Policy Optimization with the fused Fisher-vector-product CG solve.
 
-    Args:
-        env: a gymnasium id, an `EnvSpec`, a `gymnasium.Env` (with n_envs=1), a callable returning
-            an Env, or a gymnasium vector env built with `autoreset_mode=AutoresetMode.SAME_STEP`.
-            Observations: Box (vectors, images, any shape), Discrete, MultiDiscrete, MultiBinary or
-            a Dict of those; actions: Discrete, MultiDiscrete, MultiBinary or a 1-D Box (Box actions
-            are clipped to the bounds for the env; log-probabilities use the unclipped sample).
-        policy: the policy network. "auto" (the default): the built-in one that fits the
-            observation space: "MlpPolicy" for flat observations (a Box, Discrete / MultiDiscrete
-            one-hot, MultiBinary), "CnnPolicy" for images, "MultiInputPolicy" for a Dict
-            (`trpo_ext.spaces` says how each observation is preprocessed; docs/spaces.md). "MlpPolicy":
-            the built-in `MLPPolicy` shaped by `policy_kwargs`, whose rollouts, Fisher products and
-            solve run in the fused ops. "CnnPolicy": a NatureCNN (512 features) and the action head;
-            "MultiInputPolicy": a NatureCNN (256 features) per image entry, the other entries
-            flattened, concatenated, then `policy_kwargs`' MLP (stable-baselines3's architectures;
-            generic path). Or your own `torch.nn.Module` whose `forward(obs)` takes a batch of
-            preprocessed (normalized) observations (a tensor (B, ...), or a dict of them for a Dict
-            space) and returns the action space's distribution: `Categorical(logits=...)` for
-            Discrete(n) (batch_shape (B,)), `trpo_ext.MultiCategorical(logits, segments=nvec)` for
-            MultiDiscrete(nvec), `Independent(Bernoulli(logits=...), 1)` for MultiBinary(k),
-            `Independent(Normal(mean, std), 1)` for Box(k) (the std may depend on the state);
-            every parameter must require grad. Or a callable `(observation_space, action_space) ->
-            nn.Module` (called with torch's RNG seeded from `seed`, so its initialisation is
-            reproducible). A module passed itself is moved to `device` and trained in place. A
-            custom policy samples its actions from its distribution's parameters with the agent's
-            generator (`trpo_ext.distributions.sample_actions`) and takes the generic path of
-            `trust_region_step`. It is called once at construction on a batch of zero observations:
-            a wrong output is a ValueError naming what it returned and what the action space needs.
-            Invalid-action masks (Discrete / MultiDiscrete) are read from the envs when they have an
-            `action_masks()` method (as sb3-contrib's MaskablePPO reads them) or put
-            `info["action_mask"]` in reset's and every step's info; masked actions are never
-            sampled and play no part in the update. Recurrent policies, Tuple spaces and Dict or
-            Tuple actions are not supported (TypeError naming the space).
-        value_net: the critic, likewise: "auto" (the default): the built-in critic of the policy's
-            name (of the observation space when the policy is a module): `ValueNetwork` for
-            "MlpPolicy" (fused fit), a NatureCNN / multi-input network with its own feature
-            extractor (not shared with the policy) otherwise; or a module mapping observations to
-            values (B,) or (B, 1), fitted by a plain PyTorch Adam loop with the same settings
-            (`trpo_ext.critic.fit_value_module`); or a callable `(observation_space, action_space) ->
-            nn.Module`. A custom critic needs `critic_parallel="gather"` when data-parallel.
-            Custom networks are not stored as code in checkpoints: `TRPO.load(path, policy=...,
-            value_net=...)` takes them again.
-        n_envs … seed: the hyperparameters, each documented (and checked) in `trpo_ext.config.TRPOConfig`;
-            the agent holds them as `agent.config`. `seed=None` draws one.
-        log_dir: directory for progress.csv and TensorBoard event files (created at the first
-            update; an existing file is refused here); None logs nowhere.
-        device: "cpu", "cuda", a torch.device, or "auto" (CUDA when available).
-        num_threads: torch's CPU threads while `learn` runs (torch.set_num_threads, put back
-            afterwards); None leaves torch's own setting. The default, 1, because the networks are
-            small and the rollout steps the envs in one thread: more threads gain little there, and two
-            runs side by side (routine with seeds) oversubscribe the cores and slow both down many
-            times over (docs/benchmarks.md, "Threads"). Raise it for large networks or batches.
-        process_group: data-parallel training (docs/distributed.md). "auto" (the default): when
-            torch.distributed is initialised (e.g. under torchrun), its default group; every rank
-            builds the agent with the same arguments, collects its own rollouts with its n_envs envs
-            (seeded per rank), and all ranks take the same update on the union of their batches;
-            total_timesteps and the logged step counts are totals over the ranks; only rank 0 logs
-            and saves. A ProcessGroup: that group. None: this process alone, even inside a group.
+    Args (docs/guide.md describes each in full):
+        env: a gymnasium id, an `EnvSpec`, a `gymnasium.Env` (with n_envs=1), a callable returning an
+            Env, or a vector env built with `autoreset_mode=SAME_STEP`; the spaces: docs/spaces.md.
+        policy: "auto" (the built-in network that fits the observations), "MlpPolicy", "CnnPolicy",
+            "MultiInputPolicy", an `nn.Module` returning the action distribution, or a callable building one.
+        value_net: the critic, likewise ("auto": the built-in critic that fits the policy); a custom
+            module is given again to `TRPO.load`, as a custom policy is.
+        n_envs … seed: the hyperparameters, documented and checked in `trpo_ext.config.TRPOConfig`
+            (`agent.config`); `seed=None` draws one.
+        log_dir: directory for progress.csv and TensorBoard events (one that holds a run is never
+            appended to: the run goes to a numbered sibling); None logs nowhere.
+        device: "cpu", "cuda", "cuda:N", a torch.device, or "auto" (CUDA when available).
+        num_threads: torch's CPU threads while `learn` runs (default 1: docs/benchmarks.md, "Threads");
+            None leaves torch's own setting.
+        process_group: data-parallel training (docs/distributed.md): "auto" (torch.distributed's
+            default group when one is initialised), a ProcessGroup, or None (this process alone).
     """
 
     def __init__(self, env, *, n_envs: int = 8, n_steps: int = 128, gamma: float = 0.99,
@@ -106,11 +70,10 @@ class TRPO:
                  cg_rtol: float = 1e-10, backtrack_factor: float = 0.8, max_backtracks: int = 10,
                  fvp_fraction: float = 1.0, normalize_advantage: bool = True, normalize_obs: bool = False,
                  obs_clip: float = 10.0, normalize_reward: bool = False, reward_clip: float = 10.0,
-                 critic_lr: float = 1e-3, critic_epochs: int = 10,
-                 critic_batch_size: int = 128, critic_parallel: str = "gather", update_parallel: str = "auto",
-                 policy_kwargs: dict | None = None,
-                 vectorization: str = "sync",
-                 stats_window: int = 100, log_dir: str | os.PathLike | None = None, seed: int | None = None,
+                 critic_lr: float = 1e-3, critic_epochs: int = 10, critic_batch_size: int = 128,
+                 critic_parallel: str = "gather", update_parallel: str = "auto", policy_kwargs: dict | None = None,
+                 vectorization: str = "sync", stats_window: int = 100, log_dir: str | os.PathLike | None = None,
+                 seed: int | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
                  policy="auto", value_net="auto"):
         config = TRPOConfig.from_dict(dict(
@@ -118,10 +81,8 @@ class TRPO:
             cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
             fvp_fraction=fvp_fraction, normalize_advantage=normalize_advantage, normalize_obs=normalize_obs,
             obs_clip=obs_clip, normalize_reward=normalize_reward, reward_clip=reward_clip, critic_lr=critic_lr,
-            critic_epochs=critic_epochs,
-            critic_batch_size=critic_batch_size, critic_parallel=critic_parallel, update_parallel=update_parallel,
-            policy_kwargs=policy_kwargs,
-            vectorization=vectorization,
+            critic_epochs=critic_epochs, critic_batch_size=critic_batch_size, critic_parallel=critic_parallel,
+            update_parallel=update_parallel, policy_kwargs=policy_kwargs, vectorization=vectorization,
             stats_window=stats_window, seed=seed))
         self.group = distributed.resolve_group(process_group)
         self.rank, self.world_size = distributed.rank(self.group), distributed.world_size(self.group)
@@ -154,6 +115,7 @@ class TRPO:
             else None
         self.collector = RolloutCollector(self.envs, config.n_steps, self.device, self.normalizer,
                                           EpisodeStats(config.n_envs, config.stats_window), reward_scaler)
+        self.inference = Inference(observation_space, action_space, self.device, self.normalizer)  # for predict
 
         # Networks, the critic's optimizer and the training random stream.
         hidden, activation = config.policy_kwargs["hidden"], config.policy_kwargs["activation"]
@@ -211,13 +173,8 @@ class TRPO:
         integral float such as 1e5 is accepted).
 
         `callback(agent, record)` (or each of a list of them) runs after every update with that
-        update's log record (a dict); one returning False stops training. The record (also `agent.last_record`, and a row of
-        progress.csv / TensorBoard scalars when `log_dir` is set) holds: update, timesteps,
-        ep_return_mean / ep_length_mean (last `stats_window` episodes), kl and surrogate_improvement
-        of the accepted step (0 when rejected), expected_improvement (β·gᵀx), line_search_steps,
-        line_search_failed, cg_iterations, cg_residual, entropy and policy_std (before the step),
-        value_loss, explained_variance (of the pre-update values), steps_per_sec, and the time split
-        time_rollout (incl. values and GAE) / time_cg (incl. the gradient) / time_line_search / time_critic.
+        update's log record (a dict; also `agent.last_record`, and a row of progress.csv / TensorBoard
+        scalars when `log_dir` is set; docs/guide.md lists its keys); one returning False stops training.
         """
         from tqdm.auto import tqdm
 
@@ -280,9 +237,11 @@ class TRPO:
         self.num_timesteps += steps
 
         if self.update_layout == "split":
-            batch, policy_log, value_loss, critic_time = self._split_update(batch)
+            batch, step, value_loss, critic_time = split_update(
+                batch, group, functools.partial(self._policy_step, group=None), self.policy, self.value_net,
+                self.critic_optimizer, self.generator, config.critic_epochs, config.critic_batch_size)
         else:
-            policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks, group)
+            step = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks, group)
             t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
             value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
                                            config.critic_epochs, config.critic_batch_size, self.generator,
@@ -296,7 +255,7 @@ class TRPO:
         record = {
             "update": self.n_updates, "timesteps": self.num_timesteps,
             "ep_return_mean": ret_mean, "ep_length_mean": len_mean,
-            **policy_log,
+            **_step_log(step),
             "value_loss": value_loss, "explained_variance": _explained_variance(batch.values, batch.returns),
             "steps_per_sec": steps / (time.perf_counter() - start), "world_size": self.world_size,
             "time_rollout": rollout_time, "time_critic": critic_time,
@@ -309,9 +268,9 @@ class TRPO:
         return record
 
     def _policy_step(self, obs, actions: torch.Tensor, advantages: torch.Tensor,
-                     action_masks: torch.Tensor | None, group) -> dict:
+                     action_masks: torch.Tensor | None, group) -> StepRecord:
         """`trust_region_step` on the (normalized) advantages, Fisher products on a random
-        `fvp_fraction` of the batch, data-parallel over `group`; its part of the log record."""
+        `fvp_fraction` of the batch, data-parallel over `group`."""
         if self.config.normalize_advantage:
             advantages = _normalized(advantages, group)
         fvp_obs = fvp_masks = None
@@ -321,56 +280,9 @@ class TRPO:
             subset = torch.randperm(n, generator=self.generator, device=advantages.device)[:k]
             fvp_obs = spaces.rows(obs, subset)
             fvp_masks = None if action_masks is None else action_masks[subset]
-        step = trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs, process_group=group,
+        return trust_region_step(self.policy, obs, actions, advantages, fvp_obs=fvp_obs, process_group=group,
                                  action_mask=action_masks, fvp_action_mask=fvp_masks,
                                  **dataclasses.asdict(self.config.trust_region))
-        return _step_log(step)
-
-    def _split_update(self, batch: Batch) -> tuple[Batch, dict, float, float]:
-        """update_parallel="split" (2 ranks; docs/distributed.md): the ranks gather the whole batch
-        (one collective pair, which also carries rank 0's seed for the critic's minibatch order, drawn
-        as `critic.shared_generator` draws it); then rank 0 takes the policy step and rank 1 fits the
-        critic, on the whole batch and at the same time; one more collective gives every rank both
-        results (the networks, the critic's Adam state, the log entries). Returns the gathered batch,
-        the policy step's log, the value loss and the critic's time. A step that raises on its rank
-        still shares what it left (its networks as they are), then both ranks raise."""
-        config, group = self.config, self.group
-        obs, layout = spaces.pack(batch.obs)
-        masks = [] if batch.action_masks is None else [batch.action_masks]
-        gathered, ints = distributed.gather_tensors(
-            [obs, batch.actions, batch.advantages, batch.returns, batch.values, *masks], group,
-            [draw_seed(self.generator)])  # every rank draws: the ranks' streams advance alike
-        obs, actions, advantages, returns, values, *masks = gathered
-        batch = Batch(obs=spaces.unpack(obs, layout), actions=actions, advantages=advantages, returns=returns,
-                      values=values, action_masks=masks[0] if masks else None)
-
-        policy_log, value_loss, critic_time, failure = dict.fromkeys(_STEP_LOG_TYPES, 0.0), float("nan"), 0.0, None
-        try:
-            if self.rank == 0:
-                policy_log = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks, None)
-            else:
-                t = time.perf_counter()
-                value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
-                                               config.critic_epochs, config.critic_batch_size,
-                                               seeded_generator(int(ints[0, 0]), self.device))
-                critic_time = time.perf_counter() - t
-        except Exception as exc:  # shared below, so that the other rank does not wait for results in vain
-            failure = exc
-        failed = float(failure is not None)
-        policy_part = torch.tensor([*(float(v) for v in policy_log.values()), failed], dtype=torch.float64)
-        critic_part = torch.tensor([value_loss, critic_time, failed], dtype=torch.float64)
-        critic_params = list(self.value_net.parameters())
-        _, steps, exp_avg, exp_avg_sq = adam_state(self.critic_optimizer, critic_params)
-        distributed.share_([(0, [*self.policy.parameters(), policy_part]),
-                            (1, [*critic_params, *steps, *exp_avg, *exp_avg_sq, critic_part])], group)
-        if failure is not None:
-            raise failure
-        for owner, (part, task) in enumerate(((policy_part, "policy step"), (critic_part, "critic fit"))):
-            if part[-1]:
-                raise RuntimeError(f"data-parallel split update: the {task} failed on rank {owner} (its error is in "
-                                   "that rank's output); every rank holds the networks as that rank left them")
-        policy_log = {k: kind(v) for (k, kind), v in zip(_STEP_LOG_TYPES.items(), policy_part.tolist())}
-        return batch, policy_log, critic_part[0].item(), critic_part[1].item()
 
     # ------------------------------------------------------------------------- use
     @property
@@ -398,28 +310,7 @@ class TRPO:
         uses torch's global RNG, so predicting never changes the training random stream. ValueError
         for the `(obs, info)` tuple `reset()` returns, a wrong shape, or NaN / inf in the observation.
         """
-        if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
-            raise ValueError("predict got the (obs, info) tuple that env.reset() returns; pass the observation: "
-                             "obs, info = env.reset()")
-        codec = self.collector.codec
-        obs, single = codec.raw_single(observation)
-        if codec.plain_box:
-            obs = obs.astype(np.float32)
-        bad = codec.first_nonfinite(obs, single)
-        if bad is not None:
-            raise ValueError(f"obs contains NaN or inf ({bad})")
-        masks = None
-        if action_masks is not None:
-            n = codec.raw_len(obs)
-            masks = np.asarray(action_masks)
-            masks = self.collector.action.check_mask(masks[None] if single and masks.ndim == 1 else masks)
-            if masks.shape[0] != n:
-                raise ValueError(f"action_masks has {masks.shape[0]} rows for {n} observations")
-        with torch.no_grad():
-            _, actions = self.collector.act(self.policy, obs, deterministic=deterministic,
-                                            masks=self.collector.mask_tensor(masks))
-        actions = self.collector.env_actions(actions)
-        return (actions[0] if single else actions), None
+        return self.inference.predict(self.policy, observation, deterministic, action_masks), None
 
     def evaluate(self, n_episodes: int = 10, deterministic: bool = True, env=None,
                  seed: int | None = None) -> tuple[float, float]:
@@ -436,7 +327,7 @@ class TRPO:
             env = gym.make(env)
         seed = self.config.seed + 1_000_003 if seed is None else seed
         returns = []
-        spec = self.collector.action
+        spec = self.inference.action
         for episode in range(n_episodes):
             obs, info = env.reset(seed=seed + episode)
             total, done = 0.0, False
@@ -469,29 +360,19 @@ class TRPO:
              device: str | torch.device | None = None, log_dir: str | os.PathLike | None = None,
              restore_env_states: bool = False, continue_log: bool = False, policy=None,
              value_net=None) -> "TRPO":
-        """Restores an agent saved by `save`: networks, optimizer, statistics, RNG and step count.
+        """Restores an agent saved by `save`: networks, optimizer, statistics, RNG and step count
+        (docs/guide.md, "Save, load, resume").
 
-        A checkpoint holds the networks' state dicts (tensors) and, for information only, their
-        classes' qualified names; it never imports or runs code named in it. So an agent built with
-        a custom `policy=` / `value_net=` must be given them again here, as the constructor takes
-        them (a module of the same architecture, or the callable), and the saved parameters are
-        loaded into it; loading such a file without `policy=` (or `value_net=`) is a ValueError
-        naming the saved class. The built-in networks need nothing.
+        Loading never imports or runs code named in the file: the networks are state dicts, so a
+        custom `policy=` / `value_net=` must be given again here (as the constructor takes them;
+        without it, a ValueError naming the saved class), and with `env=None` the envs are made from
+        the saved id as registered in this process. `env` (anything the constructor takes) and
+        `n_envs` replace the saved ones. `continue_log=True` continues the run in `log_dir` (the one
+        that wrote the checkpoint) from the checkpoint's update, as restarts do.
 
-        With `env=None` fresh envs are made from the saved env id, looked up in this process's
-        gymnasium registry (the registered spec is used; nothing in the file names code to run);
-        pass `env` (anything the constructor takes; a single Env instance means n_envs=1) to train
-        or evaluate elsewhere, or when the id is not registered here. `n_envs` replaces the saved
-        number of env copies.
-
-        `continue_log=True` continues the run in `log_dir` (the one that wrote the checkpoint):
-        its progress.csv rows and TensorBoard events after the checkpoint are dropped and new ones
-        appended, instead of logging into a fresh numbered directory (what restarts use).
-
-        `restore_env_states=True` instead continues the saved envs' interrupted episodes exactly.
-        **This unpickles the env states stored in the file, and unpickling runs whatever code the
-        file names: use it only on files you wrote yourself or fully trust.** Without it, loading
-        reads plain data and tensors only.
+        `restore_env_states=True` continues the saved envs' interrupted episodes exactly. **It
+        unpickles the env states stored in the file, and unpickling runs whatever code the file
+        names: use it only on files you wrote yourself or fully trust.**
         """
         agent = checkpoint.load(cls, path, env, n_envs=n_envs, device=device,
                                 log_dir=None if continue_log else log_dir, restore_env_states=restore_env_states,
@@ -537,12 +418,6 @@ def _step_log(step: StepRecord) -> dict:
             "line_search_failed": int(not step.accepted), "cg_iterations": step.cg_iterations,
             "cg_residual": step.cg_residual, "entropy": step.entropy, "policy_std": step.policy_std,
             "time_cg": step.time_cg, "time_line_search": step.time_line_search}
-
-
-_STEP_LOG_TYPES = {k: type(v) for k, v in _step_log(StepRecord(**{
-    f.name: 0.0 if f.type == "float" else 0 for f in dataclasses.fields(StepRecord)})).items()}
-"""The type (int or float) of each of `_step_log`'s entries, in its order: how the split update
-restores them from the float64 tensor they travel in."""
 
 
 def _normalized(advantages: torch.Tensor, group) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""Policy inference, one home for the rollout and for `TRPO.predict` / `evaluate`: raw observations
+(as the envs return them) -> the policy's input -> actions -> the form the env takes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _ops, spaces
+from .distributions import action_spec, masked, sample_actions
+from .normalization import RunningNormalizer
+from .policies import fused_spec
+
+
+class Inference:
+    """Runs a policy on raw observations of `observation_space` for actions of `action_space`, on
+    `device`, normalizing observations with `normalizer` when one is given (`RolloutCollector` is
+    one, stepping envs with it; the agent holds another for `predict`)."""
+
+    def __init__(self, observation_space, action_space, device: torch.device,
+                 normalizer: RunningNormalizer | None = None):
+        self.codec = spaces.ObservationCodec(observation_space)
+        self.action = action_spec(action_space)
+        self.device, self.normalizer = device, normalizer
+
+    def observe(self, obs) -> object:
+        """A raw batch -> the policy's input on the device (`ObservationCodec.preprocess`),
+        normalized when enabled."""
+        return self.codec.preprocess(obs, self.device, self.normalizer)
+
+    def mask_tensor(self, masks: np.ndarray | None) -> torch.Tensor | None:
+        return None if masks is None else torch.as_tensor(masks, device=self.device)
+
+    @torch.no_grad()
+    def act(self, policy, obs, generator: torch.Generator | None = None, deterministic: bool = False,
+            params: list[torch.Tensor] | None = None, fused: bool | None = None,
+            masks: torch.Tensor | None = None) -> tuple[object, torch.Tensor]:
+        """A raw batch -> (the policy's input, actions), never an action `masks` (bool (B, logits),
+        True = allowed) rules out.
+
+        An `MLPPolicy` (`trpo_ext.policies.fused_spec`) takes one extension call: (for a 1-D Box
+        observation) normalization as `observe`, the forward pass, and a sample (or the mode). Any
+        other module: `observe`, then `policy(obs)`, masked, and `sample_actions` on its
+        distribution (drawn with `generator`). `params`: `list(policy.parameters())`, when the caller
+        has it at hand (it costs a module walk); `fused`: whether `fused_spec(policy)` holds, likewise."""
+        spec = fused_spec(policy) if fused is None or fused else None
+        if spec is None:
+            policy_obs = self.observe(obs)
+            return policy_obs, sample_actions(masked(policy(policy_obs), masks), generator, deterministic)
+        mean = inv_std = None
+        clip = 1.0
+        if not self.codec.plain_box:  # preprocessed in Python (one-hot, flattened); the op runs the network
+            x = self.observe(obs)
+        else:
+            x = torch.as_tensor(obs, device=self.device)
+            if self.normalizer is not None:
+                mean, inv_std = self.normalizer.tensors(x.device)  # x.device has an index; self.device may not
+                clip = self.normalizer.clip
+        return _ops.mlp_act(x, list(policy.parameters()) if params is None else params, deterministic=deterministic,
+                            generator=generator, obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip,
+                            **spec.op_kwargs(action_mask=masks))
+
+    def env_actions(self, actions: torch.Tensor) -> np.ndarray:
+        """Sampled actions as the env takes them (`ActionSpec.env_action`)."""
+        return self.action.env_action(actions)
+
+    def predict(self, policy, observation, deterministic: bool = False, action_masks=None) -> np.ndarray:
+        """`TRPO.predict`'s actions, in the env's form, for one raw observation or a batch (what it
+        takes: its docstring); ValueError, before the policy runs, for the `(obs, info)` tuple
+        `reset()` returns, a wrong shape, NaN / inf in the observation, or masks that do not fit."""
+        if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
+            raise ValueError("predict got the (obs, info) tuple that env.reset() returns; pass the observation: "
+                             "obs, info = env.reset()")
+        obs, single = self.codec.raw_single(observation)
+        if self.codec.plain_box:
+            obs = obs.astype(np.float32)
+        bad = self.codec.first_nonfinite(obs, single)
+        if bad is not None:
+            raise ValueError(f"obs contains NaN or inf ({bad})")
+        masks = None
+        if action_masks is not None:
+            n = self.codec.raw_len(obs)
+            masks = np.asarray(action_masks)
+            masks = self.action.check_mask(masks[None] if single and masks.ndim == 1 else masks)
+            if masks.shape[0] != n:
+                raise ValueError(f"action_masks has {masks.shape[0]} rows for {n} observations")
+        _, actions = self.act(policy, obs, deterministic=deterministic, masks=self.mask_tensor(masks))
+        actions = self.env_actions(actions)
+        return actions[0] if single else actions
