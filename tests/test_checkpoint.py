@@ -1,7 +1,6 @@
 """Checkpoint files: nothing in a file runs code on load, damaged and foreign files are named as such,
 saving always saves."""
 import copy
-import json
 import os
 import pickle
 import warnings
@@ -58,32 +57,6 @@ def test_pickled_env_states_are_not_unpickled_unless_asked(saved, tmp_path):
     with pytest.raises(Exception):  # the opt-in does unpickle (the payload is live): only for trusted files
         TRPO.load(path, restore_env_states=True)
     assert marker.exists()
-
-
-@pytest.mark.parametrize("entry_point", ["posix:system", "os:system"])
-@pytest.mark.parametrize("env_id", ["CartPole-v1", "Evil-v0"])
-def test_saved_env_spec_entry_point_and_kwargs_are_never_used(saved, tmp_path, entry_point, env_id):
-    marker = tmp_path / "ran"
-    spec = {"id": env_id, "entry_point": entry_point, "kwargs": {"command": f"mkdir {marker}"},
-            "reward_threshold": None, "nondeterministic": False, "max_episode_steps": None,
-            "order_enforce": True, "disable_env_checker": True, "additional_wrappers": [],
-            "vector_entry_point": None}
-    state = checkpoint.read(saved)  # formats 1 and 2 stored the whole spec as JSON
-    del state["env_id"]
-    state.update(format=2, env_spec=json.dumps(spec), env_states=None)
-    path = tmp_path / "poisoned.pt"
-    torch.save(state, path)
-    if env_id in gym.registry:  # the registered spec is used, not the file's
-        agent = TRPO.load(path)
-        assert agent.env_spec is gym.registry[env_id]
-        assert agent.evaluate(1)[0] > 0
-        assert cli_main(["eval", str(path), "--episodes", "1"]) == 0
-    else:
-        with pytest.raises(ValueError, match="'Evil-v0', which is not registered in this process"):
-            TRPO.load(path)
-        with pytest.raises(ValueError, match="not registered"):
-            TRPO.load(path, restore_env_states=True)
-    assert not marker.exists()
 
 
 @pytest.mark.parametrize("env_id", ["Evil-v0", "posix:Evil-v0"])
@@ -187,9 +160,10 @@ def _write(path, data: bytes):
     (lambda p, good: torch.save([1, 2], p), r"is not a trpo_ext checkpoint \(it holds a list"),
     (lambda p, good: torch.save({"x": Foreign()}, p), "is not a trpo_ext checkpoint .*other than plain data"),
     (lambda p, good: torch.save({"format": 3, "sha256": "0" * 64, "payload": b"x"}, p), "is damaged .*sha256"),
-    (lambda p, good: torch.save({"format": 2, "policy": {}}, p), "is damaged .*no 'hyperparameters'"),
+    (lambda p, good: checkpoint.write_atomic({"format": 3, "policy": {}}, p), "is damaged .*no 'hyperparameters'"),
+    (lambda p, good: checkpoint.write_atomic([1, 2], p), r"is damaged \(the payload is a list, not a dict\)"),
 ], ids=["empty", "truncated", "random-bytes", "text", "plain-pickle", "foreign-dict", "foreign-list",
-        "foreign-object", "bad-checksum", "missing-keys"])
+        "foreign-object", "bad-checksum", "missing-keys", "payload-not-a-dict"])
 def test_damaged_or_foreign_files_are_named_as_such(saved, tmp_path, make, message):
     path = tmp_path / "file.pt"
     make(path, saved.read_bytes())
@@ -204,7 +178,15 @@ def test_damaged_or_foreign_files_are_named_as_such(saved, tmp_path, make, messa
     ("num_timesteps", True, "num_timesteps is a bool, expected an int"),
     ("env_id", 3, "env_id is a int, expected a string or None"),
     ("env_states", "abc", "env_states is a str, expected bytes or None"),
-    ("collector", {"stats": {}}, "collector lacks last_obs, stats or normalizer"),
+    ("world_size", 2.0, "world_size is a float, expected an int"),
+    ("policy_class", None, "policy_class is a NoneType, expected a string"),
+    ("critic_optimizer", [], "critic_optimizer is a list, expected a dict"),
+    ("format", 2, "the payload says format 2, the file 3"),
+    ("spaces", {"observation": "Box(4)"}, "spaces is .*, expected the observation and action spaces in words"),
+    ("network_names", {"policy": "MlpPolicy"}, "network_names is .*, expected a dict of built-in names .*"),
+    ("network_names", {"policy": "os.system", "value_net": None}, "network_names is .*, expected a dict of built-in .*"),
+    ("collector", {"stats": {}}, "collector: no 'last_obs', 'last_masks', 'mask_source', 'normalizer', "
+                                 "'reward_scaler'"),
 ])
 def test_fields_of_the_wrong_type_are_damage(saved, tmp_path, field, value, expected):
     path = rewrite(saved, tmp_path / "m.pt", **{field: value})
@@ -221,13 +203,48 @@ def test_flipped_bytes_in_the_middle_are_detected(saved, tmp_path):
         TRPO.load(path)
 
 
-def test_format_2_files_still_load(saved, tmp_path):
+@pytest.mark.parametrize("field", [key for key, _, _ in checkpoint.FIELD_TYPES])
+def test_every_field_is_required(saved, tmp_path, field):
     state = checkpoint.read(saved)
-    state.update(format=2, env_spec=gym.spec("CartPole-v1").to_json())
-    del state["env_id"]
-    torch.save(state, tmp_path / "v2.pt")  # format 2: the state dict itself, no checksum
-    agent = TRPO.load(tmp_path / "v2.pt")
-    assert agent.num_timesteps == 64 and agent.evaluate(1)[0] > 0
+    del state[field]
+    checkpoint.write_atomic(state, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=f"m.pt is damaged \\(no '{field}'\\)"):
+        TRPO.load(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    (None, None, r"collector: no '{field}'"),
+    ("stats", [], "collector: stats is a list, expected a dict"),
+    ("last_masks", [[True]], "collector: last_masks is a list, expected a tensor or None"),
+    ("mask_source", 1, "collector: mask_source is a int, expected a string or None"),
+    ("normalizer", "none", "collector: normalizer is a str, expected a dict or None"),
+])
+def test_every_collector_field_is_required_and_checked(saved, tmp_path, field, value, expected):
+    for key, _, _ in checkpoint.COLLECTOR_FIELD_TYPES if field is None else [(field, None, None)]:
+        state = checkpoint.read(saved)
+        if field is None:
+            del state["collector"][key]
+        else:
+            state["collector"][key] = value
+        checkpoint.write_atomic(state, tmp_path / "m.pt")
+        with pytest.raises(ValueError, match=f"m.pt is damaged \\({expected.format(field=key)}\\)"):
+            TRPO.load(tmp_path / "m.pt")
+
+
+def test_what_save_writes_is_what_read_checks(saved):
+    agent = TRPO.load(saved)
+    state = checkpoint.read(saved)
+    assert list(state) == [key for key, _, _ in checkpoint.FIELD_TYPES]
+    assert list(agent.collector.state_dict()) == [key for key, _, _ in checkpoint.COLLECTOR_FIELD_TYPES]
+
+
+def test_earlier_formats_are_not_checkpoints(saved, tmp_path):
+    state = checkpoint.read(saved)
+    state["format"] = 2
+    torch.save(state, tmp_path / "v2.pt")  # the state dict itself, unwrapped
+    with pytest.raises(ValueError, match=r"v2.pt is not a trpo_ext checkpoint \(it holds a dict with keys .*, not a "
+                                         r"TRPO checkpoint of format 3\)"):
+        TRPO.load(tmp_path / "v2.pt")
 
 
 def test_saves_leave_no_temporary_files(saved, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from gymnasium import spaces
 from torch.nn.utils import parameters_to_vector
 
-from trpo_ext import TRPO, checkpoint
+from trpo_ext import TRPO
 from trpo_ext.cli import main as cli_main
 
 FAST = dict(n_envs=2, n_steps=64, critic_epochs=2, seed=0)
@@ -223,22 +223,6 @@ def test_load_with_another_env_and_bad_file(tmp_path):
     torch.save({"something": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad.pt is not a trpo_ext checkpoint"):
         TRPO.load(tmp_path / "bad.pt")
-
-
-def test_format_1_checkpoints_still_load(tmp_path):
-    agent = TRPO("CartPole-v1", normalize_obs=True, **FAST).learn(128, progress_bar=False)
-    agent.save(tmp_path / "new.pt")
-    state = checkpoint.read(tmp_path / "new.pt")
-    collector = state.pop("collector")  # format 1 kept the collector's fields at the top level
-    state["env_spec"] = gym.spec(state.pop("env_id")).to_json()  # formats 1 and 2 kept the spec as JSON
-    state.update(format=1, last_obs=collector["last_obs"], normalizer=collector["normalizer"],
-                 episode_returns=collector["stats"]["returns"], episode_lengths=collector["stats"]["lengths"],
-                 finished_episodes=collector["stats"]["finished"])
-    torch.save(state, tmp_path / "old.pt")
-    old, new = (TRPO.load(tmp_path / name).learn(128, progress_bar=False) for name in ("old.pt", "new.pt"))
-    assert torch.equal(policy_vector(old), policy_vector(new))
-    np.testing.assert_array_equal(old.normalizer.mean, new.normalizer.mean)
-    assert old.collector.stats.finished == new.collector.stats.finished
 
 
 # ----------------------------------------------------------------------------- logs and CLI

@@ -2,9 +2,9 @@
 `torch.load(weights_only=True)` (plain data and tensors; the env states are one pickled bytes blob).
 
 The file is `{"format": 3, "sha256": HEX, "payload": BYTES}`, BYTES being `torch.save` of the state
-dict, so damage anywhere in the payload is detected; formats 1 and 2 (the state dict itself) are
-still read. Every problem with a file is one ValueError: "PATH is not a trpo_ext checkpoint (...)"
-or "PATH is damaged (...)".
+dict, so damage anywhere in the payload is detected. Every field is required and checked before
+any of it is used; every problem with a file is one ValueError: "PATH is not a trpo_ext checkpoint
+(...)" or "PATH is damaged (...)".
 
 Loading a file never runs code from it by default: the env is rebuilt only from an id registered in
 the loading process (the registry's spec, never an entry point or kwargs from the file), and the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickle
 import warnings
@@ -29,29 +28,28 @@ import torch
 
 from . import distributed
 from .envs import LeanSyncVectorEnv, eval_env_factory
-from .policies import BUILT_IN as BUILT_IN_NAMES
-from .policies import MLPPolicy, ValueNetwork, qualified_name
-
-BUILT_IN = {"policy": f"{MLPPolicy.__module__}.{MLPPolicy.__qualname__}",
-            "value_net": f"{ValueNetwork.__module__}.{ValueNetwork.__qualname__}"}
-"""The qualified class names of the built-in networks, as a checkpoint records them."""
+from .policies import BUILT_IN, qualified_name
 
 FORMAT = 3
-"""Format 3 wraps the state dict with its sha256; format 2 (the same state dict, unwrapped, keeping
-the collector's state as `RolloutCollector.state_dict()`) and format 1 (flat episode / observation /
-normalizer keys) files are still read."""
+"""The only format read: the state dict wrapped with its sha256."""
 
-KEYS = ("hyperparameters", "env_id", "policy", "value_net", "critic_optimizer", "generator", "generator_device",
-        "num_timesteps", "n_updates", "collector", "env_states")
-"""The fields of a (format 2 or 3) state dict."""
-
+NONE = type(None)
 FIELD_TYPES = (
-    ("hyperparameters", dict, "a dict"), ("env_id", (str, type(None)), "a string or None"),
-    ("policy", dict, "a dict of tensors"), ("value_net", dict, "a dict of tensors"),
-    ("generator", torch.Tensor, "a tensor"), ("generator_device", str, "a string"),
-    ("num_timesteps", int, "an int"), ("n_updates", int, "an int"), ("collector", dict, "a dict"),
-    ("env_states", (bytes, type(None)), "bytes or None"))
-"""What each field must be, checked by `read` before any of it is used."""
+    ("format", int, "an int"), ("hyperparameters", dict, "a dict"), ("env_id", (str, NONE), "a string or None"),
+    ("spaces", dict, "a dict"), ("policy", dict, "a dict of tensors"), ("value_net", dict, "a dict of tensors"),
+    ("policy_class", str, "a string"), ("value_net_class", str, "a string"), ("network_names", dict, "a dict"),
+    ("critic_optimizer", dict, "a dict"), ("generator", torch.Tensor, "a tensor"),
+    ("generator_device", str, "a string"), ("num_timesteps", int, "an int"), ("n_updates", int, "an int"),
+    ("world_size", int, "an int"), ("collector", dict, "a dict"), ("env_states", (bytes, NONE), "bytes or None"))
+"""Every field of a state dict (what `save` writes) and what it must be, checked by `read` before
+any of it is used."""
+
+COLLECTOR_FIELD_TYPES = (
+    ("last_obs", (torch.Tensor, dict, NONE), "a tensor, a dict or None"),
+    ("last_masks", (torch.Tensor, NONE), "a tensor or None"), ("mask_source", (str, NONE), "a string or None"),
+    ("stats", dict, "a dict"), ("normalizer", (dict, NONE), "a dict or None"),
+    ("reward_scaler", (dict, NONE), "a dict or None"))
+"""Likewise for the collector's state (`RolloutCollector.state_dict()`)."""
 
 
 def save(agent, path: str | os.PathLike) -> None:
@@ -92,15 +90,13 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
     """An agent of class `cls` (`TRPO`) restored from `path`; see `TRPO.load`."""
     state = read(path)
     networks = {"policy": policy, "value_net": value_net}
-    names = state.get("network_names") or {}  # files before the field: the built-in classes say "MlpPolicy"
     for key, given in networks.items():
-        saved_class = state.get(f"{key}_class", BUILT_IN[key])
-        name = names.get(key, "MlpPolicy" if saved_class == BUILT_IN[key] else None)
         if given is None:
+            name = state["network_names"][key]  # the built-in network's name; None: a user's module
             if name is None:
-                raise ValueError(f"{os.fspath(path)} was saved with a custom {key} ({saved_class}); a checkpoint "
-                                 f"holds its parameters, not its code: pass {key}= (the module or the callable "
-                                 f"that built it) to TRPO.load")
+                raise ValueError(f"{os.fspath(path)} was saved with a custom {key} ({state[f'{key}_class']}); a "
+                                 f"checkpoint holds its parameters, not its code: pass {key}= (the module or the "
+                                 f"callable that built it) to TRPO.load")
             networks[key] = name
     hyperparameters = dict(state["hyperparameters"])
     saved_id = state["env_id"]
@@ -140,8 +136,7 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
         agent.close()
         if policy is not None or value_net is not None:
             raise ValueError(f"{os.fspath(path)} does not fit the networks given (saved: policy "
-                             f"{state.get('policy_class', BUILT_IN['policy'])}, value_net "
-                             f"{state.get('value_net_class', BUILT_IN['value_net'])}; trained on "
+                             f"{state['policy_class']}, value_net {state['value_net_class']}; trained on "
                              f"{_model_spaces(state)}): {_first_line(e)}") from e
         raise ValueError(f"{os.fspath(path)} does not fit this env: the model was trained on {_model_spaces(state)}; "
                          f"the env has observation space {agent.observation_space}, action space "
@@ -161,18 +156,8 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
 
 
 def _model_spaces(state: dict) -> str:
-    """The spaces a checkpoint's model was trained on, in words (from the policy's shapes in files
-    older than the stored `spaces`)."""
-    spaces = state.get("spaces")
-    if isinstance(spaces, dict):
-        return f"observation space {spaces.get('observation')}, action space {spaces.get('action')}"
-    policy = state["policy"]
-    weights = [v for k, v in policy.items() if k.endswith(".weight")]
-    if not weights:
-        return "unknown spaces"
-    n = weights[-1].shape[0]
-    actions = f"Box actions of shape ({n},)" if "std.log_std" in policy else f"Discrete({n}) actions"
-    return f"observations of shape ({weights[0].shape[1]},) and {actions}"
+    """The spaces a checkpoint's model was trained on, in words."""
+    return f"observation space {state['spaces']['observation']}, action space {state['spaces']['action']}"
 
 
 def _env_id(spec) -> str | None:
@@ -186,19 +171,6 @@ def _env_id(spec) -> str | None:
         warnings.warn(f"the env's kwargs {spec.kwargs} are not saved: TRPO.load makes {spec.id!r} with its "
                       f"registered kwargs {registered.kwargs} unless given env=", stacklevel=4)
     return spec.id
-
-
-def saved_env_id(state: dict) -> str | None:
-    """The env id a format 1 or 2 checkpoint names (plain data only: the id field of the saved
-    spec's JSON), or None."""
-    spec = state.get("env_spec")
-    if not isinstance(spec, str):
-        return None
-    try:
-        env_id = json.loads(spec).get("id")
-    except (ValueError, AttributeError):
-        return None
-    return env_id if isinstance(env_id, str) else None
 
 
 def write_atomic(state: dict, path: str | os.PathLike) -> None:
@@ -225,9 +197,9 @@ def write_atomic(state: dict, path: str | os.PathLike) -> None:
 
 
 def read(path: str | os.PathLike) -> dict:
-    """The checkpoint's state dict (formats 1 and 2 upgraded to the current fields); ValueError
-    "PATH is not a trpo_ext checkpoint (...)" or "PATH is damaged (...)" (FileNotFoundError when
-    there is no file)."""
+    """The checkpoint's state dict, every field checked (`FIELD_TYPES`, `COLLECTOR_FIELD_TYPES`);
+    ValueError "PATH is not a trpo_ext checkpoint (...)" or "PATH is damaged (...)"
+    (FileNotFoundError when there is no file)."""
     name = os.fspath(path)
     with open(name, "rb") as f:
         head = f.read(4)
@@ -242,55 +214,49 @@ def read(path: str | os.PathLike) -> dict:
         if head == b"PK\x03\x04":  # a zip archive, what torch.save writes, that torch cannot read
             raise ValueError(f"{name} is damaged (torch.load: {_first_line(e)})") from e
         raise ValueError(f"{name} is not a trpo_ext checkpoint (not a file written by torch.save)") from e
-    if not isinstance(outer, dict) or outer.get("format") not in (1, 2, FORMAT):
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         what = f"a dict with keys {sorted(map(str, outer))[:8]}" if isinstance(outer, dict) else \
             f"a {type(outer).__name__}"
         raise ValueError(f"{name} is not a trpo_ext checkpoint (it holds {what}, not a TRPO checkpoint of "
-                         f"format 1-{FORMAT})")
-    if outer["format"] == FORMAT:
-        payload, digest = outer.get("payload"), outer.get("sha256")
-        if not isinstance(payload, bytes) or not isinstance(digest, str):
-            raise ValueError(f"{name} is damaged (no payload or checksum)")
-        if hashlib.sha256(payload).hexdigest() != digest:
-            raise ValueError(f"{name} is damaged (its sha256 checksum does not match the contents)")
-        try:
-            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{name} is damaged (the payload does not load: {_first_line(e)})") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"{name} is damaged (the payload is a {type(state).__name__}, not a dict)")
-    else:
-        state = dict(outer)
-    if state.get("format") == 1:
-        try:
-            stats = {"returns": state.pop("episode_returns"), "lengths": state.pop("episode_lengths"),
-                     "finished": state.pop("finished_episodes")}
-            state["collector"] = {"last_obs": state.pop("last_obs"), "normalizer": state.pop("normalizer"),
-                                  "stats": stats}
-        except KeyError as e:
-            raise ValueError(f"{name} is damaged (format 1 without {e.args[0]!r})") from None
-    if state.get("format") in (1, 2):
-        state["env_id"] = saved_env_id(state)
-    missing = [key for key in KEYS if key not in state]
-    if missing:
-        raise ValueError(f"{name} is damaged (no {', '.join(map(repr, missing))})")
-    for key, types, expected in FIELD_TYPES:
-        value = state[key]
-        if not isinstance(value, types) or isinstance(value, bool) \
-                or (key in ("policy", "value_net") and not all(isinstance(v, torch.Tensor) for v in value.values())):
-            raise ValueError(f"{name} is damaged ({key} is a {type(value).__name__}, expected {expected})")
-    for key in ("policy_class", "value_net_class"):  # optional (files before them: the built-in networks)
-        if key in state and not isinstance(state[key], str):
-            raise ValueError(f"{name} is damaged ({key} is a {type(state[key]).__name__}, expected a string)")
-    names = state.get("network_names")  # optional (files before it: the built-in MLPs or a user's module)
-    if names is not None and not (isinstance(names, dict) and all(
-            names.get(k) is None or names.get(k) in BUILT_IN_NAMES for k in ("policy", "value_net"))):
+                         f"format {FORMAT})")
+    payload, digest = outer.get("payload"), outer.get("sha256")
+    if not isinstance(payload, bytes) or not isinstance(digest, str):
+        raise ValueError(f"{name} is damaged (no payload or checksum)")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ValueError(f"{name} is damaged (its sha256 checksum does not match the contents)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{name} is damaged (the payload does not load: {_first_line(e)})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{name} is damaged (the payload is a {type(state).__name__}, not a dict)")
+    _check_fields(name, state, FIELD_TYPES, "")
+    if state["format"] != FORMAT:
+        raise ValueError(f"{name} is damaged (the payload says format {state['format']}, the file {FORMAT})")
+    for key in ("policy", "value_net"):
+        if not all(isinstance(v, torch.Tensor) for v in state[key].values()):
+            raise ValueError(f"{name} is damaged ({key} is a dict, expected a dict of tensors)")
+    names = state["network_names"]
+    if set(names) != {"policy", "value_net"} or not all(names[k] is None or names[k] in BUILT_IN for k in names):
         raise ValueError(f"{name} is damaged (network_names is {names!r:.80}, expected a dict of built-in "
-                         f"names {BUILT_IN_NAMES} or None)")
-    if not {"last_obs", "stats", "normalizer"} <= set(state["collector"]):
-        raise ValueError(f"{name} is damaged (collector lacks last_obs, stats or normalizer)")
-    state["format"] = FORMAT
+                         f"names {BUILT_IN} or None for policy and value_net)")
+    if not all(isinstance(state["spaces"].get(k), str) for k in ("observation", "action")):
+        raise ValueError(f"{name} is damaged (spaces is {state['spaces']!r:.80}, expected the observation and "
+                         "action spaces in words)")
+    _check_fields(name, state["collector"], COLLECTOR_FIELD_TYPES, "collector: ")
     return state
+
+
+def _check_fields(name: str, state: dict, field_types, where: str) -> None:
+    """ValueError "NAME is damaged (...)" unless `state` has every field of `field_types`, each of
+    its types (bools are not ints)."""
+    missing = [key for key, _, _ in field_types if key not in state]
+    if missing:
+        raise ValueError(f"{name} is damaged ({where}no {', '.join(map(repr, missing))})")
+    for key, types, expected in field_types:
+        value = state[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"{name} is damaged ({where}{key} is a {type(value).__name__}, expected {expected})")
 
 
 def check_optimizer_state(state, params: list[torch.Tensor], path) -> None:

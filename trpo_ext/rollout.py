@@ -186,7 +186,7 @@ class RolloutCollector(Inference):
                              f"{'without' if state['normalizer'] is None else 'with'} observation normalization")
         if self.normalizer is not None:
             self.normalizer.load_state_dict(state["normalizer"])
-        scaler = state.get("reward_scaler")  # absent in files written before reward normalization
+        scaler = state["reward_scaler"]
         if (scaler is None) != (self.reward_scaler is None):
             raise ValueError("RolloutCollector.load_state_dict: the state was saved "
                              f"{'without' if scaler is None else 'with'} reward normalization")
@@ -195,9 +195,9 @@ class RolloutCollector(Inference):
         if resume_episodes:
             self.stats.load_state_dict(state["stats"])
             self.last_obs = None if state["last_obs"] is None else self.codec.raw_from_state(state["last_obs"])
-            masks = state.get("last_masks")  # absent in files written before action masks
+            masks = state["last_masks"]
             self.last_masks = None if masks is None else masks.numpy().copy()
-            self.masks.source = state.get("mask_source")
+            self.masks.source = state["mask_source"]
 
     @torch.no_grad()
     def collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
