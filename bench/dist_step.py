@@ -33,7 +33,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    group = distributed.resolve_group("auto")  # as the agent does: lowers gloo's event loops
+    group = distributed.resolve_group("auto")
+    distributed.lower_gloo_event_loops(group)  # as an agent built with the group does
     rank = dist.get_rank()
     torch.manual_seed(0)
     policy = trpo_ext.MLPPolicy(11, gym.spaces.Box(-1, 1, (3,)), hidden=(64, 64), activation="tanh")

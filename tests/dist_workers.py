@@ -142,11 +142,14 @@ def agent_case(out_dir):
 
     rank = dist.get_rank()
     results = {}
-    # gloo's event loops: as gloo starts them, after the helper every group resolution calls (the
-    # default, then "idle"), and a call that finds nothing left to change.
+    # gloo's event loops: as gloo starts them, after a group lookup (which changes nothing), after an
+    # agent adopted the group (the default priority), then "idle", and a call that finds nothing
+    # left to change.
     lower = trpo_ext.distributed.lower_gloo_event_loops
-    loops = {"nice": os.getpriority(os.PRIO_PROCESS, 0), "started": gloo_event_loops(),
-             "low_changed": lower(dist.group.WORLD)}
+    loops = {"nice": os.getpriority(os.PRIO_PROCESS, 0), "started": gloo_event_loops()}
+    trpo_ext.distributed.resolve_group(dist.group.WORLD)
+    loops["looked_up"] = gloo_event_loops()
+    trpo_ext.TRPO("CartPole-v1", n_envs=1, n_steps=8, seed=0).close()
     loops["low"] = gloo_event_loops()
     loops["again_changed"] = lower(dist.group.WORLD)
     os.environ["TRPO_EXT_GLOO_LOOP_PRIORITY"] = "idle"

@@ -164,16 +164,39 @@ def test_collectives_per_update_are_as_documented(agent_results):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities and /proc/self/task are Linux's")
 def test_gloo_event_loops_run_at_low_priority(agent_results):
-    # trpo_ext.distributed.lower_gloo_event_loops, which every group resolution calls: gloo starts its
-    # event loops under SCHED_OTHER at the process's nice value; the default lowers them to nice 19,
-    # "idle" moves them to SCHED_IDLE, and a loop already there is left alone.
+    # trpo_ext.distributed.lower_gloo_event_loops, which an agent built with a group calls: gloo starts
+    # its event loops under SCHED_OTHER at the process's nice value and a group lookup leaves them so;
+    # the default lowers them to nice 19, "idle" moves them to SCHED_IDLE, and a loop already there is
+    # left alone.
     for rank in agent_results[1]:
         loops = rank["gloo_loops"]
         n = len(loops["started"])
-        assert n >= 1 and loops["started"] == [(os.SCHED_OTHER, loops["nice"])] * n
-        assert loops["low_changed"] == (n if loops["nice"] < 19 else 0) and loops["low"] == [(os.SCHED_OTHER, 19)] * n
+        assert n >= 1 and loops["started"] == loops["looked_up"] == [(os.SCHED_OTHER, loops["nice"])] * n
+        assert loops["low"] == [(os.SCHED_OTHER, 19)] * n
         assert loops["again_changed"] == 0
         assert loops["idle_changed"] == n and all(policy == os.SCHED_IDLE for policy, _ in loops["idle"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities and /proc/self/task are Linux's")
+def test_init_from_env_lowers_the_gloo_event_loops_of_the_group_it_starts(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from trpo_ext import distributed
+
+    with socket.socket() as s:  # a free port for this one-rank job's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           TORCHELASTIC_RUN_ID="test-init").items():
+        monkeypatch.setenv(key, value)
+    assert distributed.init_from_env("gloo", 30.0)
+    try:
+        loops = distributed.gloo_event_loop_threads()
+        assert loops and all(os.getpriority(os.PRIO_PROCESS, tid) == 19 for tid in loops)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_bad_gloo_loop_priority_is_an_error_naming_the_variable(monkeypatch):

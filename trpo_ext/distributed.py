@@ -28,7 +28,8 @@ _HEARTBEAT_KEY = "trpo_ext/heartbeat/{rank}"
 
 def resolve_group(process_group):
     """`process_group` for the helpers: None (one process) or a ProcessGroup this rank belongs to.
-    "auto" is torch.distributed's default group when one is initialised, else None."""
+    "auto" is torch.distributed's default group when one is initialised, else None. A lookup: it
+    changes nothing (`lower_gloo_event_loops` runs where a group is initialised or adopted)."""
     if process_group is None:
         return None
     if isinstance(process_group, str) and process_group == "auto":
@@ -41,7 +42,6 @@ def resolve_group(process_group):
                         f"got {type(process_group).__name__}")
     if dist.get_rank(process_group) < 0:
         raise ValueError("process_group: this rank is not a member of the group")
-    lower_gloo_event_loops(process_group)
     return process_group
 
 
@@ -73,17 +73,18 @@ def lower_gloo_event_loops(group) -> int:
     """Lowers the scheduling priority of gloo's TCP event-loop threads in this process when `group`
     uses gloo (Linux; elsewhere nothing), to what TRPO_EXT_GLOO_LOOP_PRIORITY says: "low" (the
     default) nice 19, "idle" SCHED_IDLE, "normal" leaves them alone. Returns how many threads it
-    changed. It looks at the threads again only when the process's set of threads has changed
-    (new groups bring new loops): resolve_group calls it on every step.
+    changed. Called once where a group comes into use: `init_from_env` right after it initialises
+    the default group, and a `TRPO` agent built with a group; it looks at the threads again only
+    when the process's set of threads has changed (new groups bring new loops).
 
     Why (docs/distributed.md, "gloo's event loop"): when a worker thread holds a connection's
     mutex, the loop's handler fails a try_lock and returns to its level-triggered epoll, which
     wakes it again at once: it spins until the worker lets go. At normal priority that spinning
-    loop preempts the threads it waits for and can keep the core until the scheduler's next tick
-    (4 ms on the project's VM): the slow mode of gloo's latency. At a low priority it does not
-    preempt them. SCHED_IDLE goes furthest on a machine the job has to itself but starves behind
-    other jobs' threads on the same cores; nice 19 keeps most of the gain and stays ahead of normal
-    priority beside them (bench/dist_step.py; the table in docs/distributed.md)."""
+    loop preempts the threads it waits for and can keep the core until the scheduler's next tick:
+    the slow mode of gloo's latency. At a low priority it does not preempt them. SCHED_IDLE goes
+    furthest on a machine the job has to itself but starves behind other jobs' threads on the same
+    cores; nice 19 keeps most of the gain and stays ahead of normal priority beside them (the
+    measurements: docs/distributed.md)."""
     global _threads_seen
     setting = os.environ.get("TRPO_EXT_GLOO_LOOP_PRIORITY", "low")
     if setting not in GLOO_LOOP_PRIORITIES:
@@ -283,9 +284,7 @@ def leave_group(together: bool) -> None:
     run that ended well): after a barrier, so that every rank tears its connections down at the same
     time. Without it, a gloo rank that destroyed its group and exited while another rank was still
     busy (rank 0 evaluating) sometimes aborted in its exit ("terminate called without an active
-    exception", signal 6, with torch 2.13: 3 of 15 two-rank runs of a script whose rank 0 only slept
-    1 s before leaving, 2 of 30 short Hopper-v5 `--nproc 2` runs); with the barrier 0 of 15 and
-    0 of 20."""
+    exception"; the runs: docs/distributed.md, "Faults and restarts")."""
     stop_heartbeat()
     if dist.is_available() and dist.is_initialized():
         if together:
@@ -355,4 +354,5 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"trpo_ext/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    lower_gloo_event_loops(dist.group.WORLD)  # gloo's event loops yield to the ranks' work from the start
     return True

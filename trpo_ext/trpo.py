@@ -85,6 +85,8 @@ class TRPO:
             update_parallel=update_parallel, policy_kwargs=policy_kwargs, vectorization=vectorization,
             stats_window=stats_window, seed=seed))
         self.group = distributed.resolve_group(process_group)
+        if self.group is not None:  # the agent adopts the group: gloo's event loops yield to the ranks' work
+            distributed.lower_gloo_event_loops(self.group)
         self.rank, self.world_size = distributed.rank(self.group), distributed.world_size(self.group)
         self.update_layout = config.update_layout(self.world_size)  # None, "split" or "data"
         self.log_dir = check_log_dir(log_dir) if self.rank == 0 else None
