@@ -186,3 +186,18 @@ def test_log_dir_is_created_at_the_first_update(tmp_path):
     agent.close()
     assert (log_dir / "progress.csv").is_file()
     assert math.isfinite(agent.last_record["kl"])
+
+
+def test_a_custom_critics_fit_takes_batch_size_by_the_configs_rule():
+    # One rule for critic_batch_size: fit_value_module (a custom critic's fit, also called directly)
+    # checks its batch_size with the config's check, so a numpy int passes and a bool fails in both.
+    from trpo_ext.critic import fit_value_module
+
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.Adam(net.parameters())
+    assert math.isfinite(fit_value_module(net, optimizer, torch.randn(8, 3), torch.randn(8), 1, np.int64(4)))
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="critic_batch_size must be an int >= 1"):
+            TRPOConfig(critic_batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            fit_value_module(net, optimizer, torch.randn(8, 3), torch.randn(8), 1, bad)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops, spaces
+from .config import check_int
 from .policies import ValueNetwork
 
 
@@ -44,10 +45,9 @@ def fused_value(value_net) -> bool:
 
 
 def check_parallel(value_net, parallel: str) -> None:
-    """ValueError unless `parallel` is one of PARALLEL and, for "reduce", `value_net` is the built-in
-    ValueNetwork (the per-minibatch gradient reduction lives inside the fused op)."""
-    if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    """ValueError when `parallel` is "reduce" and `value_net` is not the built-in ValueNetwork (the
+    per-minibatch gradient reduction lives inside the fused op). Whether `parallel` is one of
+    PARALLEL at all is checked once, before: `TRPOConfig` for the agent, `fit_value_network`."""
     if parallel == "reduce" and not fused_value(value_net):
         raise ValueError(f"critic_parallel='reduce' needs the built-in ValueNetwork (the gradient reduction runs "
                          f"inside its fused critic op); the critic is a {type(value_net).__qualname__}: use "
@@ -140,8 +140,7 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
     n = spaces.batch_len(obs)
     if returns.shape != (n,):
         raise ValueError(f"critic fit: returns must have shape ({n},) (one per observation), got {tuple(returns.shape)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"critic fit: batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)  # TRPOConfig's rule for critic_batch_size
     if process_group is not None:  # a dict of observations travels packed into one (N, D) tensor
         flat, layout = spaces.pack(obs)
         gathered = distributed.gather_rows(torch.cat([flat, returns.unsqueeze(1)], 1), process_group)

@@ -16,7 +16,6 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector.utils import concatenate, iterate
 
-from .config import check_choice, check_int
 
 SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
 VECTOR_KWARGS = ("num_envs", "vectorization_mode", "vector_kwargs", "wrappers")
@@ -79,7 +78,8 @@ def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vecto
     `LeanSyncVectorEnv` for "sync", gymnasium's AsyncVectorEnv (one subprocess per env) for "async".
 
     A single `gym.Env` instance cannot be copied, so it needs `n_envs=1`; a vector env is used as
-    it is (its `num_envs` wins) and must have been built with `autoreset_mode=SAME_STEP`.
+    it is (its `num_envs` wins) and must have been built with `autoreset_mode=SAME_STEP`. `n_envs`
+    and `vectorization` are checked once, by `TRPOConfig`.
     """
     if isinstance(env, gym.vector.VectorEnv):
         mode = env.metadata.get("autoreset_mode")
@@ -90,8 +90,6 @@ def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vecto
                 "vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP}) "
                 "or pass the env id and n_envs instead")
         return env
-    n_envs = check_int("n_envs", n_envs, 1)
-    check_choice("vectorization", vectorization, ("sync", "async"))
     if isinstance(env, gym.Env):
         if n_envs != 1:
             raise ValueError("env: a gymnasium.Env instance cannot be copied into n_envs > 1 environments; "
