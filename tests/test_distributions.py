@@ -10,8 +10,9 @@ from gymnasium import spaces
 from torch.distributions import Categorical
 
 from trpo_ext import distributions
-from trpo_ext.distributions import (FAMILIES, MASKED_LOGIT, ActionFamily, MultiCategorical, action_spec, family_named,
-                                    family_of, masked, sample_actions)
+from trpo_ext.distributions import (FAMILIES, MASKED_LOGIT, ActionFamily, action_spec, family_named, family_of,
+                                    masked, sample_actions)
+from trpo_ext.multicategorical import MultiCategorical
 
 from helpers import KINDS, action_space, make_policy, random_mask
 

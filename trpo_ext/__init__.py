@@ -6,7 +6,7 @@
 """
 from . import reference, toy_envs
 from ._ops import cuda_built
-from .distributions import MultiCategorical
+from .multicategorical import MultiCategorical
 from .fisher import CGInfo, cg_solve, fvp
 from .policies import FeaturePolicy, FeatureValue, MLPPolicy, NatureCNN, ValueNetwork
 from .step import StepRecord, trust_region_step

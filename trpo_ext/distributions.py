@@ -7,13 +7,10 @@ mirror of csrc/distribution.h.
     MultiBinary(k)       bernoulli     Independent(Bernoulli(logits), 1)        0/1 floats (B, k)
     Box(k), 1-D          gaussian      Independent(Normal(mean, std), 1)        floats (B, k), unclipped
 
-Each family (an `ActionFamily`) says, for itself only: which spaces it serves and the network's
-output width for one (`spec`), the distribution from the network's output, the parameters the
-output Fisher M acts on and M itself (the generic path), masks, sampling with the agent's
-generator, a detached copy, what a custom policy must return, the env form of an action, and the
-fused ops' `kind` (its name). `ActionSpec` is one space's family, width and segments: the rest of
-the package asks it, or `family_of(distribution)`, and never branches on a kind itself.
-docs/design.md, "Adding an action family", is the recipe.
+Each family (an `ActionFamily`) says everything that depends on it, for itself only; `ActionSpec`
+is one space's family, width and segments. The rest of the package asks it, or
+`family_of(distribution)`, and never branches on a kind (docs/design.md, "Rules of the house";
+"Adding an action family" is the recipe).
 
 An invalid-action mask (bool, True = allowed, one entry per logit: (B, n) or (B, sum(nvec))) replaces
 the logits of masked actions by MASKED_LOGIT, as sb3-contrib's MaskableCategorical does: their
@@ -27,56 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from gymnasium import spaces
-from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal, kl_divergence, register_kl
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal
+
+from .multicategorical import MultiCategorical
 
 MASKED_LOGIT = -1e8
-"""The logit a masked action gets (sb3-contrib's value; csrc/distribution.h's kMaskedLogit):
-exp(MASKED_LOGIT - anything finite) is 0."""
-
-
-class MultiCategorical(Distribution):
-    """Independent categoricals over consecutive segments of one row of logits: the distribution of
-    a MultiDiscrete(nvec) action, `segments` = nvec. Its Fisher is block diagonal, one
-    diag(p) - p pᵀ per segment."""
-
-    arg_constraints: dict = {}
-    has_enumerate_support = False
-
-    def __init__(self, logits: torch.Tensor, segments, validate_args=None):
-        self.segments = tuple(int(s) for s in segments)
-        if not self.segments or min(self.segments) < 1 or logits.shape[-1] != sum(self.segments):
-            raise ValueError(f"MultiCategorical: segments {self.segments} must be positive class counts summing to "
-                             f"the logits' last dimension {logits.shape[-1]}")
-        self.raw_logits = logits
-        self.parts = [Categorical(logits=part) for part in logits.split(self.segments, -1)]
-        super().__init__(batch_shape=logits.shape[:-1], event_shape=(len(self.segments),), validate_args=False)
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """Each segment's normalized logits (log-probabilities), side by side."""
-        return torch.cat([part.logits for part in self.parts], -1)
-
-    @property
-    def probs(self) -> torch.Tensor:
-        return torch.cat([part.probs for part in self.parts], -1)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return sum(part.log_prob(value[..., s]) for s, part in enumerate(self.parts))
-
-    def entropy(self) -> torch.Tensor:
-        return sum(part.entropy() for part in self.parts)
-
-    @property
-    def mode(self) -> torch.Tensor:
-        return torch.stack([part.probs.argmax(-1) for part in self.parts], -1)
-
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return torch.stack([part.sample(sample_shape) for part in self.parts], -1)
-
-
-@register_kl(MultiCategorical, MultiCategorical)
-def _kl_multicategorical(p: MultiCategorical, q: MultiCategorical) -> torch.Tensor:
-    return sum(kl_divergence(a, b) for a, b in zip(p.parts, q.parts))
+"""A masked action's logit (sb3-contrib's; csrc/distribution.h's kMaskedLogit): its exp underflows to 0."""
 
 
 def base_of(dist: Distribution) -> Distribution:
@@ -329,7 +282,7 @@ class CategoricalFamily(ActionFamily):
     def describe(self, spec):
         if spec.segments is None:
             return f"Categorical(logits=...) with batch_shape (B,) and {spec.width} classes"
-        return f"trpo_ext.distributions.MultiCategorical(logits, segments={spec.segments}) with batch_shape (B,)"
+        return f"trpo_ext.MultiCategorical(logits, segments={spec.segments}) with batch_shape (B,)"
 
     def fits(self, spec, dist):
         if spec.segments is None:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Distribution, Independent, kl_divergence
 
-from .distributions import MultiCategorical, detach_distribution
+from .distributions import detach_distribution
+from .multicategorical import MultiCategorical
 
 
 def _categorical_logits(dist: Distribution) -> tuple[torch.Tensor, list[tuple[int, int]]]:
