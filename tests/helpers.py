@@ -11,12 +11,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and trpo_ext.cuda_bui
 # Relative error bounds against the double-backprop reference (docs/design.md, "Tolerances").
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
-# Every action family, by the name make_policy takes: (the family, whether masks apply).
+# Every action space the families serve, by the name make_policy takes (action_space below).
 KINDS = ["categorical", "multicategorical", "bernoulli", "gaussian"]
-# Every action case the public functions are held to: a kind, masked or not.
+# Every action case the public functions are held to: a kind, and a masked one for each maskable kind.
 ACTION_CASES = ["categorical", "categorical-masked", "multicategorical", "multicategorical-masked", "bernoulli",
                 "gaussian"]
 PATHS = ["auto", "fused", "generic"]
+# The kinds whose joint actions can be enumerated (reference.enumerated_fisher; action frequencies).
+DISCRETE_KINDS = ["categorical", "multicategorical", "bernoulli"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,6 +37,23 @@ def action_space(kind: str, act_dim: int = 3) -> gym.Space:
     if kind == "gaussian":
         return gym.spaces.Box(-1, 1, (act_dim,))
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def kind_of(case: str) -> str:
+    """The kind of an ACTION_CASES entry."""
+    return case.removesuffix("-masked")
+
+
+def family_of_kind(kind: str):
+    """The action family (trpo_ext.distributions) that serves a kind's space."""
+    return trpo_ext.distributions.action_spec(action_space(kind)).family
+
+
+# What the matrices derive from the families: the cases the extension's ops implement (the op tests
+# run these; the fused path refuses the others), the discrete ones, the kinds that take no masks.
+FUSED_CASES = [case for case in ACTION_CASES if family_of_kind(kind_of(case)).fused]
+DISCRETE_CASES = [case for case in ACTION_CASES if kind_of(case) in DISCRETE_KINDS]
+UNMASKABLE_KINDS = [kind for kind in KINDS if not family_of_kind(kind).maskable]
 
 
 def make_policy(kind="gaussian", obs_dim=5, act_dim=3, hidden=(8, 7), activation="tanh",
@@ -62,7 +81,7 @@ def random_mask(spec, n: int, generator: torch.Generator, device="cpu") -> torch
 def action_problem(case: str, dtype=torch.float64, device="cpu", n=23, seed=0, hidden=(8, 7), activation="tanh"):
     """(policy, obs, v, mask) for an ACTION_CASES entry: a policy of that kind, a batch, a vector of
     the parameters' size and the case's mask (None when unmasked)."""
-    kind, masked = case.removesuffix("-masked"), case.endswith("-masked")
+    kind, masked = kind_of(case), case.endswith("-masked")
     policy = make_policy(kind, 5, 3, hidden, activation, dtype, device, seed)
     g = torch.Generator().manual_seed(seed + 1)
     obs = torch.randn(n, 5, generator=g, dtype=dtype).to(device)

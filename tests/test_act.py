@@ -1,4 +1,4 @@
-"""The rollout inference op (trpo_ext::mlp_act) on every action case (helpers.ACTION_CASES):
+"""The rollout inference op (trpo_ext::mlp_act) on every fused action case (helpers.FUSED_CASES):
 normalization and the forward pass against plain PyTorch, samples against the reference's
 probabilities (trpo_ext.reference), the mode, masks, generators; bad input; opcheck."""
 import itertools
@@ -11,7 +11,7 @@ import torch
 from trpo_ext import _ops, reference
 from trpo_ext.policies import fused_spec
 
-from helpers import ACTION_CASES, action_problem, make_policy, zero_width
+from helpers import DISCRETE_KINDS, FUSED_CASES, kind_of, action_problem, make_policy, zero_width
 
 ops = torch.ops.trpo_ext
 
@@ -33,11 +33,12 @@ def _act(policy, obs, mask=None, deterministic=False, seed=0, **normalization):
 
 
 def _action_shape(case, n, dtype=torch.float64):
-    """(shape, dtype) of the actions mlp_act returns for n rows of an ACTION_CASES policy of `dtype`
-    (3 classes, sub-actions, bits or coordinates)."""
-    kind = case.removesuffix("-masked")
+    """(shape, dtype) of the actions mlp_act returns for n rows of a FUSED_CASES policy of `dtype`
+    (3 classes, sub-actions, bits or coordinates): class indices for a discrete kind with classes,
+    one column per sub-action with segments."""
+    kind = kind_of(case)
     shape = (n,) if kind == "categorical" else (n, 3)
-    return shape, torch.int64 if kind.endswith("categorical") else dtype
+    return shape, torch.int64 if kind in ("categorical", "multicategorical") else dtype
 
 
 def _joint_actions(policy):
@@ -90,7 +91,7 @@ def test_gaussian_sample_is_mean_plus_std_times_the_same_randn(activation, dtype
     torch.testing.assert_close(actions, expected, **tol)
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_deterministic_is_the_mode_without_normalization(case, device):
     policy, obs, _, mask = action_problem(case, torch.float64, device, n=40)
     with torch.no_grad():
@@ -104,7 +105,7 @@ def test_deterministic_is_the_mode_without_normalization(case, device):
     x, actions = _act(policy, obs, mask, deterministic=True)
     assert torch.equal(x, obs)
     assert (actions.shape, actions.dtype) == _action_shape(case, len(obs))
-    if policy.kind == "gaussian":  # the mean
+    if kind_of(case) not in DISCRETE_KINDS:  # continuous: the mean
         torch.testing.assert_close(actions, out)
         return
     joint = _joint_actions(policy)  # the most probable joint action of the (masked) reference distribution
@@ -113,13 +114,13 @@ def test_deterministic_is_the_mode_without_normalization(case, device):
         assert _allowed(policy, actions, mask).all()
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_samples_follow_the_distribution_and_never_a_masked_action(case, device):
     policy, obs, _, mask = action_problem(case, torch.float64, device, n=1, seed=4)
     n = 200_000
     _, actions = _act(policy, obs.expand(n, -1), None if mask is None else mask.expand(n, -1))
     assert (actions.shape, actions.dtype) == _action_shape(case, n)
-    if policy.kind == "gaussian":
+    if kind_of(case) not in DISCRETE_KINDS:
         with torch.no_grad():
             dist = policy(obs)
         z = (actions - dist.mean) / dist.stddev
@@ -168,7 +169,7 @@ def test_zero_probability_class_is_never_sampled(device):
     assert counts[1] == 0 and counts[0] > 0 and counts[2] > 0
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_same_generator_state_same_actions(case):
     policy, obs, _, mask = action_problem(case, torch.float32, n=64)
     first, second = _act(policy, obs, mask, seed=7)[1], _act(policy, obs, mask, seed=7)[1]
@@ -188,7 +189,7 @@ def test_one_segment_of_all_classes_draws_like_no_segments():
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["sample", "argmax"])
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_an_empty_batch_gives_no_actions(case, deterministic):
     policy, obs, _, mask = action_problem(case, torch.float64, n=1)
     x, actions = _act(policy, obs[:0], None if mask is None else mask[:0], deterministic)
@@ -265,7 +266,7 @@ def test_categorical_with_zero_actions_is_refused(deterministic):
         ops.mlp_act(torch.randn(5, 3), None, None, 1.0, params, "categorical", "relu", deterministic, None)
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_opcheck_mlp_act(case, device):
     policy, obs, _, mask = action_problem(case, torch.float32, device, n=9)
     op = fused_spec(policy).op_kwargs()
@@ -275,7 +276,7 @@ def test_opcheck_mlp_act(case, device):
                                                 True, None, op["segments"], mask))
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("activation", ["tanh", "relu", "elu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_few_rows_on_the_cpu_match_the_gemm_path(case, activation, dtype):
@@ -300,5 +301,5 @@ def test_a_few_rows_on_the_cpu_match_the_gemm_path(case, activation, dtype):
         x, mode = act(rows)
         torch.testing.assert_close(x, x_all[:rows], **tol)
         torch.testing.assert_close(mode, mode_all[:rows], **tol)
-        if policy.kind == "gaussian":  # the mode is the forward pass itself
+        if kind_of(case) not in DISCRETE_KINDS:  # the mode is the forward pass itself
             torch.testing.assert_close(mode, expected[:rows], **tol)

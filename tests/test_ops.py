@@ -1,4 +1,4 @@
-"""The fused ops (trpo_ext/_ops.py) on every action case (helpers.ACTION_CASES: one softmax,
+"""The fused ops (trpo_ext/_ops.py) on every fused action case (helpers.FUSED_CASES: one softmax,
 MultiDiscrete segments, Bernoullis and a Gaussian, masked and not): torch.library.opcheck (schema,
 fake kernels, dispatch) and torch.compile tracing; the policy step's direction and line-search
 trial against the reference (trpo_ext.reference); what masks and segments mean for the products.
@@ -15,12 +15,12 @@ from trpo_ext import _ops, reference
 from trpo_ext.distributions import MASKED_LOGIT
 from trpo_ext.policies import fused_spec
 
-from helpers import ACTION_CASES, RTOL, action_problem, make_policy, n_params, random_mask, rel_err, sample_batch
+from helpers import FUSED_CASES, RTOL, action_problem, make_policy, n_params, random_mask, rel_err, sample_batch
 
 ops = torch.ops.trpo_ext
 DTYPES = [torch.float32, torch.float64]
 CG_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}  # CG amplifies rounding (docs/design.md, "Tolerances")
-MASKED_CASES = [case for case in ACTION_CASES if case.endswith("-masked")]
+MASKED_CASES = [case for case in FUSED_CASES if case.endswith("-masked")]
 
 
 def _params(policy):
@@ -59,7 +59,7 @@ def _double(policy, *tensors):
 
 # ----------------------------------------------------------------------------- schema, fake kernels, compile
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_opcheck_mlp_fvp(case, dtype, device):
     policy, obs, v, mask = action_problem(case, dtype, device, n=9)
     kind, activation, segments = _schema(policy)
@@ -67,7 +67,7 @@ def test_opcheck_mlp_fvp(case, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_opcheck_mlp_cg(case, dtype, device):
     policy, obs, v, mask = action_problem(case, dtype, device, n=9, activation="relu")
     kind, activation, segments = _schema(policy)
@@ -76,7 +76,7 @@ def test_opcheck_mlp_cg(case, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_opcheck_mlp_policy_direction(case, dtype, device):
     policy, obs, _, mask, actions, advantages = _problem(case, dtype, device)
     kind, activation, segments = _schema(policy)
@@ -86,7 +86,7 @@ def test_opcheck_mlp_policy_direction(case, dtype, device):
                            segments, mask, fvp_mask))
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_opcheck_mlp_policy_trial(case, device):
     policy, obs, _, mask, actions, advantages = _problem(case, torch.float32, device)
     kind, activation, segments = _schema(policy)
@@ -96,7 +96,7 @@ def test_opcheck_mlp_policy_trial(case, device):
                            activation, None, segments, mask))
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_fake_tensor_shapes(case):
     # Every op's fake (meta) kernel gives its real outputs' shapes and dtypes.
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -124,7 +124,7 @@ def test_fake_tensor_shapes(case):
     assert x.shape == v.shape and iters.dtype == torch.int64 and res.shape == () and xAx.dtype == torch.float64
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_torch_compile_traces_the_ops(case):
     policy, obs, v, mask = action_problem(case, torch.float32, n=9)
     kind, activation, segments = _schema(policy)
@@ -145,7 +145,7 @@ def test_cuda_built_reports_a_bool():
 # ----------------------------------------------------------------------------- the policy step
 @pytest.mark.parametrize("fvp_rows", [False, True], ids=["fvp-on-obs", "fvp-obs"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_policy_direction_is_the_autograd_gradient_and_the_cg_solution(case, dtype, fvp_rows, device):
     policy, obs, _, mask, actions, advantages = _problem(case, dtype, device, n=11)
     fvp_obs, fvp_mask = obs, mask
@@ -177,7 +177,7 @@ def test_policy_direction_is_the_autograd_gradient_and_the_cg_solution(case, dty
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_policy_trial_is_the_kl_and_improvement_of_the_reference(case, dtype, device):
     old, obs, _, mask, actions, advantages = _problem(case, dtype, device, n=11, activation="relu")
     new = copy.deepcopy(old)
@@ -202,7 +202,7 @@ def test_policy_trial_is_the_kl_and_improvement_of_the_reference(case, dtype, de
     assert abs(float(improvement) - expected_improvement) <= tol * max(abs(expected_improvement), 1e-2)
 
 
-@pytest.mark.parametrize("case", ACTION_CASES)
+@pytest.mark.parametrize("case", FUSED_CASES)
 def test_policy_trial_at_the_old_parameters_is_zero(case):
     policy, obs, _, mask, actions, advantages = _problem(case, torch.float64, n=11)
     kwargs = fused_spec(policy).op_kwargs(action_mask=mask)

@@ -150,7 +150,7 @@ class ActionFamily:
     dist_types: tuple[type, ...]  # the base distributions it owns (inside Independent, when wrapped)
     maskable = False  # invalid-action masks apply (one per logit)
     has_log_std = False  # a state-independent log-std parameter, last in the policy's parameters
-    fused = True  # the extension's ops implement it (csrc/distribution.*): MLPPolicy takes the fused path
+    fused = False  # the extension's ops implement it (csrc/distribution.*): MLPPolicy takes the fused path
 
     def spec(self, space) -> ActionSpec | None:
         """The ActionSpec of `space` when this family serves it (TypeError if it serves its kind of
@@ -211,7 +211,7 @@ class ActionFamily:
 class CategoricalFamily(ActionFamily):
     """Discrete(n): one softmax; MultiDiscrete(nvec): one softmax per segment (block-diagonal M)."""
 
-    name, space_names, maskable = "categorical", ("Discrete", "MultiDiscrete"), True
+    name, space_names, maskable, fused = "categorical", ("Discrete", "MultiDiscrete"), True, True
     dist_types, dist_names = (Categorical, MultiCategorical), ("Categorical", "MultiCategorical")
 
     def spec(self, space):
@@ -300,6 +300,7 @@ class BernoulliFamily(ActionFamily):
     """MultiBinary(k): k independent Bernoullis on k logits; M = diag p(1 - p)."""
 
     name, space_names, dist_types, dist_names = "bernoulli", ("MultiBinary",), (Bernoulli,), ("Independent(Bernoulli)",)
+    fused = True
 
     def spec(self, space):
         if not isinstance(space, spaces.MultiBinary):
@@ -345,7 +346,7 @@ class GaussianFamily(ActionFamily):
     M = 1/σ² on the mean, 2/σ² on the scale."""
 
     name, space_names, dist_types, dist_names = "gaussian", ("a 1-D Box",), (Normal,), ("(Independent) Normal",)
-    has_log_std = True
+    has_log_std, fused = True, True
 
     def spec(self, space):
         if not isinstance(space, spaces.Box):

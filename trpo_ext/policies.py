@@ -77,7 +77,7 @@ class MLPPolicy(nn.Module):
 
     Args:
         obs_dim: size of the (flat) observation.
-        action_space: gymnasium `Discrete(n)`, `MultiDiscrete(nvec)`, `MultiBinary(k)` or 1-D `Box(k)`.
+        action_space: a space one of `trpo_ext.distributions`' families serves (its table).
         hidden: hidden layer widths, e.g. (64, 64); () gives a linear policy.
         activation: a key of ACTIVATIONS.
         log_std_init: initial log standard deviation of a Gaussian (ignored by the other families).
