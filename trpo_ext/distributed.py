@@ -51,7 +51,9 @@ GLOO_EVENT_LOOP_THREAD = "gloo_tcp_loop"
 GLOO_LOOP_PRIORITIES = ("low", "idle", "normal")
 """TRPO_EXT_GLOO_LOOP_PRIORITY's values: nice 19 (the default), SCHED_IDLE, or as gloo starts it."""
 
-_threads_seen: tuple[frozenset, str] | None = None  # this process's threads and the setting at the last look
+GLOO_LOOP_NAMING_WAIT_S = 1.0
+"""How long `lower_gloo_event_loops` waits for a gloo group's loop thread when it finds none: gloo
+names the thread from inside it, a few ms after a one-rank group's init has returned on a busy machine."""
 
 
 def gloo_event_loop_threads() -> list[int]:
@@ -74,8 +76,7 @@ def lower_gloo_event_loops(group) -> int:
     uses gloo (Linux; elsewhere nothing), to what TRPO_EXT_GLOO_LOOP_PRIORITY says: "low" (the
     default) nice 19, "idle" SCHED_IDLE, "normal" leaves them alone. Returns how many threads it
     changed. Called once where a group comes into use: `init_from_env` right after it initialises
-    the default group, and a `TRPO` agent built with a group; it looks at the threads again only
-    when the process's set of threads has changed (new groups bring new loops).
+    the default group, and a `TRPO` agent built with a group.
 
     Why (docs/distributed.md, "gloo's event loop"): when a worker thread holds a connection's
     mutex, the loop's handler fails a try_lock and returns to its level-triggered epoll, which
@@ -85,18 +86,18 @@ def lower_gloo_event_loops(group) -> int:
     furthest on a machine the job has to itself but starves behind other jobs' threads on the same
     cores; nice 19 keeps most of the gain and stays ahead of normal priority beside them (the
     measurements: docs/distributed.md)."""
-    global _threads_seen
     setting = os.environ.get("TRPO_EXT_GLOO_LOOP_PRIORITY", "low")
     if setting not in GLOO_LOOP_PRIORITIES:
         raise ValueError(f"TRPO_EXT_GLOO_LOOP_PRIORITY must be one of {GLOO_LOOP_PRIORITIES}, got {setting!r}")
     if group is None or setting == "normal" or not sys.platform.startswith("linux") \
             or "gloo" not in str(dist.get_backend(group)):
         return 0
-    seen = (frozenset(os.listdir("/proc/self/task")), setting)
-    if seen == _threads_seen:
-        return 0
+    loops, deadline = gloo_event_loop_threads(), time.monotonic() + GLOO_LOOP_NAMING_WAIT_S
+    while not loops and time.monotonic() < deadline:  # a gloo group has one; it may not be named yet
+        time.sleep(0.005)
+        loops = gloo_event_loop_threads()
     changed = 0
-    for tid in gloo_event_loop_threads():
+    for tid in loops:
         try:
             if setting == "idle" and os.sched_getscheduler(tid) != os.SCHED_IDLE:
                 os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
@@ -106,7 +107,6 @@ def lower_gloo_event_loops(group) -> int:
                 changed += 1
         except (ProcessLookupError, PermissionError):  # the thread ended; a sandbox forbids it
             continue
-    _threads_seen = seen
     return changed
 
 
