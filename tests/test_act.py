@@ -207,8 +207,8 @@ def test_collector_act_matches_normalizer_and_policy():
     collector = RolloutCollector(envs, 4, torch.device("cpu"), norm, EpisodeStats(2, 10))
     policy = trpo_ext.MLPPolicy(3, envs.single_action_space)
     raw = np.random.default_rng(1).normal(size=(2, 3)) * 5
-    x, actions = collector.act(policy, raw, deterministic=True)
-    torch.testing.assert_close(x, collector.observe(raw))
+    x, actions = collector.inference.act(policy, raw, deterministic=True)
+    torch.testing.assert_close(x, collector.inference.observe(raw))
     with torch.no_grad():
         torch.testing.assert_close(actions, policy.distribution_params(x))
     envs.close()

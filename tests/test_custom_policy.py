@@ -111,7 +111,7 @@ def test_state_dependent_gaussian_on_pendulum_and_callables():
     assert actions.shape == (5, 1) and np.all(np.abs(actions) <= 2.0)
     # deterministic = the mean, clipped for the env
     with torch.no_grad():
-        mean = agent.policy(agent.collector.observe(np.zeros((5, 3), np.float32))).mean.numpy()
+        mean = agent.policy(agent.inference.observe(np.zeros((5, 3), np.float32))).mean.numpy()
     np.testing.assert_array_equal(actions, np.clip(mean, -2, 2))
 
 

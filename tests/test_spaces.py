@@ -163,7 +163,7 @@ def test_normalize_obs_normalizes_the_box_parts_only():
     agent = TRPO("trpo_ext/DictMatch-v0", normalize_obs=True, **dict(FAST, n_steps=16))
     agent.learn(64, progress_bar=False)
     assert agent.normalizer.mean.shape == (3,)  # "noise" only; "target" is a one-hot
-    obs = agent.collector.observe({"target": np.array([2]), "noise": np.array([[0.5, 0.0, -0.5]], np.float32)})
+    obs = agent.inference.observe({"target": np.array([2]), "noise": np.array([[0.5, 0.0, -0.5]], np.float32)})
     assert obs["target"].tolist() == [[0.0, 0.0, 1.0, 0.0]]
     agent.close()
     with pytest.raises(ValueError, match="has none .images are scaled"):

@@ -125,9 +125,9 @@ class EpisodeStats:
         self.finished.extend((float(r), int(n)) for r, n in state["finished"])
 
 
-class RolloutCollector(Inference):
-    """Steps a vector env `n_steps` times with batched policy inference (the `Inference` it is) and
-    turns it into a `Batch`.
+class RolloutCollector:
+    """Steps a vector env `n_steps` times with batched policy inference (its `inference`, which the
+    agent's `predict` uses too) and turns it into a `Batch`.
 
     Keeps the last observation (and its action masks) between rollouts, so episodes continue
     across updates. Values are computed once per rollout in one batched forward pass (current,
@@ -137,10 +137,11 @@ class RolloutCollector(Inference):
     def __init__(self, envs: gym.vector.VectorEnv, n_steps: int, device: torch.device,
                  normalizer: RunningNormalizer | None, stats: EpisodeStats,
                  reward_scaler: RewardScaler | None = None):
-        super().__init__(envs.single_observation_space, envs.single_action_space, device, normalizer)
+        self.inference = Inference(envs.single_observation_space, envs.single_action_space, device, normalizer)
+        self.codec, self.device, self.normalizer = self.inference.codec, device, normalizer
         self.envs, self.n_steps, self.n_envs = envs, n_steps, envs.num_envs
         self.stats, self.reward_scaler = stats, reward_scaler
-        self.masks = ActionMasks(envs, self.action)
+        self.masks = ActionMasks(envs, self.inference.action)
         self.last_obs = None  # a raw batch (an array, or a dict of arrays)
         self.last_masks: np.ndarray | None = None
         self.env_failure: str | None = None  # what the vector env raised, once it has
@@ -219,13 +220,13 @@ class RolloutCollector(Inference):
                 # time (as sb3's VecNormalize does): once per rollout lags them by a rollout and
                 # learns worse (docs/benchmarks.md).
                 self.normalizer.update(self.codec.norm_features(obs))
-            mask_t = self.mask_tensor(masks)
-            policy_obs, actions = self.act(policy, obs, generator, params=params, fused=fused, masks=mask_t)
+            mask_t = self.inference.mask_tensor(masks)
+            policy_obs, actions = self.inference.act(policy, obs, generator, params=params, fused=fused, masks=mask_t)
             obs_steps.append(policy_obs)
             act_steps.append(actions)
             if mask_t is not None:
                 mask_steps.append(mask_t)
-            obs, rewards[t], terminated[t], truncated[t], infos = self._envs("step", self.env_actions(actions))
+            obs, rewards[t], terminated[t], truncated[t], infos = self._envs("step", self.inference.env_actions(actions))
             masks = self.masks.after_step(infos)
             check_rewards(rewards[t], t + 1, self.stats.lengths)  # before the statistics see them
             done = terminated[t] | truncated[t]
@@ -244,7 +245,7 @@ class RolloutCollector(Inference):
 
         # One value pass: all rollout observations, the observation after the last step, final observations.
         obs_buf = spaces.cat(obs_steps)  # (T * N, ...), step-major like the (T, N) arrays
-        all_values = value_fn(spaces.cat([obs_buf, self.observe(extra)])).cpu().numpy().astype(np.float64)
+        all_values = value_fn(spaces.cat([obs_buf, self.inference.observe(extra)])).cpu().numpy().astype(np.float64)
         values = all_values[: T * N].reshape(T, N)
         next_values = np.concatenate([values[1:], all_values[T * N: T * N + N][None]])
         for k, (t, i, _) in enumerate(final_obs):

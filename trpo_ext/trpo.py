@@ -26,7 +26,6 @@ from .config import TRPOConfig, check_int
 from .critic import check_parallel, fit_value_network, fused_value
 from .distributions import action_spec
 from .envs import eval_env_factory, make_vec_env, registered_spec
-from .inference import Inference
 from .logger import RunLogger, check_log_dir
 from .normalization import RewardScaler, RunningNormalizer
 from .policies import (BUILT_IN, FlatValues, build_network, built_in_policy, built_in_value, check_custom_policy,
@@ -117,7 +116,7 @@ class TRPO:
             else None
         self.collector = RolloutCollector(self.envs, config.n_steps, self.device, self.normalizer,
                                           EpisodeStats(config.n_envs, config.stats_window), reward_scaler)
-        self.inference = Inference(observation_space, action_space, self.device, self.normalizer)  # for predict
+        self.inference = self.collector.inference  # predict's too
 
         # Networks, the critic's optimizer and the training random stream.
         hidden, activation = config.policy_kwargs["hidden"], config.policy_kwargs["activation"]
