@@ -104,6 +104,9 @@ def check_trust_region(field: str, value, name: str | None = None):
     return TRUST_REGION_RANGES[field](name or field, value)
 
 
+CRITIC_PARALLEL = ("gather", "reduce")
+"""`TRPOConfig.critic_parallel`'s values (`trpo_ext.critic.fit_value_network`'s `parallel`)."""
+
 UPDATE_PARALLEL = ("auto", "split", "data")
 """`TRPOConfig.update_parallel`'s values."""
 
@@ -158,7 +161,7 @@ class TRPOConfig:
     """Normalized observations are clipped to [-obs_clip, obs_clip]; > 0."""
     normalize_reward: bool = False
     """Scale rewards by the running std of the discounted return and clip them (sb3 VecNormalize's
-    reward normalization, `trpo_ext.rollout.RewardScaler`; saved with the model). Episode returns in
+    reward normalization, `trpo_ext.normalization.RewardScaler`; saved with the model). Episode returns in
     the logs stay raw."""
     reward_clip: float = 10.0
     """Scaled rewards are clipped to [-reward_clip, reward_clip]; > 0."""
@@ -213,7 +216,7 @@ class TRPOConfig:
             "critic_lr": check_float("critic_lr", self.critic_lr, 0.0, 1.0, low_open=True),
             "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0),
             "critic_batch_size": check_int("critic_batch_size", self.critic_batch_size, 1),
-            "critic_parallel": check_choice("critic_parallel", self.critic_parallel, ("gather", "reduce")),
+            "critic_parallel": check_choice("critic_parallel", self.critic_parallel, CRITIC_PARALLEL),
             "update_parallel": check_choice("update_parallel", self.update_parallel, UPDATE_PARALLEL),
             "policy_kwargs": _check_policy_kwargs(self.policy_kwargs),
             "vectorization": check_choice("vectorization", self.vectorization, ("sync", "async")),

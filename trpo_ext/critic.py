@@ -11,12 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import _ops, spaces
-from .config import check_int
+from .config import CRITIC_PARALLEL, check_int
 from .policies import ValueNetwork
-
-
-PARALLEL = ("gather", "reduce")
-"""How a data-parallel critic fit combines the ranks' rows (`fit_value_network`'s `parallel`)."""
 
 
 def adam_state(optimizer: torch.optim.Adam, params: list[torch.Tensor]):
@@ -47,7 +43,7 @@ def fused_value(value_net) -> bool:
 def check_parallel(value_net, parallel: str) -> None:
     """ValueError when `parallel` is "reduce" and `value_net` is not the built-in ValueNetwork (the
     per-minibatch gradient reduction lives inside the fused op). Whether `parallel` is one of
-    PARALLEL at all is checked once, before: `TRPOConfig` for the agent, `fit_value_network`."""
+    CRITIC_PARALLEL at all is checked once, before: `TRPOConfig` for the agent, `fit_value_network`."""
     if parallel == "reduce" and not fused_value(value_net):
         raise ValueError(f"critic_parallel='reduce' needs the built-in ValueNetwork (the gradient reduction runs "
                          f"inside its fused critic op); the critic is a {type(value_net).__qualname__}: use "
@@ -79,8 +75,8 @@ def fit_value_network(value_net: ValueNetwork, optimizer: torch.optim.Adam, obs:
 
     if epochs == 0:
         return float("nan")
-    if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if parallel not in CRITIC_PARALLEL:
+        raise ValueError(f"parallel must be one of {CRITIC_PARALLEL}, got {parallel!r}")
     if not fused_value(value_net):
         if process_group is not None:
             check_parallel(value_net, parallel)

@@ -13,7 +13,6 @@ from copy import deepcopy
 
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 from gymnasium.vector.utils import concatenate, iterate
 
 
@@ -35,9 +34,8 @@ def _env_factory(env):
 class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
     """gymnasium's SyncVectorEnv in SAME_STEP autoreset mode, without merging per-step infos.
 
-    `SyncVectorEnv.step` folds every sub-env's info dict into batched arrays, key by key, every step;
-    for 16 CartPole-v1 envs that bookkeeping costs as much as the physics, and the agent reads none
-    of it. Here `step` returns the same observations, rewards, terminations and truncations (the
+    `SyncVectorEnv.step` folds every sub-env's info dict into batched arrays, key by key, every step,
+    and the agent reads none of it (what that costs: docs/benchmarks.md). Here `step` returns the same observations, rewards, terminations and truncations (the
     same sub-envs stepped in the same order), and `infos` holds only what an agent needs:
     `final_obs` (an object array, set where an episode ended this step) and its mask `_final_obs`,
     and `action_mask` (stacked, for the observations returned) when the sub-envs' infos have one.
