@@ -75,7 +75,7 @@ def one_step(env_id: str, kl_scale: int, updates: int, seed: int) -> None:
     cos = torch.nn.functional.cosine_similarity(fv_ours, fv_sb3, 0).item()
 
     before = [t.detach().clone() for t in ours]
-    log = agent._policy_step(batch.obs, batch.actions, batch.advantages, None, agent.group)
+    record = agent._policy_step(batch.obs, batch.actions, batch.advantages, None, agent.group)
     model.train()
     d = sb3_kl_scale(env_id)
     print(f"\n{env_id} (sb3 KL scale d = {d}), trpo_ext with max_kl = {kl_scale} x {p['max_kl']}, damping = "
@@ -87,8 +87,8 @@ def one_step(env_id: str, kl_scale: int, updates: int, seed: int) -> None:
         da, db = (a.detach() - o).flatten(), (b.detach() - o).flatten()
         c = torch.nn.functional.cosine_similarity(da, db, 0).item()
         print(f"| {name} | {da.norm():.4e} | {db.norm():.4e} | {(da - db).norm():.2e} | {c:.6f} |")
-    print(f"trpo_ext's step: KL(old||new) summed over action dims = {log['kl']:.4f}, line-search steps "
-          f"{log['line_search_steps']}, CG iterations {log['cg_iterations']}")
+    print(f"trpo_ext's step: KL(old||new) summed over action dims = {record.kl:.4f}, line-search steps "
+          f"{record.line_search_steps}, CG iterations {record.cg_iterations}")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@
 Each rank writes what it computed to OUT_DIR/rank{R}.pt; the tests compare the ranks with each
 other and with the single-process results rank 0 computes on the whole batch.
 """
+import copy
 import os
 import sys
 
@@ -18,33 +19,42 @@ import trpo_ext  # noqa: E402
 from trpo_ext import step as step_module  # noqa: E402
 from trpo_ext.config import TrustRegionConfig  # noqa: E402
 
-from helpers import make_policy  # noqa: E402
+from helpers import ACTION_CASES, action_problem, make_policy, sample_batch  # noqa: E402
 
+STEP_KEYS = [(dtype, case, path, split, sub) for dtype in (torch.float64, torch.float32) for case in ACTION_CASES
+             for path in ("fused", "generic") for split in ("equal", "unequal") for sub in (False, True)]
+"""The two-rank step's matrix: every action case (masks sharded with their rows) x path x even and
+uneven shards x the Fisher on the batch or on a subset (fvp_obs, with its own rows of the mask)."""
 SETTINGS = dict(max_kl=0.01, damping=0.1, cg_iters=10, cg_rtol=1e-10, backtrack_factor=0.8, max_backtracks=10)
 
 
-def batch(kind, dtype, n, seed=0):
-    """The same values at every dtype (drawn in float64, then cast)."""
-    g = torch.Generator().manual_seed(seed)
-    obs = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
-    actions = torch.randint(0, 3, (n,), generator=g) if kind == "categorical" else \
-        torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype)
-    advantages = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
-    return obs, actions, advantages
+def batch(case, n):
+    """(policy, obs, actions, advantages, mask) of an ACTION_CASES entry in float64, actions drawn from
+    the (masked) policy; every dtype's step starts from these values, cast."""
+    policy, obs, _, mask = action_problem(case, torch.float64, n=n, seed=3)
+    actions, advantages = sample_batch(policy, obs, mask)
+    return policy, obs, actions, advantages, mask
+
+
+def cast(t, dtype):
+    return t.to(dtype) if t is not None and t.is_floating_point() else t
 
 
 def shard(t, bounds, r):
     return None if t is None else t[bounds[r]:bounds[r + 1]]
 
 
-def one_step(kind, dtype, path, group, obs, actions, advantages, fvp_obs):
-    """(g, x, xAx, StepRecord, new θ) of one trust-region step from the same start."""
-    policy = make_policy(kind, 5, 3, (8, 7), "tanh", torch.float64, "cpu", seed=3).to(dtype)  # one θ at every dtype
+def one_step(policy, dtype, path, group, obs, actions, advantages, fvp_obs, mask=None, fvp_mask=None):
+    """(g, x, xAx, StepRecord, new θ) of one trust-region step from `policy`'s θ (a copy, in `dtype`)."""
+    policy = copy.deepcopy(policy).to(dtype)
+    obs, actions, advantages, fvp_obs = (cast(t, dtype) for t in (obs, actions, advantages, fvp_obs))
     params = list(policy.parameters())
     config = TrustRegionConfig(**SETTINGS)
-    direction = step_module._direction(policy, params, obs, actions, advantages, config, fvp_obs, path, group)
+    direction = step_module._direction(policy, params, obs, actions, advantages, config, fvp_obs, path, group,
+                                       mask, fvp_mask)
     record = trpo_ext.trust_region_step(policy, obs, actions, advantages, fvp_obs=fvp_obs, path=path,
-                                        process_group=group, **SETTINGS)
+                                        process_group=group, action_mask=mask, fvp_action_mask=fvp_mask,
+                                        **SETTINGS)
     return dict(g=direction.gradient, x=direction.x, xAx=direction.info.xAx, record=record,
                 params=parameters_to_vector(policy.parameters()).detach())
 
@@ -73,33 +83,26 @@ def step_case(out_dir):
     rank = dist.get_rank()
     results = {}
     alone = dist.new_group([0])  # world size 1 through the distributed path (rank 0 only)
-    for dtype in (torch.float64, torch.float32):
-        for kind in ("categorical", "gaussian"):
-            for path in ("fused", "generic"):
-                for split in ("equal", "unequal"):
-                    for sub in (False, True):
-                        n = 40
-                        obs, actions, advantages = batch(kind, dtype, n)
-                        fvp_obs = obs[::3].clone() if sub else None
-                        bounds = [0, n // 2, n] if split == "equal" else [0, 13, n]
-                        fvp_bounds = None if fvp_obs is None else [0, 5, fvp_obs.shape[0]]
-                        key = (str(dtype), kind, path, split, sub)
-                        mine = one_step(kind, dtype, path, dist.group.WORLD, shard(obs, bounds, rank),
-                                        shard(actions, bounds, rank), shard(advantages, bounds, rank),
-                                        shard(fvp_obs, fvp_bounds, rank))
-                        entry = {"distributed": mine}
-                        if rank == 0:
-                            entry["single"] = one_step(kind, dtype, path, None, obs, actions, advantages, fvp_obs)
-                            if split == "equal" and not sub:
-                                plain = one_step(kind, dtype, path, None, obs[:20], actions[:20], advantages[:20],
-                                                 None)
-                                one = one_step(kind, dtype, path, alone, obs[:20], actions[:20], advantages[:20],
-                                               None)
-                                entry["plain_half"], entry["world1_half"] = plain, one
-                        results[key] = entry
+    for dtype, case, path, split, sub in STEP_KEYS:
+        n = 40
+        policy, obs, actions, advantages, mask = batch(case, n)
+        fvp_obs = obs[::3].clone() if sub else None
+        fvp_mask = mask[::3].clone() if sub and mask is not None else None
+        bounds = [0, n // 2, n] if split == "equal" else [0, 13, n]
+        fvp_bounds = None if fvp_obs is None else [0, 5, fvp_obs.shape[0]]
+        mine = one_step(policy, dtype, path, dist.group.WORLD, *(shard(t, bounds, rank) for t in (obs, actions, advantages)),
+                        shard(fvp_obs, fvp_bounds, rank), shard(mask, bounds, rank), shard(fvp_mask, fvp_bounds, rank))
+        entry = {"distributed": mine}
+        if rank == 0:
+            entry["single"] = one_step(policy, dtype, path, None, obs, actions, advantages, fvp_obs, mask, fvp_mask)
+            if split == "equal" and not sub:
+                half = [None if t is None else t[:20] for t in (obs, actions, advantages)]
+                half_mask = None if mask is None else mask[:20]
+                entry["plain_half"] = one_step(policy, dtype, path, None, *half, None, half_mask)
+                entry["world1_half"] = one_step(policy, dtype, path, alone, *half, None, half_mask)
+        results[(str(dtype), case, path, split, sub)] = entry
     # Collectives per step: the batch sizes, the gradient, one per CG product, one per trial.
-    obs, actions, advantages = batch("gaussian", torch.float64, 40)
-    policy = make_policy("gaussian", 5, 3, (8, 7), "tanh", torch.float64, "cpu", seed=3)
+    policy, obs, actions, advantages, _ = batch("gaussian", 40)
     counts = {}
     for path in ("fused", "generic"):
         record, n = count_collectives(lambda: trpo_ext.trust_region_step(

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from dist_workers import STEP_KEYS
 from helpers import rel_err
 
 HERE = os.path.dirname(__file__)
@@ -30,9 +31,7 @@ def step_results(tmp_path_factory):
 
 
 def _step_keys():
-    return [(dtype, kind, path, split, sub) for dtype in ("torch.float64", "torch.float32")
-            for kind in ("categorical", "gaussian") for path in ("fused", "generic")
-            for split in ("equal", "unequal") for sub in (False, True)]
+    return [(str(dtype), case, path, split, sub) for dtype, case, path, split, sub in STEP_KEYS]
 
 
 @pytest.mark.parametrize("key", _step_keys(), ids=lambda k: "-".join(str(p) for p in k))
