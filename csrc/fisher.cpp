@@ -11,6 +11,10 @@ namespace {
 // p'Ap <= kBreakdownEps * p'p ends the solve: the direction has no usable curvature.
 constexpr double kBreakdownEps = 1e-20;
 
+// The most CG iterations a solve may be asked for: trpo_ext.config.MAX_ITERATIONS, the bound of
+// cg_iters on the Python side (tests/test_errors.py checks that the two agree).
+constexpr int64_t kMaxCgIters = 10000;
+
 void check_vector(const at::Tensor& v, const char* name, const at::Tensor& obs, int64_t numel) {
   check_dtype_device(v, name, obs.scalar_type(), obs.device(), "obs's");
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == numel, "trpo_ext: ", name,
@@ -31,7 +35,8 @@ at::Tensor flat_view(const at::Tensor& flat, int64_t offset, at::IntArrayRef sha
 
 void check_cg_settings(double damping, int64_t iters, double rtol) {
   check_damping(damping);
-  TORCH_CHECK_VALUE(iters >= 1, "trpo_ext: iters must be >= 1, got ", iters);
+  TORCH_CHECK_VALUE(iters >= 1 && iters <= kMaxCgIters, "trpo_ext: iters must be >= 1 and <= ", kMaxCgIters,
+                    ", got ", iters);
   TORCH_CHECK_VALUE(std::isfinite(rtol) && rtol >= 0, "trpo_ext: rtol must be finite and >= 0, got ", rtol);
 }
 

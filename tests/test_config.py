@@ -13,7 +13,8 @@ import torch
 
 import trpo_ext.trpo
 from trpo_ext import TRPO
-from trpo_ext.config import POLICY_KWARGS, TRPOConfig, TrustRegionConfig
+from trpo_ext.config import (MAX_ENVS, MAX_ITERATIONS, POLICY_KWARGS, THREADS_PER_CORE, TRPOConfig, TrustRegionConfig,
+                             check_num_threads)
 from trpo_ext.policies import ACTIVATIONS
 
 FIELDS = list(TRPOConfig(seed=0).to_dict())  # TRPO's hyperparameter keywords
@@ -28,6 +29,7 @@ def case(name, value, words):
 
 BAD = [
     case("n_envs", 0, "n_envs must be an int >= 1"),
+    case("n_envs", 10**12, "n_envs must be an int >= 1 and <= 65536, got 1000000000000"),
     case("n_envs", 1.5, "n_envs must be an int >= 1"),
     case("n_envs", True, "n_envs must be an int >= 1"),
     case("n_envs", "2", "n_envs must be an int >= 1"),
@@ -44,10 +46,13 @@ BAD = [
     case("damping", -1.0, "damping must be a finite number in [0.0, inf]"),
     case("cg_iters", 0, "cg_iters must be an int >= 1"),
     case("cg_iters", 2.0, "cg_iters must be an int >= 1"),
+    case("cg_iters", 2**62, "cg_iters must be an int >= 1 and <= 10000"),
+    case("cg_iters", 1e30, "cg_iters must be an int >= 1 and <= 10000"),
     case("cg_rtol", INF, "cg_rtol must be a finite number in [0.0, 1.0)"),
     case("backtrack_factor", 0.0, "backtrack_factor must be a finite number in (0.0, 1.0)"),
     case("backtrack_factor", 1.0, "backtrack_factor must be a finite number in (0.0, 1.0)"),
     case("max_backtracks", 0, "max_backtracks must be an int >= 1"),
+    case("max_backtracks", 10**9, "max_backtracks must be an int >= 1 and <= 10000"),
     case("fvp_fraction", 0.0, "fvp_fraction must be a finite number in (0.0, 1.0]"),
     case("fvp_fraction", 1.5, "fvp_fraction must be a finite number in (0.0, 1.0]"),
     case("normalize_advantage", 1, "normalize_advantage must be True or False"),
@@ -60,6 +65,7 @@ BAD = [
     case("critic_lr", 0.0, "critic_lr must be a finite number in (0.0, 1.0]"),
     case("critic_lr", INF, "critic_lr must be a finite number in (0.0, 1.0]"),
     case("critic_epochs", -1, "critic_epochs must be an int >= 0"),
+    case("critic_epochs", 10_001, "critic_epochs must be an int >= 0 and <= 10000"),
     case("critic_batch_size", 0, "critic_batch_size must be an int >= 1"),
     case("policy_kwargs", [("hidden", (8,))], "policy_kwargs must be a dict"),
     case("policy_kwargs", "tanh", "policy_kwargs must be a dict"),
@@ -78,11 +84,11 @@ BAD = [
     case("update_parallel", "tasks", "update_parallel must be one of ['auto', 'data', 'split']"),
     case("vectorization", None, "vectorization must be one of ['async', 'sync']"),
     case("stats_window", 0, "stats_window must be an int >= 1"),
-    case("seed", -1, "seed must be an int in [0, 9223372036854775807]"),
-    case("seed", 2**63, "seed must be an int in [0, 9223372036854775807]"),
-    case("seed", 2**64, "seed must be an int in [0, 9223372036854775807]"),
-    case("seed", 1.0, "seed must be an int in [0, 9223372036854775807]"),
-    case("seed", True, "seed must be an int in [0, 9223372036854775807]"),
+    case("seed", -1, "seed must be an int >= 0 and <= 9223372036854775807"),
+    case("seed", 2**63, "seed must be an int >= 0 and <= 9223372036854775807"),
+    case("seed", 2**64, "seed must be an int >= 0 and <= 9223372036854775807"),
+    case("seed", 1.0, "seed must be an int >= 0 and <= 9223372036854775807"),
+    case("seed", True, "seed must be an int >= 0 and <= 9223372036854775807"),
 ]
 
 
@@ -201,3 +207,27 @@ def test_a_custom_critics_fit_takes_batch_size_by_the_configs_rule():
             TRPOConfig(critic_batch_size=bad)
         with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
             fit_value_module(net, optimizer, torch.randn(8, 3), torch.randn(8), 1, bad)
+
+
+def test_the_bounds_that_keep_a_value_from_hanging_the_process():
+    # The largest values accepted, and one past them: no loop of an update can be told to run for
+    # centuries, no n_envs makes a bare MemoryError (config.py: MAX_ITERATIONS, MAX_ENVS).
+    config = TRPOConfig.from_dict(dict(cg_iters=MAX_ITERATIONS, max_backtracks=MAX_ITERATIONS,
+                                       critic_epochs=MAX_ITERATIONS, n_envs=MAX_ENVS))
+    assert (config.trust_region.cg_iters, config.trust_region.max_backtracks, config.critic_epochs,
+            config.n_envs) == (MAX_ITERATIONS, MAX_ITERATIONS, MAX_ITERATIONS, MAX_ENVS)
+    for name in ("cg_iters", "max_backtracks", "critic_epochs"):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= [01] and <= {MAX_ITERATIONS}, got 10001"):
+            TRPOConfig.from_dict({name: MAX_ITERATIONS + 1})
+    # Data-parallel ranks seed their envs RANK_SEED_STRIDE apart: never shared below the cap.
+    assert MAX_ENVS < trpo_ext.trpo.RANK_SEED_STRIDE
+
+
+def test_num_threads_is_bounded_by_the_machines_cores(monkeypatch):
+    monkeypatch.setattr(trpo_ext.config.os, "cpu_count", lambda: 2)
+    assert check_num_threads(np.int64(2 * THREADS_PER_CORE)) == 2 * THREADS_PER_CORE
+    for bad in (0, 2 * THREADS_PER_CORE + 1, 10**9, 1e30, True, "4"):
+        with pytest.raises(ValueError, match=f"num_threads must be an int >= 1 and <= {2 * THREADS_PER_CORE}, got"):
+            check_num_threads(bad)
+    monkeypatch.setattr(trpo_ext.config.os, "cpu_count", lambda: None)  # unknown: as one core
+    assert check_num_threads(THREADS_PER_CORE) == THREADS_PER_CORE

@@ -187,6 +187,22 @@ def test_op_cg_checks(setup):
         ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, 3, float("inf"))
 
 
+def test_op_refuses_the_iters_the_config_refuses(setup):
+    # One bound on each side of the boundary (config.MAX_ITERATIONS, fisher.cpp's kMaxCgIters): they agree,
+    # so an iters that would run for centuries is refused by the raw op as by cg_solve and the config.
+    from trpo_ext.config import MAX_ITERATIONS
+
+    obs, params, v = _op_args(*setup)
+    for iters in (MAX_ITERATIONS + 1, 2**62):
+        with pytest.raises(ValueError, match=r"iters must be >= 1 and <= (\d+), got") as info:
+            ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, iters, 0.0)
+        assert int(str(info.value).split("<= ")[1].split(",")[0]) == MAX_ITERATIONS
+        with pytest.raises(ValueError, match=f"iters must be an int >= 1 and <= {MAX_ITERATIONS}"):
+            trpo_ext.cg_solve(setup[0], obs, v, iters=iters)
+    x, used, _, _ = ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, MAX_ITERATIONS, 0.0)  # the bound itself runs
+    assert 1 <= int(used) <= MAX_ITERATIONS and bool(torch.isfinite(x).all())
+
+
 
 # ----------------------------------------------------------------------------- the ops' action arguments
 # Segments, masks, actions and the old distribution, on every op that takes them: a valid batch of an

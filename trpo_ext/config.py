@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from .policies import ACTIVATIONS
 def check_int(name: str, value, low: int, high: int | None = None) -> int:
     """`value` as an int >= low (and <= high when given); ValueError naming `name` otherwise
     (bools are refused)."""
-    expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+    expected = f">= {low}" if high is None else f">= {low} and <= {high}"
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
             or (high is not None and value > high):
         raise ValueError(f"{name} must be an int {expected}, got {value!r}")
@@ -45,6 +46,29 @@ def check_float(name: str, value, low: float = -math.inf, high: float = math.inf
     if not math.isfinite(value) or not inside:
         raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
     return value
+
+
+MAX_ITERATIONS = 10_000
+"""The most iterations of a loop inside one update: `cg_iters` (CG products), `max_backtracks`
+(line-search trials) and `critic_epochs` (passes over the batch). A thousand times the defaults:
+every value past it is a typo or a hostile file, and would hang `learn` (2**62 CG iterations run
+for centuries). The fused CG op refuses the same bound on its own (csrc/fisher.cpp, kMaxCgIters)."""
+
+MAX_ENVS = 65_536
+"""The most env copies one agent steps (`n_envs`, or a vector env's `num_envs`). GPU-batched
+simulators run up to tens of thousands of envs in one vector env; 2**16 leaves room for them,
+keeps the per-env state (an observation, episode statistics, a return) a few MB, and stays far
+below `trpo.RANK_SEED_STRIDE`, so data-parallel ranks never share an env seed. Past it
+`n_envs=10**12` would be a bare MemoryError (or minutes of building envs) instead of this error."""
+
+THREADS_PER_CORE = 4
+"""`num_threads` may be at most this many times the machine's cores (`os.cpu_count()`): more
+threads than that only oversubscribe the cores, and torch would try to start a billion."""
+
+
+def check_num_threads(value, name: str = "num_threads") -> int:
+    """`value` as a thread count in [1, cores * THREADS_PER_CORE]; ValueError naming `name` otherwise."""
+    return check_int(name, value, 1, (os.cpu_count() or 1) * THREADS_PER_CORE)
 
 
 def check_bool(name: str, value) -> bool:
@@ -71,13 +95,13 @@ class TrustRegionConfig:
     damping: float = 0.1
     """λ in the CG system (F + λI) x = g."""
     cg_iters: int = 10
-    """Maximum conjugate-gradient iterations (Fisher-vector products) per step."""
+    """Maximum conjugate-gradient iterations (Fisher-vector products) per step; at most MAX_ITERATIONS."""
     cg_rtol: float = 1e-10
     """CG stops early once ||r|| ≤ cg_rtol·||g||."""
     backtrack_factor: float = 0.8
     """The line search shrinks the step by this factor after each rejected trial."""
     max_backtracks: int = 10
-    """Step sizes tried before the step is abandoned and θ restored."""
+    """Step sizes tried before the step is abandoned and θ restored; at most MAX_ITERATIONS."""
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # numpy scalars become plain Python numbers
@@ -89,10 +113,10 @@ TRUST_REGION_RANGES = {
     # every trial overflow): the bound turns a typo into an error instead of a no-op.
     "max_kl": lambda name, v: check_float(name, v, 0.0, 10.0, low_open=True),
     "damping": lambda name, v: check_float(name, v, 0.0),
-    "cg_iters": lambda name, v: check_int(name, v, 1),
+    "cg_iters": lambda name, v: check_int(name, v, 1, MAX_ITERATIONS),
     "cg_rtol": lambda name, v: check_float(name, v, 0.0, 1.0, high_open=True),  # >= 1: no iteration
     "backtrack_factor": lambda name, v: check_float(name, v, 0.0, 1.0, low_open=True, high_open=True),
-    "max_backtracks": lambda name, v: check_int(name, v, 1),
+    "max_backtracks": lambda name, v: check_int(name, v, 1, MAX_ITERATIONS),
 }
 """The valid range of each trust-region setting, checked here and nowhere else: `TrustRegionConfig`,
 `trpo_ext.fvp` (damping) and `trpo_ext.cg_solve` (damping, cg_iters as `iters`, cg_rtol as `rtol`)."""
@@ -141,7 +165,8 @@ class TRPOConfig:
     """
 
     n_envs: int = 8
-    """Environment copies stepped together as one vector env (a vector env's own `num_envs` wins)."""
+    """Environment copies stepped together as one vector env (a vector env's own `num_envs` wins);
+    at most MAX_ENVS."""
     n_steps: int = 128
     """Steps per env per rollout; one policy update uses n_steps * n_envs transitions."""
     gamma: float = 0.99
@@ -168,7 +193,8 @@ class TRPOConfig:
     critic_lr: float = 1e-3
     """Adam learning rate of the value network; > 0."""
     critic_epochs: int = 10
-    """Passes over the batch per update for the value network (0 leaves it untrained)."""
+    """Passes over the batch per update for the value network (0 leaves it untrained); at most
+    MAX_ITERATIONS."""
     critic_batch_size: int = 128
     """Minibatch size of the value-network regression."""
     critic_parallel: str = "gather"
@@ -203,7 +229,7 @@ class TRPOConfig:
         if not isinstance(self.trust_region, TrustRegionConfig):
             raise ValueError(f"trust_region must be a TrustRegionConfig, got {self.trust_region!r}")
         checked = {
-            "n_envs": check_int("n_envs", self.n_envs, 1),
+            "n_envs": check_int("n_envs", self.n_envs, 1, MAX_ENVS),
             "n_steps": check_int("n_steps", self.n_steps, 1),
             "gamma": check_float("gamma", self.gamma, 0.0, 1.0),
             "gae_lambda": check_float("gae_lambda", self.gae_lambda, 0.0, 1.0),
@@ -214,7 +240,7 @@ class TRPOConfig:
             "normalize_reward": check_bool("normalize_reward", self.normalize_reward),
             "reward_clip": check_float("reward_clip", self.reward_clip, 0.0, low_open=True),
             "critic_lr": check_float("critic_lr", self.critic_lr, 0.0, 1.0, low_open=True),
-            "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0),
+            "critic_epochs": check_int("critic_epochs", self.critic_epochs, 0, MAX_ITERATIONS),
             "critic_batch_size": check_int("critic_batch_size", self.critic_batch_size, 1),
             "critic_parallel": check_choice("critic_parallel", self.critic_parallel, CRITIC_PARALLEL),
             "update_parallel": check_choice("update_parallel", self.update_parallel, UPDATE_PARALLEL),
