@@ -1,16 +1,20 @@
 """Checkpoint files: nothing in a file runs code on load, damaged and foreign files are named as such,
 saving always saves."""
 import copy
+import functools
 import os
 import pickle
+import subprocess
+import sys
 import warnings
+import zipfile
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from trpo_ext import TRPO, checkpoint
+from trpo_ext import TRPO, checkpoint, checkpoint_fields
 from trpo_ext.cli import main as cli_main
 
 FAST = dict(n_envs=2, n_steps=32, critic_epochs=1, seed=0)
@@ -154,26 +158,49 @@ def _write(path, data: bytes):
     (lambda p, good: _write(p, b""), r"is not a trpo_ext checkpoint \(the file is empty\)"),
     (lambda p, good: _write(p, good[: len(good) // 2]), "is damaged"),
     (lambda p, good: _write(p, np.random.default_rng(0).bytes(5000)), "is not a trpo_ext checkpoint"),
-    (lambda p, good: _write(p, b"hello, this is a text file\n" * 10), "is not a trpo_ext checkpoint"),
+    (lambda p, good: _write(p, b"hello, this is a text file\n" * 10), r"is not a trpo_ext checkpoint \(a text file\)"),
+    (lambda p, good: _write(p, b"step,reward\n1,0.5\n"), r"is not a trpo_ext checkpoint \(a text file\)"),
+    (lambda p, good: _write(p, b'{"policy": "MlpPolicy"}'), r"is not a trpo_ext checkpoint \(a text file\)"),
+    (lambda p, good: _write(p, b'cos\nsystem\n(S"echo hi"\ntR.'), r"is not a trpo_ext checkpoint \(a text file\)"),
+    (lambda p, good: _sb3_zip(p), r"is not a trpo_ext checkpoint \(it is an sb3 model: load it with sb3"),
+    (lambda p, good: _zip(p, {"notes.txt": "x"}), "is not a trpo_ext checkpoint .*zip archive torch.save did not write"),
     (lambda p, good: _write(p, pickle.dumps({"format": 2}, protocol=2)), "is not a trpo_ext checkpoint"),
     (lambda p, good: torch.save({"something": 1}, p), r"is not a trpo_ext checkpoint \(it holds a dict with keys"),
     (lambda p, good: torch.save([1, 2], p), r"is not a trpo_ext checkpoint \(it holds a list"),
-    (lambda p, good: torch.save({"x": Foreign()}, p), "is not a trpo_ext checkpoint .*other than plain data"),
+    (lambda p, good: torch.save({"x": Foreign()}, p), r"is not a trpo_ext checkpoint \(the file holds objects other "
+                                                      r"than plain data and tensors: test_checkpoint.Foreign\)"),
     (lambda p, good: torch.save({"format": 3, "sha256": "0" * 64, "payload": b"x"}, p), "is damaged .*sha256"),
     (lambda p, good: checkpoint.write_atomic({"format": 3, "policy": {}}, p), "is damaged .*no 'hyperparameters'"),
     (lambda p, good: checkpoint.write_atomic([1, 2], p), r"is damaged \(the payload is a list, not a dict\)"),
-], ids=["empty", "truncated", "random-bytes", "text", "plain-pickle", "foreign-dict", "foreign-list",
+], ids=["empty", "truncated", "random-bytes", "text", "csv", "json", "pickle-as-text", "sb3", "zip", "plain-pickle",
+        "foreign-dict", "foreign-list",
         "foreign-object", "bad-checksum", "missing-keys", "payload-not-a-dict"])
 def test_damaged_or_foreign_files_are_named_as_such(saved, tmp_path, make, message):
     path = tmp_path / "file.pt"
     make(path, saved.read_bytes())
-    with pytest.raises(ValueError, match=f"file.pt {message}"):
+    with pytest.raises(ValueError, match=f"file.pt {message}") as info:
         TRPO.load(path)
+    # torch's advice to retry with weights_only=False is wrong here and unsafe: never passed on, nor chained
+    assert "weights_only" not in str(info.value) and info.value.__cause__ is None
+    assert info.value.__context__ is None or info.value.__suppress_context__
+
+
+def _zip(path, entries: dict):
+    with zipfile.ZipFile(path, "w") as z:
+        for entry, text in entries.items():
+            z.writestr(entry, text)
+    return path
+
+
+def _sb3_zip(path):
+    """What stable-baselines3's save writes (sb3-contrib's TRPO too), its entries' contents aside."""
+    return _zip(path, {"data": "{}", "pytorch_variables.pth": "", "policy.pth": "", "policy.optimizer.pth": "",
+                       "_stable_baselines3_version": "2.3.2", "system_info.txt": ""})
 
 
 @pytest.mark.parametrize("field, value, expected", [
     ("hyperparameters", [1, 2], "hyperparameters is a list, expected a dict"),
-    ("policy", {"layers.0.weight": 3}, "policy is a dict, expected a dict of tensors"),
+    ("policy", {"layers.0.weight": 3}, r"policy\['layers.0.weight'\] is a int, expected a dense tensor"),
     ("num_timesteps", "64", "num_timesteps is a str, expected an int"),
     ("num_timesteps", True, "num_timesteps is a bool, expected an int"),
     ("env_id", 3, "env_id is a int, expected a string or None"),
@@ -203,7 +230,7 @@ def test_flipped_bytes_in_the_middle_are_detected(saved, tmp_path):
         TRPO.load(path)
 
 
-@pytest.mark.parametrize("field", [key for key, _, _ in checkpoint.FIELD_TYPES])
+@pytest.mark.parametrize("field", [key for key, _, _ in checkpoint_fields.FIELD_TYPES])
 def test_every_field_is_required(saved, tmp_path, field):
     state = checkpoint.read(saved)
     del state[field]
@@ -220,7 +247,7 @@ def test_every_field_is_required(saved, tmp_path, field):
     ("normalizer", "none", "collector: normalizer is a str, expected a dict or None"),
 ])
 def test_every_collector_field_is_required_and_checked(saved, tmp_path, field, value, expected):
-    for key, _, _ in checkpoint.COLLECTOR_FIELD_TYPES if field is None else [(field, None, None)]:
+    for key, _, _ in checkpoint_fields.COLLECTOR_FIELD_TYPES if field is None else [(field, None, None)]:
         state = checkpoint.read(saved)
         if field is None:
             del state["collector"][key]
@@ -234,8 +261,8 @@ def test_every_collector_field_is_required_and_checked(saved, tmp_path, field, v
 def test_what_save_writes_is_what_read_checks(saved):
     agent = TRPO.load(saved)
     state = checkpoint.read(saved)
-    assert list(state) == [key for key, _, _ in checkpoint.FIELD_TYPES]
-    assert list(agent.collector.state_dict()) == [key for key, _, _ in checkpoint.COLLECTOR_FIELD_TYPES]
+    assert list(state) == [key for key, _, _ in checkpoint_fields.FIELD_TYPES]
+    assert list(agent.collector.state_dict()) == [key for key, _, _ in checkpoint_fields.COLLECTOR_FIELD_TYPES]
 
 
 def test_earlier_formats_are_not_checkpoints(saved, tmp_path):
@@ -250,7 +277,6 @@ def test_earlier_formats_are_not_checkpoints(saved, tmp_path):
 def test_saves_leave_no_temporary_files(saved, tmp_path, monkeypatch):
     agent = TRPO.load(saved)
     path = tmp_path / "model.pt"
-    (tmp_path / "model.pt.tmp").write_bytes(b"left by a save that was killed")
     for _ in range(3):
         agent.save(path)
     assert os.listdir(tmp_path) == ["model.pt"]
@@ -280,10 +306,10 @@ def _optimizer_state(state, change):
     (lambda o: o["state"][0].update(exp_avg=o["state"][0]["exp_avg"].t().contiguous().t()),
      r"state\[0\]\['exp_avg'\]: .*not contiguous"),
     (lambda o: o["state"][0].update(step=torch.tensor([1.0, 2.0])), r"state\[0\]\['step'\]: must be a 1-element"),
-    (lambda o: o["state"][0].update(step=3), r"state\[0\]\['step'\]: a int, not a tensor"),
-    (lambda o: o["state"][0].pop("exp_avg_sq"), r"state\[0\]: no 'exp_avg_sq'"),
+    (lambda o: o["state"][0].update(step=3), r"state\[0\]\['step'\]: must be a 1-element float tensor, got a int"),
+    (lambda o: o["state"][0].pop("exp_avg_sq"), r"state\[0\]: fields 'exp_avg', 'step', expected 'exp_avg', 'exp_avg_sq'"),
     (lambda o: o["state"].update({99: {}}), r"state\[99\]: no such parameter"),
-    (lambda o: o["param_groups"][0].update(params=[0]), "param_groups: parameters"),
+    (lambda o: o["param_groups"][0].update(params=[1, 0]), r"param_groups: parameters \[1, 0\], expected 0, 1"),
 ], ids=["shape", "dtype", "contiguous", "step-shape", "step-type", "missing", "extra", "groups"])
 def test_optimizer_state_is_validated_before_use(saved, tmp_path, change, message):
     state = checkpoint.read(saved)
@@ -291,3 +317,179 @@ def test_optimizer_state_is_validated_before_use(saved, tmp_path, change, messag
     checkpoint.write_atomic(_optimizer_state(state, change), tmp_path / "opt.pt")
     with pytest.raises(ValueError, match=f"opt.pt is damaged \\(critic_optimizer {message}"):
         TRPO.load(tmp_path / "opt.pt")
+    state["critic_optimizer"]["param_groups"][0]["params"] = [0]  # too few: known once the critic is built
+    checkpoint.write_atomic(_optimizer_state(state, lambda o: o["state"].clear()), tmp_path / "opt.pt")
+    with pytest.raises(ValueError, match=r"opt.pt is damaged \(critic_optimizer param_groups: 1 parameters, the value "
+                                         r"net has 6\)"):
+        TRPO.load(tmp_path / "opt.pt")
+
+
+# ----------------------------------------------------------------------------- a save writes its own file only
+def test_a_save_never_writes_through_a_planted_link(saved, tmp_path, monkeypatch):
+    agent = TRPO.load(saved)
+    victim, path = tmp_path / "victim", tmp_path / "model.pt"
+    victim.write_bytes(b"precious")
+    (tmp_path / "model.pt.tmp").symlink_to(victim)  # where saves used to put their temporary file
+    agent.save(path)
+    assert victim.read_bytes() == b"precious" and (tmp_path / "model.pt.tmp").is_symlink()
+    assert not path.is_symlink() and TRPO.load(path).num_timesteps == 64
+    # The temporary file is created exclusively: a link planted at its very name is an error, never followed.
+    monkeypatch.setattr(checkpoint.secrets, "token_hex", lambda n: "guessed")
+    (tmp_path / ".model.pt.guessed.tmp").symlink_to(victim)
+    before = sorted(os.listdir(tmp_path)), path.read_bytes()
+    with pytest.raises(FileExistsError):
+        agent.save(path)
+    assert victim.read_bytes() == b"precious" and (sorted(os.listdir(tmp_path)), path.read_bytes()) == before
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "FIFO"])
+def test_a_save_replaces_only_a_regular_file(saved, tmp_path, kind):
+    agent = TRPO.load(saved)
+    victim, path = tmp_path / "victim", tmp_path / "model.pt"
+    victim.write_bytes(b"precious")
+    {"symlink": lambda: path.symlink_to(victim), "directory": path.mkdir, "FIFO": lambda: os.mkfifo(path)}[kind]()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=f"save: .*model.pt is a {kind}, not a regular file; a save replaces only"):
+        agent.save(path)
+    assert sorted(os.listdir(tmp_path)) == before and victim.read_bytes() == b"precious"
+
+
+# ----------------------------------------------------------------------------- what is not a file is not opened
+def test_a_directory_or_a_device_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.os, "open", lambda *a, **k: pytest.fail("opened"))
+    for path, what in ((tmp_path, "a directory"), ("/dev/null", "a character device")):
+        with pytest.raises(ValueError, match=rf"is not a trpo_ext checkpoint \(it is {what}, not a regular file\)"):
+            TRPO.load(path)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo, link = tmp_path / "model.pt", tmp_path / "link.pt"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    # Opening a FIFO to read waits for a writer: a subprocess with a timeout, so a regression fails, never hangs.
+    code = "import sys\nfrom trpo_ext import TRPO\nfor p in sys.argv[1:]:\n    try:\n        TRPO.load(p)\n" \
+           "    except ValueError as e:\n        print(e)"
+    out = subprocess.run([sys.executable, "-c", code, str(fifo), str(link)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == [f"{p} is not a trpo_ext checkpoint (it is a FIFO, not a regular file)"
+                                       for p in (fifo, link)], out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- hostile checkpoints
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A checkpoint with every field in use (observation and reward normalization), to be altered."""
+    path = tmp_path_factory.mktemp("hostile") / "model.pt"
+    agent = TRPO("CartPole-v1", normalize_obs=True, normalize_reward=True, **FAST).learn(64, progress_bar=False)
+    agent.save(path)
+    agent.close()
+    return path
+
+
+DROP = object()
+NAN = float("nan")
+
+
+def hostile_case(*path, value, message, id):
+    """The field at `path` set to `value` (DROP: removed; a callable: applied to the saved value);
+    loading is refused with "m.pt is damaged (MESSAGE" (or "m.pt MESSAGE" when it does not fit the env)."""
+    return pytest.param(path, value, message, id=id)
+
+
+HOSTILE = [
+    hostile_case("hyperparameters", "cg_iters", value=2**62, id="cg-iters",
+                 message="hyperparameters: cg_iters must be an int >= 1 and <= 10000, got 4611686018427387904"),
+    hostile_case("hyperparameters", "max_backtracks", value=10**9, id="max-backtracks",
+                 message="hyperparameters: max_backtracks must be an int >= 1 and <= 10000"),
+    hostile_case("hyperparameters", "critic_epochs", value=2**62, id="critic-epochs",
+                 message="hyperparameters: critic_epochs must be an int >= 0 and <= 10000"),
+    hostile_case("hyperparameters", "n_envs", value=10**12, id="n-envs",
+                 message="hyperparameters: n_envs must be an int >= 1 and <= 65536, got 1000000000000"),
+    hostile_case("hyperparameters", "cg_rtol", value=NAN, id="cg-rtol", message=r"hyperparameters: cg_rtol must be a finite"),
+    hostile_case("hyperparameters", "normalize_obs", value="yes", id="bool-string",
+                 message="hyperparameters: normalize_obs must be True or False"),
+    hostile_case("hyperparameters", "log_dir", value="/tmp/elsewhere", id="log-dir",
+                 message="hyperparameters: unknown keys 'log_dir'; a checkpoint holds TRPO's hyperparameters: n_envs"),
+    hostile_case("hyperparameters", "gamma", value=DROP, id="no-gamma", message="hyperparameters: no 'gamma'"),
+    hostile_case("hyperparameters", "seed", value=None, id="no-seed", message="hyperparameters: seed is None"),
+    hostile_case("hyperparameters", "policy_kwargs", value={"hidden": (2**20, 2**20)}, id="huge-hidden",
+                 message=r"policy holds \d+ numbers; a MlpPolicy of hidden widths \(1048576, 1048576\)"),
+    hostile_case("policy", "layers.0.weight", value=lambda t: torch.full_like(t, NAN), id="nan-weights",
+                 message=r"policy\['layers.0.weight'\] holds NaN or Inf"),
+    hostile_case("value_net", "layers.2.bias", value=lambda t: t / 0, id="inf-bias",
+                 message=r"value_net\['layers.2.bias'\] holds NaN or Inf"),
+    hostile_case("policy", 3, value=torch.zeros(1), id="param-name", message="policy has the key 3, expected"),
+    hostile_case("generator", value=torch.zeros(7, dtype=torch.uint8), id="generator-size",
+                 message=r"generator has shape \(7,\), expected \(5056,\)"),
+    hostile_case("generator", value=lambda t: t.float(), id="generator-dtype",
+                 message="generator is a torch.float32 tensor of shape .*, expected torch.uint8"),
+    hostile_case("generator_device", value="tpu", id="generator-device",
+                 message=r"generator_device is 'tpu', expected one of \['cpu', 'cuda'\]"),
+    hostile_case("num_timesteps", value=-1, id="timesteps", message="num_timesteps must be an int >= 0 and <="),
+    hostile_case("n_updates", value=10**6, id="updates", message="n_updates must be an int >= 0 and <= 64, got 1000000"),
+    hostile_case("world_size", value=0, id="world-size", message="world_size must be an int >= 1"),
+    hostile_case("critic_optimizer", "param_groups", 0, "lr", value=NAN, id="adam-lr",
+                 message=r"critic_optimizer param_groups\[0\]\['lr'\] is nan, expected 0.001"),
+    hostile_case("critic_optimizer", "param_groups", 0, "betas", value=(2.0, 0.5), id="adam-betas",
+                 message=r"critic_optimizer param_groups\[0\]\['betas'\] is \(2.0, 0.5\)"),
+    hostile_case("critic_optimizer", "state", 0, "exp_avg_sq", value=lambda t: t - 1, id="adam-negative",
+                 message=r"critic_optimizer state\[0\]\['exp_avg_sq'\] holds values < 0.0"),
+    hostile_case("critic_optimizer", "state", 0, "step", value=torch.tensor(NAN), id="adam-step",
+                 message=r"critic_optimizer state\[0\]\['step'\] holds NaN or Inf"),
+    hostile_case("collector", "normalizer", value="running", id="normalizer-string",
+                 message="collector: normalizer is a str, expected a dict or None"),
+    hostile_case("collector", "normalizer", value=None, id="normalizer-missing",
+                 message="collector: normalizer is None, but hyperparameters normalize_obs is True"),
+    hostile_case("collector", "normalizer", "mean", value="0", id="mean-string",
+                 message=r"collector: normalizer\['mean'\] is a str, expected a dense tensor"),
+    hostile_case("collector", "normalizer", "var", value=lambda t: -t, id="negative-variance",
+                 message=r"collector: normalizer\['var'\] holds values < 0.0"),
+    hostile_case("collector", "normalizer", "var", value=lambda t: t[:3], id="variance-shape",
+                 message=r"collector: normalizer\['var'\] has shape \(3,\), expected \(4,\)"),
+    hostile_case("collector", "normalizer", "count", value=0.0, id="count",
+                 message=r"collector: normalizer\['count'\] is 0.0, expected a finite number > 0"),
+    hostile_case("collector", "normalizer", "clip", value=1e9, id="clip",
+                 message=r"collector: normalizer\['clip'\] is 1000000000.0, expected 10.0"),
+    hostile_case("collector", "normalizer", value=lambda n: {**n, "mean": n["mean"][:3], "var": n["var"][:3]},
+                 id="normalizer-width", message=r"does not fit this env: the model normalizes 3 observation features, "
+                                                r"the env's observation space Box\(.*\) has 4"),
+    hostile_case("collector", "reward_scaler", "returns", value=torch.zeros(5, dtype=torch.float64), id="returns-shape",
+                 message=r"collector: reward_scaler\['returns'\] has shape \(5,\), expected \(2,\)"),
+    hostile_case("collector", "reward_scaler", "stats", "var", value=lambda t: t.float(), id="reward-var-dtype",
+                 message=r"collector: reward_scaler\['stats'\]\['var'\] is a torch.float32 tensor"),
+    hostile_case("collector", "stats", "lengths", value=lambda t: t - 10**6, id="lengths",
+                 message=r"collector: stats\['lengths'\] holds values < 0"),
+    hostile_case("collector", "stats", "finished", value=[(1.0, 0)], id="finished",
+                 message=r"collector: stats\['finished'\] must be a list of at most stats_window"),
+    hostile_case("collector", "last_obs", value=lambda t: t[:1], id="obs-rows",
+                 message=r"collector: last_obs has shape \(1, 4\), expected \(2, \.\.\.\): one row per env"),
+    hostile_case("collector", "last_obs", value=lambda t: t * NAN, id="obs-nan", message="collector: last_obs holds NaN"),
+    hostile_case("collector", "mask_source", value="magic", id="mask-source",
+                 message="collector: mask_source is 'magic', expected one of"),
+    hostile_case("spaces", "extra", value="x", id="spaces", message="spaces is .*, expected the observation and action"),
+]
+
+
+@pytest.mark.parametrize("path, value, message", HOSTILE)
+def test_a_hostile_checkpoint_is_refused_naming_the_file_and_the_field(hostile, tmp_path, path, value, message):
+    state = checkpoint.read(hostile)
+    parent = functools.reduce(lambda d, k: d[k], path[:-1], state)
+    if value is DROP:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value(parent[path[-1]]) if callable(value) else value
+    checkpoint.write_atomic(state, tmp_path / "m.pt")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    expected = f"m.pt {message}" if message.startswith("does not fit") else f"m.pt is damaged \\({message}"
+    with pytest.raises(ValueError, match=expected):
+        TRPO.load(tmp_path / "m.pt", log_dir=tmp_path / "logs")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_saved_envs_are_checked_against_their_observations(saved, tmp_path):
+    state = checkpoint.read(saved)
+    state["collector"]["last_obs"] = state["collector"]["last_obs"][:, :3].contiguous()
+    checkpoint.write_atomic(state, tmp_path / "m.pt")
+    assert TRPO.load(tmp_path / "m.pt").num_timesteps == 64  # fresh envs: the saved observations are not used
+    with pytest.raises(ValueError, match=r"m.pt is damaged \(collector: last_obs has shape \(2, 3\), the saved envs' "
+                                         r"observations \(2, \(4,\)\)\)"):
+        TRPO.load(tmp_path / "m.pt", restore_env_states=True)

@@ -2,9 +2,11 @@
 `torch.load(weights_only=True)` (plain data and tensors; the env states are one pickled bytes blob).
 
 The file is `{"format": 3, "sha256": HEX, "payload": BYTES}`, BYTES being `torch.save` of the state
-dict, so damage anywhere in the payload is detected. Every field is required and checked before
-any of it is used; every problem with a file is one ValueError: "PATH is not a trpo_ext checkpoint
-(...)" or "PATH is damaged (...)".
+dict, so damage anywhere in the payload is detected. Every field is required and checked by type,
+shape, dtype and range before anything is built from it (`trpo_ext.checkpoint_fields`); every
+problem with a file is one ValueError: "PATH is not a trpo_ext checkpoint (...)" (a FIFO, a device
+or a directory, refused before opening; a text file; an sb3 model; any other foreign file) or
+"PATH is damaged (FIELD ...)".
 
 Loading a file never runs code from it by default: the env is rebuilt only from an id registered in
 the loading process (the registry's spec, never an entry point or kwargs from the file), and the
@@ -12,44 +14,36 @@ pickled env states are unpickled only with `restore_env_states=True`. The networ
 dicts; their classes' qualified names (`policy_class`, `value_net_class`) are stored for
 information and for the error when a custom network is not passed again at load time.
 
+Saving never follows a symlink or writes through another file: the file is written into a new
+temporary file, created exclusively next to the target, then renamed over it.
+
     trpo_ext.checkpoint.save(agent, "model.pt")        # what TRPO.save does
     agent = trpo_ext.checkpoint.load(TRPO, "model.pt")  # what TRPO.load does
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
 import io
 import os
 import pickle
+import re
+import secrets
+import stat
 import warnings
+import zipfile
 
 import gymnasium as gym
 import torch
 
 from . import distributed
+from .checkpoint_fields import check_fits, check_state
 from .envs import LeanSyncVectorEnv, eval_env_factory
-from .policies import BUILT_IN, qualified_name
+from .policies import qualified_name
 
 FORMAT = 3
 """The only format read: the state dict wrapped with its sha256."""
-
-NONE = type(None)
-FIELD_TYPES = (
-    ("format", int, "an int"), ("hyperparameters", dict, "a dict"), ("env_id", (str, NONE), "a string or None"),
-    ("spaces", dict, "a dict"), ("policy", dict, "a dict of tensors"), ("value_net", dict, "a dict of tensors"),
-    ("policy_class", str, "a string"), ("value_net_class", str, "a string"), ("network_names", dict, "a dict"),
-    ("critic_optimizer", dict, "a dict"), ("generator", torch.Tensor, "a tensor"),
-    ("generator_device", str, "a string"), ("num_timesteps", int, "an int"), ("n_updates", int, "an int"),
-    ("world_size", int, "an int"), ("collector", dict, "a dict"), ("env_states", (bytes, NONE), "bytes or None"))
-"""Every field of a state dict (what `save` writes) and what it must be, checked by `read` before
-any of it is used."""
-
-COLLECTOR_FIELD_TYPES = (
-    ("last_obs", (torch.Tensor, dict, NONE), "a tensor, a dict or None"),
-    ("last_masks", (torch.Tensor, NONE), "a tensor or None"), ("mask_source", (str, NONE), "a string or None"),
-    ("stats", dict, "a dict"), ("normalizer", (dict, NONE), "a dict or None"),
-    ("reward_scaler", (dict, NONE), "a dict or None"))
-"""Likewise for the collector's state (`RolloutCollector.state_dict()`)."""
 
 
 def save(agent, path: str | os.PathLike) -> None:
@@ -88,16 +82,17 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
          device: str | torch.device | None = None, log_dir: str | os.PathLike | None = None,
          restore_env_states: bool = False, policy=None, value_net=None):
     """An agent of class `cls` (`TRPO`) restored from `path`; see `TRPO.load`."""
-    state = read(path)
+    name = os.fspath(path)
+    state = read(name)
     networks = {"policy": policy, "value_net": value_net}
     for key, given in networks.items():
         if given is None:
-            name = state["network_names"][key]  # the built-in network's name; None: a user's module
-            if name is None:
-                raise ValueError(f"{os.fspath(path)} was saved with a custom {key} ({state[f'{key}_class']}); a "
+            built_in = state["network_names"][key]  # the built-in network's name; None: a user's module
+            if built_in is None:
+                raise ValueError(f"{name} was saved with a custom {key} ({state[f'{key}_class']}); a "
                                  f"checkpoint holds its parameters, not its code: pass {key}= (the module or the "
                                  f"callable that built it) to TRPO.load")
-            networks[key] = name
+            networks[key] = built_in
     hyperparameters = dict(state["hyperparameters"])
     saved_id = state["env_id"]
     registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
@@ -112,52 +107,41 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
         env = LeanSyncVectorEnv.from_envs(pickle.loads(state["env_states"]))  # the caller opted in
     elif env is None:
         if saved_id is None:
-            raise ValueError(f"{os.fspath(path)}: this model was trained on an env without a registered id; "
+            raise ValueError(f"{name}: this model was trained on an env without a registered id; "
                              "pass env=")
         if registered is None:
-            raise ValueError(f"{os.fspath(path)}: this model was trained on {saved_id!r}, which is not registered "
+            raise ValueError(f"{name}: this model was trained on {saved_id!r}, which is not registered "
                              "in this process; import the module that registers it, or pass env=")
         env = registered
     if restore_env_states and not resume_envs:
-        warnings.warn(f"{os.fspath(path)} holds no env states (the envs were not picklable, or not synchronous); "
+        warnings.warn(f"{name} holds no env states (the envs were not picklable, or not synchronous); "
                       "the loaded agent starts fresh episodes", stacklevel=3)
     if n_envs is not None:
         hyperparameters["n_envs"] = n_envs
     elif isinstance(env, gym.Env):  # one instance cannot be copied into the saved n_envs
         hyperparameters["n_envs"] = 1
     agent = cls(env, **hyperparameters, device=device or "cpu", log_dir=log_dir, **networks)
-    if resume_envs and registered is not None:  # the unpickled envs do not know their id; the file does
-        agent.env_spec = registered
-        agent.make_eval_env = eval_env_factory(registered, registered)
-    try:
+    try:  # everything checked against the agent before any of it is loaded; a refusal closes the agent
+        check_fits(name, agent, state, resume_envs, custom=policy is not None or value_net is not None)
+        if resume_envs and registered is not None:  # the unpickled envs do not know their id; the file does
+            agent.env_spec = registered
+            agent.make_eval_env = eval_env_factory(registered, registered)
         agent.policy.load_state_dict(state["policy"])
         agent.value_net.load_state_dict(state["value_net"])
-    except RuntimeError as e:  # the networks' shapes: the env's spaces differ from the model's
+        agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        agent.num_timesteps, agent.n_updates = state["num_timesteps"], state["n_updates"]
+        resume_seed = agent.rank_seed(agent.config.seed + agent.num_timesteps)
+        if agent.world_size > 1:  # data-parallel: each rank its own stream, reproducibly
+            agent.generator.manual_seed(resume_seed)
+        elif state["generator_device"] == agent.device.type:  # a CPU and a CUDA generator state differ
+            agent.generator.set_state(state["generator"])
+        agent.collector.load_state_dict(state["collector"], resume_episodes=resume_envs)
+        if not resume_envs:  # fresh envs: episodes restart, seeded so that resuming is still reproducible
+            agent.collector.reset(seed=resume_seed)
+    except BaseException:
         agent.close()
-        if policy is not None or value_net is not None:
-            raise ValueError(f"{os.fspath(path)} does not fit the networks given (saved: policy "
-                             f"{state['policy_class']}, value_net {state['value_net_class']}; trained on "
-                             f"{_model_spaces(state)}): {_first_line(e)}") from e
-        raise ValueError(f"{os.fspath(path)} does not fit this env: the model was trained on {_model_spaces(state)}; "
-                         f"the env has observation space {agent.observation_space}, action space "
-                         f"{agent.action_space}") from e
-    check_optimizer_state(state["critic_optimizer"], list(agent.value_net.parameters()), path)
-    agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
-    agent.num_timesteps, agent.n_updates = state["num_timesteps"], state["n_updates"]
-    resume_seed = agent.rank_seed(agent.config.seed + agent.num_timesteps)
-    if agent.world_size > 1:  # data-parallel: each rank its own stream, reproducibly
-        agent.generator.manual_seed(resume_seed)
-    elif state["generator_device"] == agent.device.type:  # a CPU and a CUDA generator state differ
-        agent.generator.set_state(state["generator"])
-    agent.collector.load_state_dict(state["collector"], resume_episodes=resume_envs)
-    if not resume_envs:  # fresh envs: episodes restart, seeded so that resuming is still reproducible
-        agent.collector.reset(seed=resume_seed)
+        raise
     return agent
-
-
-def _model_spaces(state: dict) -> str:
-    """The spaces a checkpoint's model was trained on, in words."""
-    return f"observation space {state['spaces']['observation']}, action space {state['spaces']['action']}"
 
 
 def _env_id(spec) -> str | None:
@@ -174,46 +158,53 @@ def _env_id(spec) -> str | None:
 
 
 def write_atomic(state: dict, path: str | os.PathLike) -> None:
-    """Writes `state` to `path` as a format-3 file (the payload and its sha256) through the fixed
-    temporary file `PATH.tmp`, fsynced and renamed over `path`: a crash leaves the old file or the
-    new one, never a torn one, and at most that one temporary file, which the next save replaces."""
+    """Writes `state` to `path` as a format-3 file (the payload and its sha256): into a new
+    temporary file `.NAME.RANDOM.tmp` next to it, created exclusively (never through a link or an
+    existing file), fsynced and renamed over `path`. A crash leaves the old file or the new one,
+    never a torn one (and at most that temporary file). ValueError, before anything is written,
+    when `path` is something other than a regular file (a symlink, a directory, a FIFO, a device)."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise ValueError(f"save: {path} is {_kind(mode)}, not a regular file; a save replaces only a regular file "
+                         "(it never writes through a link or into a device): remove it or choose another path")
+    directory, base = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    wrapper = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
-    tmp = path + ".tmp"
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}, buffer)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")  # 64 random bits: no name to plant
+    fd = os.open(tmp, flags, 0o666)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(wrapper, f)
+        with open(fd, "wb") as f:
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # the rename itself reaches the disk (where the system allows it)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read(path: str | os.PathLike) -> dict:
-    """The checkpoint's state dict, every field checked (`FIELD_TYPES`, `COLLECTOR_FIELD_TYPES`);
+    """The checkpoint's state dict, every field checked (`checkpoint_fields.check_state`);
     ValueError "PATH is not a trpo_ext checkpoint (...)" or "PATH is damaged (...)"
     (FileNotFoundError when there is no file)."""
     name = os.fspath(path)
-    with open(name, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise ValueError(f"{name} is not a trpo_ext checkpoint (the file is empty)")
-    try:
-        outer = torch.load(name, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{name} is not a trpo_ext checkpoint (it holds objects other than plain data and "
-                         f"tensors: {_first_line(e)})") from e
-    except Exception as e:
-        if head == b"PK\x03\x04":  # a zip archive, what torch.save writes, that torch cannot read
-            raise ValueError(f"{name} is damaged (torch.load: {_first_line(e)})") from e
-        raise ValueError(f"{name} is not a trpo_ext checkpoint (not a file written by torch.save)") from e
+    outer = _load(name, _read_regular_file(name), "the file")
     if not isinstance(outer, dict) or outer.get("format") != FORMAT:
         what = f"a dict with keys {sorted(map(str, outer))[:8]}" if isinstance(outer, dict) else \
             f"a {type(outer).__name__}"
@@ -224,80 +215,85 @@ def read(path: str | os.PathLike) -> dict:
         raise ValueError(f"{name} is damaged (no payload or checksum)")
     if hashlib.sha256(payload).hexdigest() != digest:
         raise ValueError(f"{name} is damaged (its sha256 checksum does not match the contents)")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{name} is damaged (the payload does not load: {_first_line(e)})") from e
+    state = _load(name, payload, "the payload")
     if not isinstance(state, dict):
         raise ValueError(f"{name} is damaged (the payload is a {type(state).__name__}, not a dict)")
-    _check_fields(name, state, FIELD_TYPES, "")
-    if state["format"] != FORMAT:
-        raise ValueError(f"{name} is damaged (the payload says format {state['format']}, the file {FORMAT})")
-    for key in ("policy", "value_net"):
-        if not all(isinstance(v, torch.Tensor) for v in state[key].values()):
-            raise ValueError(f"{name} is damaged ({key} is a dict, expected a dict of tensors)")
-    names = state["network_names"]
-    if set(names) != {"policy", "value_net"} or not all(names[k] is None or names[k] in BUILT_IN for k in names):
-        raise ValueError(f"{name} is damaged (network_names is {names!r:.80}, expected a dict of built-in "
-                         f"names {BUILT_IN} or None for policy and value_net)")
-    if not all(isinstance(state["spaces"].get(k), str) for k in ("observation", "action")):
-        raise ValueError(f"{name} is damaged (spaces is {state['spaces']!r:.80}, expected the observation and "
-                         "action spaces in words)")
-    _check_fields(name, state["collector"], COLLECTOR_FIELD_TYPES, "collector: ")
+    if "format" in state and state["format"] != FORMAT:
+        raise ValueError(f"{name} is damaged (the payload says format {state['format']!r:.20}, the file {FORMAT})")
+    check_state(name, state)
     return state
 
 
-def _check_fields(name: str, state: dict, field_types, where: str) -> None:
-    """ValueError "NAME is damaged (...)" unless `state` has every field of `field_types`, each of
-    its types (bools are not ints)."""
-    missing = [key for key, _, _ in field_types if key not in state]
-    if missing:
-        raise ValueError(f"{name} is damaged ({where}no {', '.join(map(repr, missing))})")
-    for key, types, expected in field_types:
-        value = state[key]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ValueError(f"{name} is damaged ({where}{key} is a {type(value).__name__}, expected {expected})")
+def _read_regular_file(name: str) -> bytes:
+    """The bytes of the regular file `name`; anything else (a FIFO, a device, a directory) is
+    refused before it is opened, and opened without blocking in case it was swapped in since."""
+    mode = os.stat(name).st_mode
+    if stat.S_ISREG(mode):
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                     | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                return f.read()
+    raise ValueError(f"{name} is not a trpo_ext checkpoint (it is {_kind(mode)}, not a regular file)")
 
 
-def check_optimizer_state(state, params: list[torch.Tensor], path) -> None:
-    """ValueError "PATH is damaged (critic_optimizer ...)" unless `state` is an Adam state dict for
-    `params`: one group over all of them; per parameter exp_avg / exp_avg_sq (/ max_exp_avg_sq) of
-    its shape and dtype, contiguous, and `step` a 1-element float tensor."""
-    def fail(what):
-        raise ValueError(f"{os.fspath(path)} is damaged (critic_optimizer {what})")
+SB3_ENTRIES = ("_stable_baselines3_version", "policy.pth")
+"""Entries of the zip archive stable-baselines3's `save` writes (sb3-contrib's models too)."""
 
-    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
-            or not isinstance(state.get("param_groups"), list):
-        fail("is not an optimizer state dict")
-    groups = state["param_groups"]
-    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        fail("param_groups: each group must be a dict with a 'params' list")
-    indices = [i for g in groups for i in g["params"]]
-    if indices != list(range(len(params))):
-        fail(f"param_groups: parameters {indices}, expected {list(range(len(params)))}")
-    for key, entry in state["state"].items():
-        if not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, dict):
-            fail(f"state[{key!r}]: no such parameter or not a dict")
-        param = params[key]
-        for field in ("step", "exp_avg", "exp_avg_sq"):
-            if field not in entry:
-                fail(f"state[{key}]: no {field!r}")
-        for field, value in entry.items():
-            where = f"state[{key}][{field!r}]"
-            if not isinstance(value, torch.Tensor):
-                fail(f"{where}: a {type(value).__name__}, not a tensor")
-            if field == "step":
-                if value.numel() != 1 or not value.is_floating_point():
-                    fail(f"{where}: must be a 1-element float tensor, got {value.dtype} of shape {tuple(value.shape)}")
-            elif value.shape != param.shape or value.dtype != param.dtype or not value.is_contiguous():
-                fail(f"{where}: {value.dtype} of shape {tuple(value.shape)}"
-                     f"{'' if value.is_contiguous() else ', not contiguous'}; the parameter is {param.dtype} "
-                     f"of shape {tuple(param.shape)}")
+
+def _load(name: str, data: bytes, what: str):
+    """`torch.load(weights_only=True)` of `data` (the file, or its payload), foreign formats named:
+    an empty file, a text file, an sb3 model, a zip archive torch.save did not write, objects other
+    than plain data and tensors (never with torch's advice to retry with weights_only=False)."""
+    def foreign(why):
+        return ValueError(f"{name} is not a trpo_ext checkpoint ({why})")
+
+    if not data:
+        raise foreign(f"{what} is empty")
+    if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        raise foreign("a text file" if what == "the file" and _is_text(data) else f"{what} was not written by torch.save")
+    try:
+        entries = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    except Exception as e:  # BadZipFile and whatever a mangled directory raises
+        raise ValueError(f"{name} is damaged ({what} is a zip archive that does not open: {_first_line(e)})") from None
+    if any(entry in entries for entry in SB3_ENTRIES):
+        raise foreign("it is an sb3 model: load it with sb3 (stable_baselines3 / sb3_contrib `.load`)")
+    if not any(entry.endswith("data.pkl") for entry in entries):
+        raise foreign(f"a zip archive torch.save did not write, holding {', '.join(entries[:5])[:120]}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: not ours to pass on
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise foreign(f"{what} holds objects other than plain data and tensors"
+                      f"{f': {found.group(1)}' if found else ''}") from None
+    except Exception as e:
+        raise ValueError(f"{name} is damaged ({what} does not load: {_first_line(e)})") from None
+
+
+def _is_text(data: bytes) -> bool:
+    """Whether `data` starts like a text file: UTF-8 without control characters other than whitespace."""
+    sample = data[:4096]
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(sample)  # a character cut at the end is fine
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text.lstrip("\ufeff"))
+
+
+def _kind(mode: int) -> str:
+    """What a file of this st_mode is, in words."""
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symlink"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:200]
 
 
 def _env_states(envs) -> bytes | None:
