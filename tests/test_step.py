@@ -7,10 +7,10 @@ import gymnasium as gym
 import pytest
 import torch
 from torch.distributions import Categorical
-from torch.nn.utils import parameters_to_vector
 
 import trpo_ext
 from trpo_ext import TRPO, reference
+from trpo_ext._ops import flat_vector
 from trpo_ext.config import TrustRegionConfig
 from trpo_ext.distributions import sample_actions
 from trpo_ext.step import line_search
@@ -30,7 +30,7 @@ def _batch(policy, n=64, seed=0):
 
 
 def _vector(module):
-    return parameters_to_vector(module.parameters()).detach().clone()
+    return flat_vector(module.parameters()).detach()
 
 
 def _reference_step(policy, obs, actions, advantages, mask, line_search_steps, backtrack_factor=0.5):
@@ -38,7 +38,7 @@ def _reference_step(policy, obs, actions, advantages, mask, line_search_steps, b
     autograd, reference CG, β = sqrt(2δ / x'Ax), times factor^(k-1) for the k-th trial."""
     log_prob = reference.log_prob(policy, obs, actions, mask)
     surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).mean()
-    g = parameters_to_vector(torch.autograd.grad(surrogate, list(policy.parameters())))
+    g = flat_vector(torch.autograd.grad(surrogate, list(policy.parameters())))
     x, used, _, xAx = reference.cg_solve(policy, obs, g, iters=10, damping=0.1, rtol=1e-10, action_mask=mask)
     beta = math.sqrt(2 * 0.01 / xAx.item())
     return beta * x * backtrack_factor ** (line_search_steps - 1), used, beta * (g @ x).item()
@@ -79,6 +79,38 @@ def test_generic_path_takes_the_fused_step(case):
     assert a.cg_iterations == b.cg_iterations
     assert rel_err(_vector(fused) - before, _vector(generic) - before) <= 1e-8
     assert a.kl == pytest.approx(b.kl, rel=1e-8)
+
+
+class ConvPolicy(torch.nn.Module):
+    """A small CNN with a categorical head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+        self.head = torch.nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, obs):
+        return Categorical(logits=self.head(torch.relu(self.conv(obs)).flatten(1)))
+
+
+def test_parameters_and_gradients_of_any_layout_take_the_same_step():
+    # A channels-last copy of a CNN: its conv weight, and that weight's gradient, are not contiguous
+    # (torch.nn.utils.parameters_to_vector cannot flatten them). The step takes the same step, and
+    # each parameter keeps its own storage and layout.
+    policy = ConvPolicy().double()
+    last = copy.deepcopy(policy).to(memory_format=torch.channels_last)
+    weight = last.conv.weight
+    assert not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    obs = torch.rand(16, 3, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    actions, advantages = sample_batch(policy, obs)
+    before, address = _vector(policy), weight.data_ptr()
+    a = trpo_ext.trust_region_step(policy, obs, actions, advantages)
+    b = trpo_ext.trust_region_step(last, obs.contiguous(memory_format=torch.channels_last), actions, advantages)
+    assert a.accepted and b.accepted and a.line_search_steps == b.line_search_steps
+    assert rel_err(_vector(last) - before, _vector(policy) - before) <= 1e-8
+    assert last.conv.weight is weight and weight.data_ptr() == address
+    assert weight.is_contiguous(memory_format=torch.channels_last)
 
 
 class TrapPolicy(torch.nn.Module):
@@ -159,7 +191,7 @@ def test_fvp_obs_is_what_the_products_use():
     # The expected step: the gradient on the whole batch, the Fisher on the subset only.
     dist = policy(obs)
     surrogate = (torch.exp(dist.log_prob(actions) - dist.log_prob(actions).detach()) * advantages).mean()
-    g = parameters_to_vector(torch.autograd.grad(surrogate, list(policy.parameters())))
+    g = flat_vector(torch.autograd.grad(surrogate, list(policy.parameters())))
     x, _, _, xAx = reference.cg_solve(policy, subset, g, iters=10, damping=0.1, rtol=1e-10)
     step = math.sqrt(2 * 0.01 / xAx.item()) * x * 0.5 ** (record.line_search_steps - 1)
     torch.testing.assert_close(_vector(sub) - _vector(policy), step, rtol=1e-8, atol=1e-12)

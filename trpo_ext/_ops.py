@@ -8,6 +8,10 @@ unchanged; the ops check them (docs/design.md, "Checks").
 `kind`, `activation`, `segments` and the masks describe the policy: build them with
 `trpo_ext.policies.FusedSpec.op_kwargs`, never by hand (`kind` is an action family's name,
 `trpo_ext.distributions`; docs/design.md, "Action spaces of the fused ops").
+
+The flat vectors the ops take and return (v, b, x, g) lay parameter-shaped tensors end to end:
+`flat_vector` builds one, `unflatten` / `load_flat_` take one apart; the package builds every flat
+θ, gradient or step with them, whatever the tensors' strides.
 """
 from __future__ import annotations
 
@@ -39,6 +43,33 @@ ops = torch.ops.trpo_ext
 def cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return bool(ops.cuda_built())
+
+
+# ----------------------------------------------------------------------------- flat vectors
+def flat_vector(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors (parameters, their gradients, ...) end to end in one new flat vector, each in
+    row-major order whatever its strides: the layout of the ops' flat vectors (docs/design.md,
+    "Contracts across the C++ boundary"). Never a view of its inputs; keeps their graph."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of consecutive slices of a flat `vector`, one shaped like each tensor of `like`
+    (`flat_vector`'s inverse); ValueError unless the lengths add up."""
+    sizes = [t.numel() for t in like]
+    if vector.dim() != 1 or vector.numel() != sum(sizes):
+        raise ValueError(f"a flat vector of length {sum(sizes)} (the tensors' element count) was expected, got shape "
+                         f"{tuple(vector.shape)}")
+    return [part.view(t.shape) for part, t in zip(vector.split(sizes), like)]
+
+
+def load_flat_(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+    """Copies a flat vector into `params`, in place and without autograd: each keeps its own storage
+    and strides (unlike `torch.nn.utils.vector_to_parameters`, which makes them views of `vector`)."""
+    parts = unflatten(vector, params)
+    with torch.no_grad():
+        for p, part in zip(params, parts):
+            p.copy_(part)
 
 
 class CGResult(NamedTuple):

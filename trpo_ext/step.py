@@ -18,9 +18,9 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch.distributions import Distribution, kl_divergence
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from . import _ops, distributed
+from ._ops import flat_vector, load_flat_, unflatten
 from .config import TrustRegionConfig
 from .distributions import detach_distribution, family_of, masked
 from .fisher import CGInfo, check_inputs, check_policy, choose_path, generic_cg_solve
@@ -108,12 +108,10 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
                                            **fused.op_kwargs(action_mask=action_mask, fvp_action_mask=fvp_action_mask))
         with torch.no_grad():
             old_dist = policy.distribution(result.dist_params)
-        shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
         old_log_std = params[-1].detach().clone() if fused.action.family.has_log_std else None
 
         def trial(candidate):
-            views = [t.view(shape) for t, shape in zip(candidate.split(sizes), shapes)]
-            kl, improvement = _ops.mlp_policy_trial(obs, views, actions, advantages,
+            kl, improvement = _ops.mlp_policy_trial(obs, unflatten(candidate, params), actions, advantages,
                                                     old_dist_params=result.dist_params, old_log_std=old_log_std,
                                                     group=name, **fused.op_kwargs(action_mask=action_mask))
             return kl.item(), improvement.item()
@@ -136,11 +134,11 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
                 dist = masked(dist, action_mask)
             log_prob = dist.log_prob(actions)
             surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).sum() / n_total
-            g = distributed.all_reduce_sum_(parameters_to_vector(torch.autograd.grad(surrogate, params)), group)
+            g = distributed.all_reduce_sum_(flat_vector(torch.autograd.grad(surrogate, params)), group)
         old_dist, old_log_prob = detach_distribution(dist), log_prob.detach()
 
         def trial(candidate):
-            vector_to_parameters(candidate, params)
+            load_flat_(candidate, params)
             with _unvalidated_distributions(), torch.no_grad():
                 dist = masked(policy(obs), action_mask)
                 sums = torch.stack([kl_divergence(old_dist, dist).sum(),
@@ -233,7 +231,7 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     direction = _direction(policy, params, obs, actions, advantages, config, fvp_obs, path, group,
                            action_mask, fvp_action_mask)
     g, x, info, old_dist = direction.gradient, direction.x, direction.info, direction.old_dist
-    old_params = parameters_to_vector(params).detach().clone()
+    old_params = flat_vector(params).detach()
     record = dict(accepted=False, kl=0.0, improvement=0.0, expected_improvement=float("nan"), line_search_steps=0,
                   cg_iterations=0, cg_residual=float("nan"), entropy=old_dist.entropy().mean().item(),
                   policy_std=family_of(old_dist).mean_std(old_dist), time_cg=0.0, time_line_search=0.0)
@@ -262,7 +260,7 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
         try:
             record["line_search_steps"], accepted = line_search(direction.trial, old_params, full_step, config)
         finally:  # also when a trial raised: a generic trial loads its candidate into the policy
-            vector_to_parameters(old_params if accepted is None else accepted[0], params)
+            load_flat_(old_params if accepted is None else accepted[0], params)
     if accepted is None:
         return finish()
     return finish(accepted=True, kl=accepted[1], improvement=accepted[2])
