@@ -12,10 +12,11 @@ from torch import nn
 import trpo_ext
 from trpo_ext import TRPO, reference, toy_envs
 from trpo_ext.distributions import action_spec
-from trpo_ext.policies import FeaturePolicy, fused_spec
+from trpo_ext._ops import flat_vector
+from trpo_ext.policies import FeaturePolicy, built_in_policy, default_name, fused_spec
 from trpo_ext.spaces import ObservationCodec, pack, unpack
 
-from helpers import random_mask, rel_err
+from helpers import random_mask, rel_err, sample_batch
 
 FAST = dict(n_envs=4, n_steps=64, critic_epochs=5, seed=0)
 
@@ -36,6 +37,8 @@ def learned(agent, steps, episodes=10) -> float:
     pytest.param("trpo_ext/DiscreteObsMatch-v0", "auto", 4000, 14.0, id="discrete-obs-fused"),  # random 3.2
     pytest.param("trpo_ext/DictMatch-v0", "MultiInputPolicy", 4000, 14.0, id="dict"),  # random 4
     pytest.param("trpo_ext/ImageSide-v0", "CnnPolicy", 2048, 14.0, id="image-hwc"),  # random 8
+    pytest.param("trpo_ext/GrayImageSide-v0", "CnnPolicy", 2048, 14.0, id="image-hwc-1-channel"),  # random 8
+    pytest.param("trpo_ext/StackedImageSide-v0", "auto", 2048, 12.5, id="image-frame-stack"),  # random 8
     pytest.param("trpo_ext/DictImageSide-v0", "auto", 2048, 14.0, id="dict-image-chw"),
 ])
 def test_each_space_learns_clearly_better_than_random(env_id, policy, steps, floor):
@@ -86,11 +89,17 @@ def test_generic_output_fishers_equal_double_backprop_float64(space, use_mask):
     assert rel_err(product, expected) < 1e-10
 
 
-def test_generic_fisher_of_cnn_and_dict_policies_equals_double_backprop():
+@pytest.mark.parametrize("env", [toy_envs.DictImageSide, toy_envs.GrayImageSide, toy_envs.StackedImageSide],
+                         ids=["dict-image-chw", "image-hwc-1-channel", "image-frame-stack"])
+def test_generic_fisher_of_cnn_and_dict_policies_equals_double_backprop(env):
     torch.manual_seed(0)
-    codec = ObservationCodec(toy_envs.DictImageSide().observation_space)
-    policy = trpo_ext.policies.built_in_policy("MultiInputPolicy", codec, spaces.Discrete(2), (16,), "tanh", 0.0).double()
-    obs = {"image": torch.rand(6, 1, 40, 40, dtype=torch.float64), "hint": torch.randn(6, 1, dtype=torch.float64)}
+    space = env().observation_space
+    space.seed(0)
+    codec = ObservationCodec(space)
+    policy = trpo_ext.policies.built_in_policy(default_name(codec), codec, spaces.Discrete(2), (16,), "tanh",
+                                               0.0).double()
+    obs = codec.preprocess(codec.batch_raw([space.sample() for _ in range(6)]), "cpu")  # as the rollout sees them
+    obs = {k: t.double() for k, t in obs.items()} if isinstance(obs, dict) else obs.double()
     params = list(policy.parameters())
     v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
     expected = reference.fvp(policy, obs, v)
@@ -210,3 +219,71 @@ def test_multi_input_policy_is_a_feature_policy_with_a_cnn_per_image():
 def test_recurrent_policies_are_refused_with_an_error_saying_so():
     with pytest.raises(ValueError, match="recurrent policies are not supported"):
         TRPO("CartPole-v1", policy="MlpLstmPolicy", **FAST)
+
+
+# ----------------------------------------------------------------------------- every image layout
+# HWC and CHW, 1, 3 or 4 channels (a frame stack), square or not, from NatureCNN's smallest input up to Atari's.
+IMAGE_SHAPES = [(40, 40, 1), (1, 40, 40), (40, 40, 3), (3, 40, 40), (40, 40, 4), (4, 40, 40), (36, 36, 1),
+                (37, 53, 3), (84, 84, 1), (4, 84, 84)]
+
+
+def _image_step(shape, rows=slice(None), process_group=None):
+    """The CnnPolicy (float64) of a uint8 image space of `shape` after one trust-region step on the
+    `rows` of a batch of 8 noise images (the same batch, policy and actions on every call): (the
+    step's record, the preprocessed batch, the step θ' - θ)."""
+    codec = ObservationCodec(spaces.Box(0, 255, shape, np.uint8))
+    policy = built_in_policy("CnnPolicy", codec, spaces.Discrete(3), (), "tanh", 0.0).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # float64 draws, the same in every process (the init's float32 QR is not, at 1e-7, across
+        for p in policy.parameters():  # thread counts)
+            scale = (2 / p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1
+            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    raw = np.random.default_rng(0).integers(0, 256, (8, *shape), dtype=np.uint8)
+    obs = codec.preprocess(raw, "cpu").double()
+    actions, advantages = sample_batch(policy, obs)
+    before = flat_vector(policy.parameters()).detach()
+    # Damping 1 and 5 CG iterations: the default 10 at damping 0.1 amplify any change of summation order
+    # (the batch's row order, say) to up to 2e-5 of the step here (84 x 84); these keep it near 1e-14.
+    record = trpo_ext.trust_region_step(policy, obs[rows], actions[rows], advantages[rows], damping=1.0, cg_iters=5,
+                                        process_group=process_group)
+    return record, obs, flat_vector(policy.parameters()).detach() - before
+
+
+@pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_every_image_layout_takes_a_trust_region_step(shape):
+    record, obs, _ = _image_step(shape)
+    channels = min(shape)
+    assert obs.shape[1] == channels and obs.stride() == torch.empty(obs.shape).stride()  # CHW, row-major
+    assert record.accepted and 0 < record.kl <= 0.01 and record.improvement > 0
+
+
+def _two_rank_image_steps(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        shard = slice(0, 3) if rank == 0 else slice(3, 8)  # shards of different sizes
+        torch.save({shape: _image_step(shape, shard, dist.group.WORLD)[2] for shape in IMAGE_SHAPES},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_image_layout_takes_a_data_parallel_step(tmp_path):
+    """Two gloo ranks, each with its shard of the batch, take the step one process takes on all of it."""
+    torch.multiprocessing.spawn(_two_rank_image_steps, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for shape in IMAGE_SHAPES:
+        single = _image_step(shape)[2]
+        assert torch.equal(ranks[0][shape], ranks[1][shape]), shape
+        assert rel_err(ranks[0][shape], single) <= 1e-10, shape
+
+
+def test_an_image_below_what_the_cnn_takes_is_refused_with_the_smallest_size():
+    class Small(toy_envs.GrayImageSide):
+        size = 35
+
+    with pytest.raises(ValueError, match=r"NatureCNN needs images of at least 36 x 36 pixels .*got 35 x 35 \(the image "
+                                         r"as \(C, H, W\): \(1, 35, 35\)\)"):
+        TRPO(lambda: Small(), **FAST)

@@ -177,7 +177,8 @@ class NatureCNN(nn.Module):
         channels, height, width = shape
         if height < 36 or width < 36:
             raise ValueError(f"NatureCNN needs images of at least 36 x 36 pixels (its three convolutions shrink "
-                             f"them by 32), got {height} x {width}; pass your own policy= / value_net= for smaller ones")
+                             f"them by 32), got {height} x {width} (the image as (C, H, W): {tuple(shape)}); pass your "
+                             "own policy= / value_net= for smaller ones")
         self.cnn = nn.Sequential(nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2),
                                  nn.ReLU(), nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
         with torch.no_grad():

@@ -220,7 +220,10 @@ class ObservationCodec:
                 t = torch.as_tensor(np.asarray(raw), device=device)
                 if part.channels_last:
                     t = t.permute(0, 3, 1, 2)
-                t = t.to(torch.float32).div_(255.0).contiguous()
+                # A copy (never the caller's array, scaled in place) with row-major (B, C, H, W) strides
+                # for every layout: `.contiguous()` keeps a 1-channel HWC batch's permuted strides, which
+                # are channels-last strides too, and the convolutions would run in that memory format.
+                t = t.to(torch.float32, memory_format=torch.contiguous_format, copy=True).div_(255.0)
             elif part.kind == "onehot":
                 idx = torch.as_tensor(np.asarray(raw, dtype=np.int64) - int(part.space.start), device=device)
                 t = torch.nn.functional.one_hot(idx.reshape(-1), part.size).to(torch.float32)

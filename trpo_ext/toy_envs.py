@@ -13,6 +13,9 @@ Registered with gymnasium under the "trpo_ext" namespace when trpo_ext is import
     DictMatch-v0           Dict obs {"target": Discrete(4), "noise": Box(3)}, Discrete(4) actions
     DiscreteObsMatch-v0    Discrete(5) obs, Discrete(5) actions
     ImageSide-v0           uint8 image obs (40, 40, 3) HWC with a bright square on one side, Discrete(2)
+    GrayImageSide-v0       the same in grayscale, (40, 40, 1) HWC (Atari's frames with a channel axis)
+    StackedImageSide-v0    the last 4 grayscale frames, (4, 40, 40), as gymnasium's FrameStackObservation
+                           stacks (H, W) frames; only the newest one's square pays
     DictImageSide-v0       Dict obs {"image": (1, 40, 40) uint8 CHW, "hint": Box(1)}, Discrete(2)
 """
 from __future__ import annotations
@@ -196,6 +199,35 @@ class ImageSide(_Match):
         return float(int(action) == self.target)
 
 
+class GrayImageSide(ImageSide):
+    """One channel, last: (40, 40, 1) HWC."""
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon, channels=1, channels_first=False)
+
+
+class StackedImageSide(ImageSide):
+    """A frame stack: the last `frames` grayscale frames, oldest first, (frames, 40, 40), as gymnasium's
+    FrameStackObservation stacks them (the first frame of an episode repeated to fill the stack). Each
+    step draws a new target; the older frames show earlier targets, which no longer pay."""
+
+    frames = 4
+
+    def __init__(self, horizon: int = 16):
+        super().__init__(horizon, channels=1, channels_first=True)
+        self.observation_space = spaces.Box(0, 255, (self.frames, self.size, self.size), np.uint8)
+        self.stack: list[np.ndarray] = []
+
+    def reset(self, *, seed=None, options=None):
+        self.stack = []
+        return super().reset(seed=seed, options=options)
+
+    def _observe(self):
+        frame = super()._observe()[0]
+        self.stack = (self.stack or [frame] * self.frames)[1:] + [frame]
+        return np.stack(self.stack)
+
+
 class DictImageSide(ImageSide):
     """The square's side from the image; "hint" is noise the policy must learn to ignore."""
 
@@ -210,7 +242,8 @@ class DictImageSide(ImageSide):
 
 ENVS = {"MultiDiscreteMatch-v0": MultiDiscreteMatch, "MultiBinaryMatch-v0": MultiBinaryMatch,
         "MaskedChoice-v0": MaskedChoice, "MaskedChoiceInfo-v0": MaskedChoiceInfo, "DictMatch-v0": DictMatch, "DiscreteObsMatch-v0": DiscreteObsMatch,
-        "ImageSide-v0": ImageSide, "DictImageSide-v0": DictImageSide}
+        "ImageSide-v0": ImageSide, "GrayImageSide-v0": GrayImageSide, "StackedImageSide-v0": StackedImageSide,
+        "DictImageSide-v0": DictImageSide}
 
 
 def register() -> None:
