@@ -89,6 +89,20 @@ def test_unsupported_action_space(space):
         trpo_ext.MLPPolicy(3, space)
 
 
+@pytest.mark.parametrize("space", [gym.spaces.Box(-1, 1, (0,)), gym.spaces.MultiDiscrete([])],
+                         ids=["box", "multidiscrete"])
+def test_an_empty_action_space_is_refused(space):
+    # Every family's zero-width space (gymnasium itself refuses Discrete(0) and MultiBinary(0)).
+    with pytest.raises(TypeError, match=r"action_space .* is empty: it has no action to take"):
+        trpo_ext.MLPPolicy(3, space)
+
+    class NoActions(gym.Env):
+        observation_space, action_space = gym.spaces.Box(-1, 1, (3,)), space
+
+    with pytest.raises(TypeError, match=r"action_space .* is empty"):
+        trpo_ext.TRPO(lambda: NoActions(), n_envs=1, n_steps=8)
+
+
 @pytest.mark.parametrize("kwargs, error, words", [
     pytest.param(dict(activation="gelu"), ValueError, "activation must be one of", id="unknown-activation"),
     pytest.param(dict(hidden=(64, 0)), ValueError, "hidden must be a sequence of positive ints", id="zero-width"),

@@ -406,6 +406,9 @@ def action_spec(action_space) -> ActionSpec:
     for family in FAMILIES:
         spec = family.spec(action_space)
         if spec is not None:
+            if spec.width == 0:  # Box(shape=(0,)), MultiDiscrete([]): a policy with no output, no action to take
+                raise TypeError(f"action_space {action_space!r} is empty: it has no action to take (a policy needs "
+                                "at least one output)")
             return spec
     raise TypeError(f"action_space must be {_either(f.space_names for f in FAMILIES)} (Tuple and Dict actions are "
                     f"not supported), got {action_space!r}")
