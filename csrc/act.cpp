@@ -31,6 +31,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::opt
   const ActionDist dist = parse_action_dist(k, segments, shape.out_width);
   TORCH_CHECK_VALUE(obs_mean.has_value() == obs_inv_std.has_value(),
                     "trpo_ext: obs_mean and obs_inv_std must be given together");
+  // NaN fails the comparison too; inf clips nothing.
+  TORCH_CHECK_VALUE(obs_clip > 0, "trpo_ext: obs_clip must be > 0 (inf: no clipping), got ", obs_clip);
   check_action_mask(action_mask, "action_mask", dist, obs, "obs");
 
   // A fresh tensor even when obs already has the weights' dtype: an op's output must not alias its input.
@@ -41,7 +43,6 @@ std::tuple<at::Tensor, at::Tensor> mlp_act(const at::Tensor& obs, const std::opt
       TORCH_CHECK_VALUE(s->dim() == 1 && s->size(0) == obs.size(1), "trpo_ext: ", name, " must have shape (",
                         obs.size(1), "), got ", s->sizes());
     }
-    TORCH_CHECK_VALUE(obs_clip > 0, "trpo_ext: obs_clip must be > 0, got ", obs_clip);
     TRPO_EXT_DISPATCH(x, normalize_rows_, x, obs_mean->contiguous(), obs_inv_std->contiguous(), obs_clip);
   }
   // A rollout step's few rows on the CPU: plain loops instead of a GEMM per layer (kernels.h).

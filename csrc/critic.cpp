@@ -4,11 +4,71 @@
 // minibatch) spends most of its time in per-op overhead at these sizes.
 #include "critic.h"
 
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "collective.h"
 #include "mlp.h"
 
 namespace trpo_ext {
 namespace {
+
+// Adam's settings, torch.optim.Adam's ranges (NaN fails every comparison, so it is refused too).
+void check_adam_settings(double lr, double beta1, double beta2, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(lr) && lr >= 0, "trpo_ext: lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0 && beta1 < 1, "trpo_ext: beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0 && beta2 < 1, "trpo_ext: beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "trpo_ext: eps must be finite and >= 0, got ", eps);
+}
+
+// Whether two tensors may share memory: the byte ranges their elements span on one device intersect
+// (exact for the dense tensors the op writes; for a strided one, any element within its span counts).
+bool share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;  // ATen strides are >= 0
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto first = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+    return std::pair{first, first + static_cast<std::uintptr_t>((last + 1) * t.element_size())};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// ValueError when a tensor the op writes (params, exp_avg, exp_avg_sq, steps) shares memory with
+// another one it writes, or with one it reads (obs, returns, order): an update would then overwrite
+// another's state, or the data of later minibatches.
+void check_no_aliasing(const at::Tensor& obs, const at::Tensor& returns, const at::Tensor& order,
+                       at::TensorList params, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                       at::TensorList steps) {
+  const int64_t n_layers = static_cast<int64_t>(params.size()) / 2;
+  std::vector<std::pair<const at::Tensor*, std::string>> written;
+  for (size_t i = 0; i < params.size(); ++i) {
+    written.emplace_back(&params[i], param_name(static_cast<int64_t>(i), n_layers));
+    written.emplace_back(&exp_avg[i], c10::str("exp_avg[", i, "]"));
+    written.emplace_back(&exp_avg_sq[i], c10::str("exp_avg_sq[", i, "]"));
+    written.emplace_back(&steps[i], c10::str("steps[", i, "]"));
+  }
+  for (size_t i = 0; i < written.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK_VALUE(!share_memory(*written[i].first, *written[j].first), "trpo_ext: ", written[j].second,
+                        " and ", written[i].second, " share memory: the op updates params, exp_avg, exp_avg_sq and "
+                        "steps in place, so each must be a tensor of its own");
+    }
+  }
+  const std::pair<const at::Tensor*, const char*> read_only[] = {
+      {&obs, "obs"}, {&returns, "returns"}, {&order, "order"}};
+  for (const auto& [read, name] : read_only) {
+    for (const auto& [t, written_name] : written) {
+      TORCH_CHECK_VALUE(!share_memory(*read, *t), "trpo_ext: ", name, " shares memory with ", written_name,
+                        ", which the op updates in place: pass a copy");
+    }
+  }
+}
 
 // The arguments besides the network (check_mlp's job): everything the loop reads or writes densely.
 void check_fit_args(const at::Tensor& obs, const at::Tensor& returns, at::TensorList params,
@@ -53,6 +113,7 @@ void check_fit_args(const at::Tensor& obs, const at::Tensor& returns, at::Tensor
                       "), got values in [", lo_v, ", ", hi_v, "]");
   }
   TORCH_CHECK_VALUE(batch_size >= 1, "trpo_ext: batch_size must be >= 1, got ", batch_size);
+  check_no_aliasing(obs, returns, order, params, exp_avg, exp_avg_sq, steps);
 }
 
 }  // namespace
@@ -65,6 +126,7 @@ at::Tensor mlp_value_fit(const at::Tensor& obs, const at::Tensor& returns, at::T
   const GroupSum group_sum(group);
   const int64_t n_layers = check_mlp(obs, params, MlpKind::Value, ObsRule::Match).n_layers;
   check_fit_args(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size);
+  check_adam_settings(lr, beta1, beta2, eps);
   const int64_t n = obs.size(0);
   const at::Tensor obs_c = obs.contiguous();
   const at::Tensor returns_c = returns.contiguous().unsqueeze(1);

@@ -100,6 +100,16 @@ def test_bad_critic_arguments():
     with pytest.raises(ValueError, match="plain Adam"):
         fit_value_network(net, torch.optim.Adam(net.parameters(), amsgrad=True), torch.randn(10, 3),
                           torch.randn(10), 1, 4)
+    # An optimizer's settings changed after torch.optim.Adam checked them: the op refuses them before any
+    # write, so the critic is not turned NaN in place.
+    before = [p.detach().clone() for p in net.parameters()]
+    for key, value, words in [("lr", float("nan"), "lr must be finite"), ("lr", -1e-3, "lr must be finite"),
+                              ("betas", (1.5, 0.999), r"beta1 must be in \[0, 1\)")]:
+        bad = torch.optim.Adam(net.parameters())
+        bad.param_groups[0][key] = value
+        with pytest.raises(ValueError, match=words):
+            fit_value_network(net, bad, torch.randn(10, 3), torch.randn(10), 1, 4)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
 def _fit_args(hidden=(8,), n=12, obs_dim=4):
@@ -114,13 +124,21 @@ def _fit_args(hidden=(8,), n=12, obs_dim=4):
 
 def _fit(a, activation="tanh"):
     return torch.ops.trpo_ext.mlp_value_fit(a["obs"], a["returns"], a["params"], a["exp_avg"], a["exp_avg_sq"],
-                                            a["steps"], a["order"], a["batch_size"], 1e-3, 0.9, 0.999, 1e-8,
+                                            a["steps"], a["order"], a["batch_size"], a.get("lr", 1e-3),
+                                            a.get("beta1", 0.9), a.get("beta2", 0.999), a.get("eps", 1e-8),
                                             activation)
 
 
 def _replace(a, key, i, value):
     a[key] = list(a[key])
     a[key][i] = value(a[key][i])
+    return a
+
+
+def _overlapping_states(a):
+    """exp_avg[0] and exp_avg[1] in one buffer, their last and first 4 elements the same memory."""
+    buffer = torch.zeros(40)
+    a["exp_avg"] = [buffer[:32].view(8, 4), buffer[28:36], *a["exp_avg"][2:]]
     return a
 
 
@@ -157,13 +175,40 @@ def _replace(a, key, i, value):
                                     "params", 5, lambda t: torch.zeros(2)), ValueError,
                  "the critic's last layer must have one output",
                  id="two-outputs"),
+    # Adam's settings: torch.optim.Adam's ranges, lr and eps finite.
+    *[pytest.param(lambda a, k=k, x=x: dict(a, **{k: x}), ValueError, rf"{k} must be {rule}, got ", id=f"{k}={x}")
+      for k, rule, values in [("lr", "finite and >= 0", (float("nan"), -1e-3, float("inf"))),
+                              ("beta1", r"in \[0, 1\)", (1.0, 1.5, -0.1, float("nan"))),
+                              ("beta2", r"in \[0, 1\)", (1.0, float("nan"))),
+                              ("eps", "finite and >= 0", (-1e-8, float("inf"), float("nan")))] for x in values],
+    # What the op writes in place must not share memory with anything else it takes.
+    pytest.param(lambda a: _replace(a, "exp_avg_sq", 1, lambda t: a["exp_avg"][1]), ValueError,
+                 r"exp_avg\[1\] and exp_avg_sq\[1\] share memory: the op updates params, exp_avg, exp_avg_sq and "
+                 "steps in place", id="exp-avg-is-exp-avg-sq"),
+    pytest.param(lambda a: _replace(a, "exp_avg", 0, lambda t: a["params"][0]), ValueError,
+                 r"params\[0\] \(weight of layer 0\) and exp_avg\[0\] share memory", id="exp-avg-is-param"),
+    pytest.param(lambda a: _overlapping_states(a), ValueError, r"exp_avg\[0\] and exp_avg\[1\] share memory",
+                 id="exp-avg-overlap"),
+    pytest.param(lambda a: dict(a, steps=[a["steps"][0]] * 4), ValueError, r"steps\[0\] and steps\[1\] share memory",
+                 id="one-step-tensor"),
+    pytest.param(lambda a: dict(a, returns=a["params"][0].view(-1)[:12]), ValueError,
+                 r"returns shares memory with params\[0\] \(weight of layer 0\), which the op updates in place",
+                 id="returns-in-a-param"),
+    pytest.param(lambda a: dict(a, obs=a["exp_avg_sq"][0].expand(12, 8, 4)[:, 0, :]), ValueError,
+                 r"obs shares memory with exp_avg_sq\[0\]", id="obs-strided-over-state"),
+    # A meta tensor: the fake kernel refuses it (nothing to compute with, nothing written).
+    pytest.param(lambda a: _replace(a, "steps", 1, lambda t: t.to("meta")), TypeError,
+                 r"steps\[1\] must be a CPU or CUDA tensor, got one on meta", id="steps-meta"),
+    pytest.param(lambda a: dict(a, obs=a["obs"].to("meta")), TypeError, "obs must be a CPU or CUDA tensor",
+                 id="obs-meta"),
 ])
 def test_op_rejects_bad_arguments(change, error, words):
     a = change(_fit_args())
-    before = [p.clone() for p in a["params"]]
+    state = [t for key in ("params", "exp_avg", "exp_avg_sq", "steps") for t in a[key] if t.device.type != "meta"]
+    before = [t.clone() for t in state]
     with pytest.raises(error, match=words):
         _fit(a)
-    assert all(torch.equal(p, q) for p, q in zip(before, a["params"])), "a refused call changed params"
+    assert all(torch.equal(t, b) for t, b in zip(state, before)), "a refused call changed the network or its Adam state"
 
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["hidden", "output"])

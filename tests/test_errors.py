@@ -183,6 +183,13 @@ def _with(a, i, value):
                  "obs must be float32 or float64", id="obs-int"),
     pytest.param(lambda a: (a[0][:0], a[1], a[2], "gaussian", "tanh", 0.0), ValueError, "empty batch",
                  id="obs-empty"),
+    # A meta tensor anywhere sends the call to the fake kernel, which refuses it: no uninitialised result.
+    pytest.param(lambda a: (a[0].to("meta"), a[1], a[2], "gaussian", "tanh", 0.0), TypeError,
+                 r"obs must be a CPU or CUDA tensor, got one on meta", id="obs-meta"),
+    pytest.param(lambda a: (a[0], _with(a, 2, a[1][2].to("meta")), a[2], "gaussian", "tanh", 0.0), TypeError,
+                 r"params\[2\] must be a CPU or CUDA tensor", id="param-meta"),
+    pytest.param(lambda a: (a[0], a[1], a[2].to("meta"), "gaussian", "tanh", 0.0), TypeError,
+                 "v must be a CPU or CUDA tensor", id="v-meta"),
 ])
 def test_op_checks(setup, change, error, words):
     args = change(_op_args(*setup))
@@ -405,3 +412,31 @@ def test_policy_trial_checks_the_old_distribution():
         _call("trial", "gaussian", old_log_std=None)
     with pytest.raises(ValueError, match=r"old_dist_params must have shape \(11, 3\)"):
         _call("trial", "gaussian", old_dist_params=torch.zeros(N, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("op, case, argument", [
+    *[(op, "multicategorical-masked", "action_mask") for op in MASK_OPS],
+    ("direction", "gaussian", "actions"), ("direction", "gaussian", "advantages"), ("direction", "gaussian", "fvp_obs"),
+    ("trial", "gaussian", "old_dist_params"), ("trial", "gaussian", "old_log_std"), ("act", "gaussian", "obs_mean"),
+])
+def test_every_op_refuses_a_meta_argument_naming_it(op, case, argument):
+    policy, obs, mask, actions, advantages = _batch(case)
+    value = {"action_mask": lambda: mask, "actions": lambda: actions, "advantages": lambda: advantages,
+             "fvp_obs": lambda: obs[:3], "obs_mean": lambda: obs[0],
+             "old_dist_params": lambda: policy.distribution_params(obs).detach(),
+             "old_log_std": lambda: policy.log_std.detach()}[argument]
+    change = {argument: value().to("meta")}
+    if argument == "obs_mean":
+        change["obs_inv_std"] = torch.ones_like(obs[0])
+    with pytest.raises(TypeError, match=f"{argument} must be a CPU or CUDA tensor, got one on meta"):
+        _call(op, case, **change)
+
+
+@pytest.mark.parametrize("obs_clip", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_act_refuses_an_obs_clip_outside_its_range(obs_clip, normalized):
+    # Checked whether or not the call normalizes: a value out of range is a mistake either way.
+    change = dict(obs_mean=torch.zeros(5, dtype=torch.float64), obs_inv_std=torch.ones(5, dtype=torch.float64)) \
+        if normalized else {}
+    with pytest.raises(ValueError, match=r"obs_clip must be > 0 \(inf: no clipping\), got"):
+        _call("act", "gaussian", obs_clip=obs_clip, **change)

@@ -12,6 +12,10 @@ unchanged; the ops check them (docs/design.md, "Checks").
 The flat vectors the ops take and return (v, b, x, g) lay parameter-shaped tensors end to end:
 `flat_vector` builds one, `unflatten` / `load_flat_` take one apart; the package builds every flat
 θ, gradient or step with them, whatever the tensors' strides.
+
+The ops compute on CPU or CUDA tensors. A call with a meta tensor among its arguments reaches the
+fake kernel (the dispatcher's Meta kernel), which refuses it; under FakeTensorMode (torch.compile)
+the fake kernels serve as usual.
 """
 from __future__ import annotations
 
@@ -72,6 +76,19 @@ def load_flat_(vector: torch.Tensor, params: Sequence[torch.Tensor]) -> None:
             p.copy_(part)
 
 
+# ----------------------------------------------------------------------------- devices
+def _check_devices(**arguments) -> None:
+    """TypeError unless every tensor among `arguments` (tensors, lists of them or None) is on a CPU or
+    CUDA device. Every fake kernel calls it first: real meta tensors reach it through the Meta
+    dispatch key (a FakeTensor reports the device it stands for)."""
+    for name, value in arguments.items():
+        for i, t in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "cuda"):
+                where = name if t is value else f"{name}[{i}]"
+                raise TypeError(f"trpo_ext: {where} must be a CPU or CUDA tensor, got one on {t.device}: the ops "
+                                "compute on data, which a meta tensor does not have")
+
+
 class CGResult(NamedTuple):
     """What `mlp_cg` returns; the scalars are 0-dim tensors on the solve's device."""
 
@@ -91,6 +108,7 @@ def mlp_fvp(obs: torch.Tensor, params: Sequence[torch.Tensor], v: torch.Tensor, 
 
 @torch.library.register_fake("trpo_ext::mlp_fvp")
 def _mlp_fvp_fake(obs, params, v, kind, activation, damping, segments=None, action_mask=None):
+    _check_devices(obs=obs, params=params, v=v, action_mask=action_mask)
     return torch.empty_like(v)
 
 
@@ -105,6 +123,7 @@ def mlp_cg(obs: torch.Tensor, params: Sequence[torch.Tensor], b: torch.Tensor, *
 
 @torch.library.register_fake("trpo_ext::mlp_cg")
 def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol, segments=None, action_mask=None):
+    _check_devices(obs=obs, params=params, b=b, action_mask=action_mask)
     scalar = dict(device=b.device, dtype=torch.float64)
     return (torch.empty_like(b), b.new_empty((), dtype=torch.int64), b.new_empty((), **scalar),
             b.new_empty((), **scalar))
@@ -142,6 +161,8 @@ def mlp_policy_direction(obs: torch.Tensor, params: Sequence[torch.Tensor], acti
 @torch.library.register_fake("trpo_ext::mlp_policy_direction")
 def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, activation, damping, iters, rtol,
                                group=None, segments=None, action_mask=None, fvp_action_mask=None):
+    _check_devices(obs=obs, params=params, actions=actions, advantages=advantages, fvp_obs=fvp_obs,
+                   action_mask=action_mask, fvp_action_mask=fvp_action_mask)
     numel = sum(p.numel() for p in params)
     scalar = dict(device=obs.device, dtype=torch.float64)
     flat = obs.new_empty((numel,), dtype=params[0].dtype)
@@ -166,6 +187,8 @@ def mlp_policy_trial(obs: torch.Tensor, params: Sequence[torch.Tensor], actions:
 @torch.library.register_fake("trpo_ext::mlp_policy_trial")
 def _mlp_policy_trial_fake(obs, params, actions, advantages, old_dist_params, old_log_std, kind, activation,
                            group=None, segments=None, action_mask=None):
+    _check_devices(obs=obs, params=params, actions=actions, advantages=advantages, old_dist_params=old_dist_params,
+                   old_log_std=old_log_std, action_mask=action_mask)
     return obs.new_empty((), dtype=torch.float64), obs.new_empty((), dtype=torch.float64)
 
 
@@ -176,7 +199,10 @@ def mlp_value_fit(obs: torch.Tensor, returns: torch.Tensor, params: Sequence[tor
                   beta2: float, eps: float, activation: str, group: str | None = None) -> torch.Tensor:
     """Adam epochs of mean((V(obs) - returns)^2) for an MLP critic, in place; the mean loss (0-dim).
     `group`: a process group's `group_name`; each rank passes its own rows (as many on every rank)
-    and every step uses the ranks' minibatches together (one reduction per minibatch)."""
+    and every step uses the ranks' minibatches together (one reduction per minibatch). Refused
+    before anything is written: lr, beta1, beta2 or eps outside torch.optim.Adam's ranges (lr and
+    eps finite), and a tensor it writes (params, exp_avg, exp_avg_sq, steps) sharing memory with
+    another argument."""
     return ops.mlp_value_fit(obs, returns, list(params), list(exp_avg), list(exp_avg_sq), list(steps), order,
                              batch_size, lr, beta1, beta2, eps, activation, group)
 
@@ -184,6 +210,8 @@ def mlp_value_fit(obs: torch.Tensor, returns: torch.Tensor, params: Sequence[tor
 @torch.library.register_fake("trpo_ext::mlp_value_fit")
 def _mlp_value_fit_fake(obs, returns, params, exp_avg, exp_avg_sq, steps, order, batch_size, lr, beta1, beta2,
                         eps, activation, group=None):
+    _check_devices(obs=obs, returns=returns, params=params, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, steps=steps,
+                   order=order)
     return obs.new_empty((), dtype=torch.float64)
 
 
@@ -194,9 +222,9 @@ def mlp_act(obs: torch.Tensor, params: Sequence[torch.Tensor], *, kind: str, act
             obs_clip: float = 1.0, segments: Sequence[int] | None = None,
             action_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One rollout step: (normalized observations, actions). Normalization is skipped when
-    `obs_mean` is None. Actions: categorical int64 (N,), or (N, len(segments)) with `segments`,
-    never a class `action_mask` forbids; bernoulli 0/1 (N, K) of the parameters' dtype; gaussian
-    (N, K)."""
+    `obs_mean` is None; `obs_clip` > 0 either way (inf: no clipping). Actions: categorical int64
+    (N,), or (N, len(segments)) with `segments`, never a class `action_mask` forbids; bernoulli 0/1
+    (N, K) of the parameters' dtype; gaussian (N, K)."""
     return ops.mlp_act(obs, obs_mean, obs_inv_std, obs_clip, list(params), kind, activation, deterministic,
                        generator, segments, action_mask)
 
@@ -204,6 +232,7 @@ def mlp_act(obs: torch.Tensor, params: Sequence[torch.Tensor], *, kind: str, act
 @torch.library.register_fake("trpo_ext::mlp_act")
 def _mlp_act_fake(obs, obs_mean, obs_inv_std, obs_clip, params, kind, activation, deterministic, generator,
                   segments=None, action_mask=None):
+    _check_devices(obs=obs, obs_mean=obs_mean, obs_inv_std=obs_inv_std, params=params, action_mask=action_mask)
     dtype = params[0].dtype
     family = family_named(kind)
     # The last parameter (the output bias, or a Gaussian's log_std) is (K,).
