@@ -80,6 +80,7 @@ class RunLogger:
             if self._file.tell() == 0:
                 self._csv.writeheader()
         self._csv.writerow(record)
+        self._file.flush()  # a row per update on disk as it is written: `tail -f`, and a kill loses no row
         step = record["timesteps"]
         for key, value in record.items():
             if key not in ("update", "timesteps"):
