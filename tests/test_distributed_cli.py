@@ -1,5 +1,6 @@
-"""`trpo-ext train --nproc N` end to end: learning, a killed or hung rank, elastic restarts, and two
-torchrun "nodes" on this machine (docs/distributed.md)."""
+"""`trpo-ext train --nproc N` end to end: learning, a killed or hung rank, elastic restarts, two
+torchrun "nodes" on this machine (docs/distributed.md), Ctrl-C and --resume."""
+import csv
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 import torch
 
 import trpo_ext
+from trpo_ext import checkpoint
 
 FAST = ["--n-steps", "64", "--n-envs", "2", "--eval-episodes", "1", "--no-progress"]
 
@@ -133,3 +135,78 @@ def test_two_torchrun_nodes_train_like_nproc_2(tmp_path):
         assert torch.equal(p, q)
     assert a.num_timesteps == b.num_timesteps
     a.close(), b.close()
+
+
+def _rows(run_dir) -> list[dict]:
+    with open(run_dir / "progress.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _start(tmp_path, out, *args):
+    """`train --nproc 2` in a session of its own (its ranks start their own), as a shell runs it."""
+    cmd = [sys.executable, "-m", "trpo_ext", "train", "CartPole-v1", "--nproc", "2", "--out", str(out), *FAST, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def _wait_for_rows(proc, out, n):
+    deadline = time.time() + 120
+    while not (out / "progress.csv").is_file() or len(_rows(out)) < n:
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before logging an update"
+        time.sleep(0.1)
+
+
+def _communicate(proc, timeout=120):
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_the_ranks_together_saved_and_resume_continues_the_run(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(tmp_path, out, "--timesteps", "10000000")
+    _wait_for_rows(proc, out, 2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the launcher's process group (the ranks have their own)
+    stdout, stderr = _communicate(proc)
+    assert proc.returncode == 130 and stderr == "", stderr  # no traceback, no gloo "Connection closed by peer"
+    steps = checkpoint.read(out / "model.pt")["num_timesteps"]
+    assert stdout.splitlines()[-1] == (
+        f"interrupted at {steps} steps; saved {out}/model.pt; continue with `trpo-ext train CartPole-v1 --nproc 2 "
+        f"{' '.join(FAST)} --timesteps 10000000 --out {out} --resume`")
+    assert len(_rows(out)) == steps // 256 and (out / "learning_curve.png").is_file()
+
+    resumed = train("--nproc", "2", *FAST, "--timesteps", str(steps + 3 * 256), "--out", str(out), "--resume",
+                    cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {out}/model.pt at {steps} steps on 2 ranks; " in resumed.stdout
+    assert "continues statistically, not bitwise" in resumed.stdout
+    assert not (tmp_path / "run_2").exists()  # the same directory, not a fresh run
+    assert [int(row["update"]) for row in _rows(out)] == list(range(1, steps // 256 + 4))  # no row twice
+    assert checkpoint.read(out / "model.pt")["num_timesteps"] == steps + 3 * 256
+
+    # At another world size: one rank continues the 2 ranks' checkpoint, and says how exactly.
+    single = train(*FAST, "--timesteps", str(steps + 4 * 256), "--out", str(out), "--resume", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "saved by 2 ranks, now 1 (128 steps per update instead of 256)" in single.stdout
+    assert [int(row["update"]) for row in _rows(out)] == list(range(1, steps // 256 + 6))
+
+
+def test_a_signal_to_one_rank_stops_them_all_saved(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(tmp_path, out, "--timesteps", "10000000", "--max-restarts", "1")
+    _wait_for_rows(proc, out, 2)
+    os.kill(_workers(proc.pid)[1], signal.SIGTERM)  # a scheduler's, say: the other rank hears of it
+    stdout, stderr = _communicate(proc)
+    assert proc.returncode == 130 and "Traceback" not in stderr and "Connection closed" not in stderr, stderr
+    steps = checkpoint.read(out / "model.pt")["num_timesteps"]
+    assert stdout.splitlines()[-1].startswith(f"interrupted at {steps} steps; saved {out}/model.pt; continue with")
+    assert "resuming" not in stdout  # stopped, not restarted (--max-restarts 1 would restart a failed rank)
+
+
+def test_resume_with_nproc_refuses_a_directory_without_a_checkpoint_before_starting_ranks(tmp_path):
+    proc = train("--nproc", "2", *FAST, "--out", str(tmp_path / "none"), "--resume", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"trpo-ext train: error: --resume: {tmp_path}/none holds no model.pt to continue; drop "
+                           "--resume to start a run there\n")

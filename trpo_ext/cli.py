@@ -1,27 +1,35 @@
-"""Command line: `trpo-ext train | eval | plot`.
+"""Command line: `trpo-ext train | eval | plot | bench`.
 
     trpo-ext train CartPole-v1 --out runs/cartpole      # logs, model.pt, learning_curve.png, final eval
+    trpo-ext train CartPole-v1 --out runs/cartpole --resume   # continue it (after Ctrl-C, say)
     trpo-ext train Hopper-v5 --nproc 2                  # data-parallel on 2 local ranks (torch.distributed.run)
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         -m trpo_ext train Hopper-v5 --out /shared/runs/hopper   # across machines
     trpo-ext eval runs/cartpole/model.pt
     trpo-ext plot runs/cartpole runs/other --out curves.png
+
+The train command itself: trpo_ext.cli_train. Errors are one line naming the flag (an agent's error
+that names a keyword argument is said in flags: `in_cli_words`), exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import inspect
 import math
 import os
+import re
+import shutil
 import sys
-import time
-import warnings
+import textwrap
 
-
-class UsageError(Exception):
-    """A mistake in the command line: main() prints its one-line message and returns 2."""
+from . import __version__
+from .cli_options import UsageError, flags_of, set_keys
+from .cli_train import INTERRUPTED, train
+from .curves import plot_runs
+from .distributed import DEFAULT_TIMEOUT_S
+from .policies import BUILT_IN
+from .trpo import TRPO
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +47,9 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or action.default == [] or "default" in action.help:
             return action.help
         return super()._get_help_string(action)
+
+    def _fill_text(self, text, width, indent):  # the epilog's table keeps its lines
+        return "\n".join(indent + line for line in text.splitlines())
 
 
 def _int_at_least(low: int):
@@ -63,8 +74,6 @@ def _int_at_least(low: int):
 
 def _trpo_defaults() -> dict:
     """TRPO's keyword arguments and their defaults."""
-    from .trpo import TRPO
-
     return {name: p.default for name, p in inspect.signature(TRPO.__init__).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
@@ -80,195 +89,72 @@ def _hyperparameter(text: str) -> tuple[str, object]:
         return key, value
 
 
-# ----------------------------------------------------------------------------- train
-def _under_launcher() -> bool:
-    """Whether this process is a worker that torchrun / torch.distributed.run started."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+# ----------------------------------------------------------------------------- errors in flags
+AGENT_KEYWORDS = frozenset(name for method in (TRPO.__init__, TRPO.load, TRPO.evaluate)
+                           for name in inspect.signature(method).parameters if name not in ("self", "cls"))
+"""The keyword arguments an agent's error message may name (and the command line say as a flag)."""
+
+_PYTHON_ONLY = (
+    (re.compile(r"pass (\w+)= \([^)]*\) to TRPO\.load"),
+     r"the command line cannot rebuild it: load the model in Python, `TRPO.load(path, \1=...)`"),
+    (re.compile(r"pass your own policy= / value_net= for smaller ones"),
+     "smaller ones need networks of your own, in Python: `TRPO(env, policy=..., value_net=...)`"),
+    (re.compile(r", 'auto' or a torch\.device"), " or 'auto'"),
+)
+"""Advice in an agent's error that only Python can follow, said for the command line (code in backquotes
+is left as it is)."""
 
 
-def launch_local(args, argv: list[str]) -> int:
-    """`train --nproc N`: runs N local ranks of this same command through torch.distributed's
-    launcher (torchrun's engine, with its elastic restarts), in one fresh run directory they share;
-    0 when every rank finished, else 1."""
-    import uuid
+def in_cli_words(message: str, flags: dict, settable=()) -> str:
+    """An agent's error message in the command line's words (the checks stay the agent's): a keyword
+    argument it names becomes the flag that sets it (`n_envs must be` -> `--n-envs must be`,
+    `device='cuda'` -> `--device cuda`, `pass env=` -> `pass --env`), a hyperparameter without a flag
+    `--set KEY`; `flags` as `cli_train.flags_of` gives them, `settable` the --set keys."""
+    for pattern, replacement in _PYTHON_ONLY:
+        message = pattern.sub(replacement, message)
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    def said(key, value=None):
+        if key not in AGENT_KEYWORDS:
+            return None
+        if key in flags:
+            flag, takes_value, _ = flags[key]
+            if value is None:
+                return flag
+            return f"{flag} {value}" if takes_value else (flag if value == "True" else f"no {flag}")
+        if key in settable:
+            return f"--set {key}" if value is None else f"--set {key}={value}"
+        return None
 
-    from .logger import check_log_dir
+    def keyword(match):
+        value = match["value"].strip("'\"") if match["value"] else None
+        return said(match["key"], value) or match[0]
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
-        out = check_log_dir(args.out or os.path.join("runs", f"{args.env_id}-seed{args.seed}"))
-    os.makedirs(out, exist_ok=True)
-    worker_argv = _without_option(_without_option(argv, "--out"), "--nproc") + ["--out", out, "--resume"]
-    # What `torchrun --standalone` configures: a rendezvous on a free local port.
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=args.max_restarts,
-                          monitor_interval=0.5, start_method="spawn")
-    print(f"launching {args.nproc} ranks (torch.distributed launcher, max restarts {args.max_restarts}) -> {out}",
-          flush=True)
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "trpo_ext", *worker_argv)
-    except ChildFailedError as e:
-        failures = "; ".join(f"rank {rank} exited with {f.exitcode}" for rank, f in e.failures.items())
-        print(f"trpo-ext train: error: the data-parallel run failed ({failures}); logs and the last checkpoint "
-              f"are in {out}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _without_option(argv: list[str], name: str) -> list[str]:
-    """argv without `name VALUE` / `name=VALUE`."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == name:
-            skip = True
-        elif not item.startswith(name + "="):
-            out.append(item)
-    return out
-
-
-def train(args) -> int:
-    from .trpo import TRPO
-
-    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
-        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
-    if args.nproc > 1 and not _under_launcher():
-        return launch_local(args, list(args.argv))
-    if _under_launcher():
-        from .distributed import init_from_env
-
-        init_from_env(None if args.backend == "auto" else args.backend, args.dist_timeout)
-    try:
-        return _train(args, TRPO)
-    finally:
-        from .distributed import leave_group
-
-        leave_group(together=False)  # after a failure (or already left)
-
-
-def _train(args, TRPO) -> int:
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    say = print if rank == 0 else (lambda *a, **k: None)
-    out = args.out or os.path.join("runs", f"{args.env_id}-seed{args.seed}")
-    model_path = os.path.join(out, "model.pt")
-    resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    options = dict(args.set)
-    known = _trpo_defaults()
-    for key in options:
-        own = {"seed": "--seed", "device": "--device", "log_dir": "--out", "num_threads": "--threads"}.get(key)
-        if own:
-            raise UsageError(f"--set {key}=...: use {own}")
-        if key not in known:
-            raise UsageError(f"--set: unknown hyperparameter {key!r} (known: {', '.join(sorted(set(known) - {'seed', 'device', 'log_dir', 'num_threads'}))})")
-    for name in ("n_envs", "n_steps", "max_kl", "normalize_obs", "normalize_reward"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    elsewhere = ""
-    if resume and os.path.isfile(model_path):
-        # A restart: continue the run from its last checkpoint, logging on in the same directory.
-        agent = TRPO.load(model_path, device=args.device, log_dir=out, continue_log=True)
-        agent.num_threads = args.threads or None
-        say(f"resuming {model_path} at {agent.num_timesteps} steps (world size {agent.world_size})")
-    else:
-        with warnings.catch_warnings():  # the line below says where the run goes instead
-            warnings.filterwarnings("ignore", message="log_dir .* already holds a run")
-            agent = TRPO(args.env_id, seed=args.seed, device=args.device, log_dir=None if resume else out,
-                         num_threads=args.threads or None, policy=args.policy, **options)
-        if resume and agent.rank == 0:  # the launcher made this directory for this run (no checkpoint yet)
-            from .logger import RunLogger
-
-            agent.log_dir, agent._logger = out, RunLogger(out, resume_from=(0, 0))
-        elsewhere = f" ({out} already holds a run)" if agent.rank == 0 and agent.log_dir != out else ""
-        out = agent.log_dir if agent.rank == 0 else out  # a fresh numbered directory when `out` holds a run
-        model_path = os.path.join(out, "model.pt")
-    envs = f"{agent.world_size} ranks x {agent.config.n_envs} envs, {agent.update_layout} update" \
-        if agent.world_size > 1 else f"{agent.config.n_envs} envs"
-    say(f"training {args.env_id} for {args.timesteps} steps (seed {args.seed}, {envs}, "
-        f"{agent.config.batch_size * agent.world_size} steps per update) -> {out}{elsewhere}", flush=True)
-    # Periodic checkpoints by default only when a restart can use them (torchrun says how many it allows).
-    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", args.max_restarts))
-    save_every = args.save_every if args.save_every is not None else (10 if restarts else 0)
-
-    def checkpoint(agent, record):
-        if save_every and agent.n_updates % save_every == 0:
-            agent.save(model_path)  # rank 0 writes; atomically, so a kill never leaves a torn file
-
-    start, start_steps = time.perf_counter(), agent.num_timesteps
-    agent.learn(max(0, args.timesteps - agent.num_timesteps), callback=checkpoint,
-                progress_bar=not args.no_progress and rank == 0)
-    elapsed = time.perf_counter() - start
-    agent.save(model_path)
-    from .distributed import leave_group
-
-    leave_group(together=True)  # before rank 0's evaluation, which needs no other rank
-    if rank == 0:
-        plot_runs([out], os.path.join(out, "learning_curve.png"), title=args.env_id)
-        mean, std = agent.evaluate(args.eval_episodes)
-    agent.close()
-    say(f"trained to {agent.num_timesteps} steps in {elapsed:.1f} s "
-        f"({(agent.num_timesteps - start_steps) / elapsed:.0f} steps/s"
-        f"{f', {agent.world_size} ranks' if agent.world_size > 1 else ''})")
-    say(f"saved {model_path}, {os.path.join(out, 'progress.csv')}, {os.path.join(out, 'learning_curve.png')}")
-    if rank == 0:
-        say(f"deterministic evaluation over {args.eval_episodes} episodes: {mean:.1f} +/- {std:.1f}")
-    return 0
+    parts = re.split(r"(`[^`]*`)", message)
+    for i in range(0, len(parts), 2):  # outside backquotes
+        parts[i] = re.sub(r"(?<![\w.'\"-])(?P<key>[a-z_]+)=(?P<value>'[^']*'|\"[^\"]*\"|[\w-]+(?:[.:][\w-]+)*)?",
+                          keyword, parts[i])
+    message = "".join(parts)
+    lead = re.match(r"(?P<key>[a-z_]+)(?=[ \[])", message)
+    if lead and said(lead["key"]):
+        message = said(lead["key"]) + message[lead.end():]
+    return message
 
 
 # ----------------------------------------------------------------------------- eval
 def evaluate(args) -> int:
-    from .trpo import TRPO
-
     if not os.path.isfile(args.model_path):
         raise UsageError(f"{args.model_path}: no such file")
     agent = TRPO.load(args.model_path, env=args.env, device=args.device)
-    mean, std = agent.evaluate(args.episodes, deterministic=not args.stochastic, seed=args.seed)
-    agent.close()
+    try:
+        mean, std = agent.evaluate(args.n_episodes, deterministic=not args.stochastic, seed=args.seed)
+    finally:
+        agent.close()
     kind = "stochastic" if args.stochastic else "deterministic"
-    print(f"{kind} evaluation over {args.episodes} episodes: {mean:.1f} +/- {std:.1f}")
+    print(f"{kind} evaluation over {args.n_episodes} episodes: {mean:.1f} +/- {std:.1f}")
     return 0
 
 
 # ----------------------------------------------------------------------------- plot
-def read_progress(run_dir: str) -> tuple[list[float], list[float]]:
-    """(timesteps, mean episode return) from a run directory's progress.csv."""
-    steps, returns = [], []
-    with open(os.path.join(run_dir, "progress.csv"), newline="") as f:
-        for row in csv.DictReader(f):
-            value = float(row["ep_return_mean"])
-            if math.isfinite(value):
-                steps.append(float(row["timesteps"]))
-                returns.append(value)
-    return steps, returns
-
-
-def plot_runs(run_dirs, out_path: str, title: str | None = None) -> None:
-    """Overlays the learning curves (mean episode return vs. steps) of several runs in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run_dir in run_dirs:
-        steps, returns = read_progress(run_dir)
-        ax.plot(steps, returns, label=os.path.basename(os.path.normpath(run_dir)))
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("mean episode return")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-
-
 def plot(args) -> int:
     out = args.out or os.path.join(args.run_dirs[0], "learning_curve.png")
     plot_runs(args.run_dirs, out, title=args.title)
@@ -277,19 +163,35 @@ def plot(args) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
-def build_parser() -> argparse.ArgumentParser:
-    from .distributed import DEFAULT_TIMEOUT_S
-    from .policies import BUILT_IN
+def _set_keys_help(flags: dict) -> str:
+    """The train command's epilog: every --set key with its default and its docstring (TRPOConfig's)."""
+    width = max(60, min(120, shutil.get_terminal_size().columns - 2))
+    lines = textwrap.wrap("hyperparameters for --set KEY=VALUE (VALUE a Python literal or a bare string; those with "
+                          "a flag of their own are above; trpo_ext.config.TRPOConfig documents them all):", width)
+    for key, (default, doc) in set_keys(flags).items():
+        head = f"  {key}={default!r}"
+        body = textwrap.wrap(doc, width - 30, break_on_hyphens=False) or [""]
+        if len(head) > 28:
+            lines.append(head)
+            head = ""
+        lines += [f"{head:<30}{body[0]}", *(" " * 30 + line for line in body[1:])]
+    return "\n".join(lines)
 
+
+def build_parser() -> argparse.ArgumentParser:
     defaults = _trpo_defaults()
     parser = _Parser(prog="trpo-ext", description="TRPO with a fused Fisher-vector-product CG solve")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.commands = commands.choices
     add = lambda *a, **k: commands.add_parser(*a, formatter_class=_DefaultsHelp, **k)  # noqa: E731
 
     p = add("train", help="train an agent; write logs, the model and a learning curve")
-    p.add_argument("env_id", help="gymnasium environment id, e.g. CartPole-v1")
-    p.add_argument("--timesteps", type=_int_at_least(0), default=100_000, help="environment steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the networks, the envs and the sampling")
+    p.add_argument("env", metavar="ENV_ID", help="gymnasium environment id, e.g. CartPole-v1")
+    p.add_argument("--timesteps", type=_int_at_least(0), default=100_000,
+                   help="environment steps in all (a resumed run trains up to this count)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the networks, the envs and the sampling (default: 0)")
     p.add_argument("--n-envs", type=int, default=None, help=f"parallel env copies (default: {defaults['n_envs']})")
     p.add_argument("--n-steps", type=int, default=None,
                    help=f"steps per env per update (default: {defaults['n_steps']})")
@@ -302,14 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="auto", choices=["auto", *BUILT_IN],
                    help="the built-in network (default: auto, the one that fits the observation space)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=_int_at_least(0), default=1,
+    p.add_argument("--threads", dest="num_threads", metavar="T", type=_int_at_least(0), default=1,
                    help="torch threads while training (TRPO's num_threads); 0: torch's own choice (default: 1)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/ENV_ID-seedSEED)")
+    p.add_argument("--out", dest="log_dir", metavar="DIR", default=None,
+                   help="run directory (default: runs/ENV_ID-seedSEED; a numbered one when it holds a run)")
     p.add_argument("--eval-episodes", type=_int_at_least(1), default=10, help="episodes of the final evaluation")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--set", type=_hyperparameter, action="append", default=[], metavar="KEY=VALUE",
-                   help="any other TRPO hyperparameter (repeatable), e.g. --set cg_iters=15 "
-                        "--set 'policy_kwargs={\"hidden\": (32, 32)}'")
+                   help="a hyperparameter without a flag of its own (repeatable; the keys below), e.g. --set "
+                        "cg_iters=15 --set 'policy_kwargs={\"hidden\": (32, 32)}'")
     p.add_argument("--nproc", type=_int_at_least(1), default=1,
                    help="data-parallel ranks on this machine (torch.distributed.run; --n-envs is per rank)")
     p.add_argument("--max-restarts", type=_int_at_least(0), default=0,
@@ -323,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="data-parallel: torch.distributed backend; auto: NCCL with a GPU, else gloo")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its model.pt when there is one (restarts do this)")
+                   help="continue the run in --out from its model.pt (refused without one), logging on in its "
+                        "progress.csv and tb/; bitwise as if never stopped on one rank, statistically on several "
+                        "(docs/guide.md). Ctrl-C / SIGTERM stop a run after the update in progress and save it")
     p.set_defaults(func=train)
+    p.epilog = _set_keys_help(flags_of(p))
 
     p = add("eval", help="evaluate a saved model")
     p.add_argument("model_path")
-    p.add_argument("--episodes", type=_int_at_least(1), default=10, help="episodes to run")
+    p.add_argument("--episodes", dest="n_episodes", metavar="N", type=_int_at_least(1), default=10,
+                   help="episodes to run")
     p.add_argument("--seed", type=int, default=None, help="first episode's seed (default: the model's seed + 1000003)")
     p.add_argument("--env", default=None, help="env id to evaluate on (default: the one it was trained on)")
     p.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mode")
@@ -352,7 +259,8 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    """The command line; returns the exit status: 0, or 2 for a user error (one line on stderr)."""
+    """The command line; returns the exit status: 0, 2 for a user error (one line on stderr), 130
+    after a signal (train: the run saved, one line says how to continue it)."""
     import gymnasium as gym
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -362,14 +270,24 @@ def main(argv=None) -> int:
         return bench_main(argv[1:])
     command = argv[0] if argv and argv[0] in ("train", "eval", "plot") else None
     prog = "trpo-ext" if command is None else f"trpo-ext {command}"
+    flags, settable = {}, ()
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv  # what `train --nproc` hands on to its ranks
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.argv = argv  # what `train --nproc` hands on to its ranks, and the resume command repeats
+        args.flags = flags = flags_of(parser.commands[args.command])
+        settable = set_keys(flags) if args.command == "train" else ()
         return args.func(args)
-    except (UsageError, ValueError, TypeError, gym.error.Error, OSError) as e:
-        # A wrong id, device, file or hyperparameter: one line naming it, no traceback.
+    except UsageError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError, gym.error.Error, OSError) as e:
+        # A wrong id, device, file or hyperparameter: one line naming it, in flags, no traceback.
+        print(f"{prog}: error: {in_cli_words(_one_line(e), flags, settable)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before train's own handling starts, or in eval / plot
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

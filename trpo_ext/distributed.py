@@ -130,6 +130,16 @@ def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, group) -> bool:
+    """Whether `flag` is true on any rank of `group` (one all-reduce of one int, on the device the
+    backend reduces on): how the ranks agree to stop after the same update when a signal reached
+    some of them. `flag` itself without a group."""
+    if group is None:
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    return bool(all_reduce_sum_(torch.tensor([int(bool(flag))], device=device), group).item())
+
+
 def broadcast_(tensors, group, src_rank: int = 0) -> None:
     """Copies every tensor of `tensors` (one dtype and device) from the group's rank `src_rank` to
     all ranks, in place: one collective, on one flat buffer."""
