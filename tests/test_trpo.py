@@ -237,6 +237,38 @@ def test_callback_can_stop_training():
     assert agent.n_updates == 2
 
 
+def test_a_keyboard_interrupt_leaves_the_agent_consistent_and_savable(tmp_path, monkeypatch):
+    agent = TRPO("CartPole-v1", log_dir=tmp_path / "run", **FAST).learn(128, progress_bar=False)
+    step, calls = agent.envs.step, []
+
+    def interrupted_step(actions):  # Ctrl-C in the middle of a rollout
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return step(actions)
+
+    def interrupted_policy_step(*args, **kwargs):  # and in the middle of the update
+        raise KeyboardInterrupt
+
+    for where, interrupt in [("rollout", lambda: monkeypatch.setattr(agent.envs, "step", interrupted_step)),
+                             ("policy step", lambda: monkeypatch.setattr("trpo_ext.trpo.trust_region_step",
+                                                                         interrupted_policy_step))]:
+        before = policy_vector(agent)
+        interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            agent.learn(10 * 128, progress_bar=False)
+        monkeypatch.undo()
+        assert torch.equal(policy_vector(agent), before), where
+        assert agent.n_updates == 1 and agent.num_timesteps == 128, where  # the finished updates' counts
+        assert len(_rows(tmp_path / "run")) == 1, where  # and their log rows
+    agent.learn(128, progress_bar=False).save(tmp_path / "model.pt")  # it trains on, and saves
+    agent.close()
+    loaded = TRPO.load(tmp_path / "model.pt", log_dir=tmp_path / "run", continue_log=True)
+    assert torch.equal(policy_vector(loaded), policy_vector(agent)) and loaded.num_timesteps == 256
+    loaded.learn(128, progress_bar=False).close()
+    assert [int(row["update"]) for row in _rows(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_cli_train_eval_plot(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli_main(["train", "CartPole-v1", "--timesteps", "256", "--n-envs", "2", "--n-steps", "64",

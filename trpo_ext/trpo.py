@@ -176,6 +176,12 @@ class TRPO:
         `callback(agent, record)` (or each of a list of them) runs after every update with that
         update's log record (a dict; also `agent.last_record`, and a row of progress.csv / TensorBoard
         scalars when `log_dir` is set; docs/guide.md lists its keys); one returning False stops training.
+
+        The progress bar's one speed is tqdm's: wall-clock env steps per second, a moving average
+        over the recent updates (everything included: rollouts, steps, logging, callbacks); beside
+        it, the record's `ep_return_mean`. A KeyboardInterrupt ends `learn` where it is and leaves
+        the agent usable: the policy as before the interrupted update or after its step, the counts
+        and log rows of the finished updates; `save` and `learn` work on.
         """
         from tqdm.auto import tqdm
 
@@ -188,10 +194,14 @@ class TRPO:
         with _torch_threads(self.num_threads), \
                 tqdm(total=n_updates * batch_size, disable=not progress_bar, unit="step", dynamic_ncols=True) as bar:
             for _ in range(n_updates):
-                record = self._update()
+                steps_before = self.num_timesteps
+                try:
+                    record = self._update()
+                except KeyboardInterrupt:
+                    self.num_timesteps = steps_before  # counts only the updates that finished
+                    raise
+                bar.set_postfix(ep_return_mean=f"{record['ep_return_mean']:.1f}", refresh=False)
                 bar.update(batch_size)
-                bar.set_postfix(ret=f"{record['ep_return_mean']:.1f}", sps=f"{record['steps_per_sec']:.0f}",
-                                refresh=False)
                 if any([cb(self, record) is False for cb in callbacks]):  # every callback sees every update
                     break
         self._check_replicas()
