@@ -1,6 +1,7 @@
 """Rollouts, GAE and the collector's state (trpo_ext.rollout), and env construction (trpo_ext.envs)."""
 import io
 import pickle
+import re
 
 import gymnasium as gym
 import numpy as np
@@ -10,8 +11,8 @@ from gymnasium import spaces
 
 from trpo_ext import MLPPolicy
 from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, make_vec_env
-from trpo_ext.normalization import RunningNormalizer
-from trpo_ext.rollout import EpisodeStats, RolloutCollector, compute_gae
+from trpo_ext.normalization import RewardScaler, RunningNormalizer
+from trpo_ext.rollout import DISCARDED, EpisodeStats, RolloutCollector, compute_gae
 from trpo_ext.distributions import BERNOULLI, CATEGORICAL, GAUSSIAN, ActionSpec, action_spec
 from trpo_ext.spaces import ObservationCodec
 
@@ -127,19 +128,178 @@ def test_normalizer_sees_each_observation_before_the_policy_does():
     collector.envs.close()
 
 
-def test_non_finite_observation_leaves_statistics_unchanged():
-    class NaNObs(CounterEnv):
-        def step(self, action):
-            obs, r, te, tr, info = super().step(action)
-            return obs * np.nan, r, te, tr, info
+# ----------------------------------------------------------------------------- misbehaving envs
+class Misbehaving(gym.Env):
+    """A Dict-observation env whose copy reset with an odd seed (env 1 of a vector env reset with
+    seed 0) returns `fault(obs, reward, terminated, truncated, info)` in place of its 5-tuple at its
+    step `at`; its copy with an even seed never misbehaves. Episodes end at `at` when `end` is set."""
 
-    envs = make_vec_env(NaNObs, n_envs=1)
-    norm = RunningNormalizer(1)
-    collector = RolloutCollector(envs, 4, torch.device("cpu"), norm, EpisodeStats(1, 10))
+    observation_space = spaces.Dict({"x": spaces.Box(-np.inf, np.inf, (3,), np.float32), "k": spaces.Discrete(3),
+                                     "img": spaces.Box(0, 255, (6, 6, 3), np.uint8)})
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, fault=None, at: int = 3, end: bool = False):
+        self.fault, self.at, self.end, self.faulty, self.t = fault, at, end, False, 0
+
+    def _obs(self):
+        return {"x": np.full(3, self.t, np.float32), "k": self.t % 3, "img": np.full((6, 6, 3), self.t, np.uint8)}
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.faulty = self.faulty or (seed is not None and seed % 2 == 1)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        out = self._obs(), 1.0, False, self.end and self.t == self.at, {}
+        return self.fault(*out) if self.faulty and self.t == self.at and self.fault else out
+
+
+def _with(key, value):
+    return lambda obs, *rest: ({**obs, key: value}, *rest)
+
+
+def _without(key):
+    return lambda obs, *rest: ({k: v for k, v in obs.items() if k != key}, *rest)
+
+
+MISBEHAVIOURS = {  # fault -> (field, what came), as the refusal names them
+    "obs-wrong-shape": (_with("x", np.zeros(5, np.float32)), "observation['x'] has shape (5,)"),
+    "obs-nan": (_with("x", np.array([0, 0, np.nan], np.float32)), "observation['x'][2] is nan"),
+    "obs-string": (lambda obs, *rest: ("abc", *rest), "observation is a str 'abc'"),
+    "obs-None": (lambda obs, *rest: (None, *rest), "observation is None"),
+    "obs-dict-missing-key": (_without("k"), "observation['k'] is missing"),
+    "obs-discrete-out-of-range": (_with("k", 99), "observation['k'] is 99"),
+    "obs-string-entry": (_with("k", "1"), "observation['k'] is a str '1'"),
+    "obs-image-of-floats": (_with("img", np.full((6, 6, 3), 0.5)), "observation['img'] has dtype float64"),
+    "reward-string": (lambda o, r, te, tr, i: (o, "1.0", te, tr, i), "reward is a str '1.0'"),
+    "reward-None": (lambda o, r, te, tr, i: (o, None, te, tr, i), "reward is None"),
+    "reward-nan": (lambda o, r, te, tr, i: (o, float("nan"), te, tr, i), "reward nan"),
+    "terminated-string": (lambda o, r, te, tr, i: (o, r, "False", tr, i), "terminated is a str 'False'"),
+    "truncated-int": (lambda o, r, te, tr, i: (o, r, te, 0, i), "truncated is an int 0"),
+    "info-None": (lambda o, r, te, tr, i: (o, r, te, tr, None), "info is None"),
+    "old-gym-4-tuple": (lambda o, r, te, tr, i: (o, r, te or tr, i), "the step's return is a tuple of 4 values"),
+}
+
+
+class _Constant(torch.nn.Module):
+    """Uniform actions for any observations (the collector's checks, not the policy, are tested here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, obs):
+        return torch.distributions.Categorical(logits=self.logits.expand(obs["x"].shape[0], 2))
+
+
+def _state(collector, generator, policy):
+    """Everything a refused rollout must leave as it was."""
+    return (collector.normalizer.snapshot()[:3], collector.reward_scaler.snapshot(), collector.stats.state_dict(),
+            generator.get_state(), collector.last_obs, [p.detach().clone() for p in policy.parameters()])
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, (tuple, list)):
+            _assert_same(x, y)
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys()
+            _assert_same(list(x.values()), list(y.values()))
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def _misbehaving_collector(fault, vectorization="sync", end=False):
+    envs = make_vec_env(lambda: Misbehaving(fault, end=end), n_envs=2, vectorization=vectorization)
+    collector = RolloutCollector(envs, 4, torch.device("cpu"), RunningNormalizer(3), EpisodeStats(2, 10),
+                                 RewardScaler(2, 0.9))
+    return collector, _Constant(), torch.Generator().manual_seed(0)
+
+
+def _collect(collector, policy, generator):
+    return collector.collect(policy, lambda o: o["x"][:, 0], generator, 0.9, 0.9)
+
+
+@pytest.mark.parametrize("name", MISBEHAVIOURS)
+def test_a_misbehaving_env_is_one_error_naming_env_step_and_field_and_changes_nothing(name):
+    fault, says = MISBEHAVIOURS[name]
+    collector, policy, generator = _misbehaving_collector(fault)
+    collector.n_steps = 2
     collector.reset(seed=0)
-    with pytest.raises(ValueError, match="non-finite"):
-        collector.collect(MLPPolicy(1, envs.single_action_space), lambda o: o[:, 0], torch.Generator(), 0.9, 0.9)
-    assert np.isfinite(norm.mean).all() and np.isfinite(norm.var).all() and norm.count < 2
+    _collect(collector, policy, generator)  # steps 1-2: fine; the second rollout's step 1 is env 1's step 3
+    before = _state(collector, generator, policy)
+    with pytest.raises(ValueError) as refused:
+        _collect(collector, policy, generator)
+    message = str(refused.value)
+    where = "env 1 returned" if name == "reward-nan" else "env 1 at"
+    assert message.startswith(f"{where}"), message
+    assert "step 1 of this rollout (step 3 of its episode)" in message and says in message, message
+    assert "expected" in message or "must be" in message
+    assert message.endswith(DISCARDED)
+    _assert_same(_state(collector, generator, policy), before)
+    with pytest.raises(RuntimeError, match=r"failed in an earlier rollout \(env 1 "):
+        _collect(collector, policy, generator)
+    collector.envs.close()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:gymnasium")  # the worker's own error report
+@pytest.mark.parametrize("fault", ["obs-wrong-shape", "old-gym-4-tuple"])
+def test_a_misbehaving_env_is_named_from_an_async_worker(fault):
+    collector, policy, generator = _misbehaving_collector(MISBEHAVIOURS[fault][0], "async")
+    collector.n_steps = 3
+    collector.reset(seed=0)
+    before = _state(collector, generator, policy)
+    with pytest.raises(ValueError, match=re.escape(f"env 1 at step 3 of this rollout (step 3 of its episode): "
+                                                   f"{MISBEHAVIOURS[fault][1]}")):
+        _collect(collector, policy, generator)
+    _assert_same(_state(collector, generator, policy), before)
+    collector.envs.close()
+
+
+def test_a_bad_final_observation_and_a_bad_reset_are_named():
+    # The final observation of a truncated episode (never batched: the one it bootstraps from) ...
+    collector, policy, generator = _misbehaving_collector(MISBEHAVIOURS["obs-nan"][0], end=True)
+    collector.reset(seed=0)
+    with pytest.raises(ValueError, match=re.escape("env 1 at step 3 of this rollout (step 3 of its episode): "
+                                                   "final observation['x'][2] is nan")):
+        _collect(collector, policy, generator)
+    # ... and a reset's observation.
+    class BadReset(Misbehaving):
+        def reset(self, *, seed=None, options=None):
+            obs, info = super().reset(seed=seed)
+            return ({**obs, "k": -1} if seed == 1 else obs), info
+
+    envs = make_vec_env(BadReset, n_envs=2)
+    collector = RolloutCollector(envs, 4, torch.device("cpu"), None, EpisodeStats(2, 10))
+    with pytest.raises(ValueError, match=re.escape("env 1 at reset: observation['k'] is -1; expected an integer in "
+                                                   "[0, 3) (Discrete); the agent is unchanged")):
+        collector.reset(seed=0)
+    assert collector.last_obs is None
+
+
+def test_values_of_less_common_but_valid_types_pass():
+    unusual = lambda o, r, te, tr, i: ({**o, "x": o["x"].astype(np.int64), "k": np.uint8(o["k"])},  # noqa: E731
+                                       np.array(r, np.float16), np.bool_(te), np.False_, i)
+    collector, policy, generator = _misbehaving_collector(unusual)
+    collector.reset(seed=0)
+    assert _collect(collector, policy, generator).returns.isfinite().all()
+    collector.envs.close()
+
+
+def test_a_refused_observation_leaves_the_statistics_count_as_it_was():
+    # The user's report: "left unchanged" while the count had moved (32 -> 40) over the steps before.
+    collector, policy, generator = _misbehaving_collector(MISBEHAVIOURS["obs-nan"][0])
+    collector.n_steps = 8
+    collector.reset(seed=0)
+    count = collector.normalizer.count
+    with pytest.raises(ValueError, match="its observation, reward and episode statistics .* are as they were"):
+        _collect(collector, policy, generator)
+    assert collector.normalizer.count == count
+    collector.envs.close()
 
 
 # ----------------------------------------------------------------------------- state_dict round trips

@@ -9,6 +9,7 @@ import torch
 from gymnasium import spaces
 from torch.nn.utils import parameters_to_vector
 
+import trpo_ext.trpo
 from trpo_ext import TRPO
 from trpo_ext.cli import main as cli_main
 
@@ -124,12 +125,90 @@ def test_predict_has_sb3s_signature_for_discrete_and_box_actions():
 
 def test_predict_refuses_non_finite_observations_and_the_reset_tuple():
     agent = TRPO("CartPole-v1", **FAST)
-    with pytest.raises(ValueError, match=r"obs contains NaN or inf \(obs\[2\] = nan\)"):
+    with pytest.raises(ValueError, match=r"^obs\[2\] is nan; expected finite values$"):
         agent.predict(np.array([0.0, 0.0, np.nan, 0.0]))
-    with pytest.raises(ValueError, match=r"NaN or inf \(obs\[1, 0\] = inf\)"):
+    with pytest.raises(ValueError, match=r"^obs\[0\] \(row 1 of the batch\) is inf; expected finite values$"):
         agent.predict(np.array([[0.0] * 4, [np.inf, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"^obs has dtype complex128; expected numbers of dtype float32"):
+        agent.predict(np.zeros(4, complex))
     with pytest.raises(ValueError, match=r"the \(obs, info\) tuple that env.reset\(\) returns"):
         agent.predict(gym.make("CartPole-v1").reset(seed=0))
+
+
+DICT_SPACE = spaces.Dict({"target": spaces.Discrete(5), "cells": spaces.MultiBinary(3),
+                          "img": spaces.Box(0, 255, (36, 36, 3), np.uint8)})
+
+
+@pytest.fixture(scope="module")
+def dict_agent():
+    agent = TRPO(lambda: SpaceEnv(DICT_SPACE, spaces.Discrete(2)), n_envs=1, n_steps=8, seed=0)
+    yield agent
+    agent.close()
+
+
+@pytest.mark.parametrize("entry, value, says", [
+    ("target", 99, r"obs\['target'\] is 99; expected an integer in \[0, 5\) \(Discrete\)"),
+    ("target", -1, r"obs\['target'\] is -1; expected an integer in \[0, 5\)"),
+    ("target", 2.0, r"obs\['target'\] has dtype float64; expected numbers of dtype int64"),
+    ("cells", np.array([0, 2, 1]), r"obs\['cells'\]\[1\] is 2; expected 0 or 1 \(MultiBinary\)"),
+    ("img", np.full((36, 36, 3), 1e6), r"obs\['img'\] has dtype float64; expected numbers of dtype uint8"),
+    ("img", np.full((36, 36, 3), -1), r"obs\['img'\] has dtype int64; expected numbers of dtype uint8"),
+    ("img", np.full((36, 36, 3), 300, np.uint16), r"obs\['img'\]\[0\]\[0\]\[0\] is 300; expected values in \[0, 255\]"),
+], ids=["target-99", "target-negative", "target-float", "multibinary-2", "image-1e6", "image-negative",
+        "image-uint16-300"])
+def test_predict_checks_entries_against_the_observation_space(dict_agent, entry, value, says):
+    obs = DICT_SPACE.sample()
+    dict_agent.predict(obs)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=says):
+        dict_agent.predict({**obs, entry: value})
+    assert torch.equal(torch.get_rng_state(), rng)  # refused before anything ran
+
+
+def test_evaluate_cuts_an_episode_that_never_ends_and_says_so(monkeypatch):
+    agent = TRPO(lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(2)), n_envs=1, n_steps=8, seed=0)
+    never = SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(2))  # no time limit, no spec
+    with pytest.warns(UserWarning, match="2 of 2 episodes did not end within 5 steps"):
+        assert agent.evaluate(2, env=never, max_episode_steps=5) == (0.0, 0.0)
+    monkeypatch.setattr(trpo_ext.trpo, "EVAL_MAX_EPISODE_STEPS", 7)
+    with pytest.warns(UserWarning, match="1 of 1 episodes did not end within 7 steps"):
+        agent.evaluate(1, env=never)
+    never.spec = gym.envs.registration.EnvSpec("Never-v0", max_episode_steps=4)  # the spec's limit comes first
+    with pytest.warns(UserWarning, match="within 4 steps"):
+        agent.evaluate(1, env=never)
+    agent.close()
+
+
+def test_evaluate_names_the_episode_step_and_field_of_a_bad_env_return():
+    class BadFlag(SpaceEnv):
+        def step(self, action):
+            return self.observation_space.sample(), 0.0, "False", False, {}
+
+    agent = TRPO(lambda: SpaceEnv(spaces.Box(-1, 1, (3,)), spaces.Discrete(2)), n_envs=1, n_steps=8, seed=0)
+    with pytest.raises(ValueError, match=r"evaluate: the env at step 1 of episode 0: terminated is a str 'False'; "
+                                         r"expected a bool"):
+        agent.evaluate(1, env=BadFlag(spaces.Box(-1, 1, (3,)), spaces.Discrete(2)))
+    agent.close()
+
+
+def test_a_refused_rollout_leaves_the_agent_as_it_was():
+    class NaNAt(SpaceEnv):  # a NaN observation at the 5th step
+        t = 0
+
+        def step(self, action):
+            self.t += 1
+            obs = self.observation_space.sample()
+            return (obs * np.nan if self.t == 5 else obs), 1.0, False, False, {}
+
+    agent = TRPO(lambda: NaNAt(spaces.Box(-1, 1, (3,)), spaces.Discrete(2)), n_envs=1, n_steps=8, seed=0,
+                 normalize_obs=True, normalize_reward=True)
+    before = policy_vector(agent), agent.normalizer.count, agent.generator.get_state()
+    with pytest.raises(ValueError, match=r"env 0 at step 5 of this rollout \(step 5 of its episode\): observation"
+                                         r"\[\d\] is nan; expected finite values; the rollout was discarded"):
+        agent.learn(8, progress_bar=False)
+    assert torch.equal(policy_vector(agent), before[0]) and agent.normalizer.count == before[1]
+    assert torch.equal(agent.generator.get_state(), before[2]) and agent.num_timesteps == 0
+    agent.close()
 
 
 def test_learn_accepts_integral_floats_and_checks_callbacks_before_training():

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 from . import _ops, spaces
+from .action_masks import single_env_masks
 from .distributions import action_spec, masked, sample_actions
+from .envs import reset_problem, step_problem
 from .normalization import RunningNormalizer
 from .policies import fused_spec
 
@@ -67,16 +69,20 @@ class Inference:
     def predict(self, policy, observation, deterministic: bool = False, action_masks=None) -> np.ndarray:
         """`TRPO.predict`'s actions, in the env's form, for one raw observation or a batch (what it
         takes: its docstring); ValueError, before the policy runs, for the `(obs, info)` tuple
-        `reset()` returns, a wrong shape, NaN / inf in the observation, or masks that do not fit."""
+        `reset()` returns, an observation that does not fit the space (shape, dtype, NaN / inf,
+        Discrete / MultiDiscrete / MultiBinary / image ranges: `ObservationCodec.problem`), or masks
+        that do not fit. Nothing is changed before the checks pass."""
         if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
             raise ValueError("predict got the (obs, info) tuple that env.reset() returns; pass the observation: "
                              "obs, info = env.reset()")
         obs, single = self.codec.raw_single(observation)
+        problem = self.codec.problem(obs, name="obs")
+        if problem is not None:
+            row, field, got, expected = problem
+            where = "" if single or row is None else f" (row {row} of the batch)"
+            raise ValueError(f"{field}{where} {got}; expected {expected}")
         if self.codec.plain_box:
             obs = obs.astype(np.float32)
-        bad = self.codec.first_nonfinite(obs, single)
-        if bad is not None:
-            raise ValueError(f"obs contains NaN or inf ({bad})")
         masks = None
         if action_masks is not None:
             n = self.codec.raw_len(obs)
@@ -87,3 +93,33 @@ class Inference:
         _, actions = self.act(policy, obs, deterministic=deterministic, masks=self.mask_tensor(masks))
         actions = self.env_actions(actions)
         return actions[0] if single else actions
+
+    def episodes(self, policy, env, n_episodes: int, deterministic: bool, seed: int, limit: int) -> tuple[list, int]:
+        """`TRPO.evaluate`'s episodes on one env: (their returns, how many were cut at `limit` steps).
+        Episode i is reset with `seed + i`; each reset's and step's return is checked as in training
+        (`trpo_ext.envs.step_problem`): a ValueError names the episode, the step and the field."""
+        returns, cut = [], 0
+        for episode in range(n_episodes):
+            out, step = env.reset(seed=seed + episode), 0
+            _refuse(reset_problem(out, self.codec), episode, step)
+            obs, info = out
+            total, done = 0.0, False
+            while not done and step < limit:
+                masks = single_env_masks(env, info, self.action)  # None when the env has none
+                action = self.predict(policy, obs, deterministic, masks)
+                out, step = env.step(action), step + 1
+                _refuse(step_problem(out, self.codec), episode, step)
+                obs, reward, terminated, truncated, info = out
+                total += float(reward)
+                done = terminated or truncated
+            cut += not done
+            returns.append(total)
+        return returns, cut
+
+
+def _refuse(problem: tuple | None, episode: int, step: int) -> None:
+    """`episodes`' ValueError for what the env returned at `step` of `episode` (0: at its reset)."""
+    if problem is not None:
+        field, got, expected = problem
+        when = "at the reset" if step == 0 else f"at step {step}"
+        raise ValueError(f"evaluate: the env {when} of episode {episode}: {field} {got}; expected {expected}")

@@ -78,6 +78,15 @@ class RunningNormalizer:
         self._since_sync = (self.count, self.mean.copy(), self.var.copy()), None
         self._refresh()
 
+    def snapshot(self) -> tuple:
+        """Everything `update` and `sync` change, for `restore` (a refused rollout is undone)."""
+        return self.count, self.mean.copy(), self.var.copy(), self._since_sync
+
+    def restore(self, snapshot: tuple) -> None:
+        count, mean, var, self._since_sync = snapshot  # the tuples in _since_sync are replaced, never written
+        self.count, self.mean, self.var = count, mean.copy(), var.copy()
+        self._refresh()
+
     def _refresh(self) -> None:
         np.copyto(self._mean32, self.mean, casting="same_kind")
         np.copyto(self._inv_std32, 1.0 / np.sqrt(self.var + self.eps), casting="same_kind")
@@ -130,6 +139,15 @@ class RewardScaler:
 
     def sync(self, group) -> None:
         self.stats.sync(group)
+
+    def snapshot(self) -> tuple:
+        """The returns in flight and the statistics, for `restore` (RunningNormalizer.snapshot)."""
+        return self.returns.copy(), self.stats.snapshot()
+
+    def restore(self, snapshot: tuple) -> None:
+        returns, stats = snapshot
+        self.returns = returns.copy()
+        self.stats.restore(stats)
 
     def state_dict(self) -> dict:
         return {"returns": torch.from_numpy(self.returns.copy()), "stats": self.stats.state_dict()}

@@ -2,10 +2,13 @@
 with the episode statistics and the reward check on the way.
 
 The collector steps a SAME_STEP-autoreset vector env: a truncated episode's last observation, to
-bootstrap from, arrives in `infos["final_obs"]`.
+bootstrap from, arrives in `infos["final_obs"]`. Every value the envs return is checked once, as it
+arrives (observations: `ObservationCodec.problem`; the step's form and types: `trpo_ext.envs`;
+rewards: `check_rewards`), and a refused value undoes the rollout (`RolloutCollector.collect`).
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -15,6 +18,7 @@ import torch
 
 from . import spaces
 from .action_masks import ActionMasks
+from .envs import EnvStepError, LeanSyncVectorEnv, batch_problem
 from .inference import Inference
 from .normalization import RewardScaler, RunningNormalizer
 from .policies import fused_spec
@@ -52,18 +56,35 @@ leaves four orders of magnitude for |h| and the batch sums. (The critic's fit ch
 too: see trpo_ext.critic.)"""
 
 
+DISCARDED = ("the rollout was discarded: the agent's networks, its observation, reward and episode statistics "
+             "and its random stream are as they were before it, and these envs cannot step again")
+"""What a refusal during a rollout leaves (`RolloutCollector.collect` puts the state back)."""
+
+
+class RolloutRefused(ValueError):
+    """The envs returned a value the rollout refuses; `cause` says which (the message adds what
+    state the refusal left)."""
+
+    def __init__(self, cause: str, left: str = DISCARDED):
+        super().__init__(f"{cause}; {left}")
+        self.cause = cause
+
+
 def check_rewards(rewards: np.ndarray, step: int, episode_lengths: np.ndarray) -> None:
-    """ValueError naming the env, the step (1-based, in the rollout and in the episode, whose length
-    so far is `episode_lengths`) and the value if any reward is non-finite or larger in magnitude
-    than MAX_ABS_REWARD (NaN fails the comparison too)."""
-    if np.abs(rewards).max(initial=0.0) <= MAX_ABS_REWARD:
+    """RolloutRefused naming the env, the step (1-based, in the rollout and in the episode, whose
+    length so far is `episode_lengths`) and the value if any reward is non-finite or larger in
+    magnitude than MAX_ABS_REWARD (NaN fails the comparison too)."""
+    if rewards.size <= 256:  # the quick test (NaN and inf propagate to the sum; one past the bound looks closer)
+        values = rewards.tolist()
+        if math.isfinite(sum(values)) and -MAX_ABS_REWARD <= min(values) and max(values) <= MAX_ABS_REWARD:
+            return
+    if np.maximum.reduce(np.abs(rewards)) <= MAX_ABS_REWARD:
         return
     i = int(np.flatnonzero(~(np.abs(rewards) <= MAX_ABS_REWARD))[0])
-    raise ValueError(
+    raise RolloutRefused(
         f"env {i} returned reward {float(rewards[i])!r} at step {step} of this rollout (step "
         f"{int(episode_lengths[i]) + 1} of its episode): rewards must be finite with |r| <= {MAX_ABS_REWARD:g} "
-        "(trpo_ext.rollout.MAX_ABS_REWARD: the float32 critic's Adam squares its gradients); "
-        "the agent's parameters and episode statistics were left unchanged")
+        "(trpo_ext.rollout.MAX_ABS_REWARD: the float32 critic's Adam squares its gradients)")
 
 
 @dataclass
@@ -145,23 +166,52 @@ class RolloutCollector:
         self.last_obs = None  # a raw batch (an array, or a dict of arrays)
         self.last_masks: np.ndarray | None = None
         self.env_failure: str | None = None  # what the vector env raised, once it has
+        # The batched rewards and flags of a vector env that is not ours (LeanSyncVectorEnv makes them
+        # from its sub-envs' checked values) are checked as batches.
+        self.check_batch = not isinstance(envs, LeanSyncVectorEnv)
 
-    def _envs(self, call, *args, **kwargs):
-        """envs.reset / envs.step, remembering a failure: a vector env whose worker raised (an
-        AsyncVectorEnv shuts that worker down) cannot step again, and saying so beats the
-        unrelated error its next call would give."""
+    def _refused(self, problem: tuple, step: int | None) -> RolloutRefused:
+        """The refusal of what the envs returned at `step` of this rollout (None: at reset);
+        `problem` is (env index or None, field, got, expected). The envs cannot step again."""
+        env, field, got, expected = problem
+        who = "the vector env" if env is None else f"env {env}"
+        when = "at reset" if step is None else f"at step {step} of this rollout" + (
+            "" if env is None else f" (step {int(self.stats.lengths[env]) + 1} of its episode)")
+        left = "the agent is unchanged, and these envs cannot step again" if step is None else DISCARDED
+        refusal = RolloutRefused(f"{who} {when}: {field} {got}; expected {expected}", left)
+        self.env_failure = refusal.cause
+        return refusal
+
+    def _envs(self, step: int | None, arg) -> tuple:
+        """envs.reset(seed=arg) (`step` None) or envs.step(arg) at `step` of this rollout, every value
+        it returned checked (a RolloutRefused naming the env, the step and the field otherwise).
+
+        A failure is remembered: a vector env whose worker raised (an AsyncVectorEnv shuts that worker
+        down), or whose values were refused, cannot step again, and saying so beats the unrelated error
+        its next call would give."""
         if self.env_failure is not None:
             raise RuntimeError(f"the environments failed in an earlier rollout ({self.env_failure}) and cannot "
                                "step again; the agent's networks are unchanged: save it, then TRPO.load(path, env=...) "
                                "with working envs")
         try:
-            return getattr(self.envs, call)(*args, **kwargs)
+            out = self.envs.reset(seed=arg) if step is None else self.envs.step(arg)
+        except EnvStepError as exc:  # what a sub-env returned (trpo_ext.envs)
+            raise self._refused((exc.env, exc.field, exc.got, exc.expected), step) from None
         except Exception as exc:
             self.env_failure = f"{type(exc).__name__}: {exc}"
             raise
+        if type(out) is not tuple or len(out) != (2 if step is None else 5):
+            raise self._refused((None, "its return", f"is {spaces.shown(out)}", "gymnasium's (obs, infos)" if step
+                                 is None else "gymnasium's (obs, rewards, terminations, truncations, infos)"), step)
+        problem = self.codec.problem(out[0])
+        if problem is None and step is not None and self.check_batch:
+            problem = batch_problem(*out[1:4], self.n_envs)
+        if problem is not None:
+            raise self._refused(problem, step)
+        return out
 
     def reset(self, seed: int | None) -> None:
-        self.last_obs, infos = self._envs("reset", seed=seed)
+        self.last_obs, infos = self._envs(None, seed)
         self.last_masks = self.masks.start(infos)
         self.stats.returns[:] = 0.0
         self.stats.lengths[:] = 0
@@ -200,8 +250,33 @@ class RolloutCollector:
             self.last_masks = None if masks is None else masks.numpy().copy()
             self.masks.source = state["mask_source"]
 
-    @torch.no_grad()
     def collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
+        """One rollout of `n_steps` steps of every env -> a `Batch`.
+
+        A value the envs return that their spaces or gymnasium's API do not allow, or a reward
+        `check_rewards` refuses, is a `RolloutRefused` (a ValueError) naming the env, the step and
+        the field; it, or any other error, puts the collector's state (last observation and masks,
+        observation, reward and episode statistics) and `generator` back as they were before the
+        rollout. After a refusal the envs cannot step again (`env_failure`)."""
+        saved = (self.last_obs, self.last_masks, self.stats.state_dict(), generator.get_state(),
+                 None if self.normalizer is None else self.normalizer.snapshot(),
+                 None if self.reward_scaler is None else self.reward_scaler.snapshot())
+        try:
+            return self._collect(policy, value_fn, generator, gamma, lam)
+        except BaseException as exc:
+            if isinstance(exc, RolloutRefused):
+                self.env_failure = exc.cause
+            self.last_obs, self.last_masks, stats, rng, normalizer, scaler = saved
+            self.stats.load_state_dict(stats)
+            generator.set_state(rng)
+            if normalizer is not None:
+                self.normalizer.restore(normalizer)
+            if scaler is not None:
+                self.reward_scaler.restore(scaler)
+            raise
+
+    @torch.no_grad()
+    def _collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
         T, N = self.n_steps, self.n_envs
         obs_steps, act_steps, mask_steps = [], [], []  # stacked once at the end: cheaper than T indexed copies
         rewards = np.empty((T, N))
@@ -213,8 +288,8 @@ class RolloutCollector:
         params = list(policy.parameters())
         fused = fused_spec(policy) is not None
         for t in range(T):
-            # Each observation is checked once, before it can reach the statistics or the policy.
-            self.codec.check(obs)
+            # Each observation was checked as it arrived (reset, or the step before), before it can
+            # reach the statistics or the policy.
             if self.normalizer is not None:
                 # Every observation enters the statistics before the policy sees it, one step at a
                 # time (as sb3's VecNormalize does): once per rollout lags them by a rollout and
@@ -226,22 +301,24 @@ class RolloutCollector:
             act_steps.append(actions)
             if mask_t is not None:
                 mask_steps.append(mask_t)
-            obs, rewards[t], terminated[t], truncated[t], infos = self._envs("step", self.inference.env_actions(actions))
+            obs, rewards[t], terminated[t], truncated[t], infos = self._envs(t + 1, self.inference.env_actions(actions))
             masks = self.masks.after_step(infos)
             check_rewards(rewards[t], t + 1, self.stats.lengths)  # before the statistics see them
+            if truncated[t].any():  # the final observations to bootstrap from
+                final = infos["final_obs"]
+                for i in np.flatnonzero(truncated[t]):
+                    problem = self.codec.problem(final[i], batch=False, name="final observation")
+                    if problem is not None:
+                        raise self._refused((i, *problem[1:]), t + 1)
+                    final_obs.append((t, i, final[i]))
             done = terminated[t] | truncated[t]
             self.stats.step(rewards[t], done)  # the episode statistics keep the raw rewards
             if self.reward_scaler is not None:
                 rewards[t] = self.reward_scaler(rewards[t], done)
-            if truncated[t].any():
-                final = infos["final_obs"]
-                final_obs += [(t, i, final[i]) for i in np.flatnonzero(truncated[t])]
         self.last_obs, self.last_masks = obs, masks
 
-        # The observation after the last step and the truncated episodes' final observations (the
-        # rewards were checked step by step).
+        # The observation after the last step and the truncated episodes' final observations.
         extra = obs if not final_obs else self.codec.concat_raw([obs, self.codec.batch_raw([o for *_, o in final_obs])])
-        self.codec.check(extra)
 
         # One value pass: all rollout observations, the observation after the last step, final observations.
         obs_buf = spaces.cat(obs_steps)  # (T * N, ...), step-major like the (T, N) arrays

@@ -11,6 +11,8 @@ images channel-first (HWC transposed to CHW, the channel axis being the smallest
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +88,10 @@ class ObservationCodec:
         self.norm_parts = [p for p in self.parts if p.kind == "box"]
         self.norm_dim = sum(p.size for p in self.norm_parts)
         self.has_image = any(p.kind == "image" for p in self.parts)
+        box = self.parts[0].space
+        # A float Box alone: `problem`'s quick test (the common case, every rollout step)
+        self._quick = (box.dtype, box.shape) if self.parts[0].kind == "box" and box.dtype.kind == "f" \
+            and not self.is_dict else None
 
     # -- what the networks see
     @property
@@ -112,27 +118,32 @@ class ObservationCodec:
     def _raw(self, obs, part: ObsPart) -> np.ndarray:
         return obs[part.key] if self.is_dict else obs
 
-    def check(self, obs) -> None:
-        """ValueError unless every Box part of a raw batch from the env is finite (the other parts
-        hold integers)."""
-        for part in self.parts:
-            if part.kind == "box" and not np.isfinite(self._raw(obs, part)).all():
-                where = "" if part.key is None else f" (in {part.key!r})"
-                raise ValueError(f"the environment returned a non-finite observation{where}; the agent's parameters "
-                                 "and observation statistics were left unchanged")
+    def problem(self, obs, batch: bool = True, name: str = "observation") -> tuple | None:
+        """The first way a raw batch (or, with `batch=False`, one raw observation) breaks the declared
+        space, as (row, field, got, expected): `row` the batch row (None when the fault is not one
+        row's), `field` what is wrong, named from `name` ("observation['pos'][2]"), `got` what came
+        ("is nan", "has shape (5,)") and `expected` what the space allows. None when it fits.
 
-    def first_nonfinite(self, obs, single: bool = False) -> str | None:
-        """Where a raw batch first holds NaN or inf, in words ("obs[0, 2] = nan"; without the batch
-        index when it holds a `single` observation), or None."""
+        Checked: the structure (a dict with the Dict space's keys; extra keys are ignored), the dtype
+        (numpy must cast it to the space's dtype under its "same_kind" rule, as the vector envs'
+        buffers do: no strings, objects or complex numbers, no floats for integer spaces or images),
+        the shape, and the values: finite for a Box, within range for Discrete and MultiDiscrete, 0
+        or 1 for MultiBinary, 0..255 for an image in a wider unsigned dtype. A Box's bounds are not
+        enforced: many envs exceed the bounds they declare (gymnasium's env checker only warns)."""
+        quick = self._quick  # a float Box of its dtype and shape, with a finite sum (NaN and inf propagate to it)
+        if quick is not None and type(obs) is np.ndarray and obs.dtype == quick[0] and obs.shape[batch:] == quick[1] \
+                and math.isfinite(_sum(obs)):
+            return None
+        if self.is_dict and not isinstance(obs, Mapping):
+            return None, name, f"is {shown(obs)}", f"a dict with the keys {[p.key for p in self.parts]}"
         for part in self.parts:
-            if part.kind == "box":
-                a = np.asarray(self._raw(obs, part))
-                bad = np.argwhere(~np.isfinite(a))
-                if bad.size:
-                    index = tuple(int(i) for i in bad[0])
-                    shown = index[1:] if single else index
-                    name = "obs" if part.key is None else f"obs[{part.key!r}]"
-                    return f"{name}{list(shown)} = {a[index]}"
+            field = name if part.key is None else f"{name}[{part.key!r}]"
+            if self.is_dict and part.key not in obs:
+                return None, field, "is missing", f"every key of the Dict space {[p.key for p in self.parts]}"
+            found = _part_problem(self._raw(obs, part), part, batch)
+            if found is not None:
+                row, index, got, expected = found
+                return row, field + "".join(f"[{i}]" for i in index), got, expected
         return None
 
     def norm_features(self, obs) -> np.ndarray:
@@ -241,6 +252,62 @@ class ObservationCodec:
         """A preprocessed batch of n zero observations (to check a network's output once)."""
         out = {p.key: torch.zeros(n, *p.shape, device=device) for p in self.parts}
         return out if self.is_dict else out[None]
+
+
+def shown(value) -> str:
+    """A value in an error message: its type and a short repr ("a str 'abc'")."""
+    if value is None:
+        return "None"
+    kind, text = type(value).__name__, repr(value)
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _sum(a: np.ndarray) -> float:
+    """The sum of a float array, in float64; for a small array by Python's sum, which costs a third
+    of numpy's reduction there (measured: docs/benchmarks.md, "The checks of what envs return")."""
+    return sum(a.ravel().tolist()) if a.size <= 256 else float(np.add.reduce(a, None, np.float64))
+
+
+def _part_problem(value, part: ObsPart, batch: bool) -> tuple | None:
+    """`ObservationCodec.problem` for one part: (row, element index, got, expected) or None."""
+    space = part.space
+    a = value
+    if type(a) is not np.ndarray:
+        try:
+            a = np.asarray(value)
+        except (ValueError, TypeError):  # a ragged sequence
+            return None, (), f"is {shown(value)}", f"an array of shape {space.shape}"
+    if a.dtype != space.dtype and not np.can_cast(a.dtype, space.dtype, "same_kind"):
+        got = f"has dtype {a.dtype}" if type(value) is np.ndarray else f"is {shown(value)}"
+        return None, (), got, f"numbers of dtype {space.dtype} (or of a dtype of the same kind)"
+    shape = a.shape[1:] if batch else a.shape
+    if shape != space.shape or a.ndim < int(batch):
+        return None, (), f"has shape {shape}", f"shape {space.shape}"
+    if part.kind == "box":  # a finite float64 sum is the quick answer (NaN and inf propagate to it)
+        if a.dtype.kind != "f" or math.isfinite(_sum(a)) or np.isfinite(a).all():
+            return None
+        bad, expected = ~np.isfinite(a), "finite values"
+    elif part.kind == "image":
+        if a.dtype == np.uint8 or (a.min(initial=0) >= 0 and a.max(initial=0) <= 255):
+            return None
+        bad, expected = (a < 0) | (a > 255), "values in [0, 255] (a uint8 image)"
+    elif part.kind == "binary":
+        if a.dtype == np.bool_ or ((a == 0) | (a == 1)).all():
+            return None
+        bad, expected = (a != 0) & (a != 1), "0 or 1 (MultiBinary)"
+    else:  # Discrete, MultiDiscrete: integers in [start, start + n)
+        low = space.start
+        high = low + (space.n if part.kind == "onehot" else space.nvec)
+        bad = (a < low) | (a >= high)
+        if not bad.any():
+            return None
+        expected = None
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    if expected is None:
+        j = () if part.kind == "onehot" else index[-1]
+        expected = f"an integer in [{low[j]}, {high[j]}) ({type(space).__name__})"
+    row, index = (index[0], index[1:]) if batch else (None, index)
+    return row, index, f"is {a[(row, *index) if batch else index].item()!r}", expected
 
 
 # ----------------------------------------------------------------------------- batches of either form

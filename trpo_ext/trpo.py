@@ -15,13 +15,13 @@ import functools
 import math
 import os
 import time
+import warnings
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from . import checkpoint, distributed, spaces
-from .action_masks import single_env_masks
 from .config import TRPOConfig, check_int
 from .critic import check_parallel, fit_value_network, fused_value
 from .distributions import action_spec
@@ -37,6 +37,10 @@ from .step import StepRecord, trust_region_step
 RANK_SEED_STRIDE = 1_000_033
 """Data-parallel rank r seeds its envs and its sampling with seed + r * RANK_SEED_STRIDE (rank 0:
 the seed itself), so ranks never share an env seed while n_envs < RANK_SEED_STRIDE."""
+
+EVAL_MAX_EPISODE_STEPS = 100_000
+"""`evaluate`'s step limit per episode when neither its `max_episode_steps` nor the env's spec gives
+one, so that an env that never ends still returns."""
 
 CHECK_REPLICAS_EVERY = 10
 """Data-parallel: every this many updates (and at the end of `learn`) the ranks compare checksums
@@ -318,37 +322,46 @@ class TRPO:
         actions): bool, one entry per action (of every sub-action), (logits,) for one observation or
         (B, logits); a masked action is never returned. `deterministic`: the distribution's mode (the
         most probable class, p > 1/2, or the Gaussian's mean), for a custom policy too. Sampling
-        uses torch's global RNG, so predicting never changes the training random stream. ValueError
-        for the `(obs, info)` tuple `reset()` returns, a wrong shape, or NaN / inf in the observation.
+        uses torch's global RNG, so predicting never changes the training random stream. ValueError,
+        naming the entry, what came and what the space allows, for the `(obs, info)` tuple `reset()`
+        returns or an observation that does not fit the observation space: its shape or dtype (no
+        strings, complex numbers or floats for integer entries), NaN / inf, a Discrete / MultiDiscrete
+        entry out of range, a MultiBinary entry other than 0 / 1, an image value outside 0..255.
         """
         return self.inference.predict(self.policy, observation, deterministic, action_masks), None
 
     def evaluate(self, n_episodes: int = 10, deterministic: bool = True, env=None,
-                 seed: int | None = None) -> tuple[float, float]:
-        """Mean and standard deviation of the return over `n_episodes` full episodes.
+                 seed: int | None = None, max_episode_steps: int | None = None) -> tuple[float, float]:
+        """Mean and standard deviation of the return over `n_episodes` episodes.
 
-        Runs on a separate env (`env`, or a fresh copy of the training env), so training is undisturbed.
+        Runs on a separate env (`env`, or a fresh copy of the training env, closed at the end), so
+        training is undisturbed. An episode ends when the env ends it or after `max_episode_steps`
+        steps (default: the env's spec's `max_episode_steps`, else `EVAL_MAX_EPISODE_STEPS`); an
+        episode cut there counts with its return so far, and a warning says how many were cut. Each
+        reset's and step's return is checked as in training (`trpo_ext.envs.step_problem`): a
+        ValueError names the episode, the step and the field.
         """
         check_int("n_episodes", n_episodes, 1)
+        if max_episode_steps is not None:
+            check_int("max_episode_steps", max_episode_steps, 1)
+        own = env is None or isinstance(env, (str, gym.envs.registration.EnvSpec))
         if env is None:
             if self.make_eval_env is None:
                 raise ValueError("evaluate: the training env cannot be copied (no registered id); pass env=")
             env = self.make_eval_env()
-        elif isinstance(env, (str, gym.envs.registration.EnvSpec)):
+        elif own:
             env = gym.make(env)
+        spec_limit = getattr(getattr(env, "spec", None), "max_episode_steps", None)
+        limit = max_episode_steps or spec_limit or EVAL_MAX_EPISODE_STEPS
         seed = self.config.seed + 1_000_003 if seed is None else seed
-        returns = []
-        spec = self.inference.action
-        for episode in range(n_episodes):
-            obs, info = env.reset(seed=seed + episode)
-            total, done = 0.0, False
-            while not done:
-                masks = single_env_masks(env, info, spec)  # None when the env has none
-                action = self.predict(obs, deterministic=deterministic, action_masks=masks)[0]
-                obs, reward, terminated, truncated, info = env.step(action)
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
+        try:
+            returns, cut = self.inference.episodes(self.policy, env, n_episodes, deterministic, seed, limit)
+        finally:
+            if own:
+                env.close()
+        if cut:
+            warnings.warn(f"evaluate: {cut} of {n_episodes} episodes did not end within {limit} steps and were cut "
+                          "there (their returns so far count); max_episode_steps= sets the limit", stacklevel=2)
         return float(np.mean(returns)), float(np.std(returns))
 
     # ------------------------------------------------------------------------- save / load
