@@ -1,5 +1,6 @@
 """The benchmark's plumbing on tiny CPU configurations (the GPU run of bench/gpu_check.sh takes the
 same table-building path, plus the graph-replay rows)."""
+import pytest
 import torch
 
 from trpo_ext import benchmark, benchmark_report
@@ -70,3 +71,42 @@ def test_exhausted_time_budget_skips_and_fails(capsys):
     rc, captured = _run(capsys, "--time-budget", "0")
     assert rc == 1
     assert "Skipped (time budget)" in captured.out
+
+
+def _result(times, spread=None, rounds=5):
+    res = benchmark_report.Result(order=list(times), times=times, spread=spread or {}, rounds=rounds)
+    return [((benchmark.CPU_CONFIGS[0], 1), res)]
+
+
+FUSED = {("fvp", "reference"): 0.016, ("fvp", "fused"): 0.004, ("fvp", "gemm floor"): 0.0017,
+         ("cg", "reference"): 0.080, ("cg", "fused"): 0.022}
+
+
+def test_a_trusted_measurement_is_printed_as_a_result():
+    results = _result(FUSED)
+    assert benchmark_report.unreliable(results, 10) == []
+    text = benchmark_report.report(results, 10, "env", 5, False)
+    assert "| cg x10 | fused | 22.000 | 3.64x |" in text and "UNRELIABLE" not in text
+
+
+def test_a_high_spread_is_reported_as_unreliable_not_as_a_result():
+    results = _result(FUSED, spread={("cg", "reference"): 0.6})
+    text = benchmark_report.report(results, 10, "env", 5, False)
+    assert "| cg x10 | reference | unreliable (spread 60% over 5 rounds) | - |" in text
+    assert "| cg x10 | fused | 22.000 | - |" in text  # no ratio to an unreliable reference
+    assert "UNRELIABLE" in text and "cg reference: spread 60% over 5 rounds" in text
+
+
+@pytest.mark.parametrize("cg_fused, says", [(0.003, "a negative cost"), (0.0155, "faster than its own GEMM floor")])
+def test_an_impossible_cost_split_is_reported_as_unreliable(cg_fused, says):
+    results = _result({**FUSED, ("cg", "fused"): cg_fused})
+    split = benchmark_report.cost_split(results, 10)
+    assert "| unreliable | unreliable |" in split and says in split
+    assert any(says in line for line in benchmark_report.unreliable(results, 10))
+
+
+def test_quick_runs_one_thread(capsys):
+    rc = benchmark.main(["--device", "cpu", "--quick", "--sizes", "64", "--hidden", "8", "--rounds", "1",
+                         "--no-generic"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gaus 17->8->6 N=64 |")]
+    assert rc == 0 and rows and {line.split("|")[2].strip() for line in rows} == {"1"}

@@ -21,6 +21,11 @@ iterations (no early stop).
     python -m trpo_ext.benchmark                 # the CPU configurations, 1 thread and all threads
     python -m trpo_ext.benchmark --device cuda   # the GPU configurations
     python -m trpo_ext.benchmark --device cpu --sizes 256,1024 --hidden 16x16 --rounds 3   # dry run
+    python -m trpo_ext.benchmark --quick         # the first configuration, 1 thread, 5 rounds
+
+A median whose timings spread too much over the rounds, and a cost split that cannot be true (a
+negative cost, a product faster than its GEMM floor), are reported as unreliable, not as results
+(`trpo_ext.benchmark_report`).
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import gymnasium as gym
 import torch
 
 from . import reference
-from .benchmark_report import Result, environment, problems, report
+from .benchmark_report import Result, environment, problems, report, unreliable
 from .distributions import action_spec
 from .fisher import cg_solve, fvp
 from .policies import MLPPolicy
@@ -322,6 +327,7 @@ def bench_config(cfg: Config, device: str, rounds: int, cg_iters: int, with_gene
             samples[k].append(_time(fn, device, inner[k]))
         res.rounds = r + 1
     res.times = {k: statistics.median(s) for k, s in samples.items() if s}
+    res.spread = {k: (max(s) - min(s)) / res.times[k] for k, s in samples.items() if s and res.times[k] > 0}
     return res
 
 
@@ -355,7 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per configuration")
     parser.add_argument("--cg-iters", type=int, default=10)
     parser.add_argument("--quick", action="store_true",
-                        help="5 rounds, and the first configuration only unless --sizes/--hidden are given")
+                        help="5 rounds, 1 thread unless --threads, and the first configuration only unless "
+                             "--sizes/--hidden are given: seconds on an idle machine")
     parser.add_argument("--no-generic", action="store_true", help="skip the torch.func generic path")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay rows (CUDA)")
     parser.add_argument("--sizes", type=_ints, default=None,
@@ -381,7 +388,8 @@ def main(argv=None) -> int:
         if not args.sizes and not args.hidden:
             configs = configs[:1]
     if args.device == "cpu":
-        threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, os.cpu_count() or 1})
+        threads = [int(t) for t in args.threads.split(",")] if args.threads else \
+            [1] if args.quick else sorted({1, os.cpu_count() or 1})
     else:
         threads = [torch.get_num_threads()]
     env = environment(args.device)
@@ -425,6 +433,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(saved_threads)
     write()
     print(report(results, args.cg_iters, env, rounds, args.check, skipped))
+    doubtful = unreliable(results, args.cg_iters)
+    if doubtful:
+        print(f"{len(doubtful)} measurement(s) unreliable, marked so in the report (a busy CPU?):\n"
+              + "\n".join(f"  {d}" for d in doubtful), file=sys.stderr)
     failed = problems(results) + ([] if results else ["no configuration was measured"])
     if failed:
         print(f"{len(failed)} problem(s):\n" + "\n".join(f"  {p}" for p in failed), file=sys.stderr)
