@@ -290,3 +290,5 @@ class TRPOConfig:
 
 
 _TRUST_REGION_FIELDS = tuple(f.name for f in dataclasses.fields(TrustRegionConfig))
+HYPERPARAMETERS = tuple(TRPOConfig(seed=0).to_dict())
+"""TRPO's hyperparameter keywords: TRPOConfig's fields, the trust-region settings flattened in."""

@@ -292,6 +292,32 @@ def built_in_value(name: str, codec: ObservationCodec, hidden, activation) -> nn
     return FeatureValue(FeatureExtractor(codec, 256), hidden, activation)
 
 
+def build_networks(policy, value_net, codec: ObservationCodec, action_space, policy_kwargs: dict, seed: int,
+                   device) -> tuple[nn.Module, nn.Module, dict]:
+    """The agent's policy and critic from TRPO's `policy=` / `value_net=` ("auto": the built-in network
+    that fits the observations, and the critic of the policy's name; a name of BUILT_IN; a module; or
+    a callable), initialised from `seed` without touching torch's global RNG, on `device`; a user's
+    policy is checked (`check_custom_policy`). Returns (policy, value_net, the built-in names they
+    were made from, None for a user's module: what a checkpoint keeps)."""
+    hidden, activation = policy_kwargs["hidden"], policy_kwargs["activation"]
+    if isinstance(policy, str) and policy == "auto":
+        policy = default_name(codec)
+    if isinstance(value_net, str) and value_net == "auto":
+        value_net = policy if isinstance(policy, str) and policy in BUILT_IN else default_name(codec)
+    names = {"policy": policy if isinstance(policy, str) else None,
+             "value_net": value_net if isinstance(value_net, str) else None}
+    observation_space = codec.space
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+        torch.manual_seed(seed)
+        policy = build_network("policy", policy, observation_space, action_space, lambda name: built_in_policy(
+            name, codec, action_space, hidden, activation, policy_kwargs["log_std_init"])).to(device)
+        value_net = build_network("value_net", value_net, observation_space, action_space,
+                                  lambda name: built_in_value(name, codec, hidden, activation)).to(device)
+    if fused_spec(policy) is None:
+        check_custom_policy(policy, codec, action_space, device)
+    return policy, value_net, names
+
+
 # ----------------------------------------------------------------------------- a user's own networks
 def qualified_name(module: nn.Module) -> str:
     """`module.class.qualname` of a network, what a checkpoint records for information."""

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed, spaces
-from .config import TRPOConfig, check_int
+from .config import HYPERPARAMETERS, TRPOConfig, check_int, check_num_threads
 from .critic import check_parallel, fit_value_network, fused_value
 from .distributions import action_spec
 from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .normalization import RewardScaler, RunningNormalizer
-from .policies import (BUILT_IN, FlatValues, build_network, built_in_policy, built_in_value, check_custom_policy,
-                       check_custom_value_net, default_name, fused_spec)
+from .policies import FlatValues, build_networks, check_custom_value_net
 from .rollout import EpisodeStats, RolloutCollector
 from .split_update import split_update
 from .step import StepRecord, trust_region_step
@@ -79,14 +78,8 @@ class TRPO:
                  seed: int | None = None,
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
                  policy="auto", value_net="auto"):
-        config = TRPOConfig.from_dict(dict(
-            n_envs=n_envs, n_steps=n_steps, gamma=gamma, gae_lambda=gae_lambda, max_kl=max_kl, damping=damping,
-            cg_iters=cg_iters, cg_rtol=cg_rtol, backtrack_factor=backtrack_factor, max_backtracks=max_backtracks,
-            fvp_fraction=fvp_fraction, normalize_advantage=normalize_advantage, normalize_obs=normalize_obs,
-            obs_clip=obs_clip, normalize_reward=normalize_reward, reward_clip=reward_clip, critic_lr=critic_lr,
-            critic_epochs=critic_epochs, critic_batch_size=critic_batch_size, critic_parallel=critic_parallel,
-            update_parallel=update_parallel, policy_kwargs=policy_kwargs, vectorization=vectorization,
-            stats_window=stats_window, seed=seed))
+        arguments = locals()  # the hyperparameters are the signature's keywords of TRPOConfig's fields
+        config = TRPOConfig.from_dict({name: arguments[name] for name in HYPERPARAMETERS})
         self.group = distributed.resolve_group(process_group)
         if self.group is not None:  # the agent adopts the group: gloo's event loops yield to the ranks' work
             distributed.lower_gloo_event_loops(self.group)
@@ -94,7 +87,7 @@ class TRPO:
         self.update_layout = config.update_layout(self.world_size)  # None, "split" or "data"
         self.log_dir = check_log_dir(log_dir) if self.rank == 0 else None
         self.device = _resolve_device(device)
-        self.num_threads = None if num_threads is None else check_int("num_threads", num_threads, 1)
+        self.num_threads = None if num_threads is None else check_num_threads(num_threads)
 
         # Environments: a vector env's own num_envs wins over n_envs.
         self.envs = make_vec_env(env, config.n_envs, config.vectorization)
@@ -123,24 +116,9 @@ class TRPO:
         self.inference = self.collector.inference  # predict's too
 
         # Networks, the critic's optimizer and the training random stream.
-        hidden, activation = config.policy_kwargs["hidden"], config.policy_kwargs["activation"]
-        if isinstance(policy, str) and policy == "auto":  # the built-in network that fits the observations
-            policy = default_name(codec)
-        if isinstance(value_net, str) and value_net == "auto":  # the built-in critic that fits the policy's input
-            value_net = policy if isinstance(policy, str) and policy in BUILT_IN else default_name(codec)
-        # The built-in names the networks were made from (None: a user's module); checkpoints keep them.
-        self.network_names = {"policy": policy if isinstance(policy, str) else None,
-                              "value_net": value_net if isinstance(value_net, str) else None}
         try:
-            with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
-                torch.manual_seed(config.seed)
-                self.policy = build_network("policy", policy, observation_space, action_space, lambda name: built_in_policy(
-                    name, codec, action_space, hidden, activation, config.policy_kwargs["log_std_init"])).to(self.device)
-                self.value_net = build_network("value_net", value_net, observation_space, action_space,
-                                               lambda name: built_in_value(name, codec, hidden, activation)
-                                               ).to(self.device)
-            if fused_spec(self.policy) is None:
-                check_custom_policy(self.policy, codec, action_space, self.device)
+            self.policy, self.value_net, self.network_names = build_networks(
+                policy, value_net, codec, action_space, config.policy_kwargs, config.seed, self.device)
             if not fused_value(self.value_net):
                 check_custom_value_net(self.value_net, codec, self.device)
                 if self.group is not None:
