@@ -75,7 +75,7 @@ void mlp_vjp_into(MlpCache& cache, at::Tensor& out);
 // (x, iterations (int64), residual norm (float64), x'(F + damping I)x (float64)).
 using CgResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// ValueError unless damping is finite and >= 0, iters >= 1 and rtol finite and >= 0.
+// ValueError unless damping is finite and >= 0, 1 <= iters <= kMaxCgIters (fisher.cpp) and rtol finite and >= 0.
 void check_cg_settings(double damping, int64_t iters, double rtol);
 
 // CG on (F + damping I) x = b with the cache's products; the settings already checked.
