@@ -13,7 +13,7 @@ import torch
 
 import trpo_ext.trpo
 from trpo_ext import TRPO
-from trpo_ext.config import (MAX_ENVS, MAX_ITERATIONS, POLICY_KWARGS, THREADS_PER_CORE, TRPOConfig, TrustRegionConfig,
+from trpo_ext.config import (MAX_BATCH, MAX_ENVS, MAX_ITERATIONS, POLICY_KWARGS, THREADS_PER_CORE, TRPOConfig, TrustRegionConfig,
                              check_num_threads)
 from trpo_ext.policies import ACTIVATIONS
 
@@ -221,6 +221,13 @@ def test_the_bounds_that_keep_a_value_from_hanging_the_process():
             TRPOConfig.from_dict({name: MAX_ITERATIONS + 1})
     # Data-parallel ranks seed their envs RANK_SEED_STRIDE apart: never shared below the cap.
     assert MAX_ENVS < trpo_ext.trpo.RANK_SEED_STRIDE
+    # An update's batch: n_steps alone, then with n_envs (config.py: MAX_BATCH).
+    assert TRPOConfig(n_steps=MAX_BATCH, n_envs=1).batch_size == MAX_BATCH
+    with pytest.raises(ValueError, match=f"n_steps must be an int >= 1 and <= {MAX_BATCH}, got 1000000000"):
+        TRPOConfig(n_steps=10**9)
+    with pytest.raises(ValueError, match=rf"n_steps \* n_envs \(the transitions of one update\) must be <= "
+                                         rf"{MAX_BATCH}, got 1048576 \* 32 = 33554432"):
+        TRPOConfig(n_steps=2**20, n_envs=32)
 
 
 def test_num_threads_is_bounded_by_the_machines_cores(monkeypatch):

@@ -61,6 +61,12 @@ keeps the per-env state (an observation, episode statistics, a return) a few MB,
 below `trpo.RANK_SEED_STRIDE`, so data-parallel ranks never share an env seed. Past it
 `n_envs=10**12` would be a bare MemoryError (or minutes of building envs) instead of this error."""
 
+MAX_BATCH = 2**24
+"""The most transitions one update holds (`n_steps * n_envs`, per rank): 16.7 million, 256 times
+the largest batch in rl-baselines3-zoo's TRPO presets. A rollout keeps every observation of the
+batch in memory, so past it a typo (`n_steps=10**9`) would be a bare MemoryError minutes into
+`learn` instead of this error at construction."""
+
 THREADS_PER_CORE = 4
 """`num_threads` may be at most this many times the machine's cores (`os.cpu_count()`): more
 threads than that only oversubscribe the cores, and torch would try to start a billion."""
@@ -230,7 +236,7 @@ class TRPOConfig:
             raise ValueError(f"trust_region must be a TrustRegionConfig, got {self.trust_region!r}")
         checked = {
             "n_envs": check_int("n_envs", self.n_envs, 1, MAX_ENVS),
-            "n_steps": check_int("n_steps", self.n_steps, 1),
+            "n_steps": check_int("n_steps", self.n_steps, 1, MAX_BATCH),
             "gamma": check_float("gamma", self.gamma, 0.0, 1.0),
             "gae_lambda": check_float("gae_lambda", self.gae_lambda, 0.0, 1.0),
             "fvp_fraction": check_float("fvp_fraction", self.fvp_fraction, 0.0, 1.0, low_open=True),
@@ -249,6 +255,9 @@ class TRPOConfig:
             "stats_window": check_int("stats_window", self.stats_window, 1),
             "seed": check_int("seed", seed, 0, 2**63 - 1),
         }
+        if checked["n_steps"] * checked["n_envs"] > MAX_BATCH:
+            raise ValueError(f"n_steps * n_envs (the transitions of one update) must be <= {MAX_BATCH}, got "
+                             f"{checked['n_steps']} * {checked['n_envs']} = {checked['n_steps'] * checked['n_envs']}")
         for name, value in checked.items():  # numpy scalars become plain Python values
             object.__setattr__(self, name, value)
 
