@@ -49,6 +49,9 @@ def error_line(capsys, argv, tmp_path) -> str:
     (["train", "CartPole-v1", "--n-envs", "0"], "error: --n-envs must be an int >= 1"),
     (["train", "CartPole-v1", "--seed", "-1"], "error: --seed must be an int .*got -1$"),
     (["train", "CartPole-v1", "--eval-episodes", "0"], "argument --eval-episodes: must be >= 1"),
+    (["train", "CartPole-v1", "--threads", "1000000000"], "argument --threads: the thread count must be an int >= 1 "
+                                                          "and <= [0-9]+, got 1000000000$"),
+    (["train", "CartPole-v1", "--n-steps", "1000000000"], "error: --n-steps must be an int >= 1 and <= 16777216"),
     (["train", "CartPole-v1", "--device", "gpu"], "error: --device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got 'gpu'$"),
     (["train", "CartPole-v1", "--policy", "CnnPolicy"], "error: --policy CnnPolicy needs image .*: use --policy MlpPolicy$"),
     (["train", "CartPole-v1", "--set", "policy_kwargs={'hidden': 3}"],

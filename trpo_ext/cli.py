@@ -26,6 +26,7 @@ import textwrap
 from . import __version__
 from .cli_options import UsageError, flags_of, set_keys
 from .cli_train import INTERRUPTED, train
+from .config import check_num_threads
 from .curves import plot_runs
 from .distributed import DEFAULT_TIMEOUT_S
 from .policies import BUILT_IN
@@ -67,9 +68,17 @@ def _int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
-
     parse.__name__ = f"int >= {low}"
     return parse
+
+
+def _thread_count(text: str) -> int:
+    """--threads: 0 (torch's own choice) or a count config.check_num_threads accepts."""
+    value = _int_at_least(0)(text)
+    try:
+        return value and check_num_threads(value, "the thread count")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _trpo_defaults() -> dict:
@@ -204,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="auto", choices=["auto", *BUILT_IN],
                    help="the built-in network (default: auto, the one that fits the observation space)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", dest="num_threads", metavar="T", type=_int_at_least(0), default=1,
+    p.add_argument("--threads", dest="num_threads", metavar="T", type=_thread_count, default=1,
                    help="torch threads while training (TRPO's num_threads); 0: torch's own choice (default: 1)")
     p.add_argument("--out", dest="log_dir", metavar="DIR", default=None,
                    help="run directory (default: runs/ENV_ID-seedSEED; a numbered one when it holds a run)")
