@@ -40,6 +40,7 @@ import gymnasium as gym
 import torch
 
 from . import reference
+from ._ops import flat_vector, load_flat_
 from .benchmark_report import Result, environment, problems, report, unreliable
 from .distributions import action_spec
 from .fisher import cg_solve, fvp
@@ -241,12 +242,12 @@ def _policy_step(policy, obs, actions, advantages, cg_iters: int, path: str):
     """trust_region_step with exactly `cg_iters` CG iterations and one line-search trial; the
     policy's parameters are put back after each call, so every call starts from the same θ."""
     params = list(policy.parameters())
-    start = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    start = flat_vector(params).detach()
 
     def run():
         record = trust_region_step(policy, obs, actions, advantages, cg_iters=cg_iters, cg_rtol=0.0,
                                    max_backtracks=1, path=path)
-        torch.nn.utils.vector_to_parameters(start, params)
+        load_flat_(start, params)
         return record
     return run
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Categorical, Distribution, Independent, kl_divergence
 
+from ._ops import flat_vector, load_flat_
 from .distributions import detach_distribution
 from .multicategorical import MultiCategorical
 
@@ -215,11 +216,11 @@ def sb3_policy_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.T
         p = r + (rs_new / rs) * p
         rs = rs_new
     full_step = torch.sqrt(2 * max_kl / (x @ product(x, retain_graph=False))) * x
-    original = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    original = flat_vector(params).detach()
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(original + full_step, params)
+        load_flat_(original + full_step, params)
         trial = policy(obs)
         trial_kl = kl_divergence(trial, old_dist).mean().item()
         trial_objective = (torch.exp(trial.log_prob(actions) - old_log_prob) * advantages).mean().item()
-        torch.nn.utils.vector_to_parameters(original, params)
+        load_flat_(original, params)
     return full_step.detach(), trial_kl, trial_objective
