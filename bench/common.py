@@ -5,7 +5,8 @@ update, the result files, and mean ± std.
 
 The scripts import it as `common` (a script's own directory is first on sys.path when it is run as
 `python bench/x.py` or under torch.distributed.run). torch, gymnasium and sb3 are imported inside
-the functions that need them, so that importing this module costs nothing.
+the functions that need them, so that importing this module costs little (trpo_ext.sb3_names imports
+gymnasium and torch).
 """
 from __future__ import annotations
 
@@ -19,46 +20,29 @@ import subprocess
 import sys
 import time
 
+import trpo_ext.sb3_names as _names
+
 # ----------------------------------------------------------------------------- settings
+# The translation between the libraries is trpo_ext.sb3_names's (names, defaults, the KL scale).
 # sb3-contrib TRPO's defaults of the update's settings, in trpo_ext's keyword names (trpo_ext's own
 # defaults differ, e.g. cg_iters 10): what every bench script gives both libraries unless it says otherwise.
-SB3_TRPO_DEFAULTS = dict(critic_lr=1e-3, critic_epochs=10, critic_batch_size=128, cg_iters=15, damping=0.1,
-                         max_kl=0.01, backtrack_factor=0.8, max_backtracks=10, gamma=0.99, gae_lambda=0.95)
-
-# trpo_ext keyword -> sb3_contrib.TRPO keyword, for the settings both libraries have (n_envs and the
-# observation / reward normalization go to sb3's env, the policy settings to its policy_kwargs).
-SB3_NAMES = dict(n_steps="n_steps", critic_batch_size="batch_size", gamma="gamma", gae_lambda="gae_lambda",
-                 max_kl="target_kl", damping="cg_damping", cg_iters="cg_max_steps",
-                 backtrack_factor="line_search_shrinking_factor", max_backtracks="line_search_max_iter",
-                 critic_epochs="n_critic_updates", critic_lr="learning_rate", normalize_advantage="normalize_advantage",
-                 stats_window="stats_window_size")
+SB3_TRPO_DEFAULTS = {_names.RENAMED[k]: _names.SB3_DEFAULTS[k] for k in (
+    "learning_rate", "n_critic_updates", "batch_size", "cg_max_steps", "cg_damping", "target_kl",
+    "line_search_shrinking_factor", "line_search_max_iter", "gamma", "gae_lambda")}
 
 
 def sb3_names(settings: dict) -> dict:
-    """`settings` (trpo_ext's names) under sb3-contrib's names, in SB3_NAMES's order; keys without an
-    sb3 name are left out."""
-    return {sb3: settings[ours] for ours, sb3 in SB3_NAMES.items() if ours in settings}
+    """`settings` (trpo_ext's names, sb3-contrib's KL meaning) under sb3-contrib's names; keys without
+    an sb3 name (and seed, device: the scripts give them themselves) are left out."""
+    return {k: v for k, v in _names.sb3_kwargs(settings).items() if k not in ("seed", "device")}
 
 
 def sb3_kl_scale(env_id: str) -> int:
-    """How many times larger sb3-contrib's trust region is than its target_kl says, for this env.
-
-    sb3-contrib's TRPO takes `kl_divergence(new, old).mean()`: for Box actions its DiagGaussian KL is
-    a (batch, action_dim) tensor, for MultiBinary(k) its Bernoulli KL a (batch, k) one, so its Fisher
-    matrix and KL limit are the summed KL's (the TRPO paper's, trpo_ext's) divided by d. Its update with
-    (target_kl δ, cg_damping λ) is exactly trpo_ext's with (max_kl d·δ, damping d·λ):
-    bench/sb3_step_check.py checks the two steps on one batch (Box). Discrete / MultiDiscrete: 1.
-    """
-    import gymnasium as gym
-
+    """d: how many times larger sb3-contrib's trust region is than its target_kl says, for this env
+    (trpo_ext.sb3_names explains it; bench/sb3_step_check.py checks it)."""
     import trpo_ext  # noqa: F401  (registers the trpo_ext/ toy env ids)
 
-    env = gym.make(env_id)
-    space = env.action_space
-    env.close()
-    if isinstance(space, gym.spaces.Box):
-        return int(space.shape[0])
-    return int(space.n) if isinstance(space, gym.spaces.MultiBinary) else 1
+    return _names.env_kl_scale(env_id)
 
 
 # Matched hyperparameters per env, from rl-baselines3-zoo hyperparams/trpo.yml (DLR-RM/rl-baselines3-zoo),
@@ -106,12 +90,12 @@ def trpo_ext_kwargs(p: dict, seed: int, device: str, kl_scale: int = 1) -> dict:
 def sb3_kwargs(p: dict, seed: int, device: str) -> dict:
     """sb3_contrib.TRPO's arguments for the same settings: trpo_ext_kwargs(p) under sb3's names, NET as
     sb3's policy_kwargs (fvp_fraction 1.0 is sub_sampling_factor 1)."""
-    import torch.nn as nn
+    from trpo_ext.policies import ACTIVATIONS
 
     kwargs = sb3_names(trpo_ext_kwargs(p, seed, device))
     kwargs["sub_sampling_factor"] = 1
     kwargs["stats_window_size"] = kwargs.pop("stats_window_size")  # the key order of the recorded runs' JSON
-    activation = {"tanh": nn.Tanh}[NET["activation"]]
+    activation = ACTIVATIONS[NET["activation"]]
     return dict(kwargs, policy_kwargs=dict(net_arch=dict(pi=list(NET["hidden"]), vf=list(NET["hidden"])),
                                            activation_fn=activation, log_std_init=NET["log_std_init"],
                                            ortho_init=True),

@@ -166,6 +166,7 @@ class RolloutCollector:
         self.last_obs = None  # a raw batch (an array, or a dict of arrays)
         self.last_masks: np.ndarray | None = None
         self.env_failure: str | None = None  # what the vector env raised, once it has
+        self.on_step = None  # on_step(t, obs, rewards, terminated, truncated, infos) after each env step (trpo_ext.sb3)
         # The batched rewards and flags of a vector env that is not ours (LeanSyncVectorEnv makes them
         # from its sub-envs' checked values) are checked as batches.
         self.check_batch = not isinstance(envs, LeanSyncVectorEnv)
@@ -313,6 +314,8 @@ class RolloutCollector:
                     final_obs.append((t, i, final[i]))
             done = terminated[t] | truncated[t]
             self.stats.step(rewards[t], done)  # the episode statistics keep the raw rewards
+            if self.on_step is not None:  # an exception it raises discards the rollout, as any error here does
+                self.on_step(t, obs, rewards[t], terminated[t], truncated[t], infos)
             if self.reward_scaler is not None:
                 rewards[t] = self.reward_scaler(rewards[t], done)
         self.last_obs, self.last_masks = obs, masks

@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, spaces
+from . import checkpoint, distributed, sb3_names, spaces
 from .config import HYPERPARAMETERS, TRPOConfig, check_int, check_num_threads
 from .critic import check_parallel, fit_value_network, fused_value
 from .distributions import action_spec
@@ -46,7 +46,7 @@ CHECK_REPLICAS_EVERY = 10
 of their networks and observation statistics, and fail loudly if they differ."""
 
 
-class TRPO:
+class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names get a hint
     """Trust Region Policy Optimization with the fused Fisher-vector-product CG solve.
 
     Args (docs/guide.md describes each in full):
