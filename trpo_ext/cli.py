@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (default: runs/ENV_ID-seedSEED; a numbered one when it holds a run)")
     p.add_argument("--eval-episodes", type=_int_at_least(1), default=10, help="episodes of the final evaluation")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--preset", choices=["zoo"], default=None,
+                   help="zoo: rl-baselines3-zoo's TRPO hyperparameters for ENV_ID with sb3-contrib's meaning "
+                        "(trpo_ext.presets.zoo, docs/sb3.md); the flags and --set given override them")
     p.add_argument("--set", type=_hyperparameter, action="append", default=[], metavar="KEY=VALUE",
                    help="a hyperparameter without a flag of its own (repeatable; the keys below), e.g. --set "
                         "cg_iters=15 --set 'policy_kwargs={\"hidden\": (32, 32)}'")

@@ -9,6 +9,7 @@ import functools
 import inspect
 import textwrap
 
+from . import presets
 from .config import TRPOConfig
 from .policies import BUILT_IN
 
@@ -98,4 +99,13 @@ def hyperparameter_options(args) -> dict:
     for key in hyperparameters():
         if key in args.flags and getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    return options
+    return {**preset_options(args), **options}
+
+
+def preset_options(args) -> dict:
+    """`--preset zoo`: trpo_ext.presets.zoo(ENV_ID), which the flags and --set given override."""
+    if getattr(args, "preset", None) is None:
+        return {}
+    if args.resume:
+        raise UsageError("--preset with --resume: a resumed run keeps its checkpoint's settings; drop --preset")
+    return presets.zoo(args.env)

@@ -227,7 +227,9 @@ def _action_space(env) -> gym.Space:
     """The action space of what trpo_ext.TRPO would make of `env` (an id, an Env, a callable)."""
     if isinstance(env, gym.Env):
         return env.action_space
-    probe = gym.make(env) if isinstance(env, (str, gym.envs.registration.EnvSpec)) else env()
+    if isinstance(env, (str, gym.envs.registration.EnvSpec)):
+        return sb3_names.env_action_space(env)
+    probe = env()
     try:
         return probe.action_space
     finally:

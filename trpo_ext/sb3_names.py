@@ -57,13 +57,18 @@ def kl_scale(action_space: gym.Space) -> int:
     return 1
 
 
-def env_kl_scale(env_id: str) -> int:
-    """`kl_scale` of a registered env's action space (the env is made and closed)."""
+def env_action_space(env_id) -> gym.Space:
+    """The action space of a registered env (an id or an EnvSpec; the env is made and closed)."""
     env = gym.make(env_id)
     try:
-        return kl_scale(env.action_space)
+        return env.action_space
     finally:
         env.close()
+
+
+def env_kl_scale(env_id) -> int:
+    """`kl_scale` of a registered env's action space."""
+    return kl_scale(env_action_space(env_id))
 
 
 def _refuse(name: str, value, why: str):
