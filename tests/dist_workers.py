@@ -207,6 +207,7 @@ def agent_case(out_dir):
                           log_dir=os.path.join(out_dir, "run"))
     agent.learn(1024, progress_bar=False)
     agent.save(os.path.join(out_dir, "model.pt"))
+    agent.save(os.path.join(out_dir, "every.pt"), every_rank=True)  # a collective: every rank's own state too
     dist.barrier()
     results["agent"] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
                             value=parameters_to_vector(agent.value_net.parameters()).detach(),
@@ -215,6 +216,7 @@ def agent_case(out_dir):
                             record=agent.last_record)
     record, n = count_collectives(agent._update, COLLECTIVES)  # update 5: no replica check (every 10th)
     results["update_collectives"] = (n, record["cg_iterations"], record["line_search_steps"])
+    continued = [parameters_to_vector(net.parameters()).detach() for net in (agent.policy, agent.value_net)]
     agent.close()
     # The critic reducing minibatch gradients, in the agent: 10 epochs x 1 minibatch of 128 rows.
     reducing = trpo_ext.TRPO("CartPole-v1", n_envs=2, n_steps=64, critic_parallel="reduce", normalize_reward=True,
@@ -233,6 +235,16 @@ def agent_case(out_dir):
         results[f"resumed-{name}"] = dict(start=start, num_timesteps=resumed.num_timesteps,
                                           policy=parameters_to_vector(resumed.policy.parameters()).detach())
         resumed.close()
+    # every.pt continues each rank exactly: its next update is the one the agent made after the save.
+    exact = trpo_ext.TRPO.load(os.path.join(out_dir, "every.pt"), restore_env_states=True)
+    exact.learn(256, progress_bar=False)
+    results["exact"] = (continued, [parameters_to_vector(net.parameters()).detach()
+                                    for net in (exact.policy, exact.value_net)])
+    exact.close()
+    try:  # rank 0's envs only: refused, saying why
+        trpo_ext.TRPO.load(os.path.join(out_dir, "model.pt"), restore_env_states=True)
+    except ValueError as e:
+        results["refused"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

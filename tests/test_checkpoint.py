@@ -38,6 +38,13 @@ def rewrite(src, dst, **changes):
     return dst
 
 
+def with_rank_states(state: dict, **rank1) -> dict:
+    """`state` (one process's) as a 2-rank save of every rank would write it: rank 1's own state a copy
+    of rank 0's, with `rank1`'s fields replaced."""
+    own = copy.deepcopy({key: state[key] for key, _, _ in checkpoint_fields.RANK_STATE_FIELD_TYPES})
+    return {**state, "world_size": 2, "rank_states": [{**own, **rank1}]}
+
+
 # ----------------------------------------------------------------------------- a file never runs code
 class MakesMarker:
     """Unpickling this creates the directory `path`: what a malicious payload would do."""
@@ -61,6 +68,13 @@ def test_pickled_env_states_are_not_unpickled_unless_asked(saved, tmp_path):
     with pytest.raises(Exception):  # the opt-in does unpickle (the payload is live): only for trusted files
         TRPO.load(path, restore_env_states=True)
     assert marker.exists()
+    # Another rank's envs: unpickled only by that rank of a job of the saved world size, never here.
+    other = tmp_path / "rank1"
+    state = with_rank_states(checkpoint.read(saved), env_states=pickle.dumps([MakesMarker(other)]))
+    checkpoint.write_atomic(state, tmp_path / "ranks.pt")
+    for restore in (False, True):
+        TRPO.load(tmp_path / "ranks.pt", restore_env_states=restore).close()
+    assert not other.exists()
 
 
 @pytest.mark.parametrize("env_id", ["Evil-v0", "posix:Evil-v0"])
@@ -74,6 +88,16 @@ def test_an_unregistered_saved_id_is_refused(saved, tmp_path, env_id):
 def test_restore_env_states_continues_the_episodes(saved):
     agent = TRPO.load(saved, restore_env_states=True)
     assert agent.env_spec is gym.registry["CartPole-v1"] and agent.evaluate(1)[0] > 0
+    # A save of every rank of 2, in one process: rank 0's envs and stream go on.
+    state = with_rank_states(checkpoint.read(saved), generator=torch.Generator().manual_seed(5).get_state())
+    checkpoint.write_atomic(state, saved.with_name("ranks.pt"))
+    assert checkpoint.rank_states_problem(state, 2) is None
+    assert checkpoint.rank_states_problem(state, 3) == ("each rank's envs and random stream continue only at the "
+                                                        "world size that saved them (2)")
+    assert checkpoint.rank_states_problem({**state, "rank_states": None}, 2).startswith("it holds rank 0's envs")
+    ranks = TRPO.load(saved.with_name("ranks.pt"), restore_env_states=True)
+    assert torch.equal(ranks.generator.get_state(), agent.generator.get_state())
+    np.testing.assert_array_equal(ranks.collector.last_obs, agent.collector.last_obs)
     with pytest.raises(ValueError, match="cannot be combined with env="):
         TRPO.load(saved, env="CartPole-v1", restore_env_states=True)
     with pytest.warns(UserWarning, match="holds no env states"):
@@ -205,6 +229,7 @@ def _sb3_zip(path):
     ("num_timesteps", True, "num_timesteps is a bool, expected an int"),
     ("env_id", 3, "env_id is a int, expected a string or None"),
     ("env_states", "abc", "env_states is a str, expected bytes or None"),
+    ("rank_states", "abc", "rank_states is a str, expected a list or None"),
     ("world_size", 2.0, "world_size is a float, expected an int"),
     ("policy_class", None, "policy_class is a NoneType, expected a string"),
     ("critic_optimizer", [], "critic_optimizer is a list, expected a dict"),
@@ -230,13 +255,23 @@ def test_flipped_bytes_in_the_middle_are_detected(saved, tmp_path):
         TRPO.load(path)
 
 
-@pytest.mark.parametrize("field", [key for key, _, _ in checkpoint_fields.FIELD_TYPES])
+@pytest.mark.parametrize("field", [key for key, _, _ in checkpoint_fields.FIELD_TYPES
+                                   if key not in checkpoint_fields.OPTIONAL_FIELDS])
 def test_every_field_is_required(saved, tmp_path, field):
     state = checkpoint.read(saved)
     del state[field]
     checkpoint.write_atomic(state, tmp_path / "m.pt")
     with pytest.raises(ValueError, match=f"m.pt is damaged \\(no '{field}'\\)"):
         TRPO.load(tmp_path / "m.pt")
+
+
+def test_a_file_written_before_rank_states_loads_as_one_process(saved, tmp_path):
+    state = checkpoint.read(saved)
+    del state["rank_states"]
+    checkpoint.write_atomic(state, tmp_path / "m.pt")
+    assert checkpoint.read(tmp_path / "m.pt")["rank_states"] is None
+    agent = TRPO.load(tmp_path / "m.pt", restore_env_states=True)
+    assert agent.num_timesteps == 64 and agent.learn(64, progress_bar=False).num_timesteps == 128
 
 
 @pytest.mark.parametrize("field, value, expected", [
@@ -466,12 +501,41 @@ HOSTILE = [
     hostile_case("collector", "mask_source", value="magic", id="mask-source",
                  message="collector: mask_source is 'magic', expected one of"),
     hostile_case("spaces", "extra", value="x", id="spaces", message="spaces is .*, expected the observation and action"),
+    # A 2-rank save of every rank (with_rank_states): rank 1's own state.
+    hostile_case("rank_states", value={"generator": 1}, id="ranks-dict",
+                 message="rank_states is a dict, expected a list or None"),
+    hostile_case("rank_states", value=lambda ranks: ranks * 3, id="ranks-count",
+                 message=r"rank_states holds 3 entries; world_size is 2, so expected 1 \(ranks 1 to 1\) or None"),
+    hostile_case("rank_states", 0, value="state", id="rank-string",
+                 message="rank_states: rank 1 is 'state', expected a dict of 'generator', 'collector', 'env_states'"),
+    hostile_case("rank_states", 0, "code", value="os.system", id="rank-extra-key",
+                 message="rank_states: rank 1 is .*, expected a dict of 'generator', 'collector', 'env_states'"),
+    hostile_case("rank_states", 0, "collector", value=DROP, id="rank-no-collector",
+                 message="rank_states: rank 1: no 'collector'"),
+    hostile_case("rank_states", 0, "env_states", value=[b"x"], id="rank-env-states",
+                 message="rank_states: rank 1: env_states is a list, expected bytes or None"),
+    hostile_case("rank_states", 0, "generator", value=torch.zeros(7, dtype=torch.uint8), id="rank-generator",
+                 message=r"rank_states: rank 1: generator has shape \(7,\), expected \(5056,\)"),
+    hostile_case("rank_states", 0, "collector", "last_obs", value=lambda t: t * NAN, id="rank-obs-nan",
+                 message="rank_states: rank 1: collector: last_obs holds NaN"),
+    hostile_case("rank_states", 0, "collector", "stats", "lengths", value=lambda t: t - 10**6, id="rank-lengths",
+                 message=r"rank_states: rank 1: collector: stats\['lengths'\] holds values < 0"),
+    hostile_case("rank_states", 0, "collector", "reward_scaler", "returns", value=torch.zeros(5, dtype=torch.float64),
+                 id="rank-returns", message=r"rank_states: rank 1: collector: reward_scaler\['returns'\] has shape"),
+    hostile_case("rank_states", 0, "collector", "normalizer", "mean", value=lambda t: t + 1, id="rank-normalizer",
+                 message="rank_states: rank 1: collector normalizer differs from rank 0's; the ranks hold the same "
+                         "statistics"),
+    hostile_case("rank_states", 0, "collector", "reward_scaler", "stats", "count", value=lambda c: c + 1,
+                 id="rank-return-statistics",
+                 message=r"rank_states: rank 1: collector reward_scaler\['stats'\] differs from rank 0's"),
 ]
 
 
 @pytest.mark.parametrize("path, value, message", HOSTILE)
 def test_a_hostile_checkpoint_is_refused_naming_the_file_and_the_field(hostile, tmp_path, path, value, message):
     state = checkpoint.read(hostile)
+    if path[0] == "rank_states":
+        state = with_rank_states(state)
     parent = functools.reduce(lambda d, k: d[k], path[:-1], state)
     if value is DROP:
         del parent[path[-1]]

@@ -224,6 +224,21 @@ def test_checkpoints_continue_at_another_world_size(agent_results):
     agent.close()
 
 
+def test_a_save_of_every_rank_continues_each_rank_exactly(agent_results):
+    import trpo_ext
+
+    out, ranks = agent_results
+    for rank in ranks:
+        (policy, value), (exact_policy, exact_value) = rank["exact"]
+        assert torch.equal(exact_policy, policy) and torch.equal(exact_value, value)
+        assert rank["refused"] == (f"load: restore_env_states=True: {out}/model.pt cannot continue the saved envs of "
+                                   "each of this job's 2 ranks: it holds rank 0's envs and random stream only (saved "
+                                   "by rank 0 alone) (load without it: episodes restart, seeded per rank)")
+    every = trpo_ext.checkpoint.read(out / "every.pt")
+    assert len(every["rank_states"]) == 1 and trpo_ext.checkpoint.read(out / "model.pt")["rank_states"] is None
+    assert not torch.equal(every["rank_states"][0]["generator"], every["generator"])  # each rank its own stream
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a GPU")
 def test_nccl_step_on_one_gpu_equals_the_plain_step(tmp_path):
     (results,) = launch("nccl", tmp_path, nproc=1)

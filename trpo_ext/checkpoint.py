@@ -6,7 +6,10 @@ dict, so damage anywhere in the payload is detected. Every field is required and
 shape, dtype and range before anything is built from it (`trpo_ext.checkpoint_fields`); every
 problem with a file is one ValueError: "PATH is not a trpo_ext checkpoint (...)" (a FIFO, a device
 or a directory, refused before opening; a text file; an sb3 model; any other foreign file) or
-"PATH is damaged (FIELD ...)".
+"PATH is damaged (FIELD ...)". One field is optional: `rank_states`, the other ranks' own states
+in a data-parallel save of every rank (`TRPO.save(path, every_rank=True)`), came without a format
+change: a format-3 file without it loads as one process's state, and readers that predate it
+ignore it.
 
 Loading a file never runs code from it by default: the env is rebuilt only from an id registered in
 the loading process (the registry's spec, never an entry point or kwargs from the file), and the
@@ -46,7 +49,7 @@ FORMAT = 3
 """The only format read: the state dict wrapped with its sha256."""
 
 
-def save(agent, path: str | os.PathLike) -> None:
+def save(agent, path: str | os.PathLike, rank_states: list[dict] | None = None) -> None:
     """Writes everything needed to resume `agent` into one file, atomically (temporary file + rename).
 
     The networks, optimizer, statistics and step count are always saved. Of the env only its
@@ -55,6 +58,8 @@ def save(agent, path: str | os.PathLike) -> None:
 
     Env states are included when the envs are synchronous and picklable; then
     `load(path, restore_env_states=True)` continues the interrupted episodes exactly.
+    `rank_states`: the other ranks' own states (`gather_rank_states`), for a data-parallel
+    `load(..., restore_env_states=True)` at the same world size to continue every rank exactly.
     """
     state = {
         "format": FORMAT,
@@ -74,8 +79,50 @@ def save(agent, path: str | os.PathLike) -> None:
         "world_size": agent.world_size,  # the data-parallel ranks that trained it (informational: loads at any)
         "collector": agent.collector.state_dict(),
         "env_states": _env_states(agent.envs),
+        "rank_states": rank_states,  # ranks 1 .. world_size - 1; None: rank 0's state only
     }
     write_atomic(state, path)
+
+
+def rank_state(agent) -> dict:
+    """This rank's own part of a data-parallel checkpoint (rank 0's are the main fields): its random
+    stream, its collector (last observations and masks, episode statistics, reward scaler) and its
+    pickled envs."""
+    return {"generator": agent.generator.get_state(), "collector": agent.collector.state_dict(),
+            "env_states": _env_states(agent.envs)}
+
+
+def gather_rank_states(agent) -> list[dict] | None:
+    """Ranks 1 .. N - 1's `rank_state`s on rank 0 (None elsewhere, and without a group). A
+    collective: every rank of the agent's group calls it at the same point. Each rank's state
+    travels as `torch.save` bytes and is read back with `weights_only=True` (plain data, tensors and
+    the env states' bytes: nothing in them is unpickled or run here)."""
+    if agent.group is None:
+        return None
+    buffer = io.BytesIO()
+    if agent.rank != 0:  # rank 0's own state is the file's main fields
+        torch.save(rank_state(agent), buffer)
+    with distributed.collective_errors(agent.group):
+        everyone = distributed.gather_bytes(buffer.getvalue(), agent.group)
+    if agent.rank != 0:
+        return None
+    return [torch.load(io.BytesIO(data), map_location="cpu", weights_only=True) for data in everyone[1:]]
+
+
+def rank_states_problem(state: dict, world_size: int) -> str | None:
+    """Why the checkpoint `state` cannot continue every rank of a `world_size`-rank job exactly
+    (its saved envs, episodes and random streams), in words; None when it can."""
+    saved, ranks = state["world_size"], state["rank_states"]
+    if saved != world_size:
+        return f"each rank's envs and random stream continue only at the world size that saved them ({saved})"
+    if ranks is None:
+        return "it holds rank 0's envs and random stream only (saved by rank 0 alone)"
+    for r, own in enumerate([state, *ranks]):
+        if own["env_states"] is None:
+            return f"rank {r}'s envs were not saved (not picklable, or not synchronous)"
+        if own["collector"]["last_obs"] is None:
+            return f"rank {r} had not started its envs (saved before the first rollout)"
+    return None
 
 
 def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
@@ -96,15 +143,22 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
     hyperparameters = dict(state["hyperparameters"])
     saved_id = state["env_id"]
     registered = gym.registry.get(saved_id) if saved_id is not None else None  # a lookup: imports nothing
-    if restore_env_states and distributed.world_size(distributed.resolve_group("auto")) > 1:
-        raise ValueError("load: restore_env_states=True continues one process's saved envs; in a data-parallel "
-                         "job every rank has its own envs (load without it: episodes restart, seeded per rank)")
+    group = distributed.resolve_group("auto")
+    own = state  # this rank's generator, collector and env states: rank r > 0's from rank_states
+    if restore_env_states and distributed.world_size(group) > 1:
+        problem = rank_states_problem(state, distributed.world_size(group))
+        if problem is not None:
+            raise ValueError(f"load: restore_env_states=True: {name} cannot continue the saved envs of each of this "
+                             f"job's {distributed.world_size(group)} ranks: {problem} (load without it: episodes "
+                             "restart, seeded per rank)")
+        if distributed.rank(group) > 0:
+            own = {**state, **state["rank_states"][distributed.rank(group) - 1]}
     if restore_env_states and (env is not None or n_envs is not None):
         raise ValueError("load: restore_env_states=True continues the saved envs; it cannot be combined with "
                          "env= or n_envs=")
-    resume_envs = restore_env_states and state["env_states"] is not None and state["collector"]["last_obs"] is not None
+    resume_envs = restore_env_states and own["env_states"] is not None and own["collector"]["last_obs"] is not None
     if resume_envs:
-        env = LeanSyncVectorEnv.from_envs(pickle.loads(state["env_states"]))  # the caller opted in
+        env = LeanSyncVectorEnv.from_envs(pickle.loads(own["env_states"]))  # the caller opted in
     elif env is None:
         if saved_id is None:
             raise ValueError(f"{name}: this model was trained on an env without a registered id; "
@@ -122,7 +176,7 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
         hyperparameters["n_envs"] = 1
     agent = cls(env, **hyperparameters, device=device or "cpu", log_dir=log_dir, **networks)
     try:  # everything checked against the agent before any of it is loaded; a refusal closes the agent
-        check_fits(name, agent, state, resume_envs, custom=policy is not None or value_net is not None)
+        check_fits(name, agent, own, resume_envs, custom=policy is not None or value_net is not None)
         if resume_envs and registered is not None:  # the unpickled envs do not know their id; the file does
             agent.env_spec = registered
             agent.make_eval_env = eval_env_factory(registered, registered)
@@ -131,11 +185,12 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
         agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
         agent.num_timesteps, agent.n_updates = state["num_timesteps"], state["n_updates"]
         resume_seed = agent.rank_seed(agent.config.seed + agent.num_timesteps)
-        if agent.world_size > 1:  # data-parallel: each rank its own stream, reproducibly
+        # A CPU and a CUDA generator state differ; data-parallel, a rank's own stream is saved only with its envs.
+        if state["generator_device"] == agent.device.type and (agent.world_size == 1 or resume_envs):
+            agent.generator.set_state(own["generator"])
+        elif agent.world_size > 1:  # each rank its own stream, reproducibly
             agent.generator.manual_seed(resume_seed)
-        elif state["generator_device"] == agent.device.type:  # a CPU and a CUDA generator state differ
-            agent.generator.set_state(state["generator"])
-        agent.collector.load_state_dict(state["collector"], resume_episodes=resume_envs)
+        agent.collector.load_state_dict(own["collector"], resume_episodes=resume_envs)
         if not resume_envs:  # fresh envs: episodes restart, seeded so that resuming is still reproducible
             agent.collector.reset(seed=resume_seed)
     except BaseException:

@@ -22,8 +22,18 @@ FIELD_TYPES = (
     ("policy_class", str, "a string"), ("value_net_class", str, "a string"), ("network_names", dict, "a dict"),
     ("critic_optimizer", dict, "a dict"), ("generator", torch.Tensor, "a tensor"),
     ("generator_device", str, "a string"), ("num_timesteps", int, "an int"), ("n_updates", int, "an int"),
-    ("world_size", int, "an int"), ("collector", dict, "a dict"), ("env_states", (bytes, NONE), "bytes or None"))
+    ("world_size", int, "an int"), ("collector", dict, "a dict"), ("env_states", (bytes, NONE), "bytes or None"),
+    ("rank_states", (list, NONE), "a list or None"))
 """Every field of a state dict (what `checkpoint.save` writes) and its type."""
+
+OPTIONAL_FIELDS = {"rank_states": None}
+"""The fields that files written before them lack, and their value in such a file: `rank_states`
+came with `TRPO.save(every_rank=True)`; a file without it holds one process's state (rank 0's)."""
+
+RANK_STATE_FIELD_TYPES = (("generator", torch.Tensor, "a tensor"), ("collector", dict, "a dict"),
+                          ("env_states", (bytes, NONE), "bytes or None"))
+"""An entry of `rank_states` (one per rank 1 .. world_size - 1; rank 0's are the main fields): that
+rank's random stream, collector state and pickled envs, checked as the main fields are."""
 
 COLLECTOR_FIELD_TYPES = (
     ("last_obs", (torch.Tensor, dict, NONE), "a tensor, a dict or None"),
@@ -55,6 +65,8 @@ def check_state(name: str, state: dict) -> TRPOConfig:
     """The file's hyperparameters as a config, after checking every field of `state`;
     ValueError "NAME is damaged (FIELD ...)" at the first field that is not what `save` writes."""
     try:
+        for key, value in OPTIONAL_FIELDS.items():
+            state.setdefault(key, value)
         check_types(state, FIELD_TYPES, "")
         config = _hyperparameters(state["hyperparameters"])
         names = state["network_names"]
@@ -69,17 +81,13 @@ def check_state(name: str, state: dict) -> TRPOConfig:
         device = state["generator_device"]
         if device not in GENERATOR_BYTES:
             raise Damaged(f"generator_device is {_short(device)}, expected one of {sorted(GENERATOR_BYTES)}")
-        _tensor("generator", state["generator"], torch.uint8, (GENERATOR_BYTES[device],))
-        if device == "cpu":
-            try:
-                torch.Generator().set_state(state["generator"])  # a throwaway generator: the agent's is built later
-            except RuntimeError as e:
-                raise Damaged(f"generator is not a CPU generator's state: {str(e).splitlines()[0]}") from e
+        _generator("generator", state["generator"], device)
         _int("num_timesteps", state["num_timesteps"], 0, 2**63 - 1)
         _int("n_updates", state["n_updates"], 0, state["num_timesteps"])  # an update takes at least one step
         _int("world_size", state["world_size"], 1, 2**31 - 1)
         _optimizer(state["critic_optimizer"], config.critic_lr)
         _collector(state["collector"], config)
+        _rank_states(state, config)
     except Damaged as e:
         raise ValueError(f"{name} is damaged ({e})") from None
     return config
@@ -207,47 +215,83 @@ def _optimizer_shapes(state: dict, params: list[torch.Tensor]) -> None:
                               f"of shape {tuple(param.shape)}")
 
 
-def _collector(collector: dict, config: TRPOConfig) -> None:
-    """The collector's state, its per-env arrays of the file's n_envs rows."""
-    check_types(collector, COLLECTOR_FIELD_TYPES, "collector: ")
+def _collector(collector: dict, config: TRPOConfig, where: str = "collector") -> None:
+    """The collector's state (`where`: its place in the file), its per-env arrays of the file's n_envs rows."""
+    check_types(collector, COLLECTOR_FIELD_TYPES, f"{where}: ")
     n = config.n_envs
     obs, masks, source = collector["last_obs"], collector["last_masks"], collector["mask_source"]
     for key, value in (obs.items() if isinstance(obs, dict) else [(None, obs)] if obs is not None else []):
-        where = "collector: last_obs" + ("" if key is None else f"[{_short(key)}]")
+        at = f"{where}: last_obs" + ("" if key is None else f"[{_short(key)}]")
         if not isinstance(key, (str, NONE)):
-            raise Damaged(f"{where}: keys must be strings")
-        _tensor(where, value, rows=n)
+            raise Damaged(f"{at}: keys must be strings")
+        _tensor(at, value, rows=n)
         if value.is_complex():
-            raise Damaged(f"{where}: {value.dtype}, expected real numbers")
+            raise Damaged(f"{at}: {value.dtype}, expected real numbers")
     if masks is not None:
-        _tensor("collector: last_masks", masks, torch.bool, rows=n)
+        _tensor(f"{where}: last_masks", masks, torch.bool, rows=n)
         if masks.dim() != 2 or obs is None:
-            raise Damaged(f"collector: last_masks has shape {tuple(masks.shape)}, expected ({n}, actions) with last_obs")
+            raise Damaged(f"{where}: last_masks has shape {tuple(masks.shape)}, expected ({n}, actions) with last_obs")
     if source not in (None, *MASK_SOURCES) or (source is None) != (masks is None):
-        raise Damaged(f"collector: mask_source is {_short(source)}, expected one of {MASK_SOURCES} with last_masks, "
+        raise Damaged(f"{where}: mask_source is {_short(source)}, expected one of {MASK_SOURCES} with last_masks, "
                       "None without")
     stats = collector["stats"]
-    _keys("collector: stats", stats, ("returns", "lengths", "finished"))
-    _tensor("collector: stats['returns']", stats["returns"], torch.float64, (n,))
-    _tensor("collector: stats['lengths']", stats["lengths"], torch.int64, (n,), low=0)
+    _keys(f"{where}: stats", stats, ("returns", "lengths", "finished"))
+    _tensor(f"{where}: stats['returns']", stats["returns"], torch.float64, (n,))
+    _tensor(f"{where}: stats['lengths']", stats["lengths"], torch.int64, (n,), low=0)
     finished = stats["finished"]
     if not isinstance(finished, list) or len(finished) > config.stats_window or not all(
             isinstance(e, (tuple, list)) and len(e) == 2 and _real(e[0]) and isinstance(e[1], int)
             and not isinstance(e[1], bool) and e[1] >= 1 for e in finished):
-        raise Damaged(f"collector: stats['finished'] must be a list of at most stats_window ({config.stats_window}) "
+        raise Damaged(f"{where}: stats['finished'] must be a list of at most stats_window ({config.stats_window}) "
                       "(return, length) pairs: finite numbers and positive ints")
     for key, on, clip, dim in (("normalizer", config.normalize_obs, config.obs_clip, None),
                                ("reward_scaler", config.normalize_reward, config.reward_clip, 1)):
         value = collector[key]
         if (value is None) == on:
-            raise Damaged(f"collector: {key} is {'None' if value is None else 'a dict'}, but hyperparameters "
+            raise Damaged(f"{where}: {key} is {'None' if value is None else 'a dict'}, but hyperparameters "
                           f"normalize_{'obs' if key == 'normalizer' else 'reward'} is {on}")
         if value is not None and key == "normalizer":
-            _moments("collector: normalizer", value, clip, dim)
+            _moments(f"{where}: normalizer", value, clip, dim)
         elif value is not None:
-            _keys("collector: reward_scaler", value, ("returns", "stats"))
-            _tensor("collector: reward_scaler['returns']", value["returns"], torch.float64, (n,))
-            _moments("collector: reward_scaler['stats']", value["stats"], clip, dim)
+            _keys(f"{where}: reward_scaler", value, ("returns", "stats"))
+            _tensor(f"{where}: reward_scaler['returns']", value["returns"], torch.float64, (n,))
+            _moments(f"{where}: reward_scaler['stats']", value["stats"], clip, dim)
+
+
+def _generator(where: str, value, device: str) -> None:
+    """A generator's state for `device` (a checked generator_device): its size, and for the CPU one
+    that a generator takes."""
+    _tensor(where, value, torch.uint8, (GENERATOR_BYTES[device],))
+    if device == "cpu":
+        try:
+            torch.Generator().set_state(value)  # a throwaway generator: the agent's is built later
+        except RuntimeError as e:
+            raise Damaged(f"{where} is not a CPU generator's state: {str(e).splitlines()[0]}") from e
+
+
+def _rank_states(state: dict, config: TRPOConfig) -> None:
+    """`rank_states`: None, or one entry per rank 1 .. world_size - 1, each its generator, collector
+    and env states as the main fields are checked, its statistics rank 0's (the ranks share them)."""
+    ranks, world = state["rank_states"], state["world_size"]
+    if ranks is None:
+        return
+    if len(ranks) != world - 1 or not ranks:
+        raise Damaged(f"rank_states holds {len(ranks)} entries; world_size is {world}, so expected "
+                      f"{f'{world - 1} (ranks 1 to {world - 1}) or ' if world > 1 else ''}None")
+    for r, entry in enumerate(ranks, 1):
+        where = f"rank_states: rank {r}"
+        if not isinstance(entry, dict) or set(entry) - {key for key, _, _ in RANK_STATE_FIELD_TYPES}:
+            raise Damaged(f"{where} is {_short(entry)}, expected a dict of "
+                          f"{', '.join(repr(key) for key, _, _ in RANK_STATE_FIELD_TYPES)}")
+        check_types(entry, RANK_STATE_FIELD_TYPES, f"{where}: ")
+        _generator(f"{where}: generator", entry["generator"], state["generator_device"])
+        _collector(entry["collector"], config, f"{where}: collector")
+        mine, first = entry["collector"], state["collector"]
+        scalers = [None if c["reward_scaler"] is None else c["reward_scaler"]["stats"] for c in (mine, first)]
+        for key, a, b in (("normalizer", mine["normalizer"], first["normalizer"]), ("reward_scaler['stats']", *scalers)):
+            if a is not None and not (torch.equal(a["mean"], b["mean"]) and torch.equal(a["var"], b["var"])
+                                      and a["count"] == b["count"]):
+                raise Damaged(f"{where}: collector {key} differs from rank 0's; the ranks hold the same statistics")
 
 
 def _moments(where: str, state, clip: float, dim: int | None) -> None:

@@ -136,8 +136,24 @@ def any_rank(flag: bool, group) -> bool:
     some of them. `flag` itself without a group."""
     if group is None:
         return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    return bool(all_reduce_sum_(torch.tensor([int(bool(flag))], device=device), group).item())
+    return bool(all_reduce_sum_(torch.tensor([int(bool(flag))], device=_backend_device(group)), group).item())
+
+
+def gather_bytes(data: bytes, group) -> list[bytes]:
+    """Every rank's `data` (any length per rank), in rank order, on every rank: `gather_tensors`'
+    two collectives on the bytes as one uint8 column. [data] without a group."""
+    if group is None:
+        return [data]
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    column = flat.reshape(-1, 1).to(_backend_device(group))
+    rows, counts = gather_tensors([column], group, [len(data)])
+    return [bytes(part.reshape(-1).cpu().numpy()) for part in rows[0].split(counts[:, 0].tolist())]
+
+
+def _backend_device(group) -> torch.device:
+    """Where the group's backend takes tensors: this process's current GPU under NCCL, else the CPU."""
+    nccl = dist.get_backend(group) == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def broadcast_(tensors, group, src_rank: int = 0) -> None:

@@ -343,19 +343,21 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         return float(np.mean(returns)), float(np.std(returns))
 
     # ------------------------------------------------------------------------- save / load
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, every_rank: bool = False) -> None:
         """Writes everything needed to resume into one file, atomically (temporary file + rename).
 
         Env states are included when the envs are synchronous and picklable; then
         `load(path, restore_env_states=True)` continues the interrupted episodes exactly. The
         format: `trpo_ext.checkpoint`. Data-parallel: rank 0 writes the file (the ranks hold the
-        same networks and statistics; its envs, episode statistics and random stream are rank 0's);
-        on the other ranks this does nothing.
+        same networks and statistics) with its own envs, episode statistics and random stream, and
+        elsewhere this does nothing; `every_rank=True` adds every rank's own, so that such a load at
+        the same world size continues each rank exactly: a collective, called by every rank at once.
         """
+        rank_states = checkpoint.gather_rank_states(self) if every_rank else None
         if self.rank == 0:
             if self._logger is not None:  # the log rows up to this checkpoint reach the disk with it
                 self._logger.flush()
-            checkpoint.save(self, path)
+            checkpoint.save(self, path, rank_states)
 
     @classmethod
     def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
@@ -372,9 +374,10 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         `n_envs` replace the saved ones. `continue_log=True` continues the run in `log_dir` (the one
         that wrote the checkpoint) from the checkpoint's update, as restarts do.
 
-        `restore_env_states=True` continues the saved envs' interrupted episodes exactly. **It
-        unpickles the env states stored in the file, and unpickling runs whatever code the file
-        names: use it only on files you wrote yourself or fully trust.**
+        `restore_env_states=True` continues the saved envs' interrupted episodes exactly (every rank's
+        in a data-parallel job: `save(every_rank=True)` at this world size). **It unpickles the env
+        states stored in the file, and unpickling runs whatever code the file names: use it only on
+        files you wrote yourself or fully trust.**
         """
         agent = checkpoint.load(cls, path, env, n_envs=n_envs, device=device,
                                 log_dir=None if continue_log else log_dir, restore_env_states=restore_env_states,
