@@ -1,5 +1,7 @@
 """Shared test helpers: the device list, tolerances, relative error, and policies, masks and
-batches for every action family."""
+batches for every action family, and the comparison of two training runs."""
+import csv
+
 import gymnasium as gym
 import torch
 
@@ -110,3 +112,36 @@ def zero_width(params, layer):
     if 2 * layer + 2 < len(params) and params[2 * layer + 2].dim() == 2:
         params[2 * layer + 2] = params[2 * layer + 2][:, :0]
     return params
+
+
+# ----------------------------------------------------------------------------- runs
+TIMING = ("steps_per_sec", "time_rollout", "time_cg", "time_line_search", "time_critic")
+"""progress.csv's columns that measure time (everything else is computed, and reproducible)."""
+
+
+def progress_rows(run_dir) -> list[dict]:
+    with open(run_dir / "progress.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_run(a_dir, b_dir) -> None:
+    """Two `trpo-ext train` runs' directories hold bitwise the same result: model.pt's networks,
+    critic optimizer, random streams and episode statistics (every rank's, where it holds them), and
+    every computed column of progress.csv."""
+    a, b = trpo_ext.checkpoint.read(a_dir / "model.pt"), trpo_ext.checkpoint.read(b_dir / "model.pt")
+    assert a["num_timesteps"] == b["num_timesteps"] and a["world_size"] == b["world_size"]
+    for part in ("policy", "value_net"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    for key, moments in a["critic_optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, b["critic_optimizer"]["state"][key][name])
+    assert (a["rank_states"] is None) == (b["rank_states"] is None)
+    for rank, (x, y) in enumerate(zip([a, *(a["rank_states"] or [])], [b, *(b["rank_states"] or [])])):
+        assert torch.equal(x["generator"], y["generator"]), rank
+        for name in ("returns", "lengths"):
+            assert torch.equal(x["collector"]["stats"][name], y["collector"]["stats"][name]), (rank, name)
+        assert x["collector"]["stats"]["finished"] == y["collector"]["stats"]["finished"], rank
+        assert torch.equal(x["collector"]["last_obs"], y["collector"]["last_obs"]), rank
+    computed = [[v for k, v in row.items() if k not in TIMING] for row in progress_rows(a_dir)]
+    assert computed == [[v for k, v in row.items() if k not in TIMING] for row in progress_rows(b_dir)]

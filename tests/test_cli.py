@@ -1,7 +1,6 @@
 """The command line: user errors are one line naming the flag (exit status 2); `--help` lists the
 --set keys; a signal stops `train` after an update with the run saved (exit status 130); `--resume`
 continues a run exactly (one rank; the ranks' case: test_distributed_cli.py)."""
-import csv
 import os
 import re
 import signal
@@ -17,10 +16,10 @@ from trpo_ext import TRPO, checkpoint
 from trpo_ext.cli import main
 from trpo_ext.cli_options import hyperparameters
 
+from helpers import assert_same_run, progress_rows
+
 TRAIN = ["--timesteps", "64", "--n-envs", "1", "--n-steps", "64", "--no-progress", "--eval-episodes", "1",
          "--set", "critic_epochs=1"]
-TIMING = ("steps_per_sec", "time_rollout", "time_cg", "time_line_search", "time_critic")
-"""progress.csv's columns that measure time (everything else is computed, and reproducible)."""
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +183,6 @@ def last_line(capsys) -> str:
     return captured.out.strip().splitlines()[-1]
 
 
-def rows(run_dir) -> list[dict]:
-    with open(run_dir / "progress.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_train_after_the_update_in_progress_and_saves(capsys, tmp_path, monkeypatch, signum):
     real_update = TRPO._update
@@ -204,7 +198,7 @@ def test_a_signal_stops_train_after_the_update_in_progress_and_saves(capsys, tmp
     assert main(argv) == 130
     assert last_line(capsys) == (f"interrupted at 128 steps; saved {out}/model.pt; continue with `trpo-ext train "
                                  f"CartPole-v1 {' '.join(TRAIN)} --timesteps 640 --out {out} --resume`")
-    assert checkpoint.read(out / "model.pt")["num_timesteps"] == 128 and len(rows(out)) == 2
+    assert checkpoint.read(out / "model.pt")["num_timesteps"] == 128 and len(progress_rows(out)) == 2
     assert (out / "learning_curve.png").is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # train put the handlers back
 
@@ -267,7 +261,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not (stopped / "progress.csv").is_file() or len(rows(stopped)) < 3:
+        while not (stopped / "progress.csv").is_file() or len(progress_rows(stopped)) < 3:
             assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before logging 3 updates"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
@@ -279,7 +273,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
     steps = checkpoint.read(stopped / "model.pt")["num_timesteps"]
     assert stdout.splitlines()[-1] == (f"interrupted at {steps} steps; saved {stopped}/model.pt; continue with "
                                        f"`trpo-ext {' '.join(argv)} --out {stopped} --resume`")
-    assert len(rows(stopped)) == steps // 64 and (stopped / "learning_curve.png").is_file()
+    assert len(progress_rows(stopped)) == steps // 64 and (stopped / "learning_curve.png").is_file()
 
     total = ["--timesteps", str(steps + 3 * 64)]
     assert main([*argv, *total, "--out", str(stopped), "--resume"]) == 0
@@ -287,15 +281,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(capsys, tmp_path):
     straight = tmp_path / "straight"
     assert main([*argv, *total, "--out", str(straight)]) == 0
 
-    a, b = checkpoint.read(stopped / "model.pt"), checkpoint.read(straight / "model.pt")
-    assert a["num_timesteps"] == b["num_timesteps"] == steps + 192
-    for part in ("policy", "value_net"):
-        for name in a[part]:
-            assert torch.equal(a[part][name], b[part][name]), (part, name)
-    for key, moments in a["critic_optimizer"]["state"].items():
-        for name, value in moments.items():
-            assert torch.equal(value, b["critic_optimizer"]["state"][key][name])
-    computed = [[v for k, v in row.items() if k not in TIMING] for row in rows(stopped)]
-    assert computed == [[v for k, v in row.items() if k not in TIMING] for row in rows(straight)]
-    assert [int(row["update"]) for row in rows(stopped)] == list(range(1, steps // 64 + 4))  # no row twice
+    assert checkpoint.read(stopped / "model.pt")["num_timesteps"] == steps + 192
+    assert_same_run(stopped, straight)
+    assert [int(row["update"]) for row in progress_rows(stopped)] == list(range(1, steps // 64 + 4))  # no row twice
     assert tensorboard_steps(stopped) == tensorboard_steps(straight) == [64 * u for u in range(1, steps // 64 + 4)]

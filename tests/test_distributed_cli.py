@@ -1,6 +1,5 @@
 """`trpo-ext train --nproc N` end to end: learning, a killed or hung rank, elastic restarts, two
 torchrun "nodes" on this machine (docs/distributed.md), Ctrl-C and --resume."""
-import csv
 import os
 import signal
 import subprocess
@@ -11,6 +10,8 @@ import torch
 
 import trpo_ext
 from trpo_ext import checkpoint
+
+from helpers import assert_same_run, progress_rows
 
 FAST = ["--n-steps", "64", "--n-envs", "2", "--eval-episodes", "1", "--no-progress"]
 
@@ -137,11 +138,6 @@ def test_two_torchrun_nodes_train_like_nproc_2(tmp_path):
     a.close(), b.close()
 
 
-def _rows(run_dir) -> list[dict]:
-    with open(run_dir / "progress.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _start(tmp_path, out, *args):
     """`train --nproc 2` in a session of its own (its ranks start their own), as a shell runs it."""
     cmd = [sys.executable, "-m", "trpo_ext", "train", "CartPole-v1", "--nproc", "2", "--out", str(out), *FAST, *args]
@@ -151,7 +147,7 @@ def _start(tmp_path, out, *args):
 
 def _wait_for_rows(proc, out, n):
     deadline = time.time() + 120
-    while not (out / "progress.csv").is_file() or len(_rows(out)) < n:
+    while not (out / "progress.csv").is_file() or len(progress_rows(out)) < n:
         assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before logging an update"
         time.sleep(0.1)
 
@@ -164,7 +160,10 @@ def _communicate(proc, timeout=120):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_ctrl_c_stops_the_ranks_together_saved_and_resume_continues_the_run(tmp_path):
+def test_ctrl_c_stops_the_ranks_together_saved_and_resume_equals_the_uninterrupted_run(tmp_path):
+    """2 ranks interrupted (Ctrl-C) after they logged updates, then resumed on 2 ranks to a step count,
+    are bitwise the 2 ranks that went there at once: model.pt (networks, critic optimizer, every rank's
+    random stream and episodes) and every computed column of progress.csv."""
     out = tmp_path / "run"
     proc = _start(tmp_path, out, "--timesteps", "10000000")
     _wait_for_rows(proc, out, 2)
@@ -175,22 +174,25 @@ def test_ctrl_c_stops_the_ranks_together_saved_and_resume_continues_the_run(tmp_
     assert stdout.splitlines()[-1] == (
         f"interrupted at {steps} steps; saved {out}/model.pt; continue with `trpo-ext train CartPole-v1 --nproc 2 "
         f"{' '.join(FAST)} --timesteps 10000000 --out {out} --resume`")
-    assert len(_rows(out)) == steps // 256 and (out / "learning_curve.png").is_file()
+    assert len(progress_rows(out)) == steps // 256 and (out / "learning_curve.png").is_file()
 
     resumed = train("--nproc", "2", *FAST, "--timesteps", str(steps + 3 * 256), "--out", str(out), "--resume",
                     cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming {out}/model.pt at {steps} steps on 2 ranks; " in resumed.stdout
-    assert "continues statistically, not bitwise" in resumed.stdout
+    assert f"resuming {out}/model.pt at {steps} steps on 2 ranks, exactly where it stopped\n" in resumed.stdout
     assert not (tmp_path / "run_2").exists()  # the same directory, not a fresh run
-    assert [int(row["update"]) for row in _rows(out)] == list(range(1, steps // 256 + 4))  # no row twice
+    assert [int(row["update"]) for row in progress_rows(out)] == list(range(1, steps // 256 + 4))  # no row twice
     assert checkpoint.read(out / "model.pt")["num_timesteps"] == steps + 3 * 256
+    straight = train("--nproc", "2", *FAST, "--timesteps", str(steps + 3 * 256), "--out", str(tmp_path / "straight"),
+                     cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert_same_run(out, tmp_path / "straight")
 
     # At another world size: one rank continues the 2 ranks' checkpoint, and says how exactly.
     single = train(*FAST, "--timesteps", str(steps + 4 * 256), "--out", str(out), "--resume", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "saved by 2 ranks, now 1 (128 steps per update instead of 256)" in single.stdout
-    assert [int(row["update"]) for row in _rows(out)] == list(range(1, steps // 256 + 6))
+    assert [int(row["update"]) for row in progress_rows(out)] == list(range(1, steps // 256 + 6))
 
 
 def test_a_signal_to_one_rank_stops_them_all_saved(tmp_path):

@@ -68,16 +68,18 @@ def check_resume(args, options: dict, model_path: str) -> dict:
 def resume(args, options: dict, out: str, model_path: str, world_size: int) -> tuple[TRPO, str]:
     """The agent of OUT/model.pt, logging on in OUT from its update, and how exactly it continues.
 
-    Exact (bitwise the uninterrupted run) from one rank to one rank: the saved envs are restored
-    (unpickled from the file this command wrote). A checkpoint holds rank 0's envs and random stream
-    only (docs/distributed.md), so on several ranks, or at another world size, episodes and streams
-    restart from seed + steps: the run continues statistically."""
+    Exact (bitwise the uninterrupted run) from N ranks to the same N: the saved envs, episodes and
+    random streams are restored (every rank's: `train` saves with `every_rank=True`; the envs are
+    unpickled from the file this command wrote). Where the file cannot give each rank its own (at
+    another world size, or envs that were not saved), episodes and streams restart from seed +
+    steps: the run continues statistically; on one rank, rank 0's envs and stream go on."""
     state = check_resume(args, options, model_path)
     saved_world = state["world_size"]
+    problem = checkpoint.rank_states_problem(state, world_size) if world_size > 1 else None
     with warnings.catch_warnings():  # the note below says it
         warnings.filterwarnings("ignore", message=".*holds no env states")
         agent = TRPO.load(model_path, device=args.device, log_dir=out, continue_log=True,
-                          restore_env_states=world_size == 1)
+                          restore_env_states=world_size == 1 or problem is None)
     agent.num_threads = args.num_threads or None
     def ranks(n):
         return f"{n} rank{'s' if n > 1 else ''}"
@@ -86,10 +88,11 @@ def resume(args, options: dict, out: str, model_path: str, world_size: int) -> t
     how = "" if world_size == saved_world else \
         f", saved by {ranks(saved_world)}, now {world_size} ({world_size * per_update} steps per update instead " \
         f"of {saved_world * per_update})"
-    if world_size > 1:
-        how += f"{' on ' + ranks(world_size) if world_size == saved_world else ''}; a checkpoint holds one rank's " \
-               "envs and random stream, so every rank restarts its episodes and stream from seed + steps: it " \
-               "continues statistically, not bitwise"
+    if world_size > 1 and problem is None:
+        how = f" on {ranks(world_size)}, exactly where it stopped"
+    elif world_size > 1:
+        how += f"{' on ' + ranks(world_size) if world_size == saved_world else ''}; {problem}, so every rank " \
+               "restarts its episodes and stream from seed + steps: it continues statistically, not bitwise"
     elif state["env_states"] is None:
         how += "; its envs were not saved (not picklable, or async), so episodes restart: it continues statistically"
     elif saved_world > 1:
@@ -257,7 +260,7 @@ def _learn_save_evaluate(args, agent: TRPO, out: str, model_path: str, stop: Sto
 
     def after_update(agent, record):
         if save_every and agent.n_updates % save_every == 0:
-            agent.save(model_path)  # rank 0 writes; atomically, so a kill never leaves a torn file
+            agent.save(model_path, every_rank=True)  # rank 0 writes every rank's state; atomically (no torn file)
         if stop.agreed(agent.group):
             stopped.append(agent.n_updates)
             return False
@@ -267,7 +270,7 @@ def _learn_save_evaluate(args, agent: TRPO, out: str, model_path: str, stop: Sto
     agent.learn(max(0, args.timesteps - agent.num_timesteps), callback=after_update,
                 progress_bar=not args.no_progress and agent.rank == 0)
     elapsed = time.perf_counter() - start
-    agent.save(model_path)
+    agent.save(model_path, every_rank=True)
     distributed.leave_group(together=True)  # before rank 0's evaluation, which needs no other rank
     curve = os.path.join(out, "learning_curve.png")
     if agent.rank != 0:
