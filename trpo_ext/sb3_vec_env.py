@@ -56,5 +56,9 @@ class SB3VecEnv(gym.vector.VectorEnv):
         self.last_infos = list(infos)
         return obs, np.asarray(rewards, dtype=np.float64), dones & ~truncated, truncated, out
 
+    def call(self, name: str, *args, **kwargs) -> tuple:
+        """Every env's `name(*args, **kwargs)` (sb3's env_method; action masks are asked this way)."""
+        return tuple(self.venv.env_method(name, *args, **kwargs))
+
     def close_extras(self, **kwargs):
         self.venv.close()
