@@ -1,6 +1,7 @@
 """The command line: user errors are one line naming the flag (exit status 2); `--help` lists the
 --set keys; a signal stops `train` after an update with the run saved (exit status 130); `--resume`
 continues a run exactly (one rank; the ranks' case: test_distributed_cli.py)."""
+import importlib.util
 import os
 import re
 import signal
@@ -62,6 +63,10 @@ def error_line(capsys, argv, tmp_path) -> str:
     (["train", "CartPole-v1", "--set", "device=cpu"], "use --device cpu$"),
     (["train", "CartPole-v1", "--set", "num_threads=2"], "use --threads 2$"),
     (["train", "CartPole-v1", "--set", "normalize_obs=True"], "use --normalize-obs$"),
+    (["train", "CartPole-v1", "--set", "vectorization=async"], "use --vectorization async$"),
+    pytest.param(["train", "Hoper-v5", "--vectorization", "envpool"], "error: env: EnvPool .* has no task 'Hoper-v5' "
+                 r"\(close: Hopper-v5.*; --vectorization sync runs gymnasium's envs$",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("envpool") is None, reason="EnvPool is not installed")),
     (["train", "CartPole-v1", "--set", "env=Pendulum-v1"], "--set env='Pendulum-v1' conflicts with ENV_ID CartPole-v1"),
     (["train", "CartPole-v1", "--set", "process_group=None"], "the command line makes the process group"),
     (["train", "CartPole-v1", "--set", "value_net=my.Critic"], "--set value_net='my.Critic': the command line builds "
@@ -160,7 +165,7 @@ def test_help_lists_the_set_keys_with_their_defaults_and_docstrings(capsys):
     assert exit_info.value.code == 0
     epilog = capsys.readouterr().out.split("hyperparameters for --set KEY=VALUE")[1]
     text = " ".join(epilog.split())
-    flagged = {"n_envs", "n_steps", "max_kl", "normalize_obs", "normalize_reward", "seed"}
+    flagged = {"n_envs", "n_steps", "max_kl", "normalize_obs", "normalize_reward", "seed", "vectorization"}
     for key, (default, doc) in hyperparameters().items():  # trpo_ext.config's fields and docstrings
         if key in flagged:
             assert f" {key}=" not in text, key

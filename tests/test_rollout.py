@@ -2,6 +2,7 @@
 import io
 import pickle
 import re
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 import torch
 from gymnasium import spaces
 
+import trpo_ext
 from trpo_ext import MLPPolicy
+from trpo_ext.envpool_env import EnvPoolVectorEnv
 from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, make_vec_env
 from trpo_ext.normalization import RewardScaler, RunningNormalizer
 from trpo_ext.rollout import DISCARDED, EpisodeStats, RolloutCollector, compute_gae
@@ -426,6 +429,214 @@ def test_lean_vector_env_steps_exactly_like_gymnasium(env_id):
         out_l[0][:] = np.nan  # the returned observations are copies: the env's state is untouched
     assert ended >= 3  # episodes ended (time limit or termination) and reset inside step
     assert np.isfinite(lean.step(action)[0]).all()
+
+
+# ----------------------------------------------------------------------------- EnvPool (vectorization="envpool")
+def _envpool():
+    return pytest.importorskip("envpool", reason='EnvPool is not installed (pip install ".[envpool]")')
+
+
+ENVPOOL_LIMITS = {"CartPole-v1": 12, "Pendulum-v1": 5, "Hopper-v5": 20}  # short time limits: episodes end often
+QUIET_BOX = pytest.mark.filterwarnings("ignore:.*precision lowered by casting:UserWarning")  # envpool.make's spaces
+
+
+@QUIET_BOX
+@pytest.mark.parametrize("env_id", ENVPOOL_LIMITS)
+def test_envpool_steps_envpools_own_pool_with_its_reset_steps_taken_out(env_id):
+    """EnvPoolVectorEnv against EnvPool's own NEXT_STEP pool of the same seeds, stepped alongside:
+    the same transitions, except that where an episode ends ours has already reset (its first
+    observation returned, the final one in infos) and EnvPool's reset step (reward 0, the action
+    ignored) never happens; dtypes: the space's observations, float64 rewards, bool flags."""
+    envpool = _envpool()
+    n, limit = 3, ENVPOOL_LIMITS[env_id]
+    ours = EnvPoolVectorEnv(env_id, n, max_episode_steps=limit)
+    theirs = envpool.make(env_id, "gymnasium", num_envs=n, seed=[5 + i for i in range(n)], max_episode_steps=limit)
+    assert ours.metadata["autoreset_mode"] == SAME_STEP and theirs.metadata["autoreset_mode"] != SAME_STEP
+    obs, _ = ours.reset(seed=5)
+    np.testing.assert_array_equal(obs, theirs.reset()[0])
+    ours.action_space.seed(0)
+    ended = {"terminated": 0, "truncated": 0}
+    for _ in range(50):
+        actions = ours.action_space.sample()
+        if env_id == "CartPole-v1":
+            actions[0] = 1  # env 0 pushes one way: its episodes terminate, the others' mostly run to the limit
+        obs, rewards, terminated, truncated, infos = ours.step(actions)
+        o, r, te, tr, _ = theirs.step(actions)
+        assert obs.dtype == ours.single_observation_space.dtype and ours.single_observation_space.contains(obs[0])
+        assert rewards.dtype == np.float64 and terminated.dtype == truncated.dtype == bool
+        np.testing.assert_array_equal(rewards, r)
+        np.testing.assert_array_equal(terminated, te)
+        np.testing.assert_array_equal(truncated, tr)
+        done = te | tr
+        np.testing.assert_array_equal(obs[~done], o[~done])
+        if not done.any():
+            assert "final_obs" not in infos
+            continue
+        ids = np.flatnonzero(done)
+        np.testing.assert_array_equal(infos["_final_obs"], done)
+        for i in range(n):
+            assert (infos["final_obs"][i] is None) == (not done[i])
+        for i in ids:
+            assert infos["final_obs"][i].dtype == obs.dtype
+            np.testing.assert_array_equal(infos["final_obs"][i], o[i])
+        o2, r2, te2, tr2, info2 = theirs.step(actions[ids], env_id=ids)  # EnvPool's own reset step
+        assert (r2 == 0).all() and not (te2 | tr2).any() and (info2["elapsed_step"] == 0).all()
+        np.testing.assert_array_equal(obs[ids], o2)  # ours returned that first observation already
+        ended["terminated"] += int(terminated.sum())
+        ended["truncated"] += int(truncated.sum())
+    assert ended["truncated"] > 0 and (ended["terminated"] > 0 or env_id == "Pendulum-v1"), ended
+
+
+class _RecordedEnvPool(EnvPoolVectorEnv):
+    def step(self, actions):
+        out = super().step(actions)
+        self.steps.append(pickle.loads(pickle.dumps(out)))  # a deep copy
+        return out
+
+
+def test_envpool_rollouts_never_cross_a_reset_and_bootstrap_truncation_from_the_final_observation():
+    _envpool()
+    envs = _RecordedEnvPool("CartPole-v1", 2, max_episode_steps=3)  # 3 steps cannot end CartPole: all truncated
+    envs.steps = []
+    collector = RolloutCollector(envs, n_steps=7, device=torch.device("cpu"), normalizer=None,
+                                 stats=EpisodeStats(2, 10))
+    collector.reset(seed=0)
+
+    def value(obs):
+        return 1.0 + 10.0 * obs[:, 0] - 3.0 * obs[:, 2]
+
+    batch = collector.collect(MLPPolicy(4, envs.single_action_space), value, torch.Generator().manual_seed(0),
+                              gamma=0.5, lam=0.0)
+    # Every episode is 3 transitions of reward 1: EnvPool's reward-0 reset step would make them longer.
+    assert collector.stats.means() == (3.0, 3.0) and len(collector.stats.finished) == 4
+    obs = batch.obs.view(7, 2, 4)
+    for t, (o, rewards, terminated, truncated, infos) in enumerate(envs.steps):
+        assert (rewards == 1).all() and not terminated.any() and truncated.all() == (t % 3 == 2)
+        nxt = torch.as_tensor(np.stack(infos["final_obs"]) if truncated.all() else o)
+        if t + 1 < 7:
+            assert truncated.all() or torch.equal(obs[t + 1], nxt)  # the next step starts from o
+            assert not truncated.all() or torch.equal(obs[t + 1], torch.as_tensor(o))  # o: the new episode's first
+        expected = 1.0 + 0.5 * value(nxt) - value(obs[t])  # lam = 0: one-step advantages, truncation bootstrapped
+        torch.testing.assert_close(batch.advantages.view(7, 2)[t], expected.float(), rtol=1e-5, atol=1e-5)
+    assert (obs[[0, 3, 6]].abs() <= 0.05).all()  # first observations of episodes: CartPole's reset range
+
+
+@QUIET_BOX
+def test_envpool_seeds_env_i_with_seed_plus_i():
+    envpool = _envpool()
+    envs = EnvPoolVectorEnv("Pendulum-v1", 3)
+
+    def alone(seed):
+        return envpool.make("Pendulum-v1", "gymnasium", num_envs=1, seed=seed).reset()[0][0]
+
+    first, _ = envs.reset(seed=7)
+    for i in range(3):
+        np.testing.assert_array_equal(first[i], alone(7 + i))
+    envs.step(np.zeros((3, 1), np.float32))
+    np.testing.assert_array_equal(envs.reset(seed=7)[0], first)  # a seed starts the same episodes again
+    assert not np.array_equal(envs.reset()[0], first)  # no seed: the pool's streams go on
+    folded, _ = envs.reset(seed=2**31 - 1)  # EnvPool's seeds are int32: (seed + i) mod 2**31
+    np.testing.assert_array_equal(folded[1], alone(0))
+    with pytest.raises(ValueError, match=r"seed: EnvPool seeds env i with seed \+ i; give one int"):
+        envs.reset(seed=[1, 2, 3])
+    with pytest.raises(ValueError, match="options: EnvPoolVectorEnv.reset takes none"):
+        envs.reset(options={"reset_mask": np.ones(3, bool)})
+    assert 1 <= envs.num_threads <= len(__import__("os").sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_envpool_classic_control_steps_like_gymnasium_from_the_same_state(env_id):
+    """EnvPool's classic control against gymnasium's from the same state, one step at a time (its
+    seeding differs from gymnasium's, so episodes start elsewhere; from the same state a chaotic
+    task's two float paths part after ~150 steps, docs/guide.md "EnvPool"): the same spaces,
+    observations equal to float32 rounding, the same rewards and terminations; except Pendulum-v1
+    where the speed clip (|θ'| = 8) binds: EnvPool integrates θ with the unclipped speed (gym <= 0.25's
+    order), gymnasium with the clipped one."""
+    _envpool()
+    ours = EnvPoolVectorEnv(env_id, 1)
+    ref = gym.make(env_id).unwrapped
+    assert str(ours.single_observation_space) == str(ref.observation_space)  # what a checkpoint compares
+    assert str(ours.single_action_space) == str(ref.action_space)
+    ref.reset(seed=0)
+    ours.action_space.seed(0)
+    obs, _ = ours.reset(seed=0)
+    clipped = 0
+    for k in range(400):
+        o = obs[0].astype(np.float64)
+        action = ours.action_space.sample()
+        if env_id == "Pendulum-v1" and k % 2:  # every other step pumps energy in, so that the speed clip binds
+            action[:] = 2.0 * np.sign(o[2])
+        if env_id == "CartPole-v1":
+            ref.state, ref.steps_beyond_terminated = o, None
+            step_action = int(action[0])
+        else:
+            theta, speed = np.arctan2(o[1], o[0]), o[2]
+            ref.state = np.array([theta, speed])
+            step_action = action[0]
+            unclipped = speed + (3 * 10.0 / 2 * np.sin(theta) + 3.0 * np.clip(step_action[0], -2, 2)) * 0.05
+        expected, reward, terminated, _, _ = ref.step(step_action)
+        obs, rewards, te, tr, infos = ours.step(action)
+        got = infos["final_obs"][0] if (te | tr)[0] else obs[0]
+        if env_id == "Pendulum-v1" and abs(unclipped) > 8:
+            clipped += 1
+            angle = theta + unclipped * 0.05
+            expected = np.array([np.cos(angle), np.sin(angle), np.clip(unclipped, -8, 8)])
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(rewards[0], reward, rtol=1e-6)  # EnvPool's rewards are float32
+        assert te[0] == terminated
+    assert env_id == "CartPole-v1" or clipped > 0
+
+
+@QUIET_BOX
+def test_envpool_dict_observations_of_a_task_gymnasium_lacks():
+    """A dm_control task (gymnasium has no such id: no spec to evaluate or save by) with Dict observations:
+    the final observations are dicts of the ended rows, and the ended rows restart in place."""
+    envpool = _envpool()
+    envs = make_vec_env(gym.envs.registration.EnvSpec("HopperHop-v1", max_episode_steps=2), 2, "envpool")
+    theirs = envpool.make("HopperHop-v1", "gymnasium", num_envs=2, seed=[3, 4], max_episode_steps=2)
+    assert isinstance(envs.single_observation_space, spaces.Dict)
+    obs, _ = envs.reset(seed=3)
+    theirs.reset()
+    actions = np.zeros((2, *envs.single_action_space.shape))
+    for t in range(4):
+        obs, _, _, truncated, infos = envs.step(actions)
+        o = theirs.step(actions)[0]
+        assert truncated.all() == (t % 2 == 1) and set(obs) == set(envs.single_observation_space.spaces)
+        if truncated.all():
+            first = theirs.step(actions, env_id=np.arange(2))[0]  # EnvPool's own reset step
+            for key in obs:
+                np.testing.assert_array_equal(np.stack([f[key] for f in infos["final_obs"]]), o[key])
+                np.testing.assert_array_equal(obs[key], first[key])
+    agent = trpo_ext.TRPO("HopperHop-v1", vectorization="envpool", n_envs=2, n_steps=4, critic_epochs=1, seed=0)
+    assert agent.env_spec is None and agent.learn(8, progress_bar=False).num_timesteps == 8
+    agent.close()
+
+
+def test_envpool_errors_name_the_env_and_what_envpool_takes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "envpool", None)
+    with pytest.raises(ImportError, match=r'needs EnvPool, which is not installed: pip install "trpo_ext\[envpool\]"'):
+        make_vec_env("CartPole-v1", 2, "envpool")
+    monkeypatch.undo()
+    _envpool()
+    for env, error, words in [
+        ("Hoper-v5", ValueError, r"env: EnvPool \S+ has no task 'Hoper-v5' \(close: Hopper-v5"),
+        (gym.make("CartPole-v1"), ValueError, "got a gymnasium.Env instance: EnvPool steps its own C.. envs"),
+        (lambda: gym.make("CartPole-v1"), ValueError, "got a callable"),
+        (gym.envs.registration.EnvSpec("CartPole-v1", kwargs={"sutton_barto_reward": True}), ValueError,
+         r"EnvPool's 'CartPole-v1' cannot take the option\(s\) \['sutton_barto_reward'\]: its options are "
+         r"\['max_episode_steps', 'reward_threshold'\]"),
+        (gym.envs.registration.EnvSpec("CartPole-v1", max_episode_steps="x"), ValueError, "refused the options"),
+    ]:
+        with pytest.raises(error, match=words):
+            make_vec_env(env, 1, "envpool")
+    with pytest.raises(ValueError, match=r"cannot take the option\(s\) \['seed'\]: trpo_ext sets them"):
+        EnvPoolVectorEnv("CartPole-v1", 2, seed=3)
+    spec = gym.envs.registration.EnvSpec("CartPole-v1", entry_point=None, max_episode_steps=7)
+    envs = make_vec_env(spec, 2, "envpool")  # an EnvSpec's time limit (and kwargs EnvPool has) are honoured
+    assert envs.options == {"max_episode_steps": 7} and envs.spec is spec
+    assert EnvPoolVectorEnv("CartPole-v1", 2, max_episode_steps=7).spec is None  # not gymnasium's CartPole-v1
+    with pytest.raises(AttributeError, match="no Python attribute 'action_masks'"):
+        envs.call("action_masks")
 
 
 # ----------------------------------------------------------------------------- env construction and spaces

@@ -1,5 +1,6 @@
 """The TRPO agent: construction, the policy step's guarantees, save/load, logs, CLI and learning."""
 import csv
+import importlib.util
 import os
 
 import gymnasium as gym
@@ -12,6 +13,7 @@ from torch.nn.utils import parameters_to_vector
 import trpo_ext.trpo
 from trpo_ext import TRPO
 from trpo_ext.cli import main as cli_main
+from trpo_ext.envpool_env import EnvPoolVectorEnv
 
 FAST = dict(n_envs=2, n_steps=64, critic_epochs=2, seed=0)
 
@@ -82,13 +84,35 @@ def test_env_forms_single_callable_and_vector_env():
     assert TRPO(lambda: gym.make("CartPole-v1"), **FAST).learn(1, progress_bar=False).evaluate(1)[0] > 0
 
 
-def test_async_vector_env():
-    agent = TRPO("CartPole-v1", vectorization="async", **FAST)
+NEEDS_ENVPOOL = pytest.mark.skipif(importlib.util.find_spec("envpool") is None,
+                                   reason='EnvPool is not installed (pip install ".[envpool]")')
+
+
+@pytest.mark.parametrize("vectorization, vector_env", [
+    ("async", gym.vector.AsyncVectorEnv),
+    pytest.param("envpool", EnvPoolVectorEnv, marks=NEEDS_ENVPOOL),
+])
+def test_other_vector_envs_learn_save_and_load_with_fresh_episodes(tmp_path, vectorization, vector_env):
+    """Their env states cannot be saved: a loaded agent starts fresh episodes (seeded from seed + steps)."""
+    agent = TRPO("CartPole-v1", vectorization=vectorization, **FAST)
     try:
         agent.learn(128, progress_bar=False)
-        assert isinstance(agent.envs, gym.vector.AsyncVectorEnv) and agent.num_timesteps == 128
+        assert isinstance(agent.envs, vector_env) and agent.num_timesteps == 128
+        if vectorization == "envpool":
+            assert agent.envs.seed == agent.rank_seed(agent.config.seed)  # env i: seed + i
+        agent.save(tmp_path / "m.pt")
     finally:
         agent.close()
+    with pytest.warns(UserWarning, match="holds no env states"):
+        loaded = TRPO.load(tmp_path / "m.pt", restore_env_states=True)
+    try:
+        assert isinstance(loaded.envs, vector_env) and loaded.config.vectorization == vectorization
+        if vectorization == "envpool":
+            assert loaded.envs.seed == loaded.config.seed + 128
+        loaded.learn(128, progress_bar=False)
+        assert loaded.num_timesteps == 256 and loaded.evaluate(1)[0] > 0  # evaluated on gymnasium's CartPole-v1
+    finally:
+        loaded.close()
 
 
 def test_box_actions_are_clipped_for_the_env_and_predict_shapes():

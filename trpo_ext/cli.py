@@ -26,7 +26,7 @@ import textwrap
 from . import __version__
 from .cli_options import UsageError, flags_of, set_keys
 from .cli_train import INTERRUPTED, train
-from .config import check_num_threads
+from .config import VECTORIZATIONS, check_num_threads
 from .curves import plot_runs
 from .distributed import DEFAULT_TIMEOUT_S
 from .policies import BUILT_IN
@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize-reward", action="store_true", default=None,
                    help="scale rewards by the running std of the discounted return, as sb3's VecNormalize "
                         f"(default: {defaults['normalize_reward']})")
+    p.add_argument("--vectorization", default=None, choices=VECTORIZATIONS,
+                   help="how the envs are stepped: sync (one process), async (a subprocess per env) or envpool "
+                        "(EnvPool's C++ thread pool: pip install \"trpo_ext[envpool]\") "
+                        f"(default: {defaults['vectorization']})")
     p.add_argument("--policy", default="auto", choices=["auto", *BUILT_IN],
                    help="the built-in network (default: auto, the one that fits the observation space)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

@@ -94,7 +94,8 @@ def resume(args, options: dict, out: str, model_path: str, world_size: int) -> t
         how += f"{' on ' + ranks(world_size) if world_size == saved_world else ''}; {problem}, so every rank " \
                "restarts its episodes and stream from seed + steps: it continues statistically, not bitwise"
     elif state["env_states"] is None:
-        how += "; its envs were not saved (not picklable, or async), so episodes restart: it continues statistically"
+        how += "; its envs were not saved (not picklable, async or EnvPool), so episodes restart: it continues " \
+               "statistically"
     elif saved_world > 1:
         how += "; rank 0's envs and random stream go on, the other ranks' are gone: it continues statistically"
     else:

@@ -140,6 +140,9 @@ CRITIC_PARALLEL = ("gather", "reduce")
 UPDATE_PARALLEL = ("auto", "split", "data")
 """`TRPOConfig.update_parallel`'s values."""
 
+VECTORIZATIONS = ("sync", "async", "envpool")
+"""`TRPOConfig.vectorization`'s values (`trpo_ext.envs.make_vec_env`)."""
+
 POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0}
 """The defaults of `TRPOConfig.policy_kwargs`; a user's dict overrides some of them."""
 
@@ -220,8 +223,9 @@ class TRPOConfig:
     `trpo_ext.policies.ACTIVATIONS`) and `log_std_init` (Gaussian policies, in [-20, 2]); missing
     keys take `POLICY_KWARGS`' values, and the field always holds all three."""
     vectorization: str = "sync"
-    """"sync" (one process; `envs.LeanSyncVectorEnv`, which skips gymnasium's per-step info merging)
-    or "async" (gymnasium's AsyncVectorEnv, one subprocess per env)."""
+    """"sync" (one process; `envs.LeanSyncVectorEnv`, which skips gymnasium's per-step info merging),
+    "async" (gymnasium's AsyncVectorEnv, one subprocess per env) or "envpool" (EnvPool's C++ thread
+    pool, `envpool_env.EnvPoolVectorEnv`; an optional extra, docs/guide.md "EnvPool")."""
     stats_window: int = 100
     """Episodes averaged for the reported episode return and length."""
     seed: int | None = None
@@ -251,7 +255,7 @@ class TRPOConfig:
             "critic_parallel": check_choice("critic_parallel", self.critic_parallel, CRITIC_PARALLEL),
             "update_parallel": check_choice("update_parallel", self.update_parallel, UPDATE_PARALLEL),
             "policy_kwargs": _check_policy_kwargs(self.policy_kwargs),
-            "vectorization": check_choice("vectorization", self.vectorization, ("sync", "async")),
+            "vectorization": check_choice("vectorization", self.vectorization, VECTORIZATIONS),
             "stats_window": check_int("stats_window", self.stats_window, 1),
             "seed": check_int("seed", seed, 0, 2**63 - 1),
         }

@@ -18,6 +18,7 @@ import numpy as np
 from gymnasium.vector.utils import concatenate, iterate
 
 from . import spaces
+from .envpool_env import EnvPoolVectorEnv
 
 
 SAME_STEP = gym.vector.AutoresetMode.SAME_STEP
@@ -237,7 +238,8 @@ def _checked(make, index: int) -> gym.Env:
 
 def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vector.VectorEnv:
     """One gymnasium vector env (SAME_STEP autoreset) from an id, an Env, a callable or a vector env:
-    `LeanSyncVectorEnv` for "sync", gymnasium's AsyncVectorEnv (one subprocess per env) for "async".
+    `LeanSyncVectorEnv` for "sync", gymnasium's AsyncVectorEnv (one subprocess per env) for "async",
+    `EnvPoolVectorEnv` (an EnvPool task id or EnvSpec only) for "envpool".
 
     A single `gym.Env` instance cannot be copied, so it needs `n_envs=1`; a vector env is used as
     it is (its `num_envs` wins) and must have been built with `autoreset_mode=SAME_STEP`. `n_envs`
@@ -252,6 +254,8 @@ def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vecto
                 "vector_kwargs={'autoreset_mode': gym.vector.AutoresetMode.SAME_STEP}) "
                 "or pass the env id and n_envs instead")
         return env
+    if vectorization == "envpool":
+        return EnvPoolVectorEnv(env, n_envs)
     if isinstance(env, gym.Env):
         if n_envs != 1:
             raise ValueError("env: a gymnasium.Env instance cannot be copied into n_envs > 1 environments; "
@@ -268,6 +272,8 @@ def make_vec_env(env, n_envs: int = 1, vectorization: str = "sync") -> gym.vecto
 def registered_spec(env, envs: gym.vector.VectorEnv) -> gym.envs.registration.EnvSpec | None:
     """The registered spec of `env` (what the agent was given; `envs` is what `make_vec_env` made
     of it) that the agent can rebuild its env from, for evaluate and load; None if there is none."""
+    if isinstance(envs, EnvPoolVectorEnv):  # gymnasium's spec of the same id (None: gymnasium has no such env)
+        return envs.spec
     if isinstance(env, str):
         return gym.spec(env)
     if isinstance(env, gym.envs.registration.EnvSpec):
