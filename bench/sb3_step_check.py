@@ -13,6 +13,10 @@ cg_damping λ) is trpo_ext's with (max_kl d·δ, damping d·λ). Both settings a
 
     python bench/sb3_step_check.py --env HalfCheetah-v5
     python bench/sb3_step_check.py --env Hopper-v5 --updates 2
+
+The translation is trpo_ext.sb3_names's (through common.py). The drop-in `trpo_ext.sb3.TRPO`, given
+sb3-contrib's arguments, takes the same step as sb3-contrib on one batch: tests/test_sb3.py,
+test_one_update_equals_sb3_contribs (Box(3) actions, no MuJoCo needed).
 """
 from __future__ import annotations
 
