@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -69,6 +70,12 @@ class TRPO:
                                             or k == "policy_kwargs"}, space)
         self._adopt(NativeTRPO(native, n_envs=1, policy=policy, **kwargs), env)
         self.num_timesteps = 0
+        buffer_size = self.n_envs * n_steps
+        if buffer_size % batch_size:  # sb3-contrib's warning, in its words
+            warnings.warn(f"You have specified a mini-batch size of {batch_size}, but because the `RolloutBuffer` is "
+                          f"of size `n_steps * n_envs = {buffer_size}`, after every {buffer_size // batch_size} "
+                          f"untruncated mini-batches, there will be a truncated mini-batch of size "
+                          f"{buffer_size % batch_size}", stacklevel=2)
 
     def _adopt(self, agent: NativeTRPO, env) -> None:
         """The drop-in's state around `agent` (built or loaded)."""
