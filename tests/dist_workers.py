@@ -19,19 +19,26 @@ import trpo_ext  # noqa: E402
 from trpo_ext import step as step_module  # noqa: E402
 from trpo_ext.config import TrustRegionConfig  # noqa: E402
 
-from helpers import ACTION_CASES, action_problem, make_policy, sample_batch  # noqa: E402
+from helpers import ACTION_CASES, SDE_VARIANTS, action_problem, make_policy, make_sde_policy, sample_batch  # noqa: E402
 
 STEP_KEYS = [(dtype, case, path, split, sub) for dtype in (torch.float64, torch.float32) for case in ACTION_CASES
-             for path in ("fused", "generic") for split in ("equal", "unequal") for sub in (False, True)]
+             for path in ("fused", "generic") for split in ("equal", "unequal") for sub in (False, True)] + \
+    [(dtype, "gsde", "generic", split, sub) for dtype in (torch.float64, torch.float32)
+     for split in ("equal", "unequal") for sub in (False, True)]
 """The two-rank step's matrix: every action case (masks sharded with their rows) x path x even and
-uneven shards x the Fisher on the batch or on a subset (fvp_obs, with its own rows of the mask)."""
+uneven shards x the Fisher on the batch or on a subset (fvp_obs, with its own rows of the mask); and
+a gSDE policy (trpo_ext.sde: the generic path only)."""
 SETTINGS = dict(max_kl=0.01, damping=0.1, cg_iters=10, cg_rtol=1e-10, backtrack_factor=0.8, max_backtracks=10)
 
 
 def batch(case, n):
     """(policy, obs, actions, advantages, mask) of an ACTION_CASES entry in float64, actions drawn from
     the (masked) policy; every dtype's step starts from these values, cast."""
-    policy, obs, _, mask = action_problem(case, torch.float64, n=n, seed=3)
+    if case in SDE_VARIANTS:
+        policy, mask = make_sde_policy(case, seed=3), None
+        obs = torch.randn(n, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    else:
+        policy, obs, _, mask = action_problem(case, torch.float64, n=n, seed=3)
     actions, advantages = sample_batch(policy, obs, mask)
     return policy, obs, actions, advantages, mask
 

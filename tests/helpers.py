@@ -71,6 +71,24 @@ def make_policy(kind="gaussian", obs_dim=5, act_dim=3, hidden=(8, 7), activation
     return policy
 
 
+SDE_VARIANTS = {"gsde": dict(), "gsde-feature-std": dict(full_std=False), "gsde-expln": dict(use_expln=True)}
+"""gSDE policies (trpo_ext.sde) the Fisher and step matrices hold to the reference: σ per (feature,
+action), per feature, and sb3's expln (log-stds on both sides of 0)."""
+
+
+def make_sde_policy(variant="gsde", obs_dim=5, act_dim=3, hidden=(8, 7), activation="tanh", dtype=torch.float64,
+                    device="cpu", seed=0, sample_freq=-1):
+    """A gSDE policy (`SDE_VARIANTS[variant]`) for Box(act_dim), its weights moved off the init as
+    make_policy's, log-stds around 0.3 (expln's two branches both in play)."""
+    torch.manual_seed(seed)
+    policy = trpo_ext.policies.sde_policy(obs_dim, action_space("gaussian", act_dim), hidden, activation, 0.3,
+                                          sample_freq=sample_freq, **SDE_VARIANTS[variant]).to(device, dtype)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return policy
+
+
 def random_mask(spec, n: int, generator: torch.Generator, device="cpu") -> torch.Tensor:
     """A bool (n, width) mask that allows about half the classes and at least one of every segment."""
     mask = torch.rand(n, spec.width, generator=generator) < 0.5

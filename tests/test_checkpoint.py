@@ -230,6 +230,7 @@ def _sb3_zip(path):
     ("env_id", 3, "env_id is a int, expected a string or None"),
     ("env_states", "abc", "env_states is a str, expected bytes or None"),
     ("rank_states", "abc", "rank_states is a str, expected a list or None"),
+    ("sde", "abc", "sde is a str, expected a dict or None"),
     ("world_size", 2.0, "world_size is a float, expected an int"),
     ("policy_class", None, "policy_class is a NoneType, expected a string"),
     ("critic_optimizer", [], "critic_optimizer is a list, expected a dict"),
@@ -531,9 +532,38 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("path, value, message", HOSTILE)
-def test_a_hostile_checkpoint_is_refused_naming_the_file_and_the_field(hostile, tmp_path, path, value, message):
-    state = checkpoint.read(hostile)
+@pytest.fixture(scope="module")
+def hostile_sde(tmp_path_factory):
+    """A gSDE agent's checkpoint (its `sde` field: the noise matrices), to be altered."""
+    path = tmp_path_factory.mktemp("hostile_sde") / "model.pt"
+    agent = TRPO("Pendulum-v1", use_sde=True, sde_sample_freq=4, **FAST).learn(64, progress_bar=False)
+    agent.save(path)
+    agent.close()
+    return path
+
+
+HOSTILE_SDE = [
+    hostile_case("sde", value=None, id="sde-none",
+                 message=r"sde is None, expected the noise state \(hyperparameters use_sde is True\)"),
+    hostile_case("hyperparameters", "use_sde", value=False, id="sde-without-use-sde",
+                 message=r"sde is a dict, expected None \(hyperparameters use_sde is False\)"),
+    hostile_case("sde", "extra", value=1, id="sde-key",
+                 message="sde is (?s:.*), expected a dict of 'noise', 'step'"),
+    hostile_case("sde", "noise", value=lambda t: t * NAN, id="sde-nan", message=r"sde\['noise'\] holds NaN or Inf"),
+    hostile_case("sde", "noise", value=lambda t: t.long(), id="sde-int",
+                 message=r"sde\['noise'\] is a torch.int64 tensor .*, expected a floating tensor"),
+    hostile_case("sde", "noise", value=lambda t: t[0], id="sde-rank",
+                 message=r"sde\['noise'\] has shape \(64, 1\), expected \(n_envs, features, actions\)"),
+    hostile_case("sde", "noise", value=lambda t: t[:, :3], id="sde-features",
+                 message=r"does not fit this env: sde\['noise'\] is a torch.float32 tensor of shape \(2, 3, 1\)"),
+    hostile_case("sde", "step", value=-1, id="sde-step", message=r"sde\['step'\] must be an int >= 0"),
+]
+
+
+@pytest.mark.parametrize("path, value, message", HOSTILE + HOSTILE_SDE)
+def test_a_hostile_checkpoint_is_refused_naming_the_file_and_the_field(hostile, hostile_sde, tmp_path, path, value,
+                                                                       message):
+    state = checkpoint.read(hostile_sde if "sde" in path or "use_sde" in path else hostile)
     if path[0] == "rank_states":
         state = with_rank_states(state)
     parent = functools.reduce(lambda d, k: d[k], path[:-1], state)

@@ -79,6 +79,13 @@ BAD = [
     case("policy_kwargs", {"activation": "gelu"}, f"policy_kwargs['activation'] must be one of {sorted(ACTIVATIONS)}"),
     case("policy_kwargs", {"log_std_init": NAN}, "policy_kwargs['log_std_init'] must be a finite number in [-20.0, 2.0]"),
     case("policy_kwargs", {"log_std_init": 3.0}, "policy_kwargs['log_std_init'] must be a finite number in [-20.0, 2.0]"),
+    case("policy_kwargs", {"full_std": 1}, "policy_kwargs['full_std'] must be True or False"),
+    case("policy_kwargs", {"use_expln": "no"}, "policy_kwargs['use_expln'] must be True or False"),
+    case("use_sde", 1, "use_sde must be True or False"),
+    case("use_sde", None, "use_sde must be True or False"),
+    case("sde_sample_freq", 0, "sde_sample_freq must be -1 (a new noise matrix once per rollout) or an int >= 1"),
+    case("sde_sample_freq", -2, "sde_sample_freq must be an int >= -1"),
+    case("sde_sample_freq", 4.0, "sde_sample_freq must be an int >= -1"),
     case("vectorization", "gpu", "vectorization must be one of ['async', 'envpool', 'sync']"),
     case("critic_parallel", "scatter", "critic_parallel must be one of ['gather', 'reduce']"),
     case("update_parallel", "tasks", "update_parallel must be one of ['auto', 'data', 'split']"),
@@ -140,7 +147,8 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
         policy_kwargs={"hidden": [np.int64(8), 4], "log_std_init": np.float64(-1)}))
     assert (config.n_envs, config.n_steps, config.trust_region.cg_iters, config.batch_size) == (2, 16, 3, 32)
     plain = config.to_dict()
-    assert plain["policy_kwargs"] == {"hidden": (8, 4), "activation": "tanh", "log_std_init": -1.0}
+    assert plain["policy_kwargs"] == {"hidden": (8, 4), "activation": "tanh", "log_std_init": -1.0, "full_std": True,
+                                      "use_expln": False}
     for value in [*plain.values(), *plain["policy_kwargs"].values(), *plain["policy_kwargs"]["hidden"]]:
         assert type(value) in (int, float, bool, str, dict, tuple), (value, type(value))
     buffer = io.BytesIO()

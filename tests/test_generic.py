@@ -10,7 +10,7 @@ from torch.distributions import Categorical, Independent, Normal
 import trpo_ext
 from trpo_ext import generic, reference, tape, tape_rules
 
-from helpers import RTOL, make_policy, n_params, rel_err
+from helpers import RTOL, SDE_VARIANTS, make_policy, make_sde_policy, n_params, rel_err
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -184,6 +184,7 @@ POLICIES = {  # name -> (factory, observation shape)
     "categorical-from-probs": (lambda: _perturb(ProbsCategorical()), (5,)),
     "kitchen-sink": (lambda: _perturb(KitchenSink()), (5,)),
     "tokens": (lambda: _perturb(Tokens()), (4, 5)),
+    **{variant: ((lambda v=variant: make_sde_policy(v)), (5,)) for variant in SDE_VARIANTS},  # gSDE (trpo_ext.sde)
 }
 FALLBACK = {"in-place-hidden": (InPlaceHidden, (5,)), "reads-a-float": (ReadsAFloat, (5,)),
             "custom-function": (CustomFunction, (5,))}
@@ -251,7 +252,8 @@ def test_fallback_when_the_tape_cannot_follow(name, dtype):
     assert rel_err(trpo_ext.fvp(policy, obs, v, damping=0.05, path="generic"), expected) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("name", ["layernorm-mlp", "cnn-categorical", "state-std-softplus", "mlp-categorical-relu"])
+@pytest.mark.parametrize("name", ["layernorm-mlp", "cnn-categorical", "state-std-softplus", "mlp-categorical-relu",
+                                  "gsde"])
 def test_tape_cg_matches_reference(name):
     policy, obs, b = _setup(*POLICIES[name], torch.float64)
     x_ref, used_ref, _, xAx_ref = reference.cg_solve(policy, obs, b, iters=10, damping=0.1, rtol=0.0)

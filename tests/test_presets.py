@@ -1,10 +1,10 @@
 """trpo_ext.presets: every rl-baselines3-zoo TRPO entry translated key by key (the action spaces
 are given, so the MuJoCo / Box2D / PyBullet entries need no simulator), -v4 entries for -v5 ids, the
-default with its notice, gSDE's refusal, and `trpo-ext train ENV --preset zoo`."""
+default with its notice, gSDE's presets, and `trpo-ext train ENV --preset zoo`."""
 import gymnasium as gym
 import pytest
 
-from trpo_ext import presets
+from trpo_ext import TRPO, presets
 from trpo_ext.cli import build_parser, main
 from trpo_ext.cli_options import UsageError, flags_of, hyperparameter_options
 from trpo_ext.presets import ZOO_TRPO, zoo, zoo_key
@@ -39,11 +39,6 @@ def test_every_zoo_entry(key, spaces):
     entry = ZOO_TRPO[key]
     assert set(entry) <= {*ZOO_KEYS, "normalize", "n_timesteps", "policy", "use_sde", "sde_sample_freq",
                           "policy_kwargs"} and entry["policy"] == "MlpPolicy"
-    if entry.get("use_sde"):
-        with pytest.raises(ValueError, match=rf"zoo preset for {key} .*use_sde=True, sde_sample_freq=4\) needs gSDE "
-                                             r"\(use_sde\), which trpo_ext does not have yet"):
-            zoo(key)
-        return
     if "policy_kwargs" in entry:  # ReacherBulletEnv-v0: ortho_init=False
         with pytest.raises(ValueError, match=r"policy_kwargs\['ortho_init'\]=False"):
             zoo(key)
@@ -58,6 +53,7 @@ def test_every_zoo_entry(key, spaces):
     if normalize:
         assert (got["obs_clip"], got["reward_clip"]) == (10.0, 10.0)  # VecNormalize's defaults
     assert "seed" not in got and "device" not in got and got["policy_kwargs"] == {"activation": "tanh"}
+    assert (got["use_sde"], got["sde_sample_freq"]) == ((True, 4) if entry.get("use_sde") else (False, -1))
     assert presets.zoo_timesteps(key) == int(entry["n_timesteps"])
 
 
@@ -92,6 +88,11 @@ def test_cli_preset_under_the_flags():
         _options(["CartPole-v1", "--preset", "zoo", "--resume"])
 
 
-def test_cli_refuses_gsde_presets(capsys):
-    assert main(["train", "Pendulum-v1", "--preset", "zoo", "--timesteps", "0"]) == 2
-    assert "needs gSDE (use_sde), which trpo_ext does not have yet" in capsys.readouterr().err
+def test_cli_runs_gsde_presets(tmp_path):
+    """Pendulum-v1's zoo preset uses gSDE (use_sde, sde_sample_freq=4): the command line trains it."""
+    assert _options(["Pendulum-v1", "--preset", "zoo"])["use_sde"] is True
+    out = tmp_path / "run"
+    assert main(["train", "Pendulum-v1", "--preset", "zoo", "--timesteps", "64", "--n-steps", "32", "--no-progress",
+                 "--eval-episodes", "1", "--set", "critic_epochs=1", "--out", str(out)]) == 0
+    agent = TRPO.load(next(out.rglob("*.pt")))
+    assert agent.config.use_sde and agent.config.sde_sample_freq == 4 and agent.num_timesteps == 64

@@ -30,7 +30,7 @@ ARGUMENTS = [
     ("n_critic_updates", 20, {"critic_epochs": 20}),
     ("gae_lambda", 0.98, {"gae_lambda": 0.98}),
     ("use_sde", False, {}),
-    ("use_sde", True, r"use_sde=True: .*needs gSDE \(use_sde\), which trpo_ext does not have yet"),
+    ("use_sde", True, {"use_sde": True}),
     ("sde_sample_freq", 4, {}),  # sb3-contrib ignores it without gSDE, and so does the translation
     ("rollout_buffer_class", object, r"rollout_buffer_class=.*only None"),
     ("rollout_buffer_kwargs", {}, r"rollout_buffer_kwargs=\{\}.*only None"),
@@ -70,7 +70,15 @@ def test_defaults_translate_to_sb3_contribs_update():
     assert trpo_ext_kwargs({}, BOX3) == dict(
         n_steps=2048, critic_batch_size=128, gamma=0.99, gae_lambda=0.95, max_kl=0.03, damping=0.1 * 3, cg_iters=15,
         backtrack_factor=0.8, max_backtracks=10, critic_epochs=10, critic_lr=1e-3, normalize_advantage=True,
-        stats_window=100, seed=None, device="auto", fvp_fraction=1.0, policy_kwargs={"activation": "tanh"})
+        stats_window=100, seed=None, device="auto", use_sde=False, sde_sample_freq=-1, fvp_fraction=1.0,
+        policy_kwargs={"activation": "tanh"})
+
+
+@pytest.mark.parametrize("freq, expected", [(4, 4), (1, 1), (-1, -1), (0, -1), (-5, -1)])
+def test_gsde_and_its_sample_freq(freq, expected):
+    """With use_sde the drop-in takes sb3's sde_sample_freq (any value <= 0: once per rollout)."""
+    got = trpo_ext_kwargs({"use_sde": True, "sde_sample_freq": freq}, BOX3)
+    assert (got["use_sde"], got["sde_sample_freq"]) == (True, expected)
 
 
 def test_unknown_argument_is_a_type_error():
@@ -104,8 +112,10 @@ POLICY_KWARGS = [
     (dict(net_arch=dict(pi=[8], vf=[16])), r"policy_kwargs\['net_arch'\]=.*same hidden layers"),
     (dict(activation_fn=nn.GELU), r"policy_kwargs\['activation_fn'\]=.*expected one of nn.Tanh"),
     (dict(ortho_init=False), r"policy_kwargs\['ortho_init'\]=False: .*only do sb3's default here \(True\)"),
-    (dict(use_expln=True), r"policy_kwargs\['use_expln'\]=True: needs gSDE"),
-    (dict(full_std=False), r"policy_kwargs\['full_std'\]=False: needs gSDE"),
+    (dict(use_expln=True, full_std=False, log_std_init=-2.0),
+     {"activation": "tanh", "use_expln": True, "full_std": False, "log_std_init": -2.0}),
+    (dict(squash_output=True), r"policy_kwargs\['squash_output'\]=True: trpo_ext's gSDE does not squash actions"),
+    (dict(use_sde=True), r"policy_kwargs\['use_sde'\]=True: gSDE is TRPO's own use_sde argument"),
     (dict(features_extractor_class=nn.Flatten), r"policy_kwargs\['features_extractor_class'\]=.*do not take it"),
     (dict(optimizer_kwargs=dict(eps=1e-5)), r"policy_kwargs\['optimizer_kwargs'\]=.*do not take it"),
 ]

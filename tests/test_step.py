@@ -15,7 +15,8 @@ from trpo_ext.config import TrustRegionConfig
 from trpo_ext.distributions import sample_actions
 from trpo_ext.step import line_search
 
-from helpers import ACTION_CASES, FUSED_CASES, action_problem, make_policy, n_params, rel_err, sample_batch
+from helpers import (ACTION_CASES, FUSED_CASES, SDE_VARIANTS, action_problem, make_policy, make_sde_policy, n_params,
+                     rel_err, sample_batch)
 
 
 def _batch(policy, n=64, seed=0):
@@ -65,6 +66,26 @@ def test_accepted_step_is_beta_times_the_cg_direction_and_within_the_trust_regio
     assert rel_err(_vector(policy) - before, step) <= 1e-8
     with torch.no_grad():
         assert record.kl == pytest.approx(reference.kl(policy, obs, mask, old_policy=oracle).item(), rel=1e-8)
+
+
+@pytest.mark.parametrize("variant", SDE_VARIANTS)
+def test_gsde_step_is_the_reference_step(variant):
+    """gSDE's policy (trpo_ext.sde) takes the generic path ("auto" has no fused op for it) and its
+    step is the reference's: the Gaussian's KL with the features' state-dependent scale."""
+    policy = make_sde_policy(variant)
+    oracle = copy.deepcopy(policy)
+    obs, actions, advantages = _batch(policy)
+    before = _vector(policy)
+    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=0.01, damping=0.1, cg_iters=10,
+                                        backtrack_factor=0.5)
+    assert record.accepted and 0 < record.kl <= 0.01 and record.improvement > 0
+    step, used, expected_improvement = _reference_step(oracle, obs, actions, advantages, None,
+                                                       record.line_search_steps)
+    assert record.cg_iterations == used
+    assert record.expected_improvement == pytest.approx(expected_improvement, rel=1e-8)
+    assert rel_err(_vector(policy) - before, step) <= 1e-8
+    with pytest.raises(TypeError, match="fused"):
+        trpo_ext.fvp(policy, obs, before, path="fused")
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)

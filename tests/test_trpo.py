@@ -296,18 +296,23 @@ def test_fvp_subsampling_uses_a_random_subset_of_the_batch(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- save / load
-def test_save_load_round_trip_identical_actions_and_continued_training(tmp_path):
-    kwargs = dict(FAST, normalize_obs=True)
-    uninterrupted = TRPO("CartPole-v1", **kwargs).learn(3 * 128, progress_bar=False)
+@pytest.mark.parametrize("env_id, settings", [("CartPole-v1", {}), ("Pendulum-v1", dict(use_sde=True, sde_sample_freq=3))],
+                         ids=["cartpole", "pendulum-gsde"])
+def test_save_load_round_trip_identical_actions_and_continued_training(tmp_path, env_id, settings):
+    kwargs = dict(FAST, normalize_obs=True, **settings)
+    uninterrupted = TRPO(env_id, **kwargs).learn(3 * 128, progress_bar=False)
 
-    first = TRPO("CartPole-v1", **kwargs).learn(128, progress_bar=False)
+    first = TRPO(env_id, **kwargs).learn(128, progress_bar=False)
     path = tmp_path / "model.pt"
     first.save(path)
     assert not [p for p in os.listdir(tmp_path) if p != "model.pt"]  # no temporary file left behind
     loaded = TRPO.load(path, restore_env_states=True)
-    obs = np.random.default_rng(0).normal(size=(20, 4))
+    obs = np.random.default_rng(0).normal(size=(20, *first.observation_space.shape))
     np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0],
                                   first.predict(obs, deterministic=True)[0])
+    if settings.get("use_sde"):  # gSDE's noise matrices are saved: stochastic actions are the same too
+        np.testing.assert_array_equal(loaded.predict(obs)[0], first.predict(obs)[0])
+        assert loaded.policy.noise_step == first.policy.noise_step
     assert loaded.hyperparameters == first.hyperparameters and loaded.num_timesteps == 128
 
     loaded.learn(2 * 128, progress_bar=False)

@@ -80,6 +80,7 @@ def save(agent, path: str | os.PathLike, rank_states: list[dict] | None = None) 
         "collector": agent.collector.state_dict(),
         "env_states": _env_states(agent.envs),
         "rank_states": rank_states,  # ranks 1 .. world_size - 1; None: rank 0's state only
+        "sde": agent.policy.noise_state() if agent.config.use_sde else None,  # gSDE's noise matrices (rank 0's)
     }
     write_atomic(state, path)
 
@@ -181,6 +182,8 @@ def load(cls, path: str | os.PathLike, env=None, *, n_envs: int | None = None,
             agent.env_spec = registered
             agent.make_eval_env = eval_env_factory(registered, registered)
         agent.policy.load_state_dict(state["policy"])
+        if state["sde"] is not None:
+            agent.policy.load_noise_state(state["sde"])
         agent.value_net.load_state_dict(state["value_net"])
         agent.critic_optimizer.load_state_dict(state["critic_optimizer"])
         agent.num_timesteps, agent.n_updates = state["num_timesteps"], state["n_updates"]

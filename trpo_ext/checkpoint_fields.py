@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .config import TRPOConfig, check_int
+from .config import MAX_BATCH, MAX_ENVS, TRPOConfig, check_int
 from .policies import BUILT_IN
 
 NONE = type(None)
@@ -23,12 +23,13 @@ FIELD_TYPES = (
     ("critic_optimizer", dict, "a dict"), ("generator", torch.Tensor, "a tensor"),
     ("generator_device", str, "a string"), ("num_timesteps", int, "an int"), ("n_updates", int, "an int"),
     ("world_size", int, "an int"), ("collector", dict, "a dict"), ("env_states", (bytes, NONE), "bytes or None"),
-    ("rank_states", (list, NONE), "a list or None"))
+    ("rank_states", (list, NONE), "a list or None"), ("sde", (dict, NONE), "a dict or None"))
 """Every field of a state dict (what `checkpoint.save` writes) and its type."""
 
-OPTIONAL_FIELDS = {"rank_states": None}
+OPTIONAL_FIELDS = {"rank_states": None, "sde": None}
 """The fields that files written before them lack, and their value in such a file: `rank_states`
-came with `TRPO.save(every_rank=True)`; a file without it holds one process's state (rank 0's)."""
+came with `TRPO.save(every_rank=True)`; a file without it holds one process's state (rank 0's).
+`sde` (gSDE's noise, `SDEPolicy.noise_state`) came with use_sde, which older files cannot have."""
 
 RANK_STATE_FIELD_TYPES = (("generator", torch.Tensor, "a tensor"), ("collector", dict, "a dict"),
                           ("env_states", (bytes, NONE), "bytes or None"))
@@ -88,6 +89,7 @@ def check_state(name: str, state: dict) -> TRPOConfig:
         _optimizer(state["critic_optimizer"], config.critic_lr)
         _collector(state["collector"], config)
         _rank_states(state, config)
+        _sde(state["sde"], config)
     except Damaged as e:
         raise ValueError(f"{name} is damaged ({e})") from None
     return config
@@ -117,6 +119,12 @@ def check_fits(name: str, agent, state: dict, resume_envs: bool, custom: bool) -
             raise ValueError(f"{name} does not fit this env: the model was trained on {model_spaces(state)}; the env "
                              f"has observation space {agent.observation_space}, action space {agent.action_space} "
                              f"({key} {problem})")
+    sde = state["sde"]
+    if sde is not None and (sde["noise"].shape[1:] != agent.policy.noise.shape[1:]
+                            or sde["noise"].dtype != agent.policy.noise.dtype):
+        raise ValueError(f"{name} does not fit this env: sde['noise'] is {_what(sde['noise'])} (n_envs, features, "
+                         f"actions), the policy's noise matrices are {agent.policy.noise.dtype} of shape "
+                         f"(n, {', '.join(map(str, agent.policy.noise.shape[1:]))})")
     normalizer = state["collector"]["normalizer"]
     if normalizer is not None and normalizer["mean"].shape != agent.normalizer.mean.shape:
         raise ValueError(f"{name} does not fit this env: the model normalizes {normalizer['mean'].shape[0]} observation "
@@ -338,6 +346,22 @@ def _saved_envs(agent, collector: dict, n_envs: int) -> None:
             agent.collector.masks.spec.check_mask(collector["last_masks"].numpy(), "collector: last_masks")
         except ValueError as e:
             raise Damaged(str(e)) from None
+
+
+def _sde(sde, config: TRPOConfig) -> None:
+    """gSDE's noise state: None exactly without use_sde; else noise matrices (n, F, A) of a floating
+    dtype, finite, 1 <= n <= MAX_ENVS, and the steps sampled with them, an int in [0, MAX_BATCH]."""
+    if (sde is None) != (not config.use_sde):
+        expected = "the noise state (hyperparameters use_sde is True)" if sde is None else \
+            "None (hyperparameters use_sde is False)"
+        raise Damaged(f"sde is {'None' if sde is None else _what(sde)}, expected {expected}")
+    if sde is None:
+        return
+    _keys("sde", sde, ("noise", "step"))
+    _tensor("sde['noise']", sde["noise"], float)
+    if sde["noise"].dim() != 3 or not 1 <= sde["noise"].shape[0] <= MAX_ENVS or 0 in sde["noise"].shape:
+        raise Damaged(f"sde['noise'] has shape {tuple(sde['noise'].shape)}, expected (n_envs, features, actions)")
+    _int("sde['step']", sde["step"], 0, MAX_BATCH)
 
 
 # ----------------------------------------------------------------------------- helpers

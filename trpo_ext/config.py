@@ -143,7 +143,7 @@ UPDATE_PARALLEL = ("auto", "split", "data")
 VECTORIZATIONS = ("sync", "async", "envpool")
 """`TRPOConfig.vectorization`'s values (`trpo_ext.envs.make_vec_env`)."""
 
-POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0}
+POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0, "full_std": True, "use_expln": False}
 """The defaults of `TRPOConfig.policy_kwargs`; a user's dict overrides some of them."""
 
 
@@ -162,7 +162,17 @@ def _check_policy_kwargs(value) -> dict:
         raise ValueError(f"policy_kwargs['hidden'] must be a sequence of positive ints, got {hidden!r}")
     return {"hidden": tuple(int(h) for h in hidden),
             "activation": check_choice("policy_kwargs['activation']", kwargs["activation"], ACTIVATIONS),
-            "log_std_init": check_float("policy_kwargs['log_std_init']", kwargs["log_std_init"], -20.0, 2.0)}
+            "log_std_init": check_float("policy_kwargs['log_std_init']", kwargs["log_std_init"], -20.0, 2.0),
+            "full_std": check_bool("policy_kwargs['full_std']", kwargs["full_std"]),
+            "use_expln": check_bool("policy_kwargs['use_expln']", kwargs["use_expln"])}
+
+
+def _check_sde_sample_freq(value) -> int:
+    value = check_int("sde_sample_freq", value, -1, MAX_BATCH)
+    if value == 0:
+        raise ValueError("sde_sample_freq must be -1 (a new noise matrix once per rollout) or an int >= 1 (every that "
+                         "many steps), got 0")
+    return value
 
 
 @dataclass(frozen=True)
@@ -220,8 +230,17 @@ class TRPOConfig:
     (the default): "split" at world size 2, "data" at any other. docs/distributed.md, "Cost model"."""
     policy_kwargs: dict | None = None
     """Dict with `hidden` (layer widths, also used by the value network), `activation` (a key of
-    `trpo_ext.policies.ACTIVATIONS`) and `log_std_init` (Gaussian policies, in [-20, 2]); missing
-    keys take `POLICY_KWARGS`' values, and the field always holds all three."""
+    `trpo_ext.policies.ACTIVATIONS`), `log_std_init` (Gaussian policies, in [-20, 2]; with gSDE the
+    log-std of the noise matrix's entries), and gSDE's `full_std` (one σ per (feature, action) rather
+    than per feature) and `use_expln` (sb3's expln instead of exp for σ); missing keys take
+    `POLICY_KWARGS`' values, and the field always holds all five."""
+    use_sde: bool = False
+    """Generalized state-dependent exploration (gSDE, stable-baselines3's): the exploration noise is
+    the policy's last hidden features times a random matrix (`trpo_ext.sde`); Box actions and the
+    built-in "MlpPolicy" only."""
+    sde_sample_freq: int = -1
+    """With use_sde: draw a new noise matrix every this many rollout steps; -1: once per rollout, at its
+    start (sb3's meaning; 0 is refused)."""
     vectorization: str = "sync"
     """"sync" (one process; `envs.LeanSyncVectorEnv`, which skips gymnasium's per-step info merging),
     "async" (gymnasium's AsyncVectorEnv, one subprocess per env) or "envpool" (EnvPool's C++ thread
@@ -255,6 +274,8 @@ class TRPOConfig:
             "critic_parallel": check_choice("critic_parallel", self.critic_parallel, CRITIC_PARALLEL),
             "update_parallel": check_choice("update_parallel", self.update_parallel, UPDATE_PARALLEL),
             "policy_kwargs": _check_policy_kwargs(self.policy_kwargs),
+            "use_sde": check_bool("use_sde", self.use_sde),
+            "sde_sample_freq": _check_sde_sample_freq(self.sde_sample_freq),
             "vectorization": check_choice("vectorization", self.vectorization, VECTORIZATIONS),
             "stats_window": check_int("stats_window", self.stats_window, 1),
             "seed": check_int("seed", seed, 0, 2**63 - 1),
@@ -275,6 +296,14 @@ class TRPOConfig:
                              f"fits the critic); this job has {world_size}: use 'data' or 'auto'")
         return "split" if self.update_parallel == "split" or (self.update_parallel == "auto" and world_size == 2) \
             else "data"
+
+    @property
+    def sde(self) -> dict | None:
+        """gSDE's settings for `policies.sde_policy` (full_std, use_expln, sample_freq); None without use_sde."""
+        if not self.use_sde:
+            return None
+        return dict(full_std=self.policy_kwargs["full_std"], use_expln=self.policy_kwargs["use_expln"],
+                    sample_freq=self.sde_sample_freq)
 
     @property
     def batch_size(self) -> int:

@@ -6,6 +6,7 @@ mirror of csrc/distribution.h.
     MultiDiscrete(nvec)  categorical   MultiCategorical(logits, segments=nvec)  int64 (B, len(nvec))
     MultiBinary(k)       bernoulli     Independent(Bernoulli(logits), 1)        0/1 floats (B, k)
     Box(k), 1-D          gaussian      Independent(Normal(mean, std), 1)        floats (B, k), unclipped
+    Box(k), gSDE         gaussian      Independent(SDENormal(mean, std(φ)), 1)  floats (B, k), unclipped
 
 Each family (an `ActionFamily`) says everything that depends on it, for itself only; `ActionSpec`
 is one space's family, width and segments. The rest of the package asks it, or
@@ -151,6 +152,7 @@ class ActionFamily:
     maskable = False  # invalid-action masks apply (one per logit)
     has_log_std = False  # a state-independent log-std parameter, last in the policy's parameters
     fused = False  # the extension's ops implement it (csrc/distribution.*): MLPPolicy takes the fused path
+    sde = False  # gSDE applies (`sde_distribution`; trpo_ext.sde's policy)
 
     def spec(self, space) -> ActionSpec | None:
         """The ActionSpec of `space` when this family serves it (TypeError if it serves its kind of
@@ -206,6 +208,11 @@ class ActionFamily:
     def mean_std(self, dist: Distribution) -> float:
         """The mean standard deviation of the distribution (NaN when it has none)."""
         return float("nan")
+
+    def sde_distribution(self, spec: ActionSpec, mean, scale, features, noise) -> Distribution:
+        """gSDE's distribution (`SDENormal`), for a family where `sde` holds."""
+        raise TypeError(f"use_sde: gSDE (state-dependent exploration) applies to Box actions, not to the action "
+                        f"space {spec.space}")
 
 
 class CategoricalFamily(ActionFamily):
@@ -346,7 +353,7 @@ class GaussianFamily(ActionFamily):
     M = 1/σ² on the mean, 2/σ² on the scale."""
 
     name, space_names, dist_types, dist_names = "gaussian", ("a 1-D Box",), (Normal,), ("(Independent) Normal",)
-    has_log_std, fused = True, True
+    has_log_std, fused, sde = True, True, True
 
     def spec(self, space):
         if not isinstance(space, spaces.Box):
@@ -374,6 +381,8 @@ class GaussianFamily(ActionFamily):
         loc, scale = torch.broadcast_tensors(base.loc, base.scale)
         if deterministic:
             return loc.clone()
+        if isinstance(base, SDENormal):  # gSDE: the noise is the features times the policy's noise matrix
+            return loc + base.exploration()
         return loc + scale * torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
 
     def detach(self, base):
@@ -393,6 +402,27 @@ class GaussianFamily(ActionFamily):
 
     def mean_std(self, dist):
         return base_of(dist).scale.mean().item()
+
+    def sde_distribution(self, spec, mean, scale, features, noise):
+        return Independent(SDENormal(mean, scale, features, noise), 1)
+
+
+class SDENormal(Normal):
+    """gSDE's diagonal Gaussian (stable-baselines3's StateDependentNoiseDistribution; trpo_ext.sde):
+    Normal(mean, scale) with scale_j² = Σ_i features_i² σ_ij² + ε, whose samples are not
+    mean + scale·ε but mean + features @ noise, `noise` (n, F, A) a matrix the policy draws from
+    N(0, σ²) every `sde_sample_freq` steps: row r of a batch of n rows uses noise[r] (one matrix per
+    env), any other batch noise[0]. Log-probabilities, the KL and the Fisher are Normal's."""
+
+    def __init__(self, loc, scale, features: torch.Tensor, noise: torch.Tensor, validate_args=None):
+        super().__init__(loc, scale, validate_args)
+        self.features, self.noise = features, noise
+
+    def exploration(self) -> torch.Tensor:
+        """features @ noise: the noise added to the mean, (B, A)."""
+        if self.noise.shape[0] == self.features.shape[0] > 1:
+            return torch.bmm(self.features.unsqueeze(1), self.noise).squeeze(1)
+        return self.features @ self.noise[0]
 
 
 

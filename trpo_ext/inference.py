@@ -12,6 +12,7 @@ from .distributions import action_spec, masked, sample_actions
 from .envs import reset_problem, step_problem
 from .normalization import RunningNormalizer
 from .policies import fused_spec
+from .sde import SDEPolicy
 
 
 class Inference:
@@ -61,6 +62,13 @@ class Inference:
         return _ops.mlp_act(x, list(policy.parameters()) if params is None else params, deterministic=deterministic,
                             generator=generator, obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip,
                             **spec.op_kwargs(action_mask=masks))
+
+    @staticmethod
+    def before_step(policy, t: int, n: int, generator: torch.Generator) -> None:
+        """What sampling needs before step t of a rollout of n envs: gSDE's noise schedule
+        (`SDEPolicy.rollout_step`); nothing for any other policy."""
+        if isinstance(policy, SDEPolicy):
+            policy.rollout_step(t, n, generator)
 
     def env_actions(self, actions: torch.Tensor) -> np.ndarray:
         """Sampled actions as the env takes them (`ActionSpec.env_action`)."""

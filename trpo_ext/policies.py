@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributions import Independent
 
 from .distributions import ActionSpec, action_spec
+from .sde import SDEPolicy
 from .spaces import ObservationCodec
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
@@ -270,11 +271,26 @@ def _check_name_fits(name: str, codec: ObservationCodec, role: str) -> None:
     raise ValueError(f"{role}={name!r} {why}; the observation space is {codec.space}: use {role}={fits!r}")
 
 
-def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, activation, log_std_init) -> nn.Module:
-    """The built-in policy `name` for these spaces: MLPPolicy (fused ops) for "MlpPolicy"; a
-    FeaturePolicy with a NatureCNN of 512 features and no hidden layers for "CnnPolicy" (sb3's
-    defaults), or with 256 features per image and `hidden` for "MultiInputPolicy"."""
+def sde_policy(obs_dim: int, action_space, hidden, activation, log_std_init, full_std=True, use_expln=False,
+               sample_freq=-1) -> SDEPolicy:
+    """The gSDE policy (`trpo_ext.sde`) on MLPPolicy's MLP: the same layers and initialisation."""
+    layers, act = _mlp((obs_dim, *_check_sizes("hidden", hidden), action_spec(action_space).width),
+                       _check_activation(activation))
+    _orthogonal_init(layers, last_gain=0.01)
+    return SDEPolicy(layers, act, activation, action_spec(action_space), log_std_init, full_std, use_expln, sample_freq)
+
+
+def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, activation, log_std_init,
+                    sde: dict | None = None) -> nn.Module:
+    """The built-in policy `name` for these spaces: MLPPolicy (fused ops) for "MlpPolicy" (with `sde`,
+    gSDE's `sde_policy` on its keyword arguments); a FeaturePolicy with a NatureCNN of 512 features
+    and no hidden layers for "CnnPolicy" (sb3's defaults), or with 256 features per image and
+    `hidden` for "MultiInputPolicy"."""
     _check_name_fits(name, codec, "policy")
+    if sde is not None and name != "MlpPolicy":
+        raise ValueError(f"use_sde=True: gSDE is built into policy='MlpPolicy' only, not {name!r}")
+    if sde is not None:
+        return sde_policy(codec.flat_dim, action_space, hidden, activation, log_std_init, **sde)
     if name == "MlpPolicy":
         return MLPPolicy(codec.flat_dim, action_space, hidden, activation, log_std_init)
     if name == "CnnPolicy":
@@ -293,13 +309,17 @@ def built_in_value(name: str, codec: ObservationCodec, hidden, activation) -> nn
 
 
 def build_networks(policy, value_net, codec: ObservationCodec, action_space, policy_kwargs: dict, seed: int,
-                   device) -> tuple[nn.Module, nn.Module, dict]:
+                   device, sde: dict | None = None) -> tuple[nn.Module, nn.Module, dict]:
     """The agent's policy and critic from TRPO's `policy=` / `value_net=` ("auto": the built-in network
     that fits the observations, and the critic of the policy's name; a name of BUILT_IN; a module; or
     a callable), initialised from `seed` without touching torch's global RNG, on `device`; a user's
     policy is checked (`check_custom_policy`). Returns (policy, value_net, the built-in names they
-    were made from, None for a user's module: what a checkpoint keeps)."""
+    were made from, None for a user's module: what a checkpoint keeps). `sde`: gSDE's settings
+    (`TRPOConfig.sde`), for the built-in "MlpPolicy" only."""
     hidden, activation = policy_kwargs["hidden"], policy_kwargs["activation"]
+    if sde is not None and not isinstance(policy, str):
+        raise ValueError(f"use_sde=True: gSDE is built into policy='MlpPolicy'; a policy of your own "
+                         f"({type(policy).__name__}) makes its own exploration")
     if isinstance(policy, str) and policy == "auto":
         policy = default_name(codec)
     if isinstance(value_net, str) and value_net == "auto":
@@ -310,7 +330,7 @@ def build_networks(policy, value_net, codec: ObservationCodec, action_space, pol
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
         torch.manual_seed(seed)
         policy = build_network("policy", policy, observation_space, action_space, lambda name: built_in_policy(
-            name, codec, action_space, hidden, activation, policy_kwargs["log_std_init"])).to(device)
+            name, codec, action_space, hidden, activation, policy_kwargs["log_std_init"], sde)).to(device)
         value_net = build_network("value_net", value_net, observation_space, action_space,
                                   lambda name: built_in_value(name, codec, hidden, activation)).to(device)
     if fused_spec(policy) is None:

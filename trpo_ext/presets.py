@@ -11,7 +11,7 @@ import sys
 
 import torch.nn as nn
 
-from .sb3_names import GSDE, env_action_space, trpo_ext_kwargs
+from .sb3_names import env_action_space, trpo_ext_kwargs
 
 ZOO_COMMIT = "22e3ff2450fd92033f7f032915e1f64894a09584"
 
@@ -96,15 +96,12 @@ def zoo(env_id: str) -> dict:
     meaning): n_envs, normalization, and every sb3-contrib argument translated (`trpo_ext_kwargs`).
     Not included: the budget (`zoo_timesteps`), seed and device, and the policy (MlpPolicy in every
     entry: trpo_ext's "auto" for these envs). An env without an entry gets the zoo's default, and a
-    one-line notice on stderr; a preset that uses gSDE is a ValueError."""
+    one-line notice on stderr. gSDE (Pendulum-v1, MountainCarContinuous-v0) is trpo_ext's use_sde."""
     key = zoo_key(env_id)
     if key == "default":
         print(f"--preset zoo: rl-baselines3-zoo's trpo.yml has no entry for {env_id}; using its default "
               "(sb3-contrib's defaults, 1 env)", file=sys.stderr)
     entry = dict(ZOO_TRPO[key])
-    if entry.get("use_sde"):
-        raise ValueError(f"the zoo preset for {env_id} ({key}: use_sde=True, sde_sample_freq="
-                         f"{entry.get('sde_sample_freq', -1)}) {GSDE}")
     n_envs, normalize = entry.pop("n_envs", 1), entry.pop("normalize", False)
     del entry["n_timesteps"], entry["policy"]
     kwargs = trpo_ext_kwargs(entry, env_action_space(env_id))

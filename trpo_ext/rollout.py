@@ -297,6 +297,7 @@ class RolloutCollector:
                 # learns worse (docs/benchmarks.md).
                 self.normalizer.update(self.codec.norm_features(obs))
             mask_t = self.inference.mask_tensor(masks)
+            self.inference.before_step(policy, t, N, generator)  # gSDE's noise schedule
             policy_obs, actions = self.inference.act(policy, obs, generator, params=params, fused=fused, masks=mask_t)
             obs_steps.append(policy_obs)
             act_steps.append(actions)

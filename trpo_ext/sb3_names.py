@@ -33,7 +33,8 @@ RENAMED = dict(n_steps="n_steps", batch_size="critic_batch_size", gamma="gamma",
                target_kl="max_kl", cg_damping="damping", cg_max_steps="cg_iters",
                line_search_shrinking_factor="backtrack_factor", line_search_max_iter="max_backtracks",
                n_critic_updates="critic_epochs", learning_rate="critic_lr", normalize_advantage="normalize_advantage",
-               stats_window_size="stats_window", seed="seed", device="device")
+               stats_window_size="stats_window", seed="seed", device="device", use_sde="use_sde",
+               sde_sample_freq="sde_sample_freq")
 """sb3-contrib argument -> the trpo_ext argument of the same meaning (KL_SCALED ones times d)."""
 
 KL_SCALED = ("target_kl", "cg_damping")
@@ -42,12 +43,13 @@ KL_SCALED = ("target_kl", "cg_damping")
 FRONT_END = ("policy_kwargs", "tensorboard_log", "verbose")
 """Taken by the drop-in itself (policy_kwargs through `policy_kwargs` below), not by `trpo_ext_kwargs`."""
 
-GSDE = "needs gSDE (use_sde), which trpo_ext does not have yet"
-
 # The sb3 policy_kwargs trpo_ext's built-in networks honour, with the values that they honour only as
 # sb3's defaults (anything else is refused by name).
-_FIXED_POLICY_KWARGS = dict(ortho_init=True, use_sde=False, full_std=True, use_expln=False, squash_output=False,
-                            normalize_images=True, share_features_extractor=True)
+_FIXED_POLICY_KWARGS = dict(ortho_init=True, use_sde=False, squash_output=False, normalize_images=True,
+                            share_features_extractor=True)
+_WHY_FIXED = dict(squash_output="trpo_ext's gSDE does not squash actions with tanh (actions are clipped to the "
+                  "Box's bounds, as sb3's are without squash_output)",
+                  use_sde="gSDE is TRPO's own use_sde argument (sb3 sets this key from it)")
 
 
 def kl_scale(action_space: gym.Space) -> int:
@@ -87,8 +89,6 @@ def trpo_ext_kwargs(sb3_kwargs: dict, action_space: gym.Space) -> dict:
     if callable(args["learning_rate"]):
         _refuse("learning_rate", args["learning_rate"], "trpo_ext's critic learning rate is a constant (critic_lr); "
                 "a schedule is not supported, give a float")
-    if args["use_sde"] is not False:
-        _refuse("use_sde", args["use_sde"], f"this setting {GSDE}")
     for name in ("rollout_buffer_class", "rollout_buffer_kwargs"):
         if args[name] is not None:
             _refuse(name, args[name], "trpo_ext collects rollouts itself; only None is accepted")
@@ -98,6 +98,10 @@ def trpo_ext_kwargs(sb3_kwargs: dict, action_space: gym.Space) -> dict:
                 "use 1, or trpo_ext's own fvp_fraction (a random subset for the Fisher products only)")
     d = kl_scale(action_space)
     out = {ours: args[theirs] * d if theirs in KL_SCALED else args[theirs] for theirs, ours in RENAMED.items()}
+    if not args["use_sde"]:
+        out["sde_sample_freq"] = -1  # ignored without gSDE, as in sb3-contrib
+    elif isinstance(args["sde_sample_freq"], int) and args["sde_sample_freq"] <= 0:
+        out["sde_sample_freq"] = -1  # sb3: any value <= 0 draws the noise once per rollout
     out["fvp_fraction"] = 1.0  # sub_sampling_factor 1
     out["policy_kwargs"] = policy_kwargs(args["policy_kwargs"])
     return out
@@ -112,8 +116,9 @@ def sb3_kwargs(trpo_kwargs: dict, scale: int = 1) -> dict:
 
 
 def policy_kwargs(sb3_policy_kwargs: dict | None) -> dict:
-    """trpo_ext's policy_kwargs (hidden, activation, log_std_init) for sb3's (net_arch, activation_fn,
-    log_std_init, and its other keys at their defaults); a ValueError names what cannot be honoured."""
+    """trpo_ext's policy_kwargs (hidden, activation, log_std_init, full_std, use_expln) for sb3's
+    (net_arch, activation_fn, log_std_init, full_std, use_expln, and its other keys at their
+    defaults); a ValueError names what cannot be honoured."""
     given = dict(sb3_policy_kwargs or {})
     out = {}
     net_arch = given.pop("net_arch", None)
@@ -131,16 +136,16 @@ def policy_kwargs(sb3_policy_kwargs: dict | None) -> dict:
         _refuse("policy_kwargs['activation_fn']", activation, f"expected one of "
                 f"{', '.join('nn.' + c.__name__ for c in names)}")
     out["activation"] = names[activation]
-    if "log_std_init" in given:
-        out["log_std_init"] = given.pop("log_std_init")
+    for key in ("log_std_init", "full_std", "use_expln"):
+        if key in given:
+            out[key] = given.pop(key)
     for key, value in given.items():
         if key not in _FIXED_POLICY_KWARGS:
             _refuse(f"policy_kwargs['{key}']", value, "trpo_ext's built-in networks do not take it (they take "
-                    "net_arch, activation_fn, log_std_init, and sb3's defaults of "
+                    "net_arch, activation_fn, log_std_init, full_std, use_expln, and sb3's defaults of "
                     f"{', '.join(_FIXED_POLICY_KWARGS)}); a network of your own: trpo_ext.TRPO(env, policy=module)")
         if value != _FIXED_POLICY_KWARGS[key]:
-            why = GSDE if key in ("use_sde", "full_std", "use_expln", "squash_output") else \
-                "trpo_ext's built-in networks only do sb3's default here"
+            why = _WHY_FIXED.get(key, "trpo_ext's built-in networks only do sb3's default here")
             _refuse(f"policy_kwargs['{key}']", value, f"{why} ({_FIXED_POLICY_KWARGS[key]!r})")
     return out
 

@@ -75,7 +75,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
                  critic_lr: float = 1e-3, critic_epochs: int = 10, critic_batch_size: int = 128,
                  critic_parallel: str = "gather", update_parallel: str = "auto", policy_kwargs: dict | None = None,
                  vectorization: str = "sync", stats_window: int = 100, log_dir: str | os.PathLike | None = None,
-                 seed: int | None = None,
+                 seed: int | None = None, use_sde: bool = False, sde_sample_freq: int = -1,
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
                  policy="auto", value_net="auto"):
         arguments = locals()  # the hyperparameters are the signature's keywords of TRPOConfig's fields
@@ -118,7 +118,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         # Networks, the critic's optimizer and the training random stream.
         try:
             self.policy, self.value_net, self.network_names = build_networks(
-                policy, value_net, codec, action_space, config.policy_kwargs, config.seed, self.device)
+                policy, value_net, codec, action_space, config.policy_kwargs, config.seed, self.device, config.sde)
             if not fused_value(self.value_net):
                 check_custom_value_net(self.value_net, codec, self.device)
                 if self.group is not None:
