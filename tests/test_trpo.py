@@ -296,7 +296,8 @@ def test_fvp_subsampling_uses_a_random_subset_of_the_batch(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("env_id, settings", [("CartPole-v1", {}), ("Pendulum-v1", dict(use_sde=True, sde_sample_freq=3))],
+@pytest.mark.parametrize("env_id, settings", [("CartPole-v1", {}),
+                                              ("Pendulum-v1", dict(use_sde=True, sde_sample_freq=3))],
                          ids=["cartpole", "pendulum-gsde"])
 def test_save_load_round_trip_identical_actions_and_continued_training(tmp_path, env_id, settings):
     kwargs = dict(FAST, normalize_obs=True, **settings)
