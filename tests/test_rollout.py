@@ -17,7 +17,7 @@ from trpo_ext.envs import SAME_STEP, LeanSyncVectorEnv, make_vec_env
 from trpo_ext.normalization import RewardScaler, RunningNormalizer
 from trpo_ext.rollout import DISCARDED, EpisodeStats, RolloutCollector, compute_gae
 from trpo_ext.distributions import BERNOULLI, CATEGORICAL, GAUSSIAN, ActionSpec, action_spec
-from trpo_ext.spaces import ObservationCodec
+from trpo_ext.spaces import ObservationCodec, magnitude_test
 
 
 class CounterEnv(gym.Env):
@@ -303,6 +303,69 @@ def test_a_refused_observation_leaves_the_statistics_count_as_it_was():
         _collect(collector, policy, generator)
     assert collector.normalizer.count == count
     collector.envs.close()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("bound", [np.inf, trpo_ext.rollout.MAX_ABS_REWARD])
+def test_the_quick_magnitude_test_passes_only_what_numpy_passes(dtype, bound):
+    # The bit test every rollout step runs (spaces.magnitude_test): never passes a non-finite value or
+    # one at or past the bound, and for bound = inf passes every finite batch.
+    rng, dtype = np.random.default_rng(0), np.dtype(dtype)
+    for size in (1, 3, 32, 136):
+        masks = magnitude_test(dtype, size, bound)
+        for trial in range(200):
+            if trial % 2:  # any bit pattern: NaNs with payloads, infinities, subnormals
+                a = rng.integers(0, 256, size * dtype.itemsize, dtype=np.uint8).view(dtype)
+            else:
+                with np.errstate(over="ignore"):
+                    a = (rng.standard_normal(size) * 10.0 ** rng.integers(-8, 40, size)).astype(dtype)
+            x = int.from_bytes(a.tobytes(), sys.byteorder)
+            passed = not ((x & masks[0]) + masks[1]) & masks[2]
+            with np.errstate(invalid="ignore"):
+                fits = bool((np.abs(a.astype(np.float64)) < bound).all())
+            assert fits or not passed, a
+            assert passed == fits or bound != np.inf, a
+    assert magnitude_test(np.dtype(">f4" if sys.byteorder == "little" else "<f4"), 4) is None
+    assert magnitude_test(dtype, 5000) is None
+
+
+def test_the_observation_quick_test_answers_as_the_full_check():
+    codec = ObservationCodec(spaces.Box(-np.inf, np.inf, (4,), np.float32))
+    fine = np.arange(32, dtype=np.float32).reshape(8, 4)
+    assert codec.problem(fine) is None and codec._quick is not None  # the quick test now holds for (8, 4) float32
+    swapped = np.zeros(4, np.dtype(np.float32).newbyteorder())
+    swapped[2] = np.nan
+    for obs, batch in [(fine, True), (fine, False), (fine.reshape(4, 8), True), (fine.astype(np.float64), True),
+                       (fine[:, :3], True), (np.tile(swapped, (8, 1)), True), (list(fine), True)] + [
+            (np.where(np.arange(32).reshape(8, 4) == k, v, fine).astype(np.float32), True)
+            for k in (0, 13, 31) for v in (np.nan, np.inf, -np.inf, np.finfo(np.float32).max)]:
+        expected = codec._problem(obs, batch, "observation")
+        assert codec.problem(obs, batch) == expected
+        assert codec.problem(obs, batch) == expected  # once more, with what the first call cached
+    assert codec.problem(np.where(np.arange(32).reshape(8, 4) == 13, np.nan, fine)) == (
+        3, "observation[1]", "is nan", "finite values")
+
+
+@pytest.mark.parametrize("reward, refused", [(6e11, False), (1e12, False), (-1e12, False), (1.0000001e12, True),
+                                             (-np.inf, True), (np.inf, True), (np.nan, True)])
+def test_rewards_the_quick_test_does_not_pass_are_checked_exactly(reward, refused):
+    class Rewarding(CounterEnv):
+        def step(self, action):
+            obs, _, te, tr, info = super().step(action)
+            return obs, reward if self.k == 2 and self.np_random_seed == 1 else 1.0, te, tr, info
+
+    envs = make_vec_env(Rewarding, n_envs=2)
+    collector = RolloutCollector(envs, 4, torch.device("cpu"), None, EpisodeStats(2, 10))
+    collector.reset(seed=0)
+    collect = lambda: collector.collect(MLPPolicy(1, envs.single_action_space), lambda o: o[:, 0],  # noqa: E731
+                                        torch.Generator(), 0.9, 0.9)
+    if refused:
+        with pytest.raises(ValueError, match=re.escape(f"env 1 returned reward {float(reward)!r} at step 2 of this "
+                                                       "rollout (step 2 of its episode)")):
+            collect()
+    else:
+        collect()
+        assert collector.stats.finished[1] == (reward + 2.0, 3)
 
 
 # ----------------------------------------------------------------------------- state_dict round trips

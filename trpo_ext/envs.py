@@ -142,6 +142,8 @@ class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
 
     def _reset_env(self, i: int, env, **kwargs) -> tuple:
         out = env.reset(**kwargs)
+        if type(out) is tuple and len(out) == 2 and type(out[1]) is dict:  # the common form passes here
+            return out
         problem = reset_problem(out, self.codec, check_obs=False)  # the observation: when batched
         if problem is not None:
             raise EnvStepError(i, *problem)
@@ -187,12 +189,16 @@ class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
                 obs, reward, terminated, truncated, info = out
             except (TypeError, ValueError):
                 raise EnvStepError(i, *step_problem(out, None)) from None
-            if (type(reward) not in fast_rewards or type(terminated) not in bools or type(truncated) not in bools
-                    or type(info) is not dict):  # the common types pass here; the rest are looked at closely
+            # The common types pass here (`is False` first: the flags of most steps), the rest are looked at closely
+            if (type(reward) not in fast_rewards or (terminated is not False and type(terminated) not in bools)
+                    or (truncated is not False and type(truncated) not in bools) or type(info) is not dict):
                 problem = step_problem(out, None)
                 if problem is not None:
                     raise EnvStepError(i, *problem)
-            all_obs[i], rewards[i], terminations[i], truncations[i] = obs, reward, terminated, truncated
+            all_obs[i] = obs  # one store each: a tuple assignment would build and unpack a tuple
+            rewards[i] = reward
+            terminations[i] = terminated
+            truncations[i] = truncated
             if terminated or truncated:
                 if final_obs is None:
                     final_obs = np.full(self.num_envs, None, dtype=object)
