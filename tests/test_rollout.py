@@ -698,7 +698,8 @@ def test_envpool_dict_observations_of_a_task_gymnasium_lacks():
 
 def test_envpool_errors_name_the_env_and_what_envpool_takes(monkeypatch):
     monkeypatch.setitem(sys.modules, "envpool", None)
-    with pytest.raises(ImportError, match=r'needs EnvPool, which is not installed: pip install "trpo_ext\[envpool\]"'):
+    with pytest.raises(ImportError, match=r'needs EnvPool, which is not installed: pip install "\.\[envpool\]" in the '
+                                          r'trpo_ext checkout \(or pip install envpool==1\.2\.5\); it needs Python >= 3\.11'):
         make_vec_env("CartPole-v1", 2, "envpool")
     monkeypatch.undo()
     _envpool()

@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {defaults['normalize_reward']})")
     p.add_argument("--vectorization", default=None, choices=VECTORIZATIONS,
                    help="how the envs are stepped: sync (one process), async (a subprocess per env) or envpool "
-                        "(EnvPool's C++ thread pool: pip install \"trpo_ext[envpool]\") "
+                        "(EnvPool's C++ thread pool: pip install \".[envpool]\") "
                         f"(default: {defaults['vectorization']})")
     p.add_argument("--policy", default="auto", choices=["auto", *BUILT_IN],
                    help="the built-in network (default: auto, the one that fits the observation space)")

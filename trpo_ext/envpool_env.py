@@ -1,6 +1,6 @@
 """EnvPool's C++ thread pool as the rollout's vector env: `vectorization="envpool"` (docs/guide.md, "EnvPool").
 
-EnvPool (the optional extra `pip install "trpo_ext[envpool]"`) steps its envs in C++ threads and
+EnvPool (the optional extra `pip install ".[envpool]"`) steps its envs in C++ threads and
 resets a finished env on its NEXT step: the step after a done returns the new episode's first
 observation with reward 0, and the action given to that env is ignored. The rollout collector
 (trpo_ext.rollout) steps SAME_STEP vector envs, and `EnvPoolVectorEnv` is one: right after a step
@@ -24,7 +24,7 @@ from gymnasium.vector.utils import batch_space
 ENVPOOL_VERSION = "1.2.5"
 """The EnvPool release trpo_ext is tested with (pyproject.toml's `envpool` extra pins it)."""
 
-INSTALL = 'pip install "trpo_ext[envpool]"'
+INSTALL = f'pip install ".[envpool]" in the trpo_ext checkout (or pip install envpool=={ENVPOOL_VERSION})'
 
 OWN_OPTIONS = ("num_envs", "batch_size", "num_threads", "seed", "env_seed", "max_num_players",
                "thread_affinity_offset", "base_path", "gym_reset_return_info")
@@ -39,8 +39,8 @@ def import_envpool():
     try:
         import envpool
     except ImportError as e:
-        raise ImportError(f"vectorization='envpool' needs EnvPool, which is not installed: {INSTALL} "
-                          f"(envpool=={ENVPOOL_VERSION}; Linux or macOS, Python >= 3.11)") from e
+        raise ImportError(f"vectorization='envpool' needs EnvPool, which is not installed: {INSTALL}; "
+                          "it needs Python >= 3.11") from e
     return envpool
 
 
