@@ -121,9 +121,19 @@ def test_help_shows_the_real_defaults(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("this count) (default: 100000)", "(default: 8)", "(default: 128)", "(default: 0.01)",
+    for default in ("this count) (default: 100000; with --preset zoo", "(default: 8)", "(default: 128)", "(default: 0.01)",
                     "(default: runs/ENV_ID-seedSEED;", "sampling (default: 0)", "final evaluation (default: 10)", "(default: cpu)"):
         assert default in text, default
+
+
+def test_timesteps_default_to_the_presets_budget(monkeypatch):
+    import trpo_ext.cli as cli
+    seen = []
+    monkeypatch.setattr(cli, "train", lambda args: seen.append(args.timesteps) or 0)  # the budget train gets
+    for argv, steps in ((["train", "CartPole-v1"], cli.DEFAULT_TIMESTEPS),
+                        (["train", "CartPole-v1", "--preset", "zoo"], trpo_ext.presets.zoo_timesteps("CartPole-v1")),
+                        (["train", "CartPole-v1", "--preset", "zoo", "--timesteps", "64"], 64)):
+        assert cli.main(argv) == 0 and seen.pop() == steps
 
 
 def test_timesteps_take_integral_floats():

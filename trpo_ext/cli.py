@@ -24,7 +24,7 @@ import sys
 import textwrap
 
 from . import __version__
-from .cli_options import UsageError, flags_of, set_keys
+from .cli_options import DEFAULT_TIMESTEPS, UsageError, flags_of, set_keys, training_budget
 from .cli_train import INTERRUPTED, train
 from .config import VECTORIZATIONS, check_num_threads
 from .curves import plot_runs
@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", help="train an agent; write logs, the model and a learning curve")
     p.add_argument("env", metavar="ENV_ID", help="gymnasium environment id, e.g. CartPole-v1")
-    p.add_argument("--timesteps", type=_int_at_least(0), default=100_000,
-                   help="environment steps in all (a resumed run trains up to this count)")
+    p.add_argument("--timesteps", type=_int_at_least(0), default=None,
+                   help=f"environment steps in all (a resumed run trains up to this count) (default: "
+                        f"{DEFAULT_TIMESTEPS}; with --preset zoo the zoo's n_timesteps for ENV_ID)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the networks, the envs and the sampling (default: 0)")
     p.add_argument("--n-envs", type=int, default=None, help=f"parallel env copies (default: {defaults['n_envs']})")
@@ -293,6 +294,8 @@ def main(argv=None) -> int:
         args.argv = argv  # what `train --nproc` hands on to its ranks, and the resume command repeats
         args.flags = flags = flags_of(parser.commands[args.command])
         settable = set_keys(flags) if args.command == "train" else ()
+        if args.command == "train" and args.timesteps is None:
+            args.timesteps = training_budget(args)
         return args.func(args)
     except UsageError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)

@@ -102,6 +102,16 @@ def hyperparameter_options(args) -> dict:
     return {**preset_options(args), **options}
 
 
+DEFAULT_TIMESTEPS = 100_000
+"""`train --timesteps`' default without a preset."""
+
+
+def training_budget(args) -> int:
+    """`train`'s step count when --timesteps is not given: the zoo's for `--preset zoo`, else
+    DEFAULT_TIMESTEPS."""
+    return presets.zoo_timesteps(args.env) if getattr(args, "preset", None) == "zoo" else DEFAULT_TIMESTEPS
+
+
 def preset_options(args) -> dict:
     """`--preset zoo`: trpo_ext.presets.zoo(ENV_ID), which the flags and --set given override."""
     if getattr(args, "preset", None) is None:
