@@ -242,13 +242,3 @@ def test_bad_input_names_the_argument(kwargs, error, match):
         trpo_ext.constrained_step(policy, obs, actions, advantages, **arguments)
     assert torch.equal(_vector(policy), before)
 
-
-def test_the_op_refuses_malformed_columns():
-    policy, obs, v, _ = action_problem("categorical", torch.float64, n=8)
-    params, kwargs = [p.detach() for p in policy.parameters()], fused_spec(policy).op_kwargs()
-    with pytest.raises(ValueError, match=r"b must be a flat vector of length \d+ .* or a \(\d+, C\) matrix"):
-        _ops.mlp_cg(obs, params, v[:, None][:, :0], damping=0.1, iters=5, rtol=0.0, **kwargs)
-    actions, advantages = sample_batch(policy, obs)
-    with pytest.raises(ValueError, match=r"advantages must have shape \(8\) or \(8, C\)"):
-        _ops.mlp_policy_direction(obs, params, actions, advantages[:, None, None], damping=0.1, iters=5, rtol=0.0,
-                                  **kwargs)
