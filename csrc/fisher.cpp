@@ -173,40 +173,52 @@ void mlp_vjp_into(MlpCache& c, at::Tensor& out) {
 
 namespace {
 
-// The block layout's index and views for C columns (MlpCache's multi-column fields).
+// The block layout's index and views for C columns (MlpCache's multi-column fields). Each layer's
+// weight tangent is stored (out, C, in) and its bias (out, C): read as (out·C, in) and (out·C),
+// row o·C + c is column c's row o, which makes every product below one GEMM with a feature-major
+// (out, C, N) result. log_std's C slices are (C, K).
 void ensure_columns(MlpCache& c, int64_t columns) {
   if (c.columns == columns) return;
   const bool gaussian = c.dist.kind == MlpKind::Gaussian;
   const int64_t n_layers = static_cast<int64_t>(c.weights.size());
   const int64_t k = gaussian ? c.out_scale.size(0) : 0;
-  std::vector<int64_t> starts(c.offsets);  // every parameter's flat offset, then the end
-  if (!gaussian) starts.pop_back();
   const int64_t numel = c.offsets.back() + k;
-  starts.push_back(numel);
   // Built on the device with ATen calls (no host copy: a CUDA graph may be capturing the solve).
-  const at::TensorOptions opts = c.inputs[0].options();
-  const at::Tensor column_base = at::arange(columns, opts.dtype(at::kLong)).mul_(numel).unsqueeze(1);  // (C, 1)
+  const at::TensorOptions opts = c.inputs[0].options(), longs = opts.dtype(at::kLong);
+  const at::Tensor column_base = at::arange(columns, longs).mul_(numel);  // (C): where each column starts
   std::vector<at::Tensor> parts;
-  for (size_t j = 0; j + 1 < starts.size(); ++j) {
-    const at::Tensor within = at::arange(starts[j], starts[j + 1], opts.dtype(at::kLong)).unsqueeze(0);  // (1, m)
-    parts.push_back((column_base + within).view(-1));
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const int64_t out = c.weights[l].size(0), in = c.weights[l].size(1);
+    const at::Tensor rows = at::arange(out, longs).view({out, 1, 1});
+    parts.push_back((column_base.view({1, columns, 1}) + rows * in + at::arange(in, longs).view({1, 1, in}))
+                        .add_(c.offsets[2 * l]).view(-1));
+    parts.push_back((column_base.view({1, columns}) + rows.view({out, 1})).add_(c.offsets[2 * l + 1]).view(-1));
+  }
+  if (gaussian) {
+    parts.push_back((column_base.view({columns, 1}) + at::arange(k, longs).view({1, k})).add_(c.offsets.back())
+                        .view(-1));
   }
   c.block_index = at::cat(parts);
   c.v_block = at::empty({columns * numel}, opts);
   c.out_block = at::empty({columns * numel}, opts);
   c.column_tangents.clear();
+  c.column_act_grad.clear();
+  c.inputs_t.clear();
   c.W_dot.clear(), c.b_dot.clear(), c.W_bar.clear(), c.b_bar.clear();
   for (int64_t l = 0; l < n_layers; ++l) {
     const int64_t out = c.weights[l].size(0), in = c.weights[l].size(1);
-    c.column_tangents.push_back(at::empty({c.batch, columns * out}, opts));
-    c.W_dot.push_back(c.v_block.narrow(0, columns * c.offsets[2 * l], columns * out * in).view({columns * out, in}));
-    c.b_dot.push_back(c.v_block.narrow(0, columns * c.offsets[2 * l + 1], columns * out));
-    c.W_bar.push_back(c.out_block.narrow(0, columns * c.offsets[2 * l], columns * out * in).view({columns * out, in}));
+    c.column_tangents.push_back(at::empty({out * columns, c.batch}, opts));
+    c.inputs_t.push_back(c.inputs[l].t());
+    // act'(z_l) feature-major, (out, 1, N): broadcast over the columns with N contiguous.
+    if (l + 1 < n_layers) c.column_act_grad.push_back(c.act_grad[l].t().contiguous().unsqueeze(1));
+    c.W_dot.push_back(c.v_block.narrow(0, columns * c.offsets[2 * l], columns * out * in).view({out * columns, in}));
+    c.b_dot.push_back(c.v_block.narrow(0, columns * c.offsets[2 * l + 1], columns * out).unsqueeze(1));
+    c.W_bar.push_back(c.out_block.narrow(0, columns * c.offsets[2 * l], columns * out * in).view({out * columns, in}));
     c.b_bar.push_back(c.out_block.narrow(0, columns * c.offsets[2 * l + 1], columns * out));
   }
   if (gaussian) {
-    c.log_std_dot = c.v_block.narrow(0, columns * c.offsets.back(), columns * k).view({columns, k});
-    c.log_std_bar = c.out_block.narrow(0, columns * c.offsets.back(), columns * k).view({columns, k});
+    c.log_std_dot = c.v_block.narrow(0, columns * c.offsets.back(), columns * k);
+    c.log_std_bar = c.out_block.narrow(0, columns * c.offsets.back(), columns * k);
   }
   c.columns = columns;
 }
@@ -218,40 +230,41 @@ void mlp_fvp_columns_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, dou
   ensure_columns(c, columns);
   at::index_select_out(c.v_block, v.view(-1), 0, c.block_index);
   const int64_t last = static_cast<int64_t>(c.weights.size()) - 1;
-  // JVP, all columns at once: tangent_l (N, C·out) = h_l [Wdot_1; ...; Wdot_C]' + bdot, then
-  // + hdot_l W_l' with hdot_l read as (N·C, in) rows, times act'(z_l) on hidden layers.
+  // JVP, all columns at once and feature-major, tangent_l (out, C, N):
+  //   [Wdot_l rows] h_l' + bdot_l (one GEMM), + W_l hdot_l read as (in, C·N) (one GEMM), times act'(z_l).
   for (int64_t l = 0; l <= last; ++l) {
     at::Tensor& t = c.column_tangents[l];
     const int64_t out_l = c.weights[l].size(0), in_l = c.weights[l].size(1);
-    at::addmm_out(t, c.b_dot[l], c.inputs[l], c.W_dot[l].t());
-    if (l > 0) t.view({n * columns, out_l}).addmm_(c.column_tangents[l - 1].view({n * columns, in_l}), c.weights_t[l]);
-    if (l < last) t.view({n, columns, out_l}).mul_(c.act_grad[l].unsqueeze(1));
+    at::addmm_out(t, c.b_dot[l], c.W_dot[l], c.inputs_t[l]);
+    if (l > 0) {
+      t.view({out_l, columns * n}).addmm_(c.weights[l], c.column_tangents[l - 1].view({in_l, columns * n}));
+    }
+    if (l < last) t.view({out_l, columns, n}).mul_(c.column_act_grad[l]);
   }
-  // The output Fisher on each column's (N, K) block, divided by N (as mlp_fvp_into).
-  at::Tensor u = c.column_tangents[last].view({n, columns, -1});
+  // The output Fisher on each column's (K, N) block, divided by N (as mlp_fvp_into).
+  at::Tensor u = c.column_tangents[last].view({-1, columns, n});  // (K, C, N)
   if (c.dist.kind == MlpKind::Categorical) {
     for (int64_t col = 0; col < columns; ++col) {
-      const at::Tensor u_col = u.select(1, col);
+      const at::Tensor u_col = u.select(1, col).t();  // (N, K), strided
       for (size_t s = 0; s < c.probs.size(); ++s) {
         at::Tensor block = c.dist.segment(u_col, static_cast<int64_t>(s));
         TRPO_EXT_DISPATCH(u, categorical_fisher_, c.probs[s], block, 1.0 / c.mean_over);
       }
     }
-  } else if (c.dist.kind == MlpKind::Bernoulli) {
-    u.mul_(c.out_scale.t().unsqueeze(1));  // (K, N) -> (N, 1, K)
   } else {
-    u.mul_(c.out_scale.view({1, 1, -1}));
+    u.mul_(c.out_scale.unsqueeze(1));  // gaussian (K, 1, 1), bernoulli (K, 1, N)
   }
-  // VJP, all columns at once: Wbar = g' h_l as one (C·out, in) GEMM, g_{l-1} = g W_l as (N·C, out) rows.
+  // VJP, all columns at once: Wbar = G h_l (one GEMM into the (out·C, in) block), bbar = G 1,
+  // G_{l-1} = W_l' G read as (out, C·N) (one GEMM), times act'(z_{l-1}).
   for (int64_t l = last; l >= 0; --l) {
     const at::Tensor& g = c.column_tangents[l];
     const int64_t out_l = c.weights[l].size(0), in_l = c.weights[l].size(1);
-    at::mm_out(c.W_bar[l], g.t(), c.inputs[l]);
-    at::mv_out(c.b_bar[l], g.t(), c.ones);
+    at::mm_out(c.W_bar[l], g, c.inputs[l]);
+    at::mv_out(c.b_bar[l], g, c.ones);
     if (l > 0) {
-      at::Tensor prev = c.column_tangents[l - 1].view({n * columns, in_l});
-      at::mm_out(prev, g.view({n * columns, out_l}), c.weights[l]);
-      prev.view({n, columns, in_l}).mul_(c.act_grad[l - 1].unsqueeze(1));
+      at::Tensor prev = c.column_tangents[l - 1].view({in_l, columns * n});
+      at::mm_out(prev, c.weights_t[l], g.view({out_l, columns * n}));
+      prev.view({in_l, columns, n}).mul_(c.column_act_grad[l - 1]);
     }
   }
   if (c.group_sum.active()) {

@@ -53,14 +53,16 @@ struct MlpCache {
   std::deque<std::pair<const void*, FlatSlices>> slice_cache;  // a deque: references stay valid as it grows
   // The multi-column products (mlp_fvp_columns_into), made on first use for `columns` columns. The
   // C columns of a (C, P) vector are gathered into a block layout in which each parameter's C
-  // slices lie end to end (`block_index`: block position -> (C, P) position), so that a layer's
-  // weight tangents of all columns are one (C·out, in) matrix and each Jacobian product of a layer
-  // is one GEMM for all columns. Tangents are row-major (N, C·out_l), the output layer's too.
+  // slices lie together (`block_index`: block position -> (C, P) position; a weight's as (out, C, in)),
+  // so that a layer's weight tangents of all columns are one (out·C, in) matrix and each Jacobian
+  // product of a layer is one GEMM for all columns. Tangents are feature-major (out_l·C, N).
   int64_t columns = 0;
   at::Tensor block_index, v_block, out_block;
   std::vector<at::Tensor> column_tangents;
-  std::vector<at::Tensor> W_dot, b_dot, W_bar, b_bar;  // views of v_block / out_block: (C·out, in), (C·out)
-  at::Tensor log_std_dot, log_std_bar;                 // Gaussian: (C, K)
+  std::vector<at::Tensor> column_act_grad;  // act'(z_l) feature-major, (out_l, 1, N)
+  std::vector<at::Tensor> inputs_t;         // h_l', (in_l, N) views
+  std::vector<at::Tensor> W_dot, b_dot, W_bar, b_bar;  // views of v_block / out_block: (out·C, in), (out·C[, 1])
+  at::Tensor log_std_dot, log_std_bar;                 // Gaussian: (C·K)
 
   // The views of `flat` (a contiguous vector of the parameter count), made on first use.
   FlatSlices& slices(const at::Tensor& flat);
