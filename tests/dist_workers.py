@@ -362,8 +362,8 @@ def split_case(out_dir):
 
 
 CONSTRAINED_KEYS = [(case, path) for case in ACTION_CASES for path in ("fused", "generic")]
-"""The two-rank constrained step's matrix (float64, uneven shards, cost violation 0.01: infeasible, dual case 1 or 0,
-both directions used)."""
+"""The two-rank constrained step's matrix (float64, uneven shards, cost violation 0.01: infeasible,
+dual case 1 or 0, both directions used)."""
 
 
 def constrained_case(out_dir):

@@ -180,6 +180,23 @@ def test_fused_and_generic_paths_take_the_same_step(case):
     assert rel_err(_vector(fused) - before, _vector(generic) - before) <= 1e-8
 
 
+@pytest.mark.parametrize("case", ["categorical-masked", "gaussian"])
+def test_products_on_a_subset_take_the_same_step_on_both_paths(case):
+    # fvp_obs: the two-column solve runs on a second cache of other rows (with their own masks).
+    fused, obs, _, mask = action_problem(case, torch.float64, n=64)
+    generic = copy.deepcopy(fused)
+    actions, advantages = sample_batch(fused, obs, mask)
+    cost_advantages = _cost_advantages(advantages, 1)
+    subset = dict(fvp_obs=obs[::3].clone(), action_mask=mask,
+                  fvp_action_mask=None if mask is None else mask[::3].clone(), cg_iters=10)
+    before = _vector(fused)
+    a = trpo_ext.constrained_step(fused, obs, actions, advantages, cost_advantages, 0.01, path="fused", **subset)
+    b = trpo_ext.constrained_step(generic, obs, actions, advantages, cost_advantages, 0.01, path="generic", **subset)
+    assert a.accepted and (a.case, a.line_search_steps, a.cg_iterations) == (b.case, b.line_search_steps,
+                                                                            b.cg_iterations)
+    assert rel_err(_vector(fused) - before, _vector(generic) - before) <= 1e-8
+
+
 class TrapPolicy(torch.nn.Module):
     """Categorical logits that move by 1e6·|θ − θ₀|² (zero, with a zero gradient, at θ₀): the Fisher and
     both directions are the linear model's, but every trial of a visible size breaks the KL."""
