@@ -51,6 +51,18 @@ struct MlpCache {
   std::vector<at::Tensor> out_segments_t;  // categorical: segment s of tangents_t.back(), (N, K_s) views
   at::Tensor inputs_t_last;         // the output layer's input, transposed
   std::deque<std::pair<const void*, FlatSlices>> slice_cache;  // a deque: references stay valid as it grows
+  // The multi-column products (mlp_fvp_columns_into), made on first use for `columns` columns. The
+  // C columns of a (C, P) vector are gathered into a block layout in which each parameter's C
+  // slices lie together (`block_index`: block position -> (C, P) position; a weight's as (out, C, in)),
+  // so that a layer's weight tangents of all columns are one (out·C, in) matrix and each Jacobian
+  // product of a layer is one GEMM for all columns. Tangents are feature-major (out_l·C, N).
+  int64_t columns = 0;
+  at::Tensor block_index, v_block, out_block;
+  std::vector<at::Tensor> column_tangents;
+  std::vector<at::Tensor> column_act_grad;  // act'(z_l) feature-major, (out_l, 1, N)
+  std::vector<at::Tensor> inputs_t;         // h_l', (in_l, N) views
+  std::vector<at::Tensor> W_dot, b_dot, W_bar, b_bar;  // views of v_block / out_block: (out·C, in), (out·C[, 1])
+  at::Tensor log_std_dot, log_std_bar;                 // Gaussian: (C·K)
 
   // The views of `flat` (a contiguous vector of the parameter count), made on first use.
   FlatSlices& slices(const at::Tensor& flat);
@@ -68,6 +80,10 @@ MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, const Act
 // out = (F + damping I) v, all flat; `out` must not alias `v`. One reduction when the cache has a group.
 void mlp_fvp_into(MlpCache& cache, const at::Tensor& v, at::Tensor& out, double damping);
 
+// out = (F + damping I) v for C vectors at once: v and out (C, P), contiguous, not aliased. One
+// GEMM per Jacobian product and layer for all C columns; one reduction when the cache has a group.
+void mlp_fvp_columns_into(MlpCache& cache, const at::Tensor& v, at::Tensor& out, double damping);
+
 // The VJP of the output cotangent held in cache.tangents.back() ((K, N)) into out's network slices
 // (everything but log_std); the other tangents are overwritten.
 void mlp_vjp_into(MlpCache& cache, at::Tensor& out);
@@ -81,11 +97,19 @@ void check_cg_settings(double damping, int64_t iters, double rtol);
 // CG on (F + damping I) x = b with the cache's products; the settings already checked.
 CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b, double damping, int64_t iters, double rtol);
 
+// C independent CG solves, one per row of b (C, P), sharing each product (mlp_fvp_columns_into):
+// (x (C, P), iterations (C), residual norms (C), x'Ax (C)). Each column runs the recursion of
+// cg_solve_cached with its own state; a column that has converged or broken down is frozen while
+// the others go on.
+CgResult cg_solve_columns(MlpCache& cache, const at::Tensor& b, double damping, int64_t iters, double rtol);
+
 // `segments` and `action_mask` (categorical only) as distribution.h describes them.
 at::Tensor mlp_fvp(const at::Tensor& obs, at::TensorList params, const at::Tensor& v,
                    c10::string_view kind, c10::string_view activation, double damping,
                    at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask);
 
+// b: a flat vector (P), or C right-hand sides as the columns of a (P, C) matrix, solved together
+// (cg_solve_columns): x (P, C) and the scalars (C).
 CgResult mlp_cg(const at::Tensor& obs, at::TensorList params, const at::Tensor& b, c10::string_view kind,
                 c10::string_view activation, double damping, int64_t iters, double rtol,
                 at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask);

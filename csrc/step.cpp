@@ -13,14 +13,17 @@
 namespace trpo_ext {
 namespace {
 
-// Checks the batch against obs: advantages (N) with obs's dtype, the actions as check_actions wants
-// them (the mask already checked).
+// Checks the batch against obs: advantages (N), or (N, C) with C >= 1 (C surrogates at once: a
+// constrained step's reward and cost advantages), with obs's dtype, the actions as check_actions
+// wants them (the mask already checked).
 void check_batch(const at::Tensor& obs, const at::Tensor& actions, const at::Tensor& advantages,
                  const ActionDist& dist, const std::optional<at::Tensor>& action_mask) {
   const int64_t n = obs.size(0);
   check_dtype_device(advantages, "advantages", obs.scalar_type(), obs.device(), "obs's");
-  TORCH_CHECK_VALUE(advantages.dim() == 1 && advantages.size(0) == n, "trpo_ext: advantages must have shape (", n,
-                    "), got ", advantages.sizes());
+  TORCH_CHECK_VALUE((advantages.dim() == 1 || (advantages.dim() == 2 && advantages.size(1) >= 1)) &&
+                        advantages.size(0) == n,
+                    "trpo_ext: advantages must have shape (", n, ") or (", n, ", C) with C >= 1, got ",
+                    advantages.sizes());
   check_actions(actions, dist, obs, action_mask);
 }
 
@@ -93,15 +96,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // One forward pass serves the gradient, the distribution parameters and (without fvp_obs) the solve.
   MlpCache cache = build_mlp_cache(obs, params, dist, act, action_mask, /*with_outputs=*/true, totals[0], group_sum);
-  at::Tensor g = at::empty({shape.numel}, obs.options());
-  surrogate_grad_into(cache, actions.contiguous(), advantages.contiguous(), g);
-  group_sum(g);
+  const at::Tensor taken = actions.contiguous();
   at::Tensor dist_params = cache.outputs;  // masked logits with a mask: the old distribution as it was sampled
+  if (advantages.dim() == 1) {
+    at::Tensor g = at::empty({shape.numel}, obs.options());
+    surrogate_grad_into(cache, taken, advantages.contiguous(), g);
+    group_sum(g);
+    if (fvp_obs.has_value()) {
+      cache = build_mlp_cache(*fvp_obs, params, dist, act, fvp_action_mask, false, totals[1], group_sum);
+    }
+    auto [x, used, residual, xAx] = cg_solve_cached(cache, g, damping, iters, rtol);
+    return {g, x, used, residual, xAx, dist_params};
+  }
+  // C surrogates: C gradients (the rows of g), then one C-column solve on the same cache.
+  const int64_t columns = advantages.size(1);
+  at::Tensor g = at::empty({columns, shape.numel}, obs.options());
+  for (int64_t col = 0; col < columns; ++col) {
+    at::Tensor row = g[col];
+    surrogate_grad_into(cache, taken, advantages.select(1, col).contiguous(), row);
+  }
+  group_sum(g);
   if (fvp_obs.has_value()) {
     cache = build_mlp_cache(*fvp_obs, params, dist, act, fvp_action_mask, false, totals[1], group_sum);
   }
-  auto [x, used, residual, xAx] = cg_solve_cached(cache, g, damping, iters, rtol);
-  return {g, x, used, residual, xAx, dist_params};
+  auto [x, used, residual, xAx] = cg_solve_columns(cache, g, damping, iters, rtol);
+  return {g.t().contiguous(), x.t().contiguous(), used, residual, xAx, dist_params};
 }
 
 
@@ -157,11 +176,18 @@ std::tuple<at::Tensor, at::Tensor> mlp_policy_trial(const at::Tensor& obs, at::T
   // The improvement over θ_old, where every ratio is 1: mean((π/π_old - 1) A), with expm1 for the
   // small log-ratios of a trust region. Sums in float64, divided by the number of states (of all
   // ranks: one reduction carries both sums and the count).
-  at::Tensor sums = at::stack({at::sum(kl, at::kDouble), at::sum(at::expm1(log_ratio) * advantages, at::kDouble),
-                               at::scalar_tensor(static_cast<double>(obs.size(0)), kl.options().dtype(at::kDouble))});
+  // With (N, C) advantages, C improvements (one per column) from the same log-ratios.
+  const at::Tensor ratio_minus_one = at::expm1(log_ratio);
+  const at::Tensor improvement_sums =
+      advantages.dim() == 1 ? at::sum(ratio_minus_one * advantages, at::kDouble).reshape({1})
+                            : at::sum(ratio_minus_one.unsqueeze(1) * advantages, {0}, false, at::kDouble);
+  at::Tensor sums = at::cat({at::sum(kl, at::kDouble).reshape({1}), improvement_sums,
+                             at::full({1}, static_cast<double>(obs.size(0)), kl.options().dtype(at::kDouble))});
   const GroupSum group_sum(group);
   group_sum(sums);
-  return {sums[0] / sums[2], sums[1] / sums[2]};
+  const at::Tensor count = sums[-1];
+  const at::Tensor improvement = sums.narrow(0, 1, improvement_sums.size(0)) / count;
+  return {sums[0] / count, advantages.dim() == 1 ? improvement[0] : improvement};
 }
 
 }  // namespace trpo_ext

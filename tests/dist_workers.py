@@ -361,7 +361,34 @@ def split_case(out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-CASES = {"step": step_case, "agent": agent_case, "nccl": nccl_case, "custom": custom_case, "spaces": spaces_case,
+CONSTRAINED_KEYS = [(case, path) for case in ACTION_CASES for path in ("fused", "generic")]
+"""The two-rank constrained step's matrix (float64, uneven shards, cost violation 0.01: infeasible,
+dual case 1 or 0, both directions used)."""
+
+
+def constrained_case(out_dir):
+    rank, results = dist.get_rank(), {}
+    for case, path in CONSTRAINED_KEYS:
+        policy, obs, actions, advantages, mask = batch(case, 40)
+        cost_advantages = advantages + 0.5 * torch.randn(40, generator=torch.Generator().manual_seed(5),
+                                                         dtype=advantages.dtype)
+        bounds = [0, 13, 40]
+
+        def step(group, *batch_rows):
+            moved = copy.deepcopy(policy)
+            record = trpo_ext.constrained_step(moved, *batch_rows[:4], 0.01, path=path, process_group=group,
+                                               action_mask=batch_rows[4], cg_iters=10)
+            return dict(record=record, params=parameters_to_vector(moved.parameters()).detach())
+
+        rows = (obs, actions, advantages, cost_advantages, mask)
+        entry = {"distributed": step(dist.group.WORLD, *(shard(t, bounds, rank) for t in rows))}
+        if rank == 0:
+            entry["single"] = step(None, *rows)
+        results[(case, path)] = entry
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+CASES = {"step": step_case, "constrained": constrained_case, "agent": agent_case, "nccl": nccl_case, "custom": custom_case, "spaces": spaces_case,
          "split": split_case}
 
 if __name__ == "__main__":

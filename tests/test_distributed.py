@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from dist_workers import STEP_KEYS
+from dist_workers import CONSTRAINED_KEYS, STEP_KEYS
 from helpers import rel_err
 
 HERE = os.path.dirname(__file__)
@@ -62,6 +62,26 @@ def test_two_rank_step_equals_one_process_on_the_whole_batch(step_results, key):
         own_error = rel_err(single["x"], twin["x"])
         assert rel_err(dist_result["x"], single["x"]) <= max(1e-5, 4 * own_error)
         assert d.kl == pytest.approx(s.kl, rel=1e-3, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def constrained_results(tmp_path_factory):
+    return launch("constrained", tmp_path_factory.mktemp("constrained"))
+
+
+@pytest.mark.parametrize("key", CONSTRAINED_KEYS, ids=lambda k: "-".join(k))
+def test_two_rank_constrained_step_equals_one_process_on_the_whole_batch(constrained_results, key):
+    # The CPO step's two gradients, its two-column solve (one reduction per product for both
+    # columns), the dual and the trials' KL, reward and cost: every rank the same, and the one-process step.
+    mine, other, single = (constrained_results[0][key]["distributed"], constrained_results[1][key]["distributed"],
+                           constrained_results[0][key]["single"])
+    assert torch.equal(mine["params"], other["params"])
+    d, s = mine["record"], single["record"]
+    assert d.case == s.case and d.case in (0, 1) and d.accepted and s.accepted
+    assert d.line_search_steps == s.line_search_steps
+    assert d.cg_iterations == s.cg_iterations and d.nu == pytest.approx(s.nu, rel=1e-8)
+    assert rel_err(mine["params"], single["params"]) <= 1e-10
+    assert d.cost_change == pytest.approx(s.cost_change, rel=1e-8)
 
 
 @pytest.mark.parametrize("key", [k for k in _step_keys() if k[3] == "equal" and not k[4]],

@@ -206,6 +206,12 @@ def test_op_cg_checks(setup):
         ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, 0, 1e-6)
     with pytest.raises(ValueError, match="rtol must be finite"):
         ops.mlp_cg(obs, params, v, "gaussian", "tanh", 0.1, 3, float("inf"))
+    # Several right-hand sides are the columns of a (P, C) b, C >= 1.
+    with pytest.raises(ValueError, match=r"b must be a flat vector of length \d+ \(the parameter count\) or a \(\d+, C\) "
+                                         r"matrix of C >= 1 such columns, got shape \[\d+, 0\]"):
+        ops.mlp_cg(obs, params, v[:, None][:, :0], "gaussian", "tanh", 0.1, 3, 1e-6)
+    with pytest.raises(ValueError, match="b must be a flat vector"):
+        ops.mlp_cg(obs, params, v[:-1, None].expand(-1, 2), "gaussian", "tanh", 0.1, 3, 1e-6)
 
 
 def test_op_refuses_the_iters_the_config_refuses(setup):
@@ -373,6 +379,11 @@ def test_a_masked_action_is_refused(op, case):
     pytest.param(dict(advantages=torch.zeros(4, dtype=torch.float64)), ValueError, r"advantages must have shape \(11\)",
                  id="advantages-length"),
     pytest.param(dict(advantages=torch.zeros(N)), TypeError, "advantages must have obs's dtype", id="advantages-dtype"),
+    # (N, C) advantages are C surrogates (trpo_ext.constrained_step's two); none, or a third dimension, is refused.
+    pytest.param(dict(advantages=torch.zeros(N, 0, dtype=torch.float64)), ValueError,
+                 r"advantages must have shape \(11\) or \(11, C\) with C >= 1, got \[11, 0\]", id="advantages-no-column"),
+    pytest.param(dict(advantages=torch.zeros(N, 2, 1, dtype=torch.float64)), ValueError,
+                 r"advantages must have shape \(11\) or \(11, C\)", id="advantages-3d"),
     pytest.param(dict(fvp_obs=torch.zeros(4, 2, dtype=torch.float64)), ValueError, "fvp_obs must have shape",
                  id="fvp-obs-width"),
 ])

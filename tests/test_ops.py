@@ -66,19 +66,27 @@ def test_opcheck_mlp_fvp(case, dtype, device):
     torch.library.opcheck(ops.mlp_fvp.default, (obs, _params(policy), v, kind, activation, 0.1, segments, mask))
 
 
+def _columns(t, columns):
+    """t itself (columns None), or t and a second column beside it: (len, 2) (a constrained step's two solves)."""
+    return t if columns is None else torch.stack([t, t.flip(0) + 0.5], 1)
+
+
+@pytest.mark.parametrize("columns", [None, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_opcheck_mlp_cg(case, dtype, device):
+def test_opcheck_mlp_cg(case, dtype, columns, device):
     policy, obs, v, mask = action_problem(case, dtype, device, n=9, activation="relu")
     kind, activation, segments = _schema(policy)
     torch.library.opcheck(ops.mlp_cg.default,
-                          (obs, _params(policy), v, kind, activation, 0.1, 5, 1e-6, segments, mask))
+                          (obs, _params(policy), _columns(v, columns), kind, activation, 0.1, 5, 1e-6, segments, mask))
 
 
+@pytest.mark.parametrize("columns", [None, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_opcheck_mlp_policy_direction(case, dtype, device):
+def test_opcheck_mlp_policy_direction(case, dtype, columns, device):
     policy, obs, _, mask, actions, advantages = _problem(case, dtype, device)
+    advantages = _columns(advantages, columns)
     kind, activation, segments = _schema(policy)
     fvp_mask = None if mask is None else mask[:5]
     torch.library.opcheck(ops.mlp_policy_direction.default,
@@ -86,9 +94,11 @@ def test_opcheck_mlp_policy_direction(case, dtype, device):
                            segments, mask, fvp_mask))
 
 
+@pytest.mark.parametrize("columns", [None, 2])
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_opcheck_mlp_policy_trial(case, device):
+def test_opcheck_mlp_policy_trial(case, columns, device):
     policy, obs, _, mask, actions, advantages = _problem(case, torch.float32, device)
+    advantages = _columns(advantages, columns)
     kind, activation, segments = _schema(policy)
     old_dist_params = torch.randn(obs.shape[0], policy.action_dim, device=device)
     torch.library.opcheck(ops.mlp_policy_trial.default,

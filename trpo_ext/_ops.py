@@ -90,9 +90,9 @@ def _check_devices(**arguments) -> None:
 
 
 class CGResult(NamedTuple):
-    """What `mlp_cg` returns; the scalars are 0-dim tensors on the solve's device."""
+    """What `mlp_cg` returns; the scalars are 0-dim tensors on the solve's device ((C) for a (P, C) b)."""
 
-    x: torch.Tensor  # the solution, flat
+    x: torch.Tensor  # the solution, flat (or (P, C): one column per right-hand side)
     iterations: torch.Tensor  # CG iterations used (int64)
     residual_norm: torch.Tensor  # ||b - A x|| as tracked by the recursion (float64)
     xAx: torch.Tensor  # x'(F + damping I)x (float64)
@@ -116,7 +116,10 @@ def _mlp_fvp_fake(obs, params, v, kind, activation, damping, segments=None, acti
 def mlp_cg(obs: torch.Tensor, params: Sequence[torch.Tensor], b: torch.Tensor, *, kind: str, activation: str,
            damping: float, iters: int, rtol: float, segments: Sequence[int] | None = None,
            action_mask: torch.Tensor | None = None) -> CGResult:
-    """Solves (F + damping I) x = b by CG for an MLP policy, the whole loop in one call."""
+    """Solves (F + damping I) x = b by CG for an MLP policy, the whole loop in one call. `b` (P, C):
+    C right-hand sides solved together on one forward pass, each product one GEMM per Jacobian
+    product and layer for all columns (docs/design.md, "Several right-hand sides"); each column runs
+    its own CG recursion, as if solved alone."""
     return CGResult(*ops.mlp_cg(obs, list(params), b, kind, activation, damping, iters, rtol, segments,
                                 action_mask))
 
@@ -125,13 +128,15 @@ def mlp_cg(obs: torch.Tensor, params: Sequence[torch.Tensor], b: torch.Tensor, *
 def _mlp_cg_fake(obs, params, b, kind, activation, damping, iters, rtol, segments=None, action_mask=None):
     _check_devices(obs=obs, params=params, b=b, action_mask=action_mask)
     scalar = dict(device=b.device, dtype=torch.float64)
-    return (torch.empty_like(b), b.new_empty((), dtype=torch.int64), b.new_empty((), **scalar),
-            b.new_empty((), **scalar))
+    shape = tuple(b.shape[1:])  # () for a flat b, (C,) for C columns
+    return (torch.empty_like(b, memory_format=torch.contiguous_format), b.new_empty(shape, dtype=torch.int64),
+            b.new_empty(shape, **scalar), b.new_empty(shape, **scalar))
 
 
 # ----------------------------------------------------------------------------- mlp_policy_direction
 class DirectionResult(NamedTuple):
-    """What `mlp_policy_direction` returns; the scalars are 0-dim tensors on the batch's device."""
+    """What `mlp_policy_direction` returns; the scalars are 0-dim tensors on the batch's device (with
+    (N, C) advantages: g and x (P, C), the scalars (C))."""
 
     gradient: torch.Tensor  # g, the surrogate's gradient at the current θ, flat
     x: torch.Tensor  # ≈ (F + damping I)⁻¹ g
@@ -152,7 +157,9 @@ def mlp_policy_direction(obs: torch.Tensor, params: Sequence[torch.Tensor], acti
     `group`: a torch.distributed process group's `group_name`; each rank passes its shard and all
     get the result for the shards together (reductions: the batch sizes, the gradient, one per CG
     product). `fvp_action_mask`: the mask of fvp_obs's rows, given exactly when fvp_obs and
-    action_mask are."""
+    action_mask are. `advantages` (N, C): C surrogates (a constrained step's reward and cost
+    advantages) from the same forward pass, their gradients the columns of g, solved together as
+    `mlp_cg` solves a (P, C) b."""
     return DirectionResult(*ops.mlp_policy_direction(obs, list(params), actions, advantages, fvp_obs, kind,
                                                      activation, damping, iters, rtol, group, segments,
                                                      action_mask, fvp_action_mask))
@@ -165,10 +172,11 @@ def _mlp_policy_direction_fake(obs, params, actions, advantages, fvp_obs, kind, 
                    action_mask=action_mask, fvp_action_mask=fvp_action_mask)
     numel = sum(p.numel() for p in params)
     scalar = dict(device=obs.device, dtype=torch.float64)
-    flat = obs.new_empty((numel,), dtype=params[0].dtype)
+    columns = tuple(advantages.shape[1:])  # () for one surrogate, (C,) for C
+    flat = obs.new_empty((numel, *columns), dtype=params[0].dtype)
     # The output width K: the last parameter is the output bias (categorical) or log_std (gaussian), both (K,).
-    return (flat, torch.empty_like(flat), obs.new_empty((), dtype=torch.int64), obs.new_empty((), **scalar),
-            obs.new_empty((), **scalar), obs.new_empty((obs.shape[0], params[-1].shape[0]), dtype=params[0].dtype))
+    return (flat, torch.empty_like(flat), obs.new_empty(columns, dtype=torch.int64), obs.new_empty(columns, **scalar),
+            obs.new_empty(columns, **scalar), obs.new_empty((obs.shape[0], params[-1].shape[0]), dtype=params[0].dtype))
 
 
 # ----------------------------------------------------------------------------- mlp_policy_trial
@@ -179,7 +187,8 @@ def mlp_policy_trial(obs: torch.Tensor, params: Sequence[torch.Tensor], actions:
     """One line-search trial at `params`: (mean KL(old ‖ new), the surrogate's improvement
     mean((π/π_old − 1) · A)) as 0-dim float64 tensors; the old policy is its output on obs (and its
     log_std for a Gaussian). `group` as for `mlp_policy_direction`: one reduction. `action_mask`
-    applies to the new logits (and, harmlessly, again to the old ones)."""
+    applies to the new logits (and, harmlessly, again to the old ones). `advantages` (N, C): the
+    improvement is (C), one per column."""
     return ops.mlp_policy_trial(obs, list(params), actions, advantages, old_dist_params, old_log_std, kind,
                                 activation, group, segments, action_mask)
 
@@ -189,7 +198,7 @@ def _mlp_policy_trial_fake(obs, params, actions, advantages, old_dist_params, ol
                            group=None, segments=None, action_mask=None):
     _check_devices(obs=obs, params=params, actions=actions, advantages=advantages, old_dist_params=old_dist_params,
                    old_log_std=old_log_std, action_mask=action_mask)
-    return obs.new_empty((), dtype=torch.float64), obs.new_empty((), dtype=torch.float64)
+    return obs.new_empty((), dtype=torch.float64), obs.new_empty(tuple(advantages.shape[1:]), dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- mlp_value_fit

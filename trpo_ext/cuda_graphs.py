@@ -19,7 +19,7 @@ _graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
 def _signature(obs, params, b, action_mask, options):
     # segments arrive as a list: a tuple in the key. The mask is an input (copied in), only its shape is keyed.
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-    return (obs.device, obs.dtype, tuple(obs.shape), tuple(tuple(p.shape) for p in params),
+    return (obs.device, obs.dtype, tuple(obs.shape), tuple(tuple(p.shape) for p in params), tuple(b.shape),
             None if action_mask is None else tuple(action_mask.shape), frozen)
 
 

@@ -191,9 +191,16 @@ def generic_cg_solve(policy: torch.nn.Module, obs, params: list[torch.Tensor], b
                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
     """CG on (F + damping I) x = b on the generic path, the inputs already checked. `combine`, when
     given, maps this process's product F v to the one the solve uses (data-parallel: the sum over
-    the ranks, trpo_ext.step); `mask`: the action mask of obs's rows (the Fisher of the masked policy)."""
+    the ranks, trpo_ext.step); `mask`: the action mask of obs's rows (the Fisher of the masked policy).
+    `b` (P, C): C solves, one per column, on one linearisation of the forward pass (x (P, C), the
+    CGInfo fields (C))."""
     with GENERIC_LOCK, torch.no_grad():
         fisher = generic_products(policy, obs, params, mask)
         product = fisher if combine is None else (lambda v: combine(fisher(v)))
-        x, used, res, xAx = conjugate_gradient(lambda p: product(p) + damping * p, b, iters, rtol)
-    return x, CGInfo(torch.tensor(used, device=b.device), res, xAx)
+        if b.dim() == 1:
+            x, used, res, xAx = conjugate_gradient(lambda p: product(p) + damping * p, b, iters, rtol)
+            return x, CGInfo(torch.tensor(used, device=b.device), res, xAx)
+        solves = [conjugate_gradient(lambda p: product(p) + damping * p, b[:, c].contiguous(), iters, rtol)
+                  for c in range(b.shape[1])]
+    x, used, res, xAx = zip(*solves)
+    return torch.stack(x, 1), CGInfo(torch.tensor(used, device=b.device), torch.stack(res), torch.stack(xAx))

@@ -10,7 +10,9 @@ families: the expected outer product of the score over every joint action.
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 from typing import Callable
 
 import torch
@@ -224,3 +226,88 @@ def sb3_policy_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.T
         trial_objective = (torch.exp(trial.log_prob(actions) - old_log_prob) * advantages).mean().item()
         load_flat_(original, params)
     return full_step.detach(), trial_kl, trial_objective
+
+
+def cpo_step(policy: torch.nn.Module, obs, actions: torch.Tensor, advantages: torch.Tensor,
+             cost_advantages: torch.Tensor, cost_violation: float, max_kl: float = 0.01, damping: float = 0.1,
+             cg_iters: int = 15, cg_rtol: float = 1e-10, backtrack_factor: float = 0.8, max_backtracks: int = 20,
+             action_mask: torch.Tensor | None = None) -> dict:
+    """The CPO step the oracle way (the one `trpo_ext.constrained_step` is held to): both surrogates'
+    gradients by autograd, two separate double-backprop CG solves, the dual in the form of Achiam et
+    al. 2017's appendix (a minimisation of −gᵀΔ: g_p = −g, r_p = −r), and a line search that loads
+    each trial into the policy. Moves the policy like the step; returns a dict with the case,
+    lam, nu, q, r, s, the full step, the trials counted and whether one was accepted."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    with torch.no_grad():
+        old_policy = copy.deepcopy(policy)
+    old_log_prob = log_prob(policy, obs, actions, action_mask).detach()
+
+    def surrogates():
+        ratio = torch.exp(log_prob(policy, obs, actions, action_mask) - old_log_prob)
+        return (ratio * advantages).mean(), (ratio * cost_advantages).mean()
+
+    reward, cost = surrogates()
+    g = flat_vector(torch.autograd.grad(reward, params, retain_graph=True))
+    b = flat_vector(torch.autograd.grad(cost, params))
+    x, _, _, xAx = cg_solve(policy, obs, g, cg_iters, damping, cg_rtol, action_mask)
+    y, _, _, _ = cg_solve(policy, obs, b, cg_iters, damping, cg_rtol, action_mask)
+    q, c, d = xAx.item(), float(cost_violation), 2 * max_kl
+    r_p, s = -(g.double() @ y.double()).item(), (b.double() @ y.double()).item()
+    if (b.double() @ b.double()).item() <= 1e-6:
+        case = 4 if c < 0 else None
+    else:
+        A, B = max(q - r_p ** 2 / s, 0.0), d - c ** 2 / s
+        case = (3 if B < 0 else 2) if c < 0 else (1 if B >= 0 else 0)
+    out = dict(case=0 if case is None else case, q=q, r=-r_p, s=s, accepted=False, steps=0)
+    if case is None:  # infeasible and no cost gradient: no step
+        return dict(out, lam=0.0, nu=0.0, full_step=None)
+    if case in (3, 4):
+        lam, nu = math.sqrt(q / d), 0.0
+    elif case == 0:
+        lam, nu = 0.0, math.sqrt(d / s)
+    else:
+        # Λ_a = {λ ≥ 0 | λc − r_p > 0}, Λ_b = {λ ≥ 0 | λc − r_p ≤ 0}; project each unconstrained
+        # maximiser onto its set (as an interval [lo, hi]) and keep the better dual value.
+        def interval(binding):
+            if c == 0:
+                ok = (-r_p > 0) == binding
+                return (0.0, math.inf) if ok else None
+            root = r_p / c  # where λc − r_p changes sign
+            above = (c > 0) == binding  # the set lies above the root
+            lo, hi = (max(0.0, root), math.inf) if above else (0.0, root)
+            return (lo, hi) if lo <= hi and not (hi <= 0 and not above) else None
+
+        def dual_value(lam, binding):
+            if not 0 < lam < math.inf:
+                return -math.inf
+            if binding:
+                return -0.5 * (A / lam + B * lam) - r_p * c / s
+            return -0.5 * (q / lam + d * lam)
+
+        best = []
+        for binding, free in ((True, math.sqrt(A / B) if B > 0 else math.inf), (False, math.sqrt(q / d))):
+            span = interval(binding)
+            if span is not None:
+                lam = min(max(free, span[0]), span[1])
+                best.append((dual_value(lam, binding), lam))
+        lam = max(best)[1]
+        nu = max(lam * c - r_p, 0.0) / s
+    full_step = -math.sqrt(d / s) * y if case == 0 else -(1 / lam) * (-x + nu * y)  # −(1/λ)F⁻¹(g_p + νb)
+    out.update(lam=lam, nu=nu, full_step=full_step.detach())
+    old = flat_vector(params).detach()
+    reward0, cost0 = reward.item(), cost.item()
+    with torch.no_grad():
+        for k in range(1, max_backtracks + 1):
+            trial = old + backtrack_factor ** (k - 1) * full_step
+            out["steps"] = k
+            if not bool(torch.isfinite(trial).all()):
+                continue
+            load_flat_(trial, params)
+            new_reward, new_cost = surrogates()
+            trial_kl = kl(policy, obs, action_mask, old_policy=old_policy).item()
+            if (trial_kl <= max_kl and new_cost.item() - cost0 <= max(-c, 0.0)
+                    and (case < 2 or new_reward.item() - reward0 > 0)):
+                out["accepted"] = True
+                return out
+        load_flat_(old, params)
+    return out

@@ -83,6 +83,9 @@ def _check_batch(obs, actions, advantages) -> None:
 
 
 class _Direction(NamedTuple):
+    """With advantages (N, C) (trpo_ext.constrained: reward and cost), gradient and x are (P, C), the
+    CGInfo fields (C), and a trial's improvement a list of C floats."""
+
     gradient: torch.Tensor
     x: torch.Tensor | None  # None when the gradient is not finite
     info: CGInfo | None
@@ -114,7 +117,7 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
             kl, improvement = _ops.mlp_policy_trial(obs, unflatten(candidate, params), actions, advantages,
                                                     old_dist_params=result.dist_params, old_log_std=old_log_std,
                                                     group=name, **fused.op_kwargs(action_mask=action_mask))
-            return kl.item(), improvement.item()
+            return kl.item(), improvement.tolist()  # a float, or C of them
 
         g, x, info = result.gradient, result.x, CGInfo(result.iterations, result.residual_norm, result.xAx)
         if not bool(torch.isfinite(g).all()):
@@ -133,18 +136,27 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
                 spec.check_mask_tensor("action_mask", action_mask, batch_len(obs), advantages.device, actions)
                 dist = masked(dist, action_mask)
             log_prob = dist.log_prob(actions)
-            surrogate = (torch.exp(log_prob - log_prob.detach()) * advantages).sum() / n_total
-            g = distributed.all_reduce_sum_(flat_vector(torch.autograd.grad(surrogate, params)), group)
+            ratio = torch.exp(log_prob - log_prob.detach())
+            if advantages.dim() == 1:
+                surrogate = (ratio * advantages).sum() / n_total
+                g = flat_vector(torch.autograd.grad(surrogate, params))
+            else:  # one surrogate per column, each its gradient from the same graph
+                surrogates = (ratio.unsqueeze(1) * advantages).sum(0) / n_total
+                g = torch.stack([flat_vector(torch.autograd.grad(surrogate, params, retain_graph=True))
+                                 for surrogate in surrogates], 1)
+            g = distributed.all_reduce_sum_(g, group)
         old_dist, old_log_prob = detach_distribution(dist), log_prob.detach()
 
         def trial(candidate):
             load_flat_(candidate, params)
             with _unvalidated_distributions(), torch.no_grad():
                 dist = masked(policy(obs), action_mask)
-                sums = torch.stack([kl_divergence(old_dist, dist).sum(),
-                                    (torch.expm1(dist.log_prob(actions) - old_log_prob) * advantages).sum()])
-                kl, improvement = (distributed.all_reduce_sum_(sums.double(), group) / n_total).tolist()
-                return kl, improvement
+                ratio_minus_one = torch.expm1(dist.log_prob(actions) - old_log_prob)
+                improvement = ((ratio_minus_one * advantages).sum().reshape(1) if advantages.dim() == 1
+                               else (ratio_minus_one.unsqueeze(1) * advantages).sum(0))
+                sums = torch.cat([kl_divergence(old_dist, dist).sum().reshape(1), improvement])
+                kl, *improvement = (distributed.all_reduce_sum_(sums.double(), group) / n_total).tolist()
+                return kl, improvement[0] if advantages.dim() == 1 else improvement
 
         products_mask = action_mask if fvp_obs is None else fvp_action_mask
         if fvp_obs is not None and (action_mask is None) != (fvp_action_mask is None):
