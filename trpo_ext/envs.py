@@ -189,8 +189,10 @@ class LeanSyncVectorEnv(gym.vector.SyncVectorEnv):
                 obs, reward, terminated, truncated, info = out
             except (TypeError, ValueError):
                 raise EnvStepError(i, *step_problem(out, None)) from None
-            # The common types pass here (`is False` first: the flags of most steps), the rest are looked at closely
-            if (type(reward) not in fast_rewards or (terminated is not False and type(terminated) not in bools)
+            # The common types pass here (identity tests first: a float reward, the flags of most steps), the
+            # rest are looked at closely
+            if ((type(reward) is not float and type(reward) not in fast_rewards)
+                    or (terminated is not False and type(terminated) not in bools)
                     or (truncated is not False and type(truncated) not in bools) or type(info) is not dict):
                 problem = step_problem(out, None)
                 if problem is not None:
