@@ -283,10 +283,10 @@ def magnitude_test(dtype: np.dtype, size: int, bound: float = math.inf) -> tuple
     value is finite with |v| < `bound`, and for bound = inf exactly when every value is finite. m[0]
     keeps each value's exponent bits; m[1] adds to them what carries into the value's sign bit (m[2])
     exactly when its exponent reaches a limit: all ones (NaN and inf) for bound = inf, else the
-    largest power of two <= bound. Four integer operations: between env steps, an eighth of numpy's
-    reductions and a third of Python's sum over tolist() (docs/benchmarks.md, "The checks of what envs
-    return"). None where it does not apply: a float not laid out sign, exponent, mantissa (x86's long
-    double), another byte order, more than 4096 values, a bound below 1."""
+    largest power of two <= bound. Four integer operations, cheaper between env steps than numpy's
+    reductions or Python's sum (docs/benchmarks.md, "The checks of what envs return"). None where it
+    does not apply: a float not laid out sign, exponent, mantissa (x86's long double), another byte
+    order, more than 4096 values, a bound below 1."""
     bits = dtype.itemsize * 8
     info = np.finfo(dtype)
     if not dtype.isnative or 1 + info.nexp + info.nmant != bits or size > 4096 or not bound >= 1:
@@ -298,8 +298,8 @@ def magnitude_test(dtype: np.dtype, size: int, bound: float = math.inf) -> tuple
 
 
 def _sum(a: np.ndarray) -> float:
-    """The sum of a float array, in float64; for a small array by Python's sum, which costs half of
-    numpy's reduction there (measured: docs/benchmarks.md, "The checks of what envs return")."""
+    """The sum of a float array, in float64; for a small array by Python's sum, cheaper than numpy's
+    reduction there (docs/benchmarks.md, "The checks of what envs return")."""
     return sum(a.ravel().tolist()) if a.size <= 256 else float(np.add.reduce(a, None, np.float64))
 
 
