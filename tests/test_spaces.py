@@ -189,6 +189,20 @@ def test_env_masks_that_are_wrong_are_refused():
         agent.learn(64, progress_bar=False)
     agent.close()
 
+    class BadLater(toy_envs.MaskedChoice):  # fine at reset, empty from the third step on
+        calls = 0
+
+        def action_masks(self):
+            self.calls += 1
+            return super().action_masks() if self.calls < 3 else np.zeros(6, bool)
+
+    agent = TRPO(lambda: BadLater(), **FAST)
+    with pytest.raises(ValueError, match=r"^at step 2 of this rollout: the env's action masks \(method\): env 0 "
+                                         r"allows no action; .*; the rollout was discarded"):
+        agent.learn(64, progress_bar=False)
+    assert agent.num_timesteps == 0
+    agent.close()
+
 
 def test_step_refuses_a_mask_that_rules_out_a_taken_action():
     policy = _custom(spaces.Box(-1, 1, (3,)), spaces.Discrete(4))

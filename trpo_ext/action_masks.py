@@ -45,7 +45,7 @@ class ActionMasks:
 
     def _checked(self, masks) -> np.ndarray:
         return self.spec.check_mask(np.stack([np.asarray(m).reshape(-1) for m in masks]),
-                                    f"the env's action masks ({self.source or 'action_masks()'})")
+                                    f"the env's action masks ({self.source or 'action_masks()'})", row="env")
 
 
 def single_env_masks(env: gym.Env, info: dict, spec: ActionSpec) -> np.ndarray | None:

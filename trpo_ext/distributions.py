@@ -74,10 +74,10 @@ class ActionSpec:
         """The distribution for the network's output `out` (B, width) (and a Gaussian's log_std)."""
         return self.family.distribution(self, out, log_std)
 
-    def check_mask(self, mask, name: str = "action_masks") -> np.ndarray:
+    def check_mask(self, mask, name: str = "action_masks", row: str = "row") -> np.ndarray:
         """`mask` (from an env or a caller of `predict`) as a bool array (B, width), True = allowed;
-        ValueError naming `name` unless it has that shape and every row allows at least one action
-        of every sub-action."""
+        ValueError naming `name` (and a row as `row` i: "env" for a vector env's) unless it has that
+        shape and every row allows at least one action of every sub-action."""
         if not self.maskable:
             raise ValueError(f"{name}: action masks apply to Discrete and MultiDiscrete actions, not {self.kind}")
         mask = np.asarray(mask)
@@ -93,7 +93,7 @@ class ActionSpec:
             empty = np.flatnonzero(~mask[:, lo:lo + k].any(1))
             if empty.size:
                 which = f" sub-action {s}" if self.segments else ""
-                raise ValueError(f"{name}: row {int(empty[0])} allows no action{which}; every state needs at least "
+                raise ValueError(f"{name}: {row} {int(empty[0])} allows no action{which}; every state needs at least "
                                  "one valid action")
         return mask
 

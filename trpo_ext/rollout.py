@@ -315,7 +315,10 @@ class RolloutCollector:
             if mask_t is not None:
                 mask_steps.append(mask_t)
             obs, rewards[t], terminated[t], truncated[t], infos = self._envs(t + 1, self.inference.env_actions(actions))
-            masks = self.masks.after_step(infos)
+            try:
+                masks = self.masks.after_step(infos)
+            except ValueError as e:  # a mask no action passes: which step, and what the refusal left
+                raise RolloutRefused(f"at step {t + 1} of this rollout: {e}") from None
             if reward_test is None or ((from_bytes(rewards[t].tobytes(), byteorder) & reward_test[0])
                                        + reward_test[1]) & reward_test[2]:  # spaces.magnitude_test
                 check_rewards(rewards[t], t + 1, self.stats.lengths)  # before the statistics see them
