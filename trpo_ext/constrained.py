@@ -29,7 +29,7 @@ from ._ops import flat_vector, load_flat_
 from .config import TrustRegionConfig, check_float
 from .distributions import family_of
 from .fisher import check_policy
-from .step import _check_batch, _direction
+from .step import _check_batch, _direction, record_finisher
 
 B_SMALL = 1e-6
 """bᵀb at or below this: the cost gradient is treated as zero (OmniSafe's threshold)."""
@@ -197,13 +197,7 @@ def constrained_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.
                   cg_residual=(nan, nan), entropy=old_dist.entropy().mean().item(),
                   policy_std=family_of(old_dist).mean_std(old_dist), time_cg=0.0, time_line_search=0.0)
 
-    def finish(**changes) -> ConstrainedStepRecord:
-        now = time.perf_counter()
-        if record["time_cg"] == 0.0:
-            record["time_cg"] = now - start
-        else:
-            record["time_line_search"] = now - start - record["time_cg"]
-        return ConstrainedStepRecord(**{**record, **changes})
+    finish = record_finisher(ConstrainedStepRecord, record, start)
 
     if xy is None:  # a gradient was not finite
         return finish()

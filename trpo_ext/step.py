@@ -194,6 +194,19 @@ def line_search(trial: Callable[[torch.Tensor], tuple[float, float]], old_params
     return config.max_backtracks, None
 
 
+def record_finisher(record_class, record: dict, start: float):
+    """`finish(**changes)`: a step's record (`record_class`) from `record` and `changes`, with the time
+    since `start` as the direction's (`time_cg`, unless already set) or else the line search's."""
+    def finish(**changes):
+        now = time.perf_counter()
+        if record["time_cg"] == 0.0:
+            record["time_cg"] = now - start
+        else:
+            record["time_line_search"] = now - start - record["time_cg"]
+        return record_class(**{**record, **changes})
+    return finish
+
+
 def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.Tensor,
                       advantages: torch.Tensor, *, max_kl: float = 0.01, damping: float = 0.1,
                       cg_iters: int = 10, cg_rtol: float = 1e-10, backtrack_factor: float = 0.8,
@@ -248,13 +261,7 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
                   cg_iterations=0, cg_residual=float("nan"), entropy=old_dist.entropy().mean().item(),
                   policy_std=family_of(old_dist).mean_std(old_dist), time_cg=0.0, time_line_search=0.0)
 
-    def finish(**changes) -> StepRecord:
-        now = time.perf_counter()
-        if record["time_cg"] == 0.0:
-            record["time_cg"] = now - start
-        else:
-            record["time_line_search"] = now - start - record["time_cg"]
-        return StepRecord(**{**record, **changes})
+    finish = record_finisher(StepRecord, record, start)
 
     if x is None:  # the gradient was not finite
         return finish()
