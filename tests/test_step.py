@@ -51,8 +51,13 @@ def test_accepted_step_is_beta_times_the_cg_direction_and_within_the_trust_regio
     if path == "fused" and case not in FUSED_CASES:
         pytest.skip("the ops do not implement this family (test_fisher.py checks that path='fused' refuses it)")
     policy, obs, _, mask = action_problem(case, torch.float64, n=64)
-    oracle = copy.deepcopy(policy)
     actions, advantages = sample_batch(policy, obs, mask)
+    _assert_reference_step(policy, obs, actions, advantages, mask, path)
+
+
+def _assert_reference_step(policy, obs, actions, advantages, mask, path):
+    """trust_region_step on `policy` is accepted, within the trust region, and takes the reference's step."""
+    oracle = copy.deepcopy(policy)
     before = _vector(policy)
     record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=0.01, damping=0.1, cg_iters=10,
                                         backtrack_factor=0.5, path=path, action_mask=mask)
@@ -73,19 +78,10 @@ def test_gsde_step_is_the_reference_step(variant):
     """gSDE's policy (trpo_ext.sde) takes the generic path ("auto" has no fused op for it) and its
     step is the reference's: the Gaussian's KL with the features' state-dependent scale."""
     policy = make_sde_policy(variant)
-    oracle = copy.deepcopy(policy)
     obs, actions, advantages = _batch(policy)
-    before = _vector(policy)
-    record = trpo_ext.trust_region_step(policy, obs, actions, advantages, max_kl=0.01, damping=0.1, cg_iters=10,
-                                        backtrack_factor=0.5)
-    assert record.accepted and 0 < record.kl <= 0.01 and record.improvement > 0
-    step, used, expected_improvement = _reference_step(oracle, obs, actions, advantages, None,
-                                                       record.line_search_steps)
-    assert record.cg_iterations == used
-    assert record.expected_improvement == pytest.approx(expected_improvement, rel=1e-8)
-    assert rel_err(_vector(policy) - before, step) <= 1e-8
+    _assert_reference_step(policy, obs, actions, advantages, None, "auto")
     with pytest.raises(TypeError, match="fused"):
-        trpo_ext.fvp(policy, obs, before, path="fused")
+        trpo_ext.fvp(policy, obs, _vector(policy), path="fused")
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
