@@ -28,8 +28,7 @@ from . import distributed
 from ._ops import flat_vector, load_flat_
 from .config import TrustRegionConfig, check_float
 from .distributions import family_of
-from .fisher import check_policy
-from .step import _check_batch, _direction, record_finisher
+from .step import _check_batch, _direction, record_finisher, trainable_parameters
 
 B_SMALL = 1e-6
 """bᵀb at or below this: the cost gradient is treated as zero (OmniSafe's threshold)."""
@@ -178,10 +177,7 @@ def constrained_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch.
     config = TrustRegionConfig(max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks)
     _check_batch(obs, actions, advantages)
     c = check_cost_inputs(cost_advantages, advantages, cost_violation)
-    params = check_policy(policy)
-    frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
-    if frozen:
-        raise ValueError(f"policy: constrained_step optimizes every parameter; these do not require grad: {frozen}")
+    params = trainable_parameters(policy, "constrained_step")
     group = distributed.resolve_group(process_group)
 
     start = time.perf_counter()

@@ -194,6 +194,16 @@ def line_search(trial: Callable[[torch.Tensor], tuple[float, float]], old_params
     return config.max_backtracks, None
 
 
+def trainable_parameters(policy: torch.nn.Module, step: str) -> list[torch.Tensor]:
+    """The policy's parameters (`fisher.check_policy`), every one of which a step (named `step`) moves;
+    ValueError naming those that do not require grad."""
+    params = check_policy(policy)
+    frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"policy: {step} optimizes every parameter; these do not require grad: {frozen}")
+    return params
+
+
 def record_finisher(record_class, record: dict, start: float):
     """`finish(**changes)`: a step's record (`record_class`) from `record` and `changes`, with the time
     since `start` as the direction's (`time_cg`, unless already set) or else the line search's."""
@@ -245,10 +255,7 @@ def trust_region_step(policy: torch.nn.Module, obs: torch.Tensor, actions: torch
     """
     config = TrustRegionConfig(max_kl, damping, cg_iters, cg_rtol, backtrack_factor, max_backtracks)
     _check_batch(obs, actions, advantages)
-    params = check_policy(policy)
-    frozen = [name for name, p in policy.named_parameters() if not p.requires_grad]
-    if frozen:
-        raise ValueError(f"policy: trust_region_step optimizes every parameter; these do not require grad: {frozen}")
+    params = trainable_parameters(policy, "trust_region_step")
 
     group = distributed.resolve_group(process_group)
 
