@@ -99,17 +99,27 @@ def test_callbacks_get_sb3s_calls(stop_at):
     assert model.num_timesteps == 16 and model.agent.n_updates == (4 if stop_at is None else 2)
 
 
-@pytest.mark.parametrize("make", [cartpole, lambda: VecNormalize(cartpole()),
-                                  lambda: SubprocVecEnv([lambda: gym.make("CartPole-v1")] * 2)],
-                         ids=["DummyVecEnv", "VecNormalize", "SubprocVecEnv"])
-def test_sb3_vec_envs(make):
+@pytest.mark.parametrize("make, settings", [(cartpole, {}), (lambda: VecNormalize(cartpole()), {}),
+                                            (lambda: SubprocVecEnv([lambda: gym.make("CartPole-v1")] * 2), {}),
+                                            (lambda: VecNormalize(DummyVecEnv([Reach] * 2)),
+                                             dict(use_sde=True, sde_sample_freq=4))],
+                         ids=["DummyVecEnv", "VecNormalize", "SubprocVecEnv", "VecNormalize-gSDE"])
+def test_sb3_vec_envs(make, settings, tmp_path):
     venv = make()
-    model = TRPO("MlpPolicy", venv, n_steps=16, seed=0, device="cpu")
+    model = TRPO("MlpPolicy", venv, n_steps=16, seed=0, device="cpu", **settings)
     assert model.get_env() is venv and model.n_envs == 2 and model.agent.config.n_envs == 2
     model.learn(64)
     assert model.agent.n_updates == 2
-    actions, _ = model.predict(venv.reset(), deterministic=True)
-    assert actions.shape == (2,)
+    obs = venv.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    assert actions.shape == (2, *venv.action_space.shape)
+    if settings:  # saved and loaded, the gSDE policy predicts the same and goes on learning on the VecEnv
+        with pytest.warns(UserWarning, match="no registered id"):  # a VecEnv of a class, not an id
+            model.save(tmp_path / "model")
+        loaded = TRPO.load(tmp_path / "model", env=venv)
+        np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], actions)
+        loaded.learn(32, reset_num_timesteps=False)
+        assert loaded.num_timesteps == 96
     model.close()
 
 
