@@ -1,5 +1,5 @@
-"""Property tests (hypothesis) of the fused ops against trpo_ext.reference: mlp_fvp, mlp_cg,
-mlp_policy_direction, mlp_policy_trial and mlp_act on every fused action case (helpers.FUSED_CASES),
+"""Property tests (hypothesis) of the fused ops against trpo_ext.reference: mlp_fvp, mlp_cg (one
+right-hand side or several, each column as if solved alone), mlp_policy_direction, mlp_policy_trial and mlp_act on every fused action case (helpers.FUSED_CASES),
 with the shapes drawn (one row or many, observation and action widths, no hidden layer or two),
 the activation, float32 or float64, and contiguous or strided tensors (the ops take any strides).
 The float32 ops are held to the float64 reference. Derandomized with a fixed number of examples,
@@ -112,6 +112,25 @@ def test_cg_is_the_reference_solve(p, iters):
                                    action_mask=p.mask)[0]
         assert rel_err(x, ref_x) <= max(2 * rel_err(ref32, ref_x), 1e-5)
     assert torch.isfinite(residual) and residual.dtype == torch.float64
+
+
+@FUZZ
+@given(problems(), st.integers(1, 10), st.integers(2, 3))
+def test_cg_columns_are_solved_as_if_alone(p, iters, columns):
+    """b (P, C): each column's solve is the one-column op's (iterations too), on one forward pass."""
+    b = torch.stack([p.v, *(torch.randn(p.v.shape, generator=p.generator, dtype=p.v.dtype)
+                            for _ in range(columns - 1))], 1)
+    kwargs = p.kwargs(action_mask=p.mask)
+    many = _ops.mlp_cg(p.op(p.obs), p.params(), p.op(b), damping=0.1, iters=iters, rtol=0.0, **kwargs)
+    exact = _ops.mlp_cg(p.obs, [q.detach() for q in p.policy.parameters()], b, damping=0.1, iters=iters, rtol=0.0,
+                        **fused_spec(p.policy).op_kwargs(action_mask=p.mask))
+    for c in range(columns):
+        one = _ops.mlp_cg(p.op(p.obs), p.params(), p.op(b[:, c]), damping=0.1, iters=iters, rtol=0.0, **kwargs)
+        assert int(many.iterations[c]) == int(one.iterations)
+        if p.dtype == torch.float64:
+            assert rel_err(many.x[:, c], one.x) <= CG_RTOL64
+        else:  # as close to the float64 solve as the one-column solve gets, twice (docs/design.md, "Tolerances")
+            assert rel_err(many.x[:, c], exact.x[:, c]) <= max(2 * rel_err(one.x, exact.x[:, c]), 1e-5)
 
 
 # ----------------------------------------------------------------------------- the policy step
