@@ -143,7 +143,8 @@ UPDATE_PARALLEL = ("auto", "split", "data")
 VECTORIZATIONS = ("sync", "async", "envpool")
 """`TRPOConfig.vectorization`'s values (`trpo_ext.envs.make_vec_env`)."""
 
-POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0, "full_std": True, "use_expln": False}
+POLICY_KWARGS = {"hidden": (64, 64), "activation": "tanh", "log_std_init": 0.0, "full_std": True, "use_expln": False,
+                 "lstm_hidden_size": 256, "n_lstm_layers": 1, "shared_lstm": False, "enable_critic_lstm": True}
 """The defaults of `TRPOConfig.policy_kwargs`; a user's dict overrides some of them."""
 
 
@@ -164,7 +165,20 @@ def _check_policy_kwargs(value) -> dict:
             "activation": check_choice("policy_kwargs['activation']", kwargs["activation"], ACTIVATIONS),
             "log_std_init": check_float("policy_kwargs['log_std_init']", kwargs["log_std_init"], -20.0, 2.0),
             "full_std": check_bool("policy_kwargs['full_std']", kwargs["full_std"]),
-            "use_expln": check_bool("policy_kwargs['use_expln']", kwargs["use_expln"])}
+            "use_expln": check_bool("policy_kwargs['use_expln']", kwargs["use_expln"]),
+            "lstm_hidden_size": check_int("policy_kwargs['lstm_hidden_size']", kwargs["lstm_hidden_size"], 1, 65536),
+            "n_lstm_layers": check_int("policy_kwargs['n_lstm_layers']", kwargs["n_lstm_layers"], 1, 64),
+            "shared_lstm": _check_shared_lstm(kwargs["shared_lstm"]),
+            "enable_critic_lstm": check_bool("policy_kwargs['enable_critic_lstm']", kwargs["enable_critic_lstm"])}
+
+
+def _check_shared_lstm(value) -> bool:
+    if check_bool("policy_kwargs['shared_lstm']", value):
+        raise ValueError("policy_kwargs['shared_lstm']=True is not supported: TRPO moves the policy by a trust-region "
+                         "step and the critic by regression, and a shared LSTM would be moved by both (the step's KL "
+                         "bound would not hold); the critic gets its own LSTM (enable_critic_lstm=True, the default) "
+                         "or none (False)")
+    return False
 
 
 def _check_sde_sample_freq(value) -> int:
@@ -232,8 +246,11 @@ class TRPOConfig:
     """Dict with `hidden` (layer widths, also used by the value network), `activation` (a key of
     `trpo_ext.policies.ACTIVATIONS`), `log_std_init` (Gaussian policies, in [-20, 2]; with gSDE the
     log-std of the noise matrix's entries), and gSDE's `full_std` (one σ per (feature, action) rather
-    than per feature) and `use_expln` (sb3's expln instead of exp for σ); missing keys take
-    `POLICY_KWARGS`' values, and the field always holds all five."""
+    than per feature) and `use_expln` (sb3's expln instead of exp for σ); for the recurrent
+    "MlpLstmPolicy" / "MlpGruPolicy" (`trpo_ext.recurrent`), sb3-contrib RecurrentPPO's
+    `lstm_hidden_size`, `n_lstm_layers` and `enable_critic_lstm` (the critic's own LSTM; False: a
+    feed-forward critic), and `shared_lstm` (False only); missing keys take `POLICY_KWARGS`' values,
+    and the field always holds all of them."""
     use_sde: bool = False
     """Generalized state-dependent exploration (gSDE, stable-baselines3's): the exploration noise is
     the policy's last hidden features times a random matrix (`trpo_ext.sde`); Box actions and the

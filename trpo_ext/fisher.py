@@ -22,6 +22,7 @@ from .config import check_trust_region
 from .distributions import ActionSpec, family_of
 from .generic import GENERIC_LOCK, generic_products
 from .policies import FusedSpec, fused_spec
+from .recurrent import check_sequences, is_recurrent
 from .reference import conjugate_gradient
 from .spaces import batch_len
 
@@ -112,6 +113,9 @@ def check_inputs(policy, params: list[torch.Tensor], fused: FusedSpec | None, **
     """Checks observation batches (keyword name -> tensor) against `policy` and its `params` (from
     `check_policy`) for the path `fused` describes (None: generic)."""
     for name, obs in observations.items():
+        if is_recurrent(policy):  # its batch is Sequences (trpo_ext.recurrent)
+            check_sequences(name, obs, policy)
+            continue
         _check_obs(name, obs, params, fused, getattr(policy, "obs_dim", None))
     if fused is not None and params[0].is_cuda and not _ops.cuda_built():
         raise RuntimeError("this trpo_ext build has no CUDA kernels (built CPU-only); "
@@ -134,8 +138,8 @@ def _validate(policy, obs, vec_name, vec, damping, check_finite, path, action_ma
     check_inputs(policy, params, fused, obs=obs)
     _check_vector(vec_name, vec, params)
     damping = check_trust_region("damping", damping)
-    if check_finite:
-        _check_finite(obs=obs, **{vec_name: vec})
+    if check_finite:  # Sequences: check_inputs has held their tensors to finiteness
+        _check_finite(**({} if is_recurrent(policy) else {"obs": obs}), **{vec_name: vec})
     if action_mask is not None:
         action_spec_of(policy, obs, fused).check_mask_tensor("action_mask", action_mask, batch_len(obs),
                                                              params[0].device)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributions import Independent
 
 from .distributions import ActionSpec, action_spec
+from .recurrent import CELLS, RecurrentPolicy, RecurrentValue
 from .sde import SDEPolicy
 from .spaces import ObservationCodec
 
@@ -253,7 +254,11 @@ class FeatureValue(nn.Module):
 
 
 # ----------------------------------------------------------------------------- networks by name
-BUILT_IN = ("MlpPolicy", "CnnPolicy", "MultiInputPolicy")
+RECURRENT = {"MlpLstmPolicy": "lstm", "MlpGruPolicy": "gru"}
+"""The built-in recurrent policies (`trpo_ext.recurrent`) by name, sb3-contrib RecurrentPPO's (and a GRU),
+and their cells."""
+
+BUILT_IN = ("MlpPolicy", "CnnPolicy", "MultiInputPolicy", *RECURRENT)
 """The `policy=` / `value_net=` names of the built-in networks, as stable-baselines3 calls them."""
 
 
@@ -264,6 +269,12 @@ def default_name(codec: ObservationCodec) -> str:
 
 def _check_name_fits(name: str, codec: ObservationCodec, role: str) -> None:
     fits = default_name(codec)
+    if name in RECURRENT and fits == "MlpPolicy":
+        return
+    if name in RECURRENT:
+        raise ValueError(f"{role}={name!r} takes flat observations (its LSTM / GRU reads the observation vector); the "
+                         f"observation space is {codec.space}: image and Dict observations have no recurrent built-in "
+                         "policy yet")
     if name == fits or (name == "MultiInputPolicy" and codec.is_dict):
         return
     why = {"MultiInputPolicy": "needs a Dict observation space", "CnnPolicy": "needs image observations "
@@ -281,16 +292,25 @@ def sde_policy(obs_dim: int, action_space, hidden, activation, log_std_init, ful
 
 
 def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, activation, log_std_init,
-                    sde: dict | None = None) -> nn.Module:
+                    sde: dict | None = None, recurrent: dict | None = None) -> nn.Module:
     """The built-in policy `name` for these spaces: MLPPolicy (fused ops) for "MlpPolicy" (with `sde`,
     gSDE's `sde_policy` on its keyword arguments); a FeaturePolicy with a NatureCNN of 512 features
     and no hidden layers for "CnnPolicy" (sb3's defaults), or with 256 features per image and
-    `hidden` for "MultiInputPolicy"."""
+    `hidden` for "MultiInputPolicy"; a `RecurrentPolicy` (its RNN as torch initialises it, as
+    RecurrentPPO's) for a name of RECURRENT, sized by `recurrent` (policy_kwargs' lstm_hidden_size and
+    n_lstm_layers)."""
     _check_name_fits(name, codec, "policy")
     if sde is not None and name != "MlpPolicy":
         raise ValueError(f"use_sde=True: gSDE is built into policy='MlpPolicy' only, not {name!r}")
     if sde is not None:
         return sde_policy(codec.flat_dim, action_space, hidden, activation, log_std_init, **sde)
+    if name in RECURRENT:
+        spec = action_spec(action_space)
+        rnn = CELLS[RECURRENT[name]](codec.flat_dim, recurrent["lstm_hidden_size"], recurrent["n_lstm_layers"])
+        layers, act = _mlp((rnn.hidden_size, *_check_sizes("hidden", hidden), spec.width), activation)
+        _orthogonal_init(layers, last_gain=0.01)
+        std = _LogStd(spec.width, log_std_init) if spec.family.has_log_std else None
+        return RecurrentPolicy(rnn, layers, ACTIVATIONS[activation](), activation, spec, std)
     if name == "MlpPolicy":
         return MLPPolicy(codec.flat_dim, action_space, hidden, activation, log_std_init)
     if name == "CnnPolicy":
@@ -298,10 +318,16 @@ def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, ac
     return FeaturePolicy(FeatureExtractor(codec, 256), action_space, hidden, activation, log_std_init)
 
 
-def built_in_value(name: str, codec: ObservationCodec, hidden, activation) -> nn.Module:
-    """The built-in critic `name`, shaped like `built_in_policy`'s policy."""
+def built_in_value(name: str, codec: ObservationCodec, hidden, activation, recurrent: dict | None = None) -> nn.Module:
+    """The built-in critic `name`, shaped like `built_in_policy`'s policy (a recurrent name: its own
+    RNN with `recurrent["enable_critic_lstm"]`, else the feed-forward MLP critic)."""
     _check_name_fits(name, codec, "value_net")
-    if name == "MlpPolicy":
+    if name in RECURRENT and recurrent["enable_critic_lstm"]:
+        rnn = CELLS[RECURRENT[name]](codec.flat_dim, recurrent["lstm_hidden_size"], recurrent["n_lstm_layers"])
+        layers, act = _mlp((rnn.hidden_size, *_check_sizes("hidden", hidden), 1), activation)
+        _orthogonal_init(layers, last_gain=1.0)
+        return RecurrentValue(rnn, layers, act, activation)
+    if name in RECURRENT or name == "MlpPolicy":
         return ValueNetwork(codec.flat_dim, hidden, activation)
     if name == "CnnPolicy":
         return FeatureValue(FeatureExtractor(codec, 512), (), activation)
@@ -330,11 +356,14 @@ def build_networks(policy, value_net, codec: ObservationCodec, action_space, pol
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
         torch.manual_seed(seed)
         policy = build_network("policy", policy, observation_space, action_space, lambda name: built_in_policy(
-            name, codec, action_space, hidden, activation, policy_kwargs["log_std_init"], sde)).to(device)
+            name, codec, action_space, hidden, activation, policy_kwargs["log_std_init"], sde, policy_kwargs)).to(device)
         value_net = build_network("value_net", value_net, observation_space, action_space,
-                                  lambda name: built_in_value(name, codec, hidden, activation)).to(device)
-    if fused_spec(policy) is None:
+                                  lambda name: built_in_value(name, codec, hidden, activation, policy_kwargs)).to(device)
+    if fused_spec(policy) is None and not isinstance(policy, RecurrentPolicy):
         check_custom_policy(policy, codec, action_space, device)
+    if isinstance(value_net, RecurrentValue) and not isinstance(policy, RecurrentPolicy):
+        raise ValueError("a recurrent critic needs a recurrent policy: value_net=" + repr(names["value_net"]) +
+                         " with policy=" + repr(names["policy"] or type(policy).__name__))
     return policy, value_net, names
 
 
@@ -350,11 +379,8 @@ def build_network(name: str, spec, observation_space, action_space, built_in) ->
     or what a callable `spec(observation_space, action_space)` returns; TypeError for anything else."""
     if isinstance(spec, str):
         if spec not in BUILT_IN:
-            recurrent = any(word in spec.lower() for word in ("lstm", "gru", "recurrent", "rnn"))
             raise ValueError(f"{name} must be one of {BUILT_IN}, a torch.nn.Module or a callable "
-                             f"(observation_space, action_space) -> nn.Module; got the string {spec!r}"
-                             + ("; recurrent policies are not supported (a policy maps one observation to "
-                                "its action distribution, with no state carried between steps)" if recurrent else ""))
+                             f"(observation_space, action_space) -> nn.Module; got the string {spec!r}")
         return built_in(spec)
     if isinstance(spec, nn.Module):
         return spec

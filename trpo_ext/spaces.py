@@ -16,6 +16,7 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -346,8 +347,19 @@ def _part_problem(value, part: ObsPart, batch: bool) -> tuple | None:
 
 
 # ----------------------------------------------------------------------------- batches of either form
+class Sequences(NamedTuple):
+    """A recurrent policy's batch (`trpo_ext.recurrent`): B sequences of T steps, rows time-major
+    (row t·B + b). `check_sequences` holds a batch to it."""
+
+    obs: torch.Tensor  # (T, B, D), the policy's input
+    episode_starts: torch.Tensor  # (T, B) bool: True where a step starts an episode (the state before it is zero)
+    initial_state: tuple  # the state before step 0: (h, c) (LSTM) or (h,) (GRU), each (layers, B, hidden)
+
+
 def batch_len(obs) -> int:
-    """Rows of a preprocessed batch (a tensor or a dict of tensors)."""
+    """Rows of a preprocessed batch (a tensor, a dict of tensors, or Sequences: T·B)."""
+    if isinstance(obs, Sequences):
+        return obs.episode_starts.numel()
     return next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]
 
 
