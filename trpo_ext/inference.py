@@ -12,6 +12,7 @@ from .distributions import action_spec, masked, sample_actions
 from .envs import reset_problem, step_problem
 from .normalization import RunningNormalizer
 from .policies import fused_spec
+from .recurrent import is_recurrent
 from .sde import SDEPolicy
 
 
@@ -63,6 +64,15 @@ class Inference:
                             generator=generator, obs_mean=mean, obs_inv_std=inv_std, obs_clip=clip,
                             **spec.op_kwargs(action_mask=masks))
 
+    @torch.no_grad()
+    def recurrent_actions(self, policy, policy_obs: torch.Tensor, state: tuple, episode_start: torch.Tensor,
+                          generator: torch.Generator | None = None, deterministic: bool = False,
+                          masks: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+        """One step of a recurrent policy (`trpo_ext.recurrent`) on the policy's input (B, D) from
+        `state`, reset where `episode_start` (B,) bool: (actions, the new state)."""
+        out, state = policy.step(policy_obs, state, episode_start)
+        return sample_actions(masked(policy.distribution(out), masks), generator, deterministic), state
+
     @staticmethod
     def before_step(policy, t: int, n: int, generator: torch.Generator) -> None:
         """What sampling needs before step t of a rollout of n envs: gSDE's noise schedule
@@ -74,12 +84,14 @@ class Inference:
         """Sampled actions as the env takes them (`ActionSpec.env_action`)."""
         return self.action.env_action(actions)
 
-    def predict(self, policy, observation, deterministic: bool = False, action_masks=None) -> np.ndarray:
-        """`TRPO.predict`'s actions, in the env's form, for one raw observation or a batch (what it
-        takes: its docstring); ValueError, before the policy runs, for the `(obs, info)` tuple
+    def predict(self, policy, observation, deterministic: bool = False, action_masks=None, state=None,
+                episode_start=None) -> tuple[np.ndarray, tuple | None]:
+        """`TRPO.predict`'s (actions in the env's form, state) for one raw observation or a batch
+        (what it takes: its docstring); ValueError, before the policy runs, for the `(obs, info)` tuple
         `reset()` returns, an observation that does not fit the space (shape, dtype, NaN / inf,
-        Discrete / MultiDiscrete / MultiBinary / image ranges: `ObservationCodec.problem`), or masks
-        that do not fit. Nothing is changed before the checks pass."""
+        Discrete / MultiDiscrete / MultiBinary / image ranges: `ObservationCodec.problem`), masks or
+        (a recurrent policy) a state or episode_start that do not fit. Nothing is changed before the
+        checks pass. The state is None for a feed-forward policy."""
         if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
             raise ValueError("predict got the (obs, info) tuple that env.reset() returns; pass the observation: "
                              "obs, info = env.reset()")
@@ -98,9 +110,17 @@ class Inference:
             masks = self.action.check_mask(masks[None] if single and masks.ndim == 1 else masks)
             if masks.shape[0] != n:
                 raise ValueError(f"action_masks has {masks.shape[0]} rows for {n} observations")
-        _, actions = self.act(policy, obs, deterministic=deterministic, masks=self.mask_tensor(masks))
+        if is_recurrent(policy):
+            n = self.codec.raw_len(obs)
+            state, starts = _recurrent_inputs(policy, state, episode_start, n, self.device)
+            actions, state = self.recurrent_actions(policy, self.observe(obs), state, starts,
+                                                    deterministic=deterministic, masks=self.mask_tensor(masks))
+            state = tuple(s.cpu().numpy() for s in state)
+        else:
+            state = None
+            _, actions = self.act(policy, obs, deterministic=deterministic, masks=self.mask_tensor(masks))
         actions = self.env_actions(actions)
-        return actions[0] if single else actions
+        return (actions[0] if single else actions), state
 
     def episodes(self, policy, env, n_episodes: int, deterministic: bool, seed: int, limit: int) -> tuple[list, int]:
         """`TRPO.evaluate`'s episodes on one env: (their returns, how many were cut at `limit` steps).
@@ -111,10 +131,10 @@ class Inference:
             out, step = env.reset(seed=seed + episode), 0
             _refuse(reset_problem(out, self.codec), episode, step)
             obs, info = out
-            total, done = 0.0, False
+            total, done, state = 0.0, False, None
             while not done and step < limit:
                 masks = single_env_masks(env, info, self.action)  # None when the env has none
-                action = self.predict(policy, obs, deterministic, masks)
+                action, state = self.predict(policy, obs, deterministic, masks, state, step == 0)
                 out, step = env.step(action), step + 1
                 _refuse(step_problem(out, self.codec), episode, step)
                 obs, reward, terminated, truncated, info = out
@@ -131,3 +151,30 @@ def _refuse(problem: tuple | None, episode: int, step: int) -> None:
         field, got, expected = problem
         when = "at the reset" if step == 0 else f"at step {step}"
         raise ValueError(f"evaluate: the env {when} of episode {episode}: {field} {got}; expected {expected}")
+
+
+def _recurrent_inputs(policy, state, episode_start, n: int, device) -> tuple[tuple, torch.Tensor]:
+    """predict's state and episode_start for n observations of a recurrent policy, as RecurrentPPO
+    takes them: state None (zero) or the tuple predict returned, (layers, n, hidden) arrays;
+    episode_start None (no start) or n bools. ValueError naming the argument otherwise."""
+    if state is None:
+        state = policy.initial_state(n)
+    else:
+        expected = tuple(s.shape for s in policy.initial_state(n))
+        if not isinstance(state, (tuple, list)) or len(state) != len(expected) or any(
+                np.shape(s) != e for s, e in zip(state, expected)):
+            shapes = [tuple(np.shape(s)) for s in state] if isinstance(state, (tuple, list)) else type(state).__name__
+            raise ValueError(f"state must be None or the state predict returned for {n} observation(s): "
+                             f"{len(expected)} arrays of shape {tuple(expected[0])} (layers, n, hidden); got {shapes}")
+        state = tuple(torch.as_tensor(np.asarray(s), dtype=policy.rnn.weight_hh_l0.dtype, device=device)
+                      for s in state)
+        if not all(bool(torch.isfinite(s).all()) for s in state):
+            raise ValueError("state contains NaN or Inf")
+    if episode_start is None:
+        starts = torch.zeros(n, dtype=torch.bool, device=device)
+    else:
+        starts = np.asarray(episode_start)
+        if starts.size != n or not (starts.dtype == np.bool_ or np.isin(starts, (0, 1)).all()):
+            raise ValueError(f"episode_start must be None or {n} bools (one per observation), got {episode_start!r:.80}")
+        starts = torch.as_tensor(starts.reshape(n).astype(bool), device=device)
+    return state, starts

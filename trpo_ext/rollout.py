@@ -22,6 +22,8 @@ from .envs import EnvStepError, LeanSyncVectorEnv, batch_problem
 from .inference import Inference
 from .normalization import RewardScaler, RunningNormalizer
 from .policies import fused_spec
+from .recurrent import is_recurrent
+from .recurrent_rollout import RecurrentMemory
 
 
 # ----------------------------------------------------------------------------- GAE
@@ -94,6 +96,9 @@ class Batch:
     returns: torch.Tensor  # value targets
     values: torch.Tensor  # V(s) before the critic update, for explained variance
     action_masks: torch.Tensor | None = None  # (N, logits) bool, True = allowed; None without masks
+    # A recurrent critic's input and targets when they are not obs and returns (trpo_ext.recurrent_rollout)
+    critic_obs: object = None
+    critic_returns: torch.Tensor | None = None
 
 
 class EpisodeStats:
@@ -180,6 +185,7 @@ class RolloutCollector:
         self.check_batch = not isinstance(envs, LeanSyncVectorEnv)
         # Rewards whose bits pass this (every |r| < 2^39) need no `check_rewards`: a third of its cost per step
         self.reward_test = spaces.magnitude_test(np.dtype(np.float64), self.n_envs, MAX_ABS_REWARD)
+        self.memory = RecurrentMemory(self.n_envs, device)  # used by recurrent policies only
 
     def _refused(self, problem: tuple, step: int | None) -> RolloutRefused:
         """The refusal of what the envs returned at `step` of this rollout (None: at reset);
@@ -224,6 +230,7 @@ class RolloutCollector:
     def reset(self, seed: int | None) -> None:
         self.last_obs, infos = self._envs(None, seed)
         self.last_masks = self.masks.start(infos)
+        self.memory.reset()
         self.stats.returns[:] = 0.0
         self.stats.lengths[:] = 0
         if self.reward_scaler is not None:
@@ -238,7 +245,8 @@ class RolloutCollector:
                 "mask_source": self.masks.source,
                 "stats": self.stats.state_dict(),
                 "normalizer": None if self.normalizer is None else self.normalizer.state_dict(),
-                "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict()}
+                "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
+                "memory": self.memory.state_dict()}
 
     def load_state_dict(self, state: dict, *, resume_episodes: bool = True) -> None:
         """Restores `state_dict()`. With `resume_episodes=False` only the normalizer's statistics
@@ -260,6 +268,10 @@ class RolloutCollector:
             masks = state["last_masks"]
             self.last_masks = None if masks is None else masks.numpy().copy()
             self.masks.source = state["mask_source"]
+            if state.get("memory") is not None:  # absent from files of older versions: zero states
+                self.memory.load_state_dict(state["memory"])
+            else:
+                self.memory.reset()
 
     def collect(self, policy, value_fn, generator: torch.Generator, gamma: float, lam: float) -> Batch:
         """One rollout of `n_steps` steps of every env -> a `Batch`.
@@ -271,13 +283,14 @@ class RolloutCollector:
         rollout. After a refusal the envs cannot step again (`env_failure`)."""
         saved = (self.last_obs, self.last_masks, self.stats.snapshot(), generator.get_state(),
                  None if self.normalizer is None else self.normalizer.snapshot(),
-                 None if self.reward_scaler is None else self.reward_scaler.snapshot())
+                 None if self.reward_scaler is None else self.reward_scaler.snapshot(), self.memory.snapshot())
         try:
             return self._collect(policy, value_fn, generator, gamma, lam)
         except BaseException as exc:
             if isinstance(exc, RolloutRefused):
                 self.env_failure = exc.cause
-            self.last_obs, self.last_masks, stats, rng, normalizer, scaler = saved
+            self.last_obs, self.last_masks, stats, rng, normalizer, scaler, memory = saved
+            self.memory.restore(memory)
             self.stats.restore(stats)
             generator.set_state(rng)
             if normalizer is not None:
@@ -298,6 +311,9 @@ class RolloutCollector:
         obs, masks = self.last_obs, self.last_masks
         params = list(policy.parameters())
         fused = fused_spec(policy) is not None
+        memory = self.memory if is_recurrent(policy) else None
+        if memory is not None:
+            memory.begin(policy, value_fn)
         reward_test, from_bytes, byteorder = self.reward_test, int.from_bytes, sys.byteorder  # locals: every step
         for t in range(T):
             # Each observation was checked as it arrived (reset, or the step before), before it can
@@ -309,7 +325,12 @@ class RolloutCollector:
                 self.normalizer.update(self.codec.norm_features(obs))
             mask_t = self.inference.mask_tensor(masks)
             self.inference.before_step(policy, t, N, generator)  # gSDE's noise schedule
-            policy_obs, actions = self.inference.act(policy, obs, generator, params=params, fused=fused, masks=mask_t)
+            if memory is None:
+                policy_obs, actions = self.inference.act(policy, obs, generator, params=params, fused=fused,
+                                                         masks=mask_t)
+            else:
+                policy_obs = self.inference.observe(obs)
+                actions = memory.act(self.inference, policy, value_fn, policy_obs, generator, mask_t)
             obs_steps.append(policy_obs)
             act_steps.append(actions)
             if mask_t is not None:
@@ -330,6 +351,10 @@ class RolloutCollector:
                         raise self._refused((i, *problem[1:]), t + 1)
                     final_obs.append((t, i, final[i]))
             done = terminated[t] | truncated[t]
+            if memory is not None:
+                ended = [(i, o) for step, i, o in final_obs if step == t]
+                memory.after_step(t, done, value_fn, [i for i, _ in ended],
+                                  self.inference.observe(self.codec.batch_raw([o for _, o in ended])) if ended else None)
             self.stats.step(rewards[t], done)  # the episode statistics keep the raw rewards
             if self.on_step is not None:  # an exception it raises discards the rollout, as any error here does
                 self.on_step(t, obs, rewards[t], terminated[t], truncated[t], infos)
@@ -337,21 +362,28 @@ class RolloutCollector:
                 rewards[t] = self.reward_scaler(rewards[t], done)
         self.last_obs, self.last_masks = obs, masks
 
-        # The observation after the last step and the truncated episodes' final observations.
-        extra = obs if not final_obs else self.codec.concat_raw([obs, self.codec.batch_raw([o for *_, o in final_obs])])
-
-        # One value pass: all rollout observations, the observation after the last step, final observations.
         obs_buf = spaces.cat(obs_steps)  # (T * N, ...), step-major like the (T, N) arrays
-        all_values = value_fn(spaces.cat([obs_buf, self.inference.observe(extra)])).cpu().numpy().astype(np.float64)
-        values = all_values[: T * N].reshape(T, N)
-        next_values = np.concatenate([values[1:], all_values[T * N: T * N + N][None]])
-        for k, (t, i, _) in enumerate(final_obs):
-            next_values[t, i] = all_values[T * N + N + k]
+        if memory is not None and memory.recurrent_critic:  # the critic stepped with the policy
+            values, next_values = memory.critic_values(value_fn, self.inference.observe(obs))
+        else:
+            # The observation after the last step and the truncated episodes' final observations.
+            extra = obs if not final_obs else self.codec.concat_raw([obs, self.codec.batch_raw([o for *_, o in final_obs])])
+            # One value pass: all rollout observations, the observation after the last step, final observations.
+            all_values = value_fn(spaces.cat([obs_buf, self.inference.observe(extra)])).cpu().numpy().astype(np.float64)
+            values = all_values[: T * N].reshape(T, N)
+            next_values = np.concatenate([values[1:], all_values[T * N: T * N + N][None]])
+            for k, (t, i, _) in enumerate(final_obs):
+                next_values[t, i] = all_values[T * N + N + k]
         advantages, returns = compute_gae(rewards, values, next_values, terminated, truncated, gamma, lam)
 
         def flat(a):
             return torch.as_tensor(a.reshape(T * N), dtype=torch.float32, device=self.device)
 
-        return Batch(obs=obs_buf, actions=torch.cat(act_steps),
-                     advantages=flat(advantages), returns=flat(returns), values=flat(values),
-                     action_masks=torch.cat(mask_steps) if mask_steps else None)
+        batch = Batch(obs=obs_buf, actions=torch.cat(act_steps),
+                      advantages=flat(advantages), returns=flat(returns), values=flat(values),
+                      action_masks=torch.cat(mask_steps) if mask_steps else None)
+        if memory is not None:  # the update runs on whole sequences
+            batch.critic_obs, batch.critic_returns = (memory.critic_sequences(obs_buf, batch.returns)
+                                                      if memory.recurrent_critic else (obs_buf, batch.returns))
+            batch.obs = memory.policy_sequences(obs_buf)
+        return batch

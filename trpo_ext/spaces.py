@@ -370,7 +370,10 @@ def cat(batches: list):
 
 
 def rows(obs, index):
-    """The rows `index` (a tensor of indices or a slice) of a preprocessed batch."""
+    """The rows `index` (a tensor of indices or a slice) of a preprocessed batch; of Sequences, the
+    sequences (columns) `index`, each whole."""
+    if isinstance(obs, Sequences):
+        return Sequences(obs.obs[:, index], obs.episode_starts[:, index], tuple(s[:, index] for s in obs.initial_state))
     if isinstance(obs, dict):
         return {k: v[index] for k, v in obs.items()}
     return obs[index]

@@ -24,7 +24,7 @@ from ._ops import flat_vector, load_flat_, unflatten
 from .config import TrustRegionConfig
 from .distributions import detach_distribution, family_of, masked
 from .fisher import CGInfo, check_inputs, check_policy, choose_path, generic_cg_solve
-from .spaces import batch_len
+from .spaces import Sequences, batch_len
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,11 @@ def _unvalidated_distributions():
 
 def _check_batch(obs, actions, advantages) -> None:
     for name, t in (("obs", obs), ("actions", actions), ("advantages", advantages)):
-        if not isinstance(t, torch.Tensor) and not (name == "obs" and isinstance(obs, dict) and obs):
-            raise TypeError(f"{name} must be a torch.Tensor{' (or a dict of them)' if name == 'obs' else ''}, "
-                            f"got {type(t).__name__}")
-    n = batch_len(obs) if isinstance(obs, dict) or obs.dim() else 0
+        if not isinstance(t, torch.Tensor) and not (name == "obs" and (isinstance(obs, dict) and obs
+                                                                       or isinstance(obs, Sequences))):
+            raise TypeError(f"{name} must be a torch.Tensor{' (or a dict of them, or Sequences)' if name == 'obs' else ''}"
+                            f", got {type(t).__name__}")
+    n = batch_len(obs) if isinstance(obs, (dict, Sequences)) or obs.dim() else 0
     if n == 0:
         raise ValueError(f"obs must be a non-empty batch (N, ...), got shape {tuple(obs.shape)}")
     if advantages.shape != (n,):

@@ -29,6 +29,7 @@ from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .normalization import RewardScaler, RunningNormalizer
 from .policies import FlatValues, build_networks, check_custom_value_net
+from .recurrent import is_recurrent
 from .rollout import EpisodeStats, RolloutCollector
 from .split_update import split_update
 from .step import StepRecord, trust_region_step
@@ -119,14 +120,16 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         try:
             self.policy, self.value_net, self.network_names = build_networks(
                 policy, value_net, codec, action_space, config.policy_kwargs, config.seed, self.device, config.sde)
-            if not fused_value(self.value_net):
+            _check_recurrent_settings(self.policy, config, self.group)
+            if not fused_value(self.value_net) and not is_recurrent(self.value_net):
                 check_custom_value_net(self.value_net, codec, self.device)
                 if self.group is not None:
                     check_parallel(self.value_net, config.critic_parallel)
         except BaseException:
             self.envs.close()
             raise
-        self._values = self.value_net if fused_value(self.value_net) else FlatValues(self.value_net)
+        self._values = self.value_net if fused_value(self.value_net) or is_recurrent(self.value_net) \
+            else FlatValues(self.value_net)
         # Data-parallel: every rank starts from rank 0's networks (one broadcast) and statistics.
         distributed.start_heartbeat(self.group)
         distributed.broadcast_([*self.policy.parameters(), *self.value_net.parameters()], self.group)
@@ -236,7 +239,9 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         else:
             step = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks, group)
             t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
-            value_loss = fit_value_network(self.value_net, self.critic_optimizer, batch.obs, batch.returns,
+            critic_obs, returns = (batch.obs, batch.returns) if batch.critic_obs is None else (batch.critic_obs,
+                                                                                               batch.critic_returns)
+            value_loss = fit_value_network(self.value_net, self.critic_optimizer, critic_obs, returns,
                                            config.critic_epochs, config.critic_batch_size, self.generator,
                                            process_group=group, parallel=config.critic_parallel)
             critic_time = time.perf_counter() - t
@@ -289,11 +294,13 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         return self.envs.single_action_space
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = False,
-                action_masks=None) -> tuple[np.ndarray, None]:
-        """`(actions, None)` for observations as the env returns them, as stable-baselines3's
+                action_masks=None) -> tuple[np.ndarray, tuple | None]:
+        """`(actions, state)` for observations as the env returns them, as stable-baselines3's
         `predict`: one observation gives one action, a batch (a leading axis; for a Dict space, on
-        every entry) one action per row. The policy is not recurrent: `state` and `episode_start` are
-        accepted and ignored, and the returned state is None.
+        every entry) one action per row. A recurrent policy takes and returns its state as sb3-contrib's
+        RecurrentPPO does (None: zero; the tuple of (layers, n, hidden) arrays it returned) and is
+        reset where `episode_start` (n bools; None: no start) is True; for any other policy `state`
+        and `episode_start` are ignored and the state is None.
 
         Preprocessing and normalization are applied inside; Box actions are clipped to the action
         space; actions come in the form the env takes. `action_masks` (Discrete / MultiDiscrete
@@ -306,7 +313,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         strings, complex numbers or floats for integer entries), NaN / inf, a Discrete / MultiDiscrete
         entry out of range, a MultiBinary entry other than 0 / 1, an image value outside 0..255.
         """
-        return self.inference.predict(self.policy, observation, deterministic, action_masks), None
+        return self.inference.predict(self.policy, observation, deterministic, action_masks, state, episode_start)
 
     def evaluate(self, n_episodes: int = 10, deterministic: bool = True, env=None,
                  seed: int | None = None, max_episode_steps: int | None = None) -> tuple[float, float]:
@@ -414,6 +421,18 @@ def _check_callback(callback) -> list:
             raise ValueError(f"callback must be a callable callback(agent, record) or a list of them, "
                              f"got {type(cb).__name__} {cb!r:.60}")
     return callbacks
+
+
+def _check_recurrent_settings(policy, config: TRPOConfig, group) -> None:
+    """ValueError for what a recurrent policy's update does not do (yet): the Fisher on a fraction of
+    the states (its products run over whole sequences) and data-parallel training."""
+    if not is_recurrent(policy):
+        return
+    if config.fvp_fraction < 1.0:
+        raise ValueError(f"fvp_fraction={config.fvp_fraction} subsamples states for the Fisher products; a recurrent "
+                         "policy's products run through whole sequences: use fvp_fraction=1.0")
+    if group is not None:
+        raise ValueError("a recurrent policy does not train data-parallel yet (process_group); run it in one process")
 
 
 def _step_log(step: StepRecord) -> dict:
