@@ -112,10 +112,11 @@ def action_problem(case: str, dtype=torch.float64, device="cpu", n=23, seed=0, h
 
 def sample_batch(policy, obs, mask=None, seed=0):
     """(actions, advantages) for obs: actions drawn from the (masked) policy, advantages standard normal."""
-    g = torch.Generator(obs.device).manual_seed(seed)
+    rows = obs.obs.flatten(0, 1) if isinstance(obs, trpo_ext.Sequences) else obs  # Sequences: T·B rows
+    g = torch.Generator(rows.device).manual_seed(seed)
     with torch.no_grad():
         actions = trpo_ext.distributions.sample_actions(trpo_ext.distributions.masked(policy(obs), mask), g)
-    advantages = torch.randn(obs.shape[0], generator=g, dtype=obs.dtype, device=obs.device)
+    advantages = torch.randn(rows.shape[0], generator=g, dtype=rows.dtype, device=rows.device)
     return actions, advantages
 
 
@@ -163,3 +164,32 @@ def assert_same_run(a_dir, b_dir) -> None:
         assert torch.equal(x["collector"]["last_obs"], y["collector"]["last_obs"]), rank
     computed = [[v for k, v in row.items() if k not in TIMING] for row in progress_rows(a_dir)]
     assert computed == [[v for k, v in row.items() if k not in TIMING] for row in progress_rows(b_dir)]
+
+
+RECURRENT_CELLS = {"lstm": "MlpLstmPolicy", "gru": "MlpGruPolicy"}
+"""The recurrent policies (trpo_ext.recurrent) the matrices run, by cell: their built-in names."""
+
+
+def recurrent_problem(case: str, cell: str = "lstm", n_layers: int = 1, dtype=torch.float64, device="cpu",
+                      steps: int = 8, n_seq: int = 4, seed: int = 0, hidden_size: int = 5):
+    """(policy, seq, v, mask) for an ACTION_CASES entry and a cell: a built-in recurrent policy (head
+    hidden (7,)) moved off its init, Sequences of n_seq sequences of `steps` steps with episode starts
+    inside them and a non-zero initial state, a vector of the parameters' size, the case's mask."""
+    kind, masked = kind_of(case), case.endswith("-masked")
+    torch.manual_seed(seed)
+    codec = trpo_ext.spaces.ObservationCodec(gym.spaces.Box(-1, 1, (5,)))
+    kwargs = {**trpo_ext.config.POLICY_KWARGS, "lstm_hidden_size": hidden_size, "n_lstm_layers": n_layers}
+    policy = trpo_ext.policies.built_in_policy(RECURRENT_CELLS[cell], codec, action_space(kind), (7,), "tanh", 0.0,
+                                               None, kwargs).to(device, dtype)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed + 1)
+    starts = torch.rand(steps, n_seq, generator=g) < 0.25
+    starts[0, 0] = True
+    state = tuple(0.5 * torch.randn(s.shape, generator=g, dtype=dtype).to(device) for s in policy.initial_state(n_seq))
+    seq = trpo_ext.spaces.Sequences(torch.randn(steps, n_seq, 5, generator=g, dtype=dtype).to(device),
+                                    starts.to(device), state)
+    v = torch.randn(n_params(policy), generator=g, dtype=dtype).to(device)
+    mask = random_mask(policy.action_spec, steps * n_seq, g, device) if masked else None
+    return policy, seq, v, mask

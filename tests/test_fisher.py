@@ -10,8 +10,8 @@ import torch
 import trpo_ext
 from trpo_ext import reference
 
-from helpers import (ACTION_CASES, DISCRETE_CASES, FUSED_CASES, PATHS, RTOL, UNMASKABLE_KINDS, action_problem,
-                     make_policy, n_params, rel_err)
+from helpers import (ACTION_CASES, DISCRETE_CASES, FUSED_CASES, PATHS, RECURRENT_CELLS, RTOL, UNMASKABLE_KINDS,
+                     action_problem, make_policy, n_params, recurrent_problem, rel_err)
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -29,6 +29,16 @@ CASES.update({
     "categorical-one-action": ("categorical", 17, 1, (64, 64), "tanh", 64),  # F = 0, products well defined
     "gaussian-mujoco-size": ("gaussian", 17, 6, (64, 64), "tanh", 257),
 })
+
+
+NETWORKS = ["mlp", *RECURRENT_CELLS]
+
+
+def _double(obs):
+    """A batch (a tensor or Sequences) in float64."""
+    if isinstance(obs, trpo_ext.Sequences):
+        return trpo_ext.Sequences(obs.obs.double(), obs.episode_starts, tuple(s.double() for s in obs.initial_state))
+    return obs.double()
 
 
 def _case(name):
@@ -170,13 +180,18 @@ def test_cg_tiny_damping_stays_finite(dtype, device):
 
 
 # ----------------------------------------------------------------------------- every action family
+@pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ACTION_CASES)
-def test_fvp_and_cg_on_every_action_case(case, path, dtype, device):
-    policy, obs, v, mask = action_problem(case, dtype, device)
+def test_fvp_and_cg_on_every_action_case(case, path, dtype, network, device):
+    """Every family on every path, for the MLP and for the recurrent policies (whose batch is
+    Sequences with episode starts inside them and a non-zero initial state: the reference
+    differentiates the KL twice through time)."""
+    policy, obs, v, mask = (action_problem(case, dtype, device) if network == "mlp"
+                            else recurrent_problem(case, network, 2 if network == "lstm" else 1, dtype, device))
     if path == "fused" and case not in FUSED_CASES:  # a family the ops do not implement
-        with pytest.raises(TypeError, match="path='fused' needs an MLPPolicy of a fused action family"):
+        with pytest.raises(TypeError, match="path='fused' needs an? .* of a fused action family"):
             trpo_ext.fvp(policy, obs, v, path=path, action_mask=mask)
         return
     before = [p.detach().clone() for p in policy.parameters()]
@@ -186,7 +201,7 @@ def test_fvp_and_cg_on_every_action_case(case, path, dtype, device):
     assert rel_err(got, expected) <= RTOL[dtype]
 
     policy64 = copy.deepcopy(policy).double()
-    obs64, v64 = obs.double(), v.double()
+    obs64, v64 = _double(obs), v.double()
     truth, used, _, xAx_truth = reference.cg_solve(policy64, obs64, v64, iters=10, damping=0.1, rtol=1e-8,
                                                    action_mask=mask)
     x, info = trpo_ext.cg_solve(policy, obs, v, iters=10, damping=0.1, rtol=1e-8, path=path, action_mask=mask)

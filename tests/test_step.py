@@ -15,9 +15,8 @@ from trpo_ext.config import TrustRegionConfig
 from trpo_ext.distributions import sample_actions
 from trpo_ext.step import line_search
 
-from helpers import (ACTION_CASES, FUSED_CASES, SDE_VARIANTS, action_problem, make_policy, make_sde_policy, n_params,
-                     rel_err, sample_batch)
-
+from helpers import (ACTION_CASES, FUSED_CASES, RECURRENT_CELLS, SDE_VARIANTS, action_problem, make_policy,
+                     make_sde_policy, n_params, recurrent_problem, rel_err, sample_batch)
 
 def _batch(policy, n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -29,10 +28,8 @@ def _batch(policy, n=64, seed=0):
     advantages = torch.randn(n, generator=g, dtype=dtype)
     return obs, actions, advantages
 
-
 def _vector(module):
     return flat_vector(module.parameters()).detach()
-
 
 def _reference_step(policy, obs, actions, advantages, mask, line_search_steps, backtrack_factor=0.5):
     """The step trust_region_step should take, from the reference: the surrogate's gradient by
@@ -44,16 +41,17 @@ def _reference_step(policy, obs, actions, advantages, mask, line_search_steps, b
     beta = math.sqrt(2 * 0.01 / xAx.item())
     return beta * x * backtrack_factor ** (line_search_steps - 1), used, beta * (g @ x).item()
 
-
+@pytest.mark.parametrize("network", ["mlp", *RECURRENT_CELLS])
 @pytest.mark.parametrize("path", ["fused", "generic"])
 @pytest.mark.parametrize("case", ACTION_CASES)
-def test_accepted_step_is_beta_times_the_cg_direction_and_within_the_trust_region(case, path):
+def test_accepted_step_is_beta_times_the_cg_direction_and_within_the_trust_region(case, path, network):
+    """Every family on both paths, for the MLP and the recurrent policies (on Sequences)."""
     if path == "fused" and case not in FUSED_CASES:
         pytest.skip("the ops do not implement this family (test_fisher.py checks that path='fused' refuses it)")
-    policy, obs, _, mask = action_problem(case, torch.float64, n=64)
+    policy, obs, _, mask = (action_problem(case, torch.float64, n=64) if network == "mlp"
+                            else recurrent_problem(case, network, steps=16, n_seq=4))
     actions, advantages = sample_batch(policy, obs, mask)
     _assert_reference_step(policy, obs, actions, advantages, mask, path)
-
 
 def _assert_reference_step(policy, obs, actions, advantages, mask, path):
     """trust_region_step on `policy` is accepted, within the trust region, and takes the reference's step."""
@@ -72,7 +70,6 @@ def _assert_reference_step(policy, obs, actions, advantages, mask, path):
     with torch.no_grad():
         assert record.kl == pytest.approx(reference.kl(policy, obs, mask, old_policy=oracle).item(), rel=1e-8)
 
-
 @pytest.mark.parametrize("variant", SDE_VARIANTS)
 def test_gsde_step_is_the_reference_step(variant):
     """gSDE's policy (trpo_ext.sde) takes the generic path ("auto" has no fused op for it) and its
@@ -82,7 +79,6 @@ def test_gsde_step_is_the_reference_step(variant):
     _assert_reference_step(policy, obs, actions, advantages, None, "auto")
     with pytest.raises(TypeError, match="fused"):
         trpo_ext.fvp(policy, obs, _vector(policy), path="fused")
-
 
 @pytest.mark.parametrize("case", FUSED_CASES)
 def test_generic_path_takes_the_fused_step(case):
@@ -97,7 +93,6 @@ def test_generic_path_takes_the_fused_step(case):
     assert rel_err(_vector(fused) - before, _vector(generic) - before) <= 1e-8
     assert a.kl == pytest.approx(b.kl, rel=1e-8)
 
-
 class ConvPolicy(torch.nn.Module):
     """A small CNN with a categorical head."""
 
@@ -109,7 +104,6 @@ class ConvPolicy(torch.nn.Module):
 
     def forward(self, obs):
         return Categorical(logits=self.head(torch.relu(self.conv(obs)).flatten(1)))
-
 
 def test_parameters_and_gradients_of_any_layout_take_the_same_step():
     # A channels-last copy of a CNN: its conv weight, and that weight's gradient, are not contiguous
@@ -129,7 +123,6 @@ def test_parameters_and_gradients_of_any_layout_take_the_same_step():
     assert last.conv.weight is weight and weight.data_ptr() == address
     assert weight.is_contiguous(memory_format=torch.channels_last)
 
-
 class TrapPolicy(torch.nn.Module):
     """A categorical policy whose logits move by `trap · |θ − θ₀|²` along `direction`: the term and
     its gradient vanish at θ₀, so the Fisher and the CG direction are the linear model's, but any
@@ -148,12 +141,10 @@ class TrapPolicy(torch.nn.Module):
         moved = sum(((p - o) ** 2).sum() for p, o in zip(self.linear.parameters(), self.origin))
         return Categorical(logits=self.linear(obs) + self.trap * moved * self.direction)
 
-
 def _trap_batch():
     obs = torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     actions = torch.zeros(40, dtype=torch.int64)  # action 0 is rewarded everywhere
     return obs, actions, torch.ones(40, dtype=torch.float64)
-
 
 @pytest.mark.parametrize("why, direction, trap, max_kl", [
     ("kl", [0.0, 1.0, -1.0], 1e6, 0.01),  # the KL of every trial is far above max_kl
@@ -170,7 +161,6 @@ def test_rejected_line_search_restores_parameters_exactly(why, direction, trap, 
     assert record.line_search_steps == 4 and record.cg_iterations >= 1
     assert torch.equal(_vector(policy), before)
 
-
 def test_zero_advantages_give_no_direction_and_no_change():
     policy = make_policy("gaussian", 5, 3, (8,), "tanh", torch.float64)
     obs, actions, advantages = _batch(policy)
@@ -178,7 +168,6 @@ def test_zero_advantages_give_no_direction_and_no_change():
     record = trpo_ext.trust_region_step(policy, obs, actions, torch.zeros_like(advantages))
     assert not record.accepted and record.line_search_steps == 0 and math.isnan(record.expected_improvement)
     assert torch.equal(_vector(policy), before)
-
 
 def test_line_search_never_evaluates_a_non_finite_candidate():
     # float32: old + f·step overflows to inf for f = 1, 0.5, 0.25 and is finite from f = 0.125 on.
@@ -197,7 +186,6 @@ def test_line_search_never_evaluates_a_non_finite_candidate():
                                                                                  max_backtracks=3)) == (3, None)
     assert len(evaluated) == 1  # every candidate of the second search overflowed
 
-
 def test_fvp_obs_is_what_the_products_use():
     policy = make_policy("gaussian", 5, 3, (8, 7), "tanh", torch.float64)
     obs, actions, advantages = _batch(policy, n=64)
@@ -214,7 +202,6 @@ def test_fvp_obs_is_what_the_products_use():
     torch.testing.assert_close(_vector(sub) - _vector(policy), step, rtol=1e-8, atol=1e-12)
     assert not torch.allclose(_vector(sub), _vector(full))
 
-
 def test_agent_update_is_trust_region_step_on_the_normalized_batch():
     agent = TRPO("Pendulum-v1", n_envs=2, n_steps=64, critic_epochs=1, seed=0)
     batches = []
@@ -229,7 +216,6 @@ def test_agent_update_is_trust_region_step_on_the_normalized_batch():
                                         damping=config.damping, cg_iters=config.cg_iters, cg_rtol=config.cg_rtol)
     assert torch.equal(_vector(policy), _vector(agent.policy))
     assert agent.last_record["kl"] == record.kl and agent.last_record["line_search_steps"] == record.line_search_steps
-
 
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(max_kl=0.0), ValueError, "max_kl must be a finite number in (0.0, 10.0]"),
@@ -251,7 +237,6 @@ def test_bad_settings_name_the_setting(kwargs, error, words):
     assert words in str(info.value)
     assert torch.equal(_vector(policy), before)
 
-
 @pytest.mark.parametrize("change, error, words", [
     (lambda o, a, adv: (o, a, adv[:-1]), ValueError, "advantages must have shape (64,)"),
     (lambda o, a, adv: (o, a[:-1], adv), ValueError, "actions must have one row per observation (64)"),
@@ -268,7 +253,6 @@ def test_bad_batch_names_the_argument(change, error, words):
     assert words in str(info.value)
     assert torch.equal(_vector(policy), before)
 
-
 def test_subclass_overriding_forward_is_not_given_the_plain_mlp_fisher():
     class Tempered(trpo_ext.MLPPolicy):  # logits scaled by 3: a different Fisher than the plain MLP's
         def forward(self, obs):
@@ -282,7 +266,6 @@ def test_subclass_overriding_forward_is_not_given_the_plain_mlp_fisher():
     torch.testing.assert_close(trpo_ext.fvp(policy, obs, v), expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(TypeError, match="path='fused' needs an MLPPolicy"):
         trpo_ext.fvp(policy, obs, v, path="fused")
-
 
 def test_a_trial_that_raises_leaves_theta_as_it_was():
     class Fragile(torch.nn.Module):  # raises as soon as θ leaves its starting point
@@ -302,7 +285,6 @@ def test_a_trial_that_raises_leaves_theta_as_it_was():
     with pytest.raises(RuntimeError, match="simulator diverged"):
         trpo_ext.trust_region_step(policy, obs, actions, advantages)
     assert torch.equal(_vector(policy), before)
-
 
 def test_the_generic_path_is_safe_from_several_threads():
     # torch.func's forward-AD state is process-global: without the generic path's lock, concurrent

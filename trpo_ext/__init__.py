@@ -9,13 +9,14 @@ from ._ops import cuda_built
 from .multicategorical import MultiCategorical
 from .fisher import CGInfo, cg_solve, fvp
 from .policies import FeaturePolicy, FeatureValue, MLPPolicy, NatureCNN, ValueNetwork
+from .spaces import Sequences
 from .step import StepRecord, trust_region_step
 from .constrained import ConstrainedStepRecord, constrained_step
 from .trpo import TRPO
 
 toy_envs.register()  # the "trpo_ext/..." example envs (trpo_ext.toy_envs)
 
-__all__ = ["TRPO", "MLPPolicy", "ValueNetwork", "FeaturePolicy", "FeatureValue", "NatureCNN", "MultiCategorical",
+__all__ = ["TRPO", "Sequences", "MLPPolicy", "ValueNetwork", "FeaturePolicy", "FeatureValue", "NatureCNN", "MultiCategorical",
            "trust_region_step", "StepRecord", "constrained_step", "ConstrainedStepRecord",
            "fvp", "cg_solve", "CGInfo", "reference", "cuda_built"]
 __version__ = "0.1.0"

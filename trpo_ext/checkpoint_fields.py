@@ -242,6 +242,8 @@ def _collector(collector: dict, config: TRPOConfig, where: str = "collector") ->
     if source not in (None, *MASK_SOURCES) or (source is None) != (masks is None):
         raise Damaged(f"{where}: mask_source is {_short(source)}, expected one of {MASK_SOURCES} with last_masks, "
                       "None without")
+    if collector.get("memory") is not None:  # recurrent states (trpo_ext.recurrent_rollout); older files lack it
+        _memory(f"{where}: memory", collector["memory"], n)
     stats = collector["stats"]
     _keys(f"{where}: stats", stats, ("returns", "lengths", "finished"))
     _tensor(f"{where}: stats['returns']", stats["returns"], torch.float64, (n,))
@@ -264,6 +266,23 @@ def _collector(collector: dict, config: TRPOConfig, where: str = "collector") ->
             _keys(f"{where}: reward_scaler", value, ("returns", "stats"))
             _tensor(f"{where}: reward_scaler['returns']", value["returns"], torch.float64, (n,))
             _moments(f"{where}: reward_scaler['stats']", value["stats"], clip, dim)
+
+
+def _memory(where: str, memory, n: int) -> None:
+    """The rollout's recurrent states: each None or 1-2 floating (layers, n, hidden) tensors, and n
+    episode-start flags (their shapes against the networks: `RecurrentMemory.begin`)."""
+    _keys(where, memory, ("policy_state", "value_state", "episode_starts"))
+    _tensor(f"{where}['episode_starts']", memory["episode_starts"], torch.bool, (n,))
+    for key in ("policy_state", "value_state"):
+        state = memory[key]
+        if state is None:
+            continue
+        if not isinstance(state, list) or len(state) not in (1, 2):
+            raise Damaged(f"{where}[{key!r}] is {_what(state)}, expected None or a list of 1 or 2 tensors")
+        for i, s in enumerate(state):
+            _tensor(f"{where}[{key!r}][{i}]", s, float)
+            if s.dim() != 3 or s.shape[1] != n:
+                raise Damaged(f"{where}[{key!r}][{i}] has shape {tuple(s.shape)}, expected (layers, {n}, hidden)")
 
 
 def _generator(where: str, value, device: str) -> None:

@@ -69,11 +69,16 @@ class RecurrentMemory:
     # ----------------------------------------------------------------------- a rollout
     def begin(self, policy, value_fn) -> None:
         """A rollout starts: zero states where there are none; its initial states recorded."""
-        if self.policy_state is None:
-            self.policy_state = policy.initial_state(self.n_envs)
         self.recurrent_critic = is_recurrent(value_fn)
-        if self.recurrent_critic and self.value_state is None:
-            self.value_state = value_fn.initial_state(self.n_envs)
+        for name, net in (("policy", policy), ("value", value_fn if self.recurrent_critic else None)):
+            state, zero = getattr(self, f"{name}_state"), None if net is None else net.initial_state(self.n_envs)
+            if zero is not None and state is not None and [s.shape for s in state] != [s.shape for s in zero]:
+                raise ValueError(f"the rollout's {name} state has shapes {[tuple(s.shape) for s in state]} (a checkpoint's"
+                                 f"?), the {name} network's are {[tuple(s.shape) for s in zero]}")
+            if state is None or zero is None:
+                setattr(self, f"{name}_state", zero)
+            else:  # the network's dtype and device
+                setattr(self, f"{name}_state", tuple(s.to(z) for s, z in zip(state, zero)))
         self.first_state = self.policy_state
         self.starts, self.values, self.value_states, self.final_values = [], [], [], {}
 
