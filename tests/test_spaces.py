@@ -301,3 +301,118 @@ def test_an_image_below_what_the_cnn_takes_is_refused_with_the_smallest_size():
     with pytest.raises(ValueError, match=r"NatureCNN needs images of at least 36 x 36 pixels .*got 35 x 35 \(the image "
                                          r"as \(C, H, W\): \(1, 35, 35\)\)"):
         TRPO(lambda: Small(), **FAST)
+
+
+# ----------------------------------------------------------------------------- memory tasks and NoVel envs
+MEMORY_IDS = ["trpo_ext/CueRecall-v0", "trpo_ext/CueRecallContinuous-v0"]
+NO_VEL = {"trpo_ext/CartPoleNoVel-v1": ("CartPole-v1", [1, 3], 500), "trpo_ext/PendulumNoVel-v1": ("Pendulum-v1", [2], 200)}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gymnasium's notes on wrapped envs and CartPole's infinite bounds
+@pytest.mark.parametrize("env_id, kwargs", [(i, {}) for i in MEMORY_IDS + list(NO_VEL)]
+                         + [("trpo_ext/CueRecall-v0", dict(k=7, delay=0)),
+                            ("trpo_ext/CueRecallContinuous-v0", dict(delay=3, uniform_cue=True))])
+def test_memory_and_no_vel_envs_pass_gymnasiums_env_checker(env_id, kwargs):
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make(env_id, **kwargs)
+    check_env(env if env_id in NO_VEL else env.unwrapped, skip_render_check=True)
+    env.close()
+
+
+def _play(env, policy, seed):
+    """One episode; `policy(obs, history)` sees every observation so far (history), the last one first."""
+    obs, _ = env.reset(seed=seed)
+    history, total, done = [obs], 0.0, False
+    while not done:
+        obs, reward, terminated, truncated, _ = env.step(policy(obs, history))
+        history.append(obs)
+        total += reward
+        done = terminated or truncated
+    return total, history
+
+
+@pytest.mark.parametrize("k, delay", [(4, 8), (3, 2), (2, 0)])
+def test_cue_recall_pays_memory_only(k, delay):
+    """The recall step's observation is one and the same whatever the cue (so a memoryless policy acts
+    there alike for every cue and is right 1 / k of the time at best), the cue is uniform, and a policy
+    that remembers the first observation is always right."""
+    env = gym.make("trpo_ext/CueRecall-v0", k=k, delay=delay)
+    assert env.unwrapped.best_memoryless == pytest.approx(1 / k)
+    recall_obs, cues, constant = set(), [], np.zeros(k)
+    for seed in range(400):
+        total, history = _play(env, lambda obs, h: int(np.argmax(h[0][:k])), seed)
+        assert total == 1.0 and len(history) == delay + 3
+        cue = int(np.argmax(history[0][:k]))
+        cues.append(cue)
+        recall_obs.add(history[delay + 1].tobytes())
+        assert all(not h[:k].any() for h in history[1:])  # shown once
+        for action in range(k):
+            constant[action] += _play(env, lambda obs, h: action, seed)[0]
+    assert len(recall_obs) == 1
+    assert np.allclose(np.bincount(cues, minlength=k) / 400, 1 / k, atol=0.08)
+    assert np.allclose(constant / 400, 1 / k, atol=0.08)
+    assert np.isclose(constant.sum() / 400, 1.0)  # exactly one constant action is right in each episode
+    env.close()
+
+
+@pytest.mark.parametrize("uniform_cue, bound", [(False, -1.0), (True, -0.5)])
+def test_cue_recall_continuous_memoryless_bound(uniform_cue, bound):
+    env = gym.make("trpo_ext/CueRecallContinuous-v0", uniform_cue=uniform_cue)
+    assert env.unwrapped.best_memoryless == bound
+    remembered = [_play(env, lambda obs, h: np.array([h[0][0]], np.float32), seed)[0] for seed in range(200)]
+    assert max(abs(r) for r in remembered) < 1e-6
+    for action in (-1.0, -0.3, 0.0, 0.6, 1.0):
+        played = [_play(env, lambda obs, h: np.array([action], np.float32), seed) for seed in range(800)]
+        returns, cues = np.array([p[0] for p in played]), np.array([p[1][0][0] for p in played])
+        assert np.allclose(returns, -np.abs(np.float32(action) - cues), atol=1e-6)
+        assert returns.mean() <= bound + 0.05
+        if not uniform_cue:  # each cue ±1 half the time, and |a - 1| + |a + 1| = 2 on [-1, 1]
+            assert set(cues) == {-1.0, 1.0} and abs((cues == 1).mean() - 0.5) < 0.05
+            assert (returns[cues == 1].mean() + returns[cues == -1].mean()) / 2 == pytest.approx(-1.0)
+    recall = {_play(env, lambda obs, h: np.zeros(1, np.float32), seed)[1][-2].tobytes() for seed in range(50)}
+    assert len(recall) == 1
+    env.close()
+
+
+@pytest.mark.parametrize("env_id", MEMORY_IDS + list(NO_VEL))
+def test_memory_and_no_vel_envs_are_deterministic_under_seeds(env_id):
+    def episode(seed):
+        env = gym.make(env_id)
+        env.action_space.seed(seed)
+        _, history = _play(env, lambda obs, h: env.action_space.sample(), seed)
+        env.close()
+        return np.array(history)
+
+    assert np.array_equal(episode(3), episode(3))
+    assert not all(np.array_equal(episode(s)[0], episode(0)[0]) for s in range(1, 6))
+
+
+@pytest.mark.parametrize("env_id", list(NO_VEL))
+def test_no_vel_envs_are_the_base_env_with_the_zoos_velocities_zeroed(env_id):
+    base_id, velocities, limit = NO_VEL[env_id]
+    env, base = gym.make(env_id), gym.make(base_id)
+    assert env.observation_space == base.observation_space and env.action_space == base.action_space
+    keep = [i for i in range(base.observation_space.shape[0]) if i not in velocities]
+    obs, _ = env.reset(seed=5)
+    base_obs, _ = base.reset(seed=5)
+    env.action_space.seed(5)
+    steps, done = 0, False
+    while not done:
+        assert not obs[velocities].any() and np.array_equal(obs[keep], base_obs[keep])
+        action = env.action_space.sample()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        base_obs, base_reward, *_ = base.step(action)
+        assert reward == base_reward
+        steps, done = steps + 1, terminated or truncated
+    assert truncated or steps < limit
+    assert steps <= limit
+
+
+@pytest.mark.parametrize("env_id", MEMORY_IDS + list(NO_VEL))
+def test_memory_and_no_vel_ids_train_a_recurrent_trpo(env_id):
+    agent = TRPO(env_id, policy="MlpLstmPolicy", n_envs=2, n_steps=16, seed=0, policy_kwargs={"lstm_hidden_size": 8})
+    agent.learn(64, progress_bar=False)
+    action, state = agent.predict(gym.make(env_id).reset(seed=0)[0], state=None, episode_start=None, deterministic=True)
+    assert agent.action_space.contains(np.asarray(action, dtype=agent.action_space.dtype).reshape(agent.action_space.shape))
+    agent.close()
