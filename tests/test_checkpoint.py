@@ -281,9 +281,16 @@ def test_a_file_written_before_rank_states_loads_as_one_process(saved, tmp_path)
     ("last_masks", [[True]], "collector: last_masks is a list, expected a tensor or None"),
     ("mask_source", 1, "collector: mask_source is a int, expected a string or None"),
     ("normalizer", "none", "collector: normalizer is a str, expected a dict or None"),
+    ("memory", [], "collector: memory is a list, expected a dict or None"),
+    ("memory", {"policy_state": None, "value_state": None, "episode_starts": torch.zeros(2)},
+     r"collector: memory\['episode_starts'\] is a torch.float32 tensor of shape \(2,\), expected torch.bool tensor"),
+    ("memory", {"policy_state": [torch.zeros(1, 3, 4)], "value_state": None, "episode_starts": torch.zeros(2, dtype=bool)},
+     r"collector: memory\['policy_state'\]\[0\] has shape \(1, 3, 4\), expected \(layers, 2, hidden\)"),
 ])
 def test_every_collector_field_is_required_and_checked(saved, tmp_path, field, value, expected):
-    for key, _, _ in checkpoint_fields.COLLECTOR_FIELD_TYPES if field is None else [(field, None, None)]:
+    """Every field but the optional ones (older files lack them) is required; each is checked."""
+    required = [k for k, _, _ in checkpoint_fields.COLLECTOR_FIELD_TYPES if k not in checkpoint_fields.OPTIONAL_COLLECTOR_FIELDS]
+    for key in required if field is None else [field]:
         state = checkpoint.read(saved)
         if field is None:
             del state["collector"][key]

@@ -144,11 +144,12 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers(tmp_path):
     config = TRPOConfig.from_dict(dict(
         n_envs=np.int64(2), n_steps=np.int32(16), cg_iters=np.uint8(3), gamma=np.float32(0.5),
         normalize_obs=np.bool_(True), seed=np.uint64(2**63 - 1),
-        policy_kwargs={"hidden": [np.int64(8), 4], "log_std_init": np.float64(-1)}))
+        policy_kwargs={"hidden": [np.int64(8), 4], "log_std_init": np.float64(-1), "lstm_hidden_size": np.int16(32)}))
     assert (config.n_envs, config.n_steps, config.trust_region.cg_iters, config.batch_size) == (2, 16, 3, 32)
     plain = config.to_dict()
     assert plain["policy_kwargs"] == {"hidden": (8, 4), "activation": "tanh", "log_std_init": -1.0, "full_std": True,
-                                      "use_expln": False}
+                                      "use_expln": False, "lstm_hidden_size": 32, "n_lstm_layers": 1,
+                                      "shared_lstm": False, "enable_critic_lstm": True}
     for value in [*plain.values(), *plain["policy_kwargs"].values(), *plain["policy_kwargs"]["hidden"]]:
         assert type(value) in (int, float, bool, str, dict, tuple), (value, type(value))
     buffer = io.BytesIO()

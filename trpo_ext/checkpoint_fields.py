@@ -40,8 +40,12 @@ COLLECTOR_FIELD_TYPES = (
     ("last_obs", (torch.Tensor, dict, NONE), "a tensor, a dict or None"),
     ("last_masks", (torch.Tensor, NONE), "a tensor or None"), ("mask_source", (str, NONE), "a string or None"),
     ("stats", dict, "a dict"), ("normalizer", (dict, NONE), "a dict or None"),
-    ("reward_scaler", (dict, NONE), "a dict or None"))
+    ("reward_scaler", (dict, NONE), "a dict or None"), ("memory", (dict, NONE), "a dict or None"))
 """Likewise for the collector's state (`RolloutCollector.state_dict()`)."""
+
+OPTIONAL_COLLECTOR_FIELDS = {"memory": None}
+"""The collector's fields that files written before them lack, and their value there: `memory` (the
+recurrent states) came with recurrent policies (None: zero states)."""
 
 HYPERPARAMETERS = tuple(TRPOConfig(seed=0).to_dict())
 """The keys of a checkpoint's hyperparameters: TRPO's hyperparameter keywords, nothing else."""
@@ -225,6 +229,8 @@ def _optimizer_shapes(state: dict, params: list[torch.Tensor]) -> None:
 
 def _collector(collector: dict, config: TRPOConfig, where: str = "collector") -> None:
     """The collector's state (`where`: its place in the file), its per-env arrays of the file's n_envs rows."""
+    for key, value in OPTIONAL_COLLECTOR_FIELDS.items():
+        collector.setdefault(key, value)
     check_types(collector, COLLECTOR_FIELD_TYPES, f"{where}: ")
     n = config.n_envs
     obs, masks, source = collector["last_obs"], collector["last_masks"], collector["mask_source"]
@@ -242,7 +248,7 @@ def _collector(collector: dict, config: TRPOConfig, where: str = "collector") ->
     if source not in (None, *MASK_SOURCES) or (source is None) != (masks is None):
         raise Damaged(f"{where}: mask_source is {_short(source)}, expected one of {MASK_SOURCES} with last_masks, "
                       "None without")
-    if collector.get("memory") is not None:  # recurrent states (trpo_ext.recurrent_rollout); older files lack it
+    if collector["memory"] is not None:  # the recurrent states (trpo_ext.recurrent_rollout)
         _memory(f"{where}: memory", collector["memory"], n)
     stats = collector["stats"]
     _keys(f"{where}: stats", stats, ("returns", "lengths", "finished"))

@@ -137,10 +137,10 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
     if returns.shape != (n,):
         raise ValueError(f"critic fit: returns must have shape ({n},) (one per observation), got {tuple(returns.shape)}")
     batch_size = check_int("batch_size", batch_size, 1)  # TRPOConfig's rule for critic_batch_size
-    targets = returns
-    if isinstance(obs, spaces.Sequences):  # minibatches of whole sequences, about batch_size rows each
-        steps = obs.episode_starts.shape[0]
-        targets, n, batch_size = returns.view(steps, -1), obs.episode_starts.shape[1], max(1, batch_size // steps)
+    sequences = isinstance(obs, spaces.Sequences)
+    if sequences:  # minibatches of whole sequences, about batch_size rows each
+        seq_len = obs.episode_starts.shape[0]
+        n, batch_size = obs.episode_starts.shape[1], max(1, batch_size // seq_len)
         if process_group is not None:
             raise ValueError("critic fit: a recurrent critic does not train data-parallel yet")
     if process_group is not None:  # a dict of observations travels packed into one (N, D) tensor
@@ -159,7 +159,7 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
     for epoch in range(epochs):
         for idx in order[epoch].split(batch_size):
             values = value_net(spaces.rows(obs, idx))
-            target = targets[:, idx].reshape(-1) if targets is not returns else returns[idx]
+            target = returns.view(seq_len, -1)[:, idx].reshape(-1) if sequences else returns[idx]
             loss = torch.nn.functional.mse_loss(values.reshape(-1), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -268,7 +268,7 @@ class RolloutCollector:
             masks = state["last_masks"]
             self.last_masks = None if masks is None else masks.numpy().copy()
             self.masks.source = state["mask_source"]
-            if state.get("memory") is not None:  # absent from files of older versions: zero states
+            if state.get("memory") is not None:  # None in files of older versions: zero states
                 self.memory.load_state_dict(state["memory"])
             else:
                 self.memory.reset()
