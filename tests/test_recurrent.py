@@ -156,3 +156,22 @@ def test_a_memory_task_is_learned(env, kwargs):
         assert mean > bound + 0.1, (mean, bound)
     finally:
         agent.close()
+
+
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
+def test_the_critic_fits_on_pieces_that_give_the_rollouts_values(cell):
+    """The recurrent critic's training batch (chunks cut at episode starts, padded, from the states the
+    rollout recorded) gives, on its real rows, the values the critic gave step by step in the rollout."""
+    agent = _agent("trpo_ext/CueRecall-v0", cell, n_steps=24, policy_kwargs={"lstm_hidden_size": 6, "hidden": (8,)})
+    try:
+        agent.collector.reset(seed=0)
+        batch = agent.collector.collect(agent.policy, agent.value_net, agent.generator, 0.99, 0.95)
+        seq, values = agent.collector.memory.critic_sequences(batch.obs.obs.flatten(0, 1), batch.values)
+        assert bool(seq.valid.any(0).all()) and int(seq.valid.sum()) == 24 * 3  # every row once, no empty piece
+        assert not bool(seq.episode_starts.any())
+        with torch.no_grad():
+            got = agent.value_net(seq)
+        valid = seq.valid.flatten()
+        assert torch.allclose(got[valid], values[valid], atol=1e-5, rtol=0)
+    finally:
+        agent.close()

@@ -158,9 +158,15 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
     losses = []
     for epoch in range(epochs):
         for idx in order[epoch].split(batch_size):
-            values = value_net(spaces.rows(obs, idx))
-            target = returns.view(seq_len, -1)[:, idx].reshape(-1) if sequences else returns[idx]
-            loss = torch.nn.functional.mse_loss(values.reshape(-1), target)
+            if sequences:  # Sequences.valid: padding rows do not count
+                batch = spaces.rows(obs, idx)
+                values, target = value_net(batch).reshape(-1), returns.view(seq_len, -1)[:, idx].reshape(-1)
+                weight = None if batch.valid is None else batch.valid.reshape(-1).to(values.dtype)
+                loss = ((values - target).square() * weight).sum() / weight.sum() if weight is not None \
+                    else torch.nn.functional.mse_loss(values, target)
+            else:
+                values = value_net(spaces.rows(obs, idx))
+                loss = torch.nn.functional.mse_loss(values.reshape(-1), returns[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

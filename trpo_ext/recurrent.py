@@ -98,14 +98,18 @@ class RecurrentNet(nn.Module):
             final.append(state)
         return x.reshape(T * B, self.hidden_size), tuple(torch.stack(parts) for parts in zip(*final))
 
-    def head_out(self, seq: Sequences) -> tuple[torch.Tensor, tuple]:
-        h, final = self.recurrent_features(seq)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP head on RNN outputs (rows, hidden_size)."""
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h = layer(h)
             if i < last:
                 h = self.act(h)
-        return h, final
+        return h
+
+    def head_out(self, seq: Sequences) -> tuple[torch.Tensor, tuple]:
+        h, final = self.recurrent_features(seq)
+        return self.head(h), final
 
 
 class RecurrentPolicy(RecurrentNet):
@@ -146,10 +150,16 @@ class RecurrentPolicy(RecurrentNet):
 
 class RecurrentValue(RecurrentNet):
     """The recurrent critic (its own RNN, as RecurrentPPO's `enable_critic_lstm`): `value(seq)` is V
-    of every row (T·B,); `step` as the policy's, returning values (B,)."""
+    of every row (T·B,); `step` as the policy's, returning values (B,). Sequences without an episode
+    start run through the nn.LSTM / nn.GRU module in one call (its fused kernels: the critic's fit
+    feeds it such sequences, `recurrent_rollout`); the critic is differentiated once only, so the
+    written-out cells are not needed for it."""
 
     def forward(self, seq: Sequences) -> torch.Tensor:
-        return self.head_out(seq)[0].squeeze(-1)
+        if bool(seq.episode_starts.any()):
+            return self.head_out(seq)[0].squeeze(-1)
+        state = seq.initial_state if self.cell == "lstm" else seq.initial_state[0]
+        return self.head(self.rnn(seq.obs, state)[0].flatten(0, 1)).squeeze(-1)
 
     def step(self, obs: torch.Tensor, state: tuple, episode_start: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         out, state = self.head_out(Sequences(obs.unsqueeze(0), episode_start.reshape(1, -1), state))
@@ -168,7 +178,10 @@ def check_sequences(name: str, seq, net: RecurrentNet) -> None:
         raise TypeError(f"{name} must be a trpo_ext.Sequences(obs, episode_starts, initial_state) for a recurrent "
                         f"policy, got {type(seq).__name__}")
     p = net.rnn.weight_hh_l0
-    obs, starts, state = seq
+    obs, starts, state, valid = seq
+    if valid is not None:
+        raise ValueError(f"{name}.valid must be None: padding rows are for a critic's fit; every row of a policy's "
+                         "batch counts")
     for field, t, dtype in ((f"{name}.obs", obs, p.dtype), (f"{name}.episode_starts", starts, torch.bool)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{field} must be a torch.Tensor, got {type(t).__name__}")

@@ -85,7 +85,7 @@ class RecurrentMemory:
     def act(self, inference: Inference, policy, value_fn, policy_obs: torch.Tensor, generator,
             masks: torch.Tensor | None) -> torch.Tensor:
         """One step's actions from the carried state (and, with a recurrent critic, the step's values)."""
-        starts = torch.as_tensor(self.episode_starts, device=self.device)
+        starts = torch.tensor(self.episode_starts, device=self.device)
         self.starts.append(starts)
         actions, self.policy_state = inference.recurrent_actions(policy, policy_obs, self.policy_state, starts,
                                                                  generator, masks=masks)
@@ -110,7 +110,7 @@ class RecurrentMemory:
         """(values (T, B), next values (T, B)) of a recurrent critic: each step's, and V of what followed
         it (the next step's observation, the final observation of a truncated episode, or, after the
         last step, the observation the next rollout starts from, valued from the carried state)."""
-        last, _ = value_fn.step(last_obs, self.value_state, torch.as_tensor(self.episode_starts, device=self.device))
+        last, _ = value_fn.step(last_obs, self.value_state, torch.tensor(self.episode_starts, device=self.device))
         values = torch.stack(self.values).double().cpu().numpy()
         next_values = np.concatenate([values[1:], last.double().cpu().numpy()[None]])
         for (t, i), v in self.final_values.items():
@@ -123,15 +123,36 @@ class RecurrentMemory:
         return Sequences(obs.view(T, self.n_envs, -1), torch.stack(self.starts), self.first_state)
 
     def critic_sequences(self, obs: torch.Tensor, returns: torch.Tensor) -> tuple[Sequences, torch.Tensor]:
-        """The rollout as the recurrent critic's sub-sequences of `critic_chunk(T)` steps, each from the
-        critic's state recorded before its first step, and the returns in their row order."""
+        """The rollout as the recurrent critic's training sequences, and the returns in their row order.
+
+        Each env's steps are cut into chunks of `critic_chunk(T)` steps and each chunk again at its
+        episode starts; a piece starts from the critic's state recorded before its first step, or from
+        zero where that step starts an episode. The pieces are right-padded to the chunk's length
+        (`Sequences.valid` marks the real rows): a batch with no episode start inside, which the
+        critic runs in one call of its RNN module."""
         T, B = len(self.starts), self.n_envs
         L = critic_chunk(T)
         K = T // L
 
         def chunked(x):  # (T, B, ...) -> (L, K·B, ...), column k·B + b = chunk k of env b
             return x.reshape(K, L, B, *x.shape[2:]).transpose(0, 1).reshape(L, K * B, *x.shape[2:])
+        starts = chunked(torch.stack(self.starts)).cpu()
         states = tuple(torch.cat([self.value_states[k * L][j] for k in range(K)], 1)
                        for j in range(len(self.value_states[0])))
-        seq = Sequences(chunked(obs.view(T, B, -1)), chunked(torch.stack(self.starts)), states)
-        return seq, chunked(returns.view(T, B)).reshape(-1)
+        pieces = []  # (column, first row, rows, from the recorded state)
+        for column in range(K * B):
+            cuts = [0, *(int(t) for t in torch.nonzero(starts[1:, column]).flatten() + 1), L]
+            pieces += [(column, a, b - a, a == 0 and not bool(starts[0, column])) for a, b in zip(cuts[:-1], cuts[1:])]
+        rows = torch.arange(L).unsqueeze(1)  # (L, 1)
+        first = torch.tensor([a for _, a, _, _ in pieces])
+        length = torch.tensor([n for _, _, n, _ in pieces])
+        columns = torch.tensor([c for c, _, _, _ in pieces])
+        valid = rows < length  # (L, S)
+        index = ((first + rows).clamp(max=L - 1) * (K * B) + columns).to(self.device)  # into the (L·K·B) rows
+        keep = torch.tensor([s for *_, s in pieces], device=self.device)
+        padded = chunked(obs.view(T, B, -1)).flatten(0, 1)[index.flatten()].view(L, len(pieces), -1)
+        state = tuple(s[:, columns.to(self.device)] * keep.view(1, -1, 1).to(s.dtype) for s in states)
+        valid = valid.to(self.device)
+        seq = Sequences(padded, torch.zeros_like(valid), state, valid)
+        targets = chunked(returns.view(T, B)).flatten()[index.flatten()].view(L, -1)
+        return seq, targets.reshape(-1)

@@ -354,6 +354,7 @@ class Sequences(NamedTuple):
     obs: torch.Tensor  # (T, B, D), the policy's input
     episode_starts: torch.Tensor  # (T, B) bool: True where a step starts an episode (the state before it is zero)
     initial_state: tuple  # the state before step 0: (h, c) (LSTM) or (h,) (GRU), each (layers, B, hidden)
+    valid: torch.Tensor | None = None  # (T, B) bool, rows that count (False: padding; the critic's fit); None: all
 
 
 def batch_len(obs) -> int:
@@ -373,7 +374,8 @@ def rows(obs, index):
     """The rows `index` (a tensor of indices or a slice) of a preprocessed batch; of Sequences, the
     sequences (columns) `index`, each whole."""
     if isinstance(obs, Sequences):
-        return Sequences(obs.obs[:, index], obs.episode_starts[:, index], tuple(s[:, index] for s in obs.initial_state))
+        return Sequences(obs.obs[:, index], obs.episode_starts[:, index], tuple(s[:, index] for s in obs.initial_state),
+                         None if obs.valid is None else obs.valid[:, index])
     if isinstance(obs, dict):
         return {k: v[index] for k, v in obs.items()}
     return obs[index]
