@@ -176,8 +176,9 @@ def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters:
     """Solves (F + damping I) x = b by conjugate gradient; returns (x, CGInfo).
 
     Stops after `iters` Fisher-vector products or when ||r|| <= rtol ||b||. For an `MLPPolicy`
-    the whole loop is one extension call; on a GPU it never synchronises with the host, and with
-    `cuda_graph=True` repeated solves of one shape replay a captured CUDA graph.
+    (or a built-in recurrent policy: `rnn_cg`) the whole loop is one extension call; on a GPU it never
+    synchronises with the host, and with `cuda_graph=True` repeated solves of one shape of an
+    MLPPolicy replay a captured CUDA graph (a recurrent solve is not captured).
     `check_finite` tests obs and b for NaN/Inf first (one device sync on a GPU). `path` and
     `action_mask` as for `fvp`. The ranges of iters, damping and rtol are the trust-region
     settings' (`trpo_ext.config.TRUST_REGION_RANGES`: cg_iters, damping, cg_rtol).
