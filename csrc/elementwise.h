@@ -192,5 +192,87 @@ C10_HOST_DEVICE inline T gaussian_sample(T mean, T log_std, T noise) {
   return mean + exp_of(log_std) * noise;
 }
 
+// ---- Recurrent cells (csrc/recurrent.cpp; docs/design.md §12) ---------------------------------------
+// torch's nn.LSTM (gates i, f, g, o) and nn.GRU (r, z, n) cells, one unit j of one row: the forward
+// step, its tangent (JVP) and its cotangent (VJP). `g` is the row's gates, 4H (LSTM) or 3H (GRU)
+// wide: pre-activations going into the forward step, the activations it leaves there (what the
+// products read). The GEMMs around a step (x W_ih', h W_hh', the weights' tangents and cotangents)
+// are recurrent.cpp's; a state that starts an episode is zeroed there and in the kernels (`keep`).
+
+C10_HOST_DEVICE inline float sigmoid_of(float v) { return 1.0f / (1.0f + expf(-v)); }
+C10_HOST_DEVICE inline double sigmoid_of(double v) { return 1.0 / (1.0 + exp(-v)); }
+
+// c = f c_prev + i g, h = o tanh(c); the gates become their activations in place.
+template <typename T>
+C10_HOST_DEVICE inline void lstm_unit(T* g, int64_t H, int64_t j, T c_prev, T& c, T& tanh_c, T& h) {
+  const T i = sigmoid_of(g[j]), f = sigmoid_of(g[H + j]), gg = tanh_of(g[2 * H + j]), o = sigmoid_of(g[3 * H + j]);
+  g[j] = i, g[H + j] = f, g[2 * H + j] = gg, g[3 * H + j] = o;
+  c = f * c_prev + i * gg;
+  tanh_c = tanh_of(c);
+  h = o * tanh_c;
+}
+
+// The tangent: `a` the gates' pre-activation tangents (x W_ih' + h W_hh' + b, all terms), c_dot_prev
+// the tangent of the (reset) c_prev; returns c_dot and h_dot.
+template <typename T>
+C10_HOST_DEVICE inline void lstm_unit_jvp(const T* a, const T* g, int64_t H, int64_t j, T c_prev, T tanh_c,
+                                          T c_dot_prev, T& c_dot, T& h_dot) {
+  const T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
+  const T di = i * (T(1) - i) * a[j], df = f * (T(1) - f) * a[H + j];
+  const T dg = (T(1) - gg * gg) * a[2 * H + j], dout = o * (T(1) - o) * a[3 * H + j];
+  c_dot = df * c_prev + f * c_dot_prev + di * gg + i * dg;
+  h_dot = dout * tanh_c + o * (T(1) - tanh_c * tanh_c) * c_dot;
+}
+
+// The cotangent: h_bar of h, c_bar_next of c from the next step (its reset applied); writes the
+// gates' pre-activation cotangents into a_bar and returns c_prev's cotangent (before this step's reset).
+template <typename T>
+C10_HOST_DEVICE inline T lstm_unit_vjp(T* a_bar, const T* g, int64_t H, int64_t j, T c_prev, T tanh_c, T h_bar,
+                                       T c_bar_next) {
+  const T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
+  const T c_bar = c_bar_next + h_bar * o * (T(1) - tanh_c * tanh_c);
+  a_bar[j] = c_bar * gg * i * (T(1) - i);
+  a_bar[H + j] = c_bar * c_prev * f * (T(1) - f);
+  a_bar[2 * H + j] = c_bar * i * (T(1) - gg * gg);
+  a_bar[3 * H + j] = h_bar * tanh_c * o * (T(1) - o);
+  return c_bar * f;
+}
+
+// r = σ(x_r + h_r), z = σ(x_z + h_z), n = tanh(x_n + r h_n), h = (1 - z) n + z h_prev, with x the
+// input projection row (x W_ih' + b_ih) and hp the recurrent one (h_prev W_hh' + b_hh); g receives r, z, n.
+template <typename T>
+C10_HOST_DEVICE inline T gru_unit(T* g, const T* x, const T* hp, int64_t H, int64_t j, T h_prev) {
+  const T r = sigmoid_of(x[j] + hp[j]), z = sigmoid_of(x[H + j] + hp[H + j]);
+  const T n = tanh_of(x[2 * H + j] + r * hp[2 * H + j]);
+  g[j] = r, g[H + j] = z, g[2 * H + j] = n;
+  return (T(1) - z) * n + z * h_prev;
+}
+
+// The tangent: ax and ah the tangents of the two projections (ah includes h_dot_prev W_hh'), h_n the
+// recurrent projection's n part, h_dot_prev the tangent of the (reset) h_prev; returns h_dot.
+template <typename T>
+C10_HOST_DEVICE inline T gru_unit_jvp(const T* ax, const T* ah, const T* g, int64_t H, int64_t j, T h_n, T h_prev,
+                                      T h_dot_prev) {
+  const T r = g[j], z = g[H + j], n = g[2 * H + j];
+  const T dr = r * (T(1) - r) * (ax[j] + ah[j]);
+  const T dz = z * (T(1) - z) * (ax[H + j] + ah[H + j]);
+  const T dn = (T(1) - n * n) * (ax[2 * H + j] + dr * h_n + r * ah[2 * H + j]);
+  return dz * (h_prev - n) + (T(1) - z) * dn + z * h_dot_prev;
+}
+
+// The cotangent: h_bar of h; writes the cotangents of the input projection (ax_bar) and of the
+// recurrent one (ah_bar), and returns h_prev's direct cotangent z h_bar (the rest is ah_bar W_hh).
+template <typename T>
+C10_HOST_DEVICE inline T gru_unit_vjp(T* ax_bar, T* ah_bar, const T* g, int64_t H, int64_t j, T h_n, T h_prev,
+                                      T h_bar) {
+  const T r = g[j], z = g[H + j], n = g[2 * H + j];
+  const T an = h_bar * (T(1) - z) * (T(1) - n * n);
+  const T az = h_bar * (h_prev - n) * z * (T(1) - z);
+  const T ar = an * h_n * r * (T(1) - r);
+  ax_bar[j] = ar, ax_bar[H + j] = az, ax_bar[2 * H + j] = an;
+  ah_bar[j] = ar, ah_bar[H + j] = az, ah_bar[2 * H + j] = an * r;
+  return z * h_bar;
+}
+
 }  // namespace ew
 }  // namespace trpo_ext

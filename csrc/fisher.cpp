@@ -15,6 +15,12 @@ constexpr double kBreakdownEps = 1e-20;
 // cg_iters on the Python side (tests/test_errors.py checks that the two agree).
 constexpr int64_t kMaxCgIters = 10000;
 
+at::Tensor flat_view(const at::Tensor& flat, int64_t offset, at::IntArrayRef shape) {
+  return flat.narrow(0, offset, c10::multiply_integers(shape)).view(shape);
+}
+
+}  // namespace
+
 void check_vector(const at::Tensor& v, const char* name, const at::Tensor& obs, int64_t numel) {
   check_dtype_device(v, name, obs.scalar_type(), obs.device(), "obs's");
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == numel, "trpo_ext: ", name,
@@ -34,12 +40,6 @@ void check_damping(double damping) {
   TORCH_CHECK_VALUE(std::isfinite(damping) && damping >= 0, "trpo_ext: damping must be finite and >= 0, got ",
                     damping);
 }
-
-at::Tensor flat_view(const at::Tensor& flat, int64_t offset, at::IntArrayRef shape) {
-  return flat.narrow(0, offset, c10::multiply_integers(shape)).view(shape);
-}
-
-}  // namespace
 
 void check_cg_settings(double damping, int64_t iters, double rtol) {
   check_damping(damping);
@@ -101,8 +101,8 @@ MlpCache build_mlp_cache(const at::Tensor& obs, at::TensorList params, const Act
 FlatSlices& MlpCache::slices(const at::Tensor& flat) {
   // A solve passes the same few buffers (p, Ap, g) again and again: their views are made once. A
   // cached view keeps its storage alive, so a new tensor can never reuse a cached address.
-  for (auto& [key, views] : slice_cache) {
-    if (key == flat.data_ptr()) return views;
+  for (auto& [key, numel, views] : slice_cache) {
+    if (key == flat.data_ptr() && numel == flat.numel()) return views;
   }
   FlatSlices views;
   const int64_t n_layers = static_cast<int64_t>(weights.size());
@@ -113,8 +113,8 @@ FlatSlices& MlpCache::slices(const at::Tensor& flat) {
   }
   views.b_column = views.b.back().unsqueeze(1);
   if (dist.kind == MlpKind::Gaussian) views.log_std = flat.narrow(0, offsets.back(), out_scale.size(0));
-  slice_cache.emplace_back(flat.data_ptr(), std::move(views));
-  return slice_cache.back().second;
+  slice_cache.emplace_back(flat.data_ptr(), flat.numel(), std::move(views));
+  return std::get<2>(slice_cache.back());
 }
 
 void mlp_fvp_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, double damping) {
@@ -125,12 +125,14 @@ void mlp_fvp_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, double damp
     at::Tensor& t = c.tangents[l];
     at::addmm_out(t, dir.b[l], c.inputs[l], dir.W[l].t());
     if (l > 0) t.addmm_(c.tangents[l - 1], c.weights_t[l]);
+    if (l == 0 && c.input_tangent.defined()) t.addmm_(c.input_tangent, c.weights_t[0]);
     t.mul_(c.act_grad[l]);
   }
   // The output layer, feature-major: u' = Wdot_L h_L' + W_L hdot_L' + bdot_L.
   at::Tensor& u_t = c.tangents[last];
   at::addmm_out(u_t, dir.b_column, dir.W[last], c.inputs_t_last);
   if (last > 0) u_t.addmm_(c.weights[last], c.tangents_t[last - 1]);
+  if (last == 0 && c.input_tangent.defined()) u_t.addmm_(c.weights[0], c.input_tangent.t());
   // Output Fisher, divided by N. Categorical: block diagonal, each segment's diag(p) - p p' on its
   // own columns (a masked class has p = 0: its row and column of the block are 0). Gaussian and
   // bernoulli: diagonal.
@@ -167,6 +169,8 @@ void mlp_vjp_into(MlpCache& c, at::Tensor& out) {
       at::Tensor& g_prev = c.tangents[l - 1];
       at::mm_out(g_prev, l == last ? c.tangents_t[l] : c.tangents[l], c.weights[l]);
       g_prev.mul_(c.act_grad[l - 1]);
+    } else if (c.input_cotangent.defined()) {
+      at::mm_out(c.input_cotangent, l == last ? c.tangents_t[l] : c.tangents[l], c.weights[l]);
     }
   }
 }
@@ -226,6 +230,8 @@ void ensure_columns(MlpCache& c, int64_t columns) {
 }  // namespace
 
 void mlp_fvp_columns_into(MlpCache& c, const at::Tensor& v, at::Tensor& out, double damping) {
+  TORCH_CHECK(!c.input_tangent.defined(), "trpo_ext: mlp_fvp_columns_into has no input tangent (a head's products "
+              "are one column at a time)");
   const int64_t columns = v.size(0), n = c.batch;
   ensure_columns(c, columns);
   at::index_select_out(c.v_block, v.view(-1), 0, c.block_index);
@@ -292,7 +298,7 @@ at::Tensor mlp_fvp(const at::Tensor& obs, at::TensorList params, const at::Tenso
   return out;
 }
 
-CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b_in, double damping, int64_t iters, double rtol) {
+CgResult cg_solve_with(CgProduct product, const at::Tensor& b_in, int64_t iters, double rtol) {
   // The workspace of the solve, made once: nothing below allocates inside the loop.
   const at::Tensor b = b_in.contiguous();
   at::Tensor x = at::zeros_like(b);
@@ -308,7 +314,7 @@ CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b_in, double damping
     // On the CPU reading the state is free, so a converged solve stops early; on a GPU the loop
     // runs to `iters` with frozen (masked) updates and never waits for the host.
     if (host_loop && host_state[kActive] == 0.0) break;
-    mlp_fvp_into(cache, p, Ap, damping);
+    product(p, Ap);
     TRPO_EXT_DISPATCH(b, cg_dots, p, Ap, state);
     TRPO_EXT_DISPATCH(b, cg_update_, x, r, p, Ap, state, kBreakdownEps);
     TRPO_EXT_DISPATCH(b, cg_direction_, p, r, state);
@@ -316,6 +322,11 @@ CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b_in, double damping
   // x'Ax = x'(b - r): the step size needs no extra FVP.
   at::Tensor xAx = TRPO_EXT_DISPATCH(b, dot64, x, at::sub_out(Ap, b, r));
   return {x, state[kIters].to(at::kLong), state[kRs].sqrt(), xAx};
+}
+
+CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b, double damping, int64_t iters, double rtol) {
+  return cg_solve_with([&](const at::Tensor& v, at::Tensor& out) { mlp_fvp_into(cache, v, out, damping); }, b,
+                       iters, rtol);
 }
 
 CgResult cg_solve_columns(MlpCache& cache, const at::Tensor& b_in, double damping, int64_t iters, double rtol) {

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <c10/util/FunctionRef.h>
+
 #include <deque>
 #include <optional>
 #include <tuple>
@@ -50,7 +52,15 @@ struct MlpCache {
   std::vector<at::Tensor> weights_t, tangents_t;  // transposed views of weights and tangents
   std::vector<at::Tensor> out_segments_t;  // categorical: segment s of tangents_t.back(), (N, K_s) views
   at::Tensor inputs_t_last;         // the output layer's input, transposed
-  std::deque<std::pair<const void*, FlatSlices>> slice_cache;  // a deque: references stay valid as it grows
+  // Keyed on the vector's address and length: views of one buffer at different offsets (a recurrent
+  // policy's RNN prefix and head suffix, csrc/recurrent.cpp) or lengths never share an entry. A deque:
+  // references stay valid as it grows.
+  std::deque<std::tuple<const void*, int64_t, FlatSlices>> slice_cache;
+  // A head on another network's features (csrc/recurrent.cpp), single-column products only. When
+  // defined, input_tangent (N, in) is the tangent of the input h_0, added at layer 0 (hdot_0 W_0'), and
+  // the VJP writes the input's cotangent (g_0 W_0, (N, in)) into input_cotangent. They may be one
+  // tensor: the tangent is dead once the JVP has run. Undefined for an MLP policy (h_0 = obs is data).
+  at::Tensor input_tangent, input_cotangent;
   // The multi-column products (mlp_fvp_columns_into), made on first use for `columns` columns. The
   // C columns of a (C, P) vector are gathered into a block layout in which each parameter's C
   // slices lie together (`block_index`: block position -> (C, P) position; a weight's as (out, C, in)),
@@ -91,8 +101,21 @@ void mlp_vjp_into(MlpCache& cache, at::Tensor& out);
 // (x, iterations (int64), residual norm (float64), x'(F + damping I)x (float64)).
 using CgResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// out = A v for flat vectors (out not aliasing v): the product a CG solve runs on.
+using CgProduct = c10::function_ref<void(const at::Tensor& v, at::Tensor& out)>;
+
+// The checks of a flat vector v (length numel, obs's dtype and device), of a right-hand side b (the
+// same, or (numel, C) columns with C >= 1) and of damping (finite, >= 0), naming the argument.
+void check_vector(const at::Tensor& v, const char* name, const at::Tensor& obs, int64_t numel);
+void check_rhs(const at::Tensor& b, const char* name, const at::Tensor& obs, int64_t numel);
+void check_damping(double damping);
+
 // ValueError unless damping is finite and >= 0, 1 <= iters <= kMaxCgIters (fisher.cpp) and rtol finite and >= 0.
 void check_cg_settings(double damping, int64_t iters, double rtol);
+
+// CG on A x = b (b flat) with `product` computing A p: the loop of every one-column solve (§3), its
+// kernels and state slots. The settings already checked.
+CgResult cg_solve_with(CgProduct product, const at::Tensor& b, int64_t iters, double rtol);
 
 // CG on (F + damping I) x = b with the cache's products; the settings already checked.
 CgResult cg_solve_cached(MlpCache& cache, const at::Tensor& b, double damping, int64_t iters, double rtol);

@@ -37,7 +37,45 @@ namespace trpo_ext {
   /* K >= 1, u (N) in [0, 1) of logits' dtype). */                                                   \
   void sample_categorical_(const at::Tensor& logits, const at::Tensor& u, at::Tensor& actions);   \
   /* noise (N, K) <- mean + exp(log_std) * noise, mean (N, K), log_std (K). */                      \
-  void sample_gaussian_(const at::Tensor& mean, const at::Tensor& log_std, at::Tensor& noise);
+  void sample_gaussian_(const at::Tensor& mean, const at::Tensor& log_std, at::Tensor& noise);    \
+  TRPO_EXT_DECLARE_RECURRENT_KERNELS
+
+// Step t of a recurrent layer (csrc/recurrent.cpp, elementwise.h's cell formulas), over B rows of H
+// units. Tensors of T steps are time-major ((T·B, width), block t = rows [t·B, (t+1)·B)); keep is
+// ((T + 1), B) of the dtype, 0 where step t starts an episode (row T: 1); h_prev and c_prev are
+// ((T + 1)·B, H), block t the state before step t after its reset. A (B, H) *_state carries a
+// tangent or cotangent from one step to the next.
+#define TRPO_EXT_DECLARE_RECURRENT_KERNELS                                                            \
+  /* LSTM forward: gates[t] pre-activations -> activations; tanh_c[t], out[t] = h_t,              */ \
+  /* h_prev[t+1] = keep[t+1] h_t, c_prev[t+1] = keep[t+1] c_t.                                     */ \
+  void lstm_step_(at::Tensor& gates, at::Tensor& h_prev, at::Tensor& c_prev, at::Tensor& tanh_c,    \
+                  at::Tensor& out, const at::Tensor& keep, int64_t t);                               \
+  /* GRU forward from the projections x_proj[t], h_proj[t] (3H wide): gates[t] = r, z, n,          */ \
+  /* out[t] = h_t, h_prev[t+1] = keep[t+1] h_t.                                                     */ \
+  void gru_step_(const at::Tensor& x_proj, const at::Tensor& h_proj, at::Tensor& gates,            \
+                 at::Tensor& h_prev, at::Tensor& out, const at::Tensor& keep, int64_t t);            \
+  /* LSTM tangent from a[t] (the gates' pre-activation tangents, recurrent term included):       */ \
+  /* c_state: the tangent of c_prev[t] in, keep[t+1] c_dot_t out; h_state = keep[t+1] h_dot_t;   */ \
+  /* h_dot[t] = h_dot_t.                                                                           */ \
+  void lstm_jvp_step_(const at::Tensor& a, const at::Tensor& gates, const at::Tensor& c_prev,       \
+                      const at::Tensor& tanh_c, at::Tensor& h_state, at::Tensor& c_state,           \
+                      at::Tensor& h_dot, const at::Tensor& keep, int64_t t);                        \
+  /* GRU tangent from ax[t], ah[t] (the projections' tangents, ah's recurrent term included):     */ \
+  /* h_state: the tangent of h_prev[t] in, keep[t+1] h_dot_t out; h_dot[t] = h_dot_t.              */ \
+  void gru_jvp_step_(const at::Tensor& ax, const at::Tensor& ah, const at::Tensor& gates,          \
+                     const at::Tensor& h_proj, const at::Tensor& h_prev, at::Tensor& h_state,       \
+                     at::Tensor& h_dot, const at::Tensor& keep, int64_t t);                         \
+  /* LSTM cotangent: h_bar = g_out[t] + keep[t+1] h_state (h_state: h_prev[t+1]'s cotangent);    */ \
+  /* c_state: c_t's cotangent from step t+1 in, keep[t] (c_prev[t]'s cotangent) out; a_bar[t]    */ \
+  /* receives the gates' pre-activation cotangents.                                                */ \
+  void lstm_vjp_step_(const at::Tensor& g_out, const at::Tensor& h_state, at::Tensor& c_state,     \
+                      const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& tanh_c,  \
+                      at::Tensor& a_bar, const at::Tensor& keep, int64_t t);                        \
+  /* GRU cotangent: h_bar = g_out[t] + keep[t+1] h_state; ax_bar[t], ah_bar[t] receive the        */ \
+  /* projections' cotangents and h_state = z h_bar (recurrent.cpp adds ah_bar[t] W_hh).           */ \
+  void gru_vjp_step_(const at::Tensor& g_out, at::Tensor& h_state, const at::Tensor& gates,        \
+                     const at::Tensor& h_proj, const at::Tensor& h_prev, at::Tensor& ax_bar,       \
+                     at::Tensor& ah_bar, const at::Tensor& keep, int64_t t);
 
 namespace cpu {
 TRPO_EXT_DECLARE_KERNELS

@@ -38,12 +38,13 @@ MlpKind parse_kind(c10::string_view kind) {
                     std::string(kind), "'");
 }
 
-std::string param_name(int64_t index, int64_t n_layers) {
-  if (index >= 2 * n_layers) return c10::str("params[", index, "] (log_std)");
-  return c10::str("params[", index, "] (", index % 2 ? "bias" : "weight", " of layer ", index / 2, ")");
+std::string param_name(int64_t index, int64_t n_layers, int64_t first) {
+  if (index >= 2 * n_layers) return c10::str("params[", first + index, "] (log_std)");
+  return c10::str("params[", first + index, "] (", index % 2 ? "bias" : "weight", first > 0 ? " of head layer " : " of layer ",
+                  index / 2, ")");
 }
 
-MlpShape check_mlp(const at::Tensor& obs, at::TensorList params, MlpKind kind, ObsRule rule) {
+MlpShape check_mlp(const at::Tensor& obs, at::TensorList params, MlpKind kind, ObsRule rule, int64_t first) {
   const int64_t extra = kind == MlpKind::Gaussian ? 1 : 0;
   const int64_t n_params = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(n_params >= 2 + extra && (n_params - extra) % 2 == 0, "trpo_ext: params must be ",
@@ -60,7 +61,7 @@ MlpShape check_mlp(const at::Tensor& obs, at::TensorList params, MlpKind kind, O
     TORCH_CHECK_TYPE(!at::isComplexType(obs.scalar_type()), "trpo_ext: obs must be a real tensor (floating point, "
                      "integer or bool; it is converted to the weights' dtype), got ", obs.scalar_type());
     shape.dtype = params[0].scalar_type();
-    TORCH_CHECK_TYPE(shape.dtype == at::kFloat || shape.dtype == at::kDouble, "trpo_ext: ", param_name(0, shape.n_layers),
+    TORCH_CHECK_TYPE(shape.dtype == at::kFloat || shape.dtype == at::kDouble, "trpo_ext: ", param_name(0, shape.n_layers, first),
                      " must be float32 or float64, got ", shape.dtype);
     like = "params[0]'s";
   }
@@ -71,27 +72,27 @@ MlpShape check_mlp(const at::Tensor& obs, at::TensorList params, MlpKind kind, O
   for (int64_t l = 0; l < shape.n_layers; ++l) {
     const at::Tensor& W = params[2 * l];
     const at::Tensor& b = params[2 * l + 1];
-    check_dtype_device(W, [&] { return param_name(2 * l, shape.n_layers); }, shape.dtype, device, like);
-    check_dtype_device(b, [&] { return param_name(2 * l + 1, shape.n_layers); }, shape.dtype, device, like);
-    TORCH_CHECK_VALUE(W.dim() == 2 && W.size(1) == width, "trpo_ext: ", param_name(2 * l, shape.n_layers),
+    check_dtype_device(W, [&] { return param_name(2 * l, shape.n_layers, first); }, shape.dtype, device, like);
+    check_dtype_device(b, [&] { return param_name(2 * l + 1, shape.n_layers, first); }, shape.dtype, device, like);
+    TORCH_CHECK_VALUE(W.dim() == 2 && W.size(1) == width, "trpo_ext: ", param_name(2 * l, shape.n_layers, first),
                       " must have shape (out, ", width, "), got ", W.sizes());
-    TORCH_CHECK_VALUE(W.size(0) > 0, "trpo_ext: ", param_name(2 * l, shape.n_layers),
+    TORCH_CHECK_VALUE(W.size(0) > 0, "trpo_ext: ", param_name(2 * l, shape.n_layers, first),
                       " has 0 output units (shape ", W.sizes(), "): every layer needs at least one");
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == W.size(0), "trpo_ext: ", param_name(2 * l + 1, shape.n_layers),
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == W.size(0), "trpo_ext: ", param_name(2 * l + 1, shape.n_layers, first),
                       " must have shape (", W.size(0), "), got ", b.sizes());
     width = W.size(0);
     shape.numel += W.numel() + b.numel();
   }
   if (kind == MlpKind::Gaussian) {
     const at::Tensor& log_std = params[n_params - 1];
-    check_dtype_device(log_std, [&] { return param_name(n_params - 1, shape.n_layers); }, shape.dtype, device, like);
+    check_dtype_device(log_std, [&] { return param_name(n_params - 1, shape.n_layers, first); }, shape.dtype, device, like);
     TORCH_CHECK_VALUE(log_std.dim() == 1 && log_std.size(0) == width, "trpo_ext: ",
-                      param_name(n_params - 1, shape.n_layers), " must have shape (", width, "), got ",
+                      param_name(n_params - 1, shape.n_layers, first), " must have shape (", width, "), got ",
                       log_std.sizes());
     shape.numel += width;
   } else if (kind == MlpKind::Value) {
     TORCH_CHECK_VALUE(width == 1, "trpo_ext: the critic's last layer must have one output, got ", width, " (",
-                      param_name(2 * shape.n_layers - 2, shape.n_layers), ")");
+                      param_name(2 * shape.n_layers - 2, shape.n_layers, first), ")");
   }
   shape.out_width = width;
   return shape;

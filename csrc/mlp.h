@@ -76,7 +76,9 @@ struct MlpShape {
 // Checks obs (2-D, (N, in)) and params ([W1, b1, ..., WL, bL] + [log_std] for Gaussian) against each
 // other: every tensor on obs's device with the parameters' dtype (TypeError), every layer chaining
 // with at least one unit (ValueError), a Value MLP ending in one unit. Params may have any strides.
-MlpShape check_mlp(const at::Tensor& obs, at::TensorList params, MlpKind kind, ObsRule rule);
+// `first`: where params starts in the op's own list (a recurrent policy's head, csrc/recurrent.cpp),
+// for the messages; obs is then the head's input as the RNN makes it.
+MlpShape check_mlp(const at::Tensor& obs, at::TensorList params, MlpKind kind, ObsRule rule, int64_t first = 0);
 
 // TypeError unless t has `dtype` and is on `device`; `like` names where they come from ("obs's").
 // `name` is only built on failure: a callable returning something printable, or a string.
@@ -110,8 +112,9 @@ void check_dense(const at::Tensor& t, const Name& name) {
   }
 }
 
-// "params[2] (weight of layer 1)", "params[4] (log_std)", ...
-std::string param_name(int64_t index, int64_t n_layers);
+// "params[2] (weight of layer 1)", "params[4] (log_std)", ...; with `first` > 0 (a recurrent policy's
+// head, from the op's params[first]): "params[first + 2] (weight of head layer 1)".
+std::string param_name(int64_t index, int64_t n_layers, int64_t first = 0);
 
 // ---- Forward pass ------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
 #include "act.h"
 #include "critic.h"
 #include "fisher.h"
+#include "recurrent.h"
 #include "step.h"
 
 extern "C" {
@@ -37,6 +38,11 @@ TORCH_LIBRARY(trpo_ext, m) {
   m.def("mlp_act(Tensor obs, Tensor? obs_mean, Tensor? obs_inv_std, float obs_clip, Tensor[] params, str kind, "
         "str activation, bool deterministic, Generator? generator, int[]? segments=None, Tensor? action_mask=None) "
         "-> (Tensor, Tensor)");
+  m.def("rnn_fvp(Tensor obs, Tensor episode_starts, Tensor[] initial_state, Tensor[] params, Tensor v, str cell, "
+        "str kind, str activation, float damping, int[]? segments=None, Tensor? action_mask=None) -> Tensor");
+  m.def("rnn_cg(Tensor obs, Tensor episode_starts, Tensor[] initial_state, Tensor[] params, Tensor b, str cell, "
+        "str kind, str activation, float damping, int iters, float rtol, int[]? segments=None, "
+        "Tensor? action_mask=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_built() -> bool", []() {
 #ifdef WITH_CUDA
     return true;
@@ -54,6 +60,8 @@ static void register_kernels(torch::Library& m) {
   m.impl("mlp_policy_trial", &mlp_policy_trial);
   m.impl("mlp_value_fit", &mlp_value_fit);
   m.impl("mlp_act", &mlp_act);
+  m.impl("rnn_fvp", &rnn_fvp);
+  m.impl("rnn_cg", &rnn_cg);
 }
 
 TORCH_LIBRARY_IMPL(trpo_ext, CPU, m) { register_kernels(m); }

@@ -110,3 +110,15 @@ def test_quick_runs_one_thread(capsys):
                          "--no-generic"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gaus 17->8->6 N=64 |")]
     assert rc == 0 and rows and {line.split("|")[2].strip() for line in rows} == {"1"}
+
+
+@pytest.mark.parametrize("net", ["lstm", "gru"])
+def test_recurrent_rows(net):
+    """The recurrent configurations' rows on a tiny policy: fused through time and the generic path
+    agree with double backprop through time; every method runs."""
+    cfg = benchmark.Config("gaussian", 3, (4,), 2, 2, net=net, steps=3, rnn=4)
+    res = benchmark.bench_config(cfg, "cpu", 1, 2, with_generic=True, check=True)
+    assert not res.errors
+    assert {m for (_, m) in res.times} == {"reference", "fused", "generic"}
+    assert all(err < 1e-3 for err in res.rel_err.values())
+    assert str(cfg).startswith(f"{net} gaus 3->{net}4->4->2 T=3 B=2")

@@ -90,7 +90,7 @@ def _check_devices(**arguments) -> None:
 
 
 class CGResult(NamedTuple):
-    """What `mlp_cg` returns; the scalars are 0-dim tensors on the solve's device ((C) for a (P, C) b)."""
+    """What `mlp_cg` and `rnn_cg` return; the scalars are 0-dim tensors on the solve's device ((C) for a (P, C) b)."""
 
     x: torch.Tensor  # the solution, flat (or (P, C): one column per right-hand side)
     iterations: torch.Tensor  # CG iterations used (int64)
@@ -248,3 +248,49 @@ def _mlp_act_fake(obs, obs_mean, obs_inv_std, obs_clip, params, kind, activation
     shape = family.action_shape(obs.shape[0], params[-1].shape[0], segments)
     actions = obs.new_empty(shape, dtype=family.action_dtype(dtype))
     return obs.new_empty(obs.shape, dtype=dtype), actions
+
+
+# ----------------------------------------------------------------------------- rnn_fvp, rnn_cg
+# A recurrent policy (trpo_ext.recurrent.RecurrentPolicy; docs/design.md §12): obs (T, B, D),
+# episode_starts (T, B) bool, initial_state [h] (GRU) or [h, c] (LSTM), each (layers, B, hidden);
+# params flat in the policy's parameters() order: per recurrent layer weight_ih, weight_hh, bias_ih,
+# bias_hh, then the head's W1, b1, ..., WL, bL, then a Gaussian's log_std. Rows (action_mask's) are
+# time-major, t·B + b. `cell` ("lstm" / "gru") comes with the rest of the policy's description from
+# `trpo_ext.policies.RecurrentFusedSpec.op_kwargs`.
+def rnn_fvp(obs: torch.Tensor, episode_starts: torch.Tensor, initial_state: Sequence[torch.Tensor],
+            params: Sequence[torch.Tensor], v: torch.Tensor, *, cell: str, kind: str, activation: str, damping: float,
+            segments: Sequence[int] | None = None, action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(F + damping I) v for a recurrent policy, flat: a JVP forward in time, the output Fisher, a VJP
+    back in time, on one forward pass (no autograd graph)."""
+    return ops.rnn_fvp(obs, episode_starts, list(initial_state), list(params), v, cell, kind, activation, damping,
+                       segments, action_mask)
+
+
+@torch.library.register_fake("trpo_ext::rnn_fvp")
+def _rnn_fvp_fake(obs, episode_starts, initial_state, params, v, cell, kind, activation, damping, segments=None,
+                  action_mask=None):
+    _check_devices(obs=obs, episode_starts=episode_starts, initial_state=initial_state, params=params, v=v,
+                   action_mask=action_mask)
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def rnn_cg(obs: torch.Tensor, episode_starts: torch.Tensor, initial_state: Sequence[torch.Tensor],
+           params: Sequence[torch.Tensor], b: torch.Tensor, *, cell: str, kind: str, activation: str, damping: float,
+           iters: int, rtol: float, segments: Sequence[int] | None = None,
+           action_mask: torch.Tensor | None = None) -> CGResult:
+    """Solves (F + damping I) x = b by CG for a recurrent policy, the whole loop in one call on one
+    forward pass (`mlp_cg`'s recursion and kernels). `b` (P, C): C solves one after the other on the
+    same forward pass."""
+    return CGResult(*ops.rnn_cg(obs, episode_starts, list(initial_state), list(params), b, cell, kind, activation,
+                                damping, iters, rtol, segments, action_mask))
+
+
+@torch.library.register_fake("trpo_ext::rnn_cg")
+def _rnn_cg_fake(obs, episode_starts, initial_state, params, b, cell, kind, activation, damping, iters, rtol,
+                 segments=None, action_mask=None):
+    _check_devices(obs=obs, episode_starts=episode_starts, initial_state=initial_state, params=params, b=b,
+                   action_mask=action_mask)
+    scalar = dict(device=b.device, dtype=torch.float64)
+    shape = tuple(b.shape[1:])
+    return (torch.empty_like(b, memory_format=torch.contiguous_format), b.new_empty(shape, dtype=torch.int64),
+            b.new_empty(shape, **scalar), b.new_empty(shape, **scalar))

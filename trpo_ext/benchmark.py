@@ -11,6 +11,11 @@ buffers, replays, clones the outputs); for the FVP, which has no graph path in t
 the benchmark captures around `fvp(...)` and replays with its inputs already in place; "generic" =
 the torch.func path (`path="generic"`).
 
+"lstm" / "gru" configurations: a built-in recurrent policy (`MlpLstmPolicy` / `MlpGruPolicy`, RNN
+of `rnn` units, then the MLP head `hidden`) on B = `batch` sequences of T = `steps` steps (a few
+episode starts inside them); "fused" is the extension's product through time (`rnn_fvp`, `rnn_cg`;
+docs/design.md §12), "reference" double backprop through time.
+
 "policy step" is the whole TRPO policy step up to its first line-search trial: the surrogate's
 gradient, a 10-iteration CG solve, the step size and one trial's KL and surrogate.
 "reference" = `trpo_ext.reference.sb3_policy_step`, the step as sb3-contrib computes it (double-backprop
@@ -22,6 +27,7 @@ iterations (no early stop).
     python -m trpo_ext.benchmark --device cuda   # the GPU configurations
     python -m trpo_ext.benchmark --device cpu --sizes 256,1024 --hidden 16x16 --rounds 3   # dry run
     python -m trpo_ext.benchmark --quick         # the first configuration, 1 thread, 5 rounds
+    python -m trpo_ext.benchmark --threads 1 --net lstm,gru --rounds 5   # the recurrent rows only
 
 A median whose timings spread too much over the rounds, and a cost split that cannot be true (a
 negative cost, a product faster than its GEMM floor), are reported as unreliable, not as results
@@ -42,9 +48,11 @@ import torch
 from . import reference
 from ._ops import flat_vector, load_flat_
 from .benchmark_report import Result, environment, problems, report, unreliable
+from .config import POLICY_KWARGS
 from .distributions import action_spec
 from .fisher import cg_solve, fvp
-from .policies import MLPPolicy
+from .policies import MLPPolicy, built_in_policy
+from .spaces import ObservationCodec, Sequences
 from .step import trust_region_step
 
 
@@ -53,7 +61,9 @@ class Config:
     """net: "mlp" (MLPPolicy: fused, reference and generic), "layernorm" (a plain nn.Module MLP with a
     LayerNorm after each hidden Linear) or "cnn" (a plain nn.Module conv net on 3 x obs_dim x obs_dim
     images, `NATURE_CNN`, then `hidden` and the head); the last two have no fused op, only the
-    reference and the generic path. rounds: at most this many rounds (the slow configurations)."""
+    reference and the generic path; "lstm" / "gru" the built-in recurrent policy (an RNN of `rnn`
+    units, then `hidden`) on `batch` sequences of `steps` steps (fused, reference and generic).
+    rounds: at most this many rounds (the slow configurations)."""
 
     kind: str
     obs_dim: int
@@ -62,9 +72,14 @@ class Config:
     batch: int
     net: str = "mlp"
     rounds: int | None = None
+    steps: int = 0
+    rnn: int = 0
 
     def __str__(self):
         widths = "x".join(map(str, self.hidden))
+        if self.net in RECURRENT_NETS:
+            return (f"{self.net} {self.kind[:4]} {self.obs_dim}->{self.net}{self.rnn}->{widths}->{self.act_dim} "
+                    f"T={self.steps} B={self.batch}")
         if self.net == "cnn":
             return f"cnn {self.kind[:4]} 3x{self.obs_dim}x{self.obs_dim}->conv->{widths}->{self.act_dim} N={self.batch}"
         head = f"{self.kind[:4]} {self.obs_dim}->{widths}->{self.act_dim} N={self.batch}"
@@ -78,7 +93,11 @@ CPU_CONFIGS = [
     Config("categorical", 4, (64, 64), 2, 2048),
     Config("gaussian", 17, (64, 64), 6, 2048, net="layernorm"),
     Config("categorical", 64, (256,), 6, 2048, net="cnn", rounds=3),
+    Config("gaussian", 17, (64, 64), 6, 16, net="lstm", steps=128, rnn=64),
+    Config("gaussian", 17, (64, 64), 6, 16, net="gru", steps=128, rnn=64),
 ]
+RECURRENT_NETS = {"lstm": "MlpLstmPolicy", "gru": "MlpGruPolicy"}
+"""The recurrent configurations' nets and the built-in policies they run."""
 # The "cnn" configurations' conv stack, NatureCNN's shape (8x8 stride 4, 4x4 stride 2, 3x3 stride 1,
 # ReLU after each) at half its widths: (out channels, kernel, stride) per layer.
 NATURE_CNN = ((16, 8, 4), (32, 4, 2), (32, 3, 1))
@@ -190,6 +209,15 @@ def make_policy(cfg: Config, device: str):
         return LayerNormMLP(cfg).to(device), torch.randn(cfg.batch, cfg.obs_dim, device=device)
     if cfg.net == "cnn":
         return ConvPolicy(cfg).to(device), torch.rand(cfg.batch, 3, cfg.obs_dim, cfg.obs_dim, device=device)
+    if cfg.net in RECURRENT_NETS:
+        codec = ObservationCodec(gym.spaces.Box(-1, 1, (cfg.obs_dim,)))
+        policy = built_in_policy(RECURRENT_NETS[cfg.net], codec, ACTION_SPACES[cfg.kind](cfg.act_dim), cfg.hidden,
+                                 "tanh", 0.0, None, {**POLICY_KWARGS, "lstm_hidden_size": cfg.rnn,
+                                                     "n_lstm_layers": 1}).to(device)
+        starts = torch.rand(cfg.steps, cfg.batch, device=device) < 0.01  # a few episodes end inside the sequences
+        starts[0] = True
+        obs = torch.randn(cfg.steps, cfg.batch, cfg.obs_dim, device=device)
+        return policy, Sequences(obs, starts, policy.initial_state(cfg.batch))
     raise ValueError(f"unknown net {cfg.net!r}")
 
 
@@ -200,8 +228,8 @@ def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_g
     has the fused rows."""
     policy, obs = make_policy(cfg, device)
     v = torch.randn(sum(p.numel() for p in policy.parameters()), device=device)
-    graphs = with_graph and device == "cuda"
-    fused = cfg.net == "mlp"
+    graphs = with_graph and device == "cuda" and cfg.net == "mlp"
+    fused = cfg.net == "mlp" or cfg.net in RECURRENT_NETS
 
     def fused_fvp():
         return fvp(policy, obs, v, 0.1, check_finite=False)
@@ -214,7 +242,8 @@ def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_g
         m[("fvp", "fused")] = fused_fvp
         if graphs:
             m[("fvp", "fused+graph")] = _Lazy(lambda: _graphed(fused_fvp))
-        m[("fvp", "gemm floor")] = _Lazy(lambda: _gemm_floor(policy, obs))
+        if cfg.net == "mlp":
+            m[("fvp", "gemm floor")] = _Lazy(lambda: _gemm_floor(policy, obs))
     if with_generic:
         m[("fvp", "generic")] = lambda: fvp(policy, obs, v, 0.1, check_finite=False, path="generic")
     m[("cg", "reference")] = lambda: reference.cg_solve(policy, obs, v, cg_iters, 0.1, rtol=0.0)
@@ -228,7 +257,7 @@ def _methods(cfg: Config, device: str, cg_iters: int, with_generic: bool, with_g
     # The whole policy step up to its first line-search trial, on a batch the policy acted on.
     with torch.no_grad():
         actions = policy(obs).sample()
-    advantages = torch.randn(cfg.batch, device=device)
+    advantages = torch.randn(cfg.batch * max(cfg.steps, 1), device=device)
     m[("step", "reference")] = lambda: reference.sb3_policy_step(policy, obs, actions, advantages, 0.01, 0.1, cg_iters,
                                                                 residual_tol=0.0)
     if fused:
@@ -342,14 +371,15 @@ def _hidden(text: str) -> list[tuple]:
 
 def configurations(device: str, sizes=None, hidden=None) -> list[Config]:
     """The default configurations of `device`, or, with sizes and/or hidden, every MLP head (kind,
-    obs_dim, act_dim, net) of the defaults with those hidden layers and batch sizes (the conv
-    configurations keep their own shape and are left out)."""
+    obs_dim, act_dim, net) of the defaults with those hidden layers and batch sizes (the conv and
+    recurrent configurations keep their own shape and are left out)."""
     base = CPU_CONFIGS if device == "cpu" else GPU_CONFIGS
     if not sizes and not hidden:
         return list(base)
-    heads = dict.fromkeys((c.kind, c.obs_dim, c.act_dim, c.net) for c in base if c.net != "cnn")
-    hidden = hidden or list(dict.fromkeys(c.hidden for c in base if c.net != "cnn"))
-    sizes = sizes or list(dict.fromkeys(c.batch for c in base if c.net != "cnn"))
+    flat = [c for c in base if c.net in ("mlp", "layernorm")]
+    heads = dict.fromkeys((c.kind, c.obs_dim, c.act_dim, c.net) for c in flat)
+    hidden = hidden or list(dict.fromkeys(c.hidden for c in flat))
+    sizes = sizes or list(dict.fromkeys(c.batch for c in flat))
     return [Config(k, o, tuple(h), a, n, net) for (k, o, a, net) in heads for h in hidden for n in sizes]
 
 
@@ -373,6 +403,8 @@ def main(argv=None) -> int:
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="stop starting configurations after this long; rounds are cut (to 3 at least) "
                              "so the configurations share it")
+    parser.add_argument("--net", default=None,
+                        help="comma-separated nets to run (mlp, layernorm, cnn, lstm, gru; default: all of the device's)")
     parser.add_argument("--check", action="store_true",
                         help="compare every method's output with the reference's; exceeding the bound fails")
     parser.add_argument("--out", default=None, metavar="FILE",
@@ -383,6 +415,11 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     configs = configurations(args.device, args.sizes, args.hidden)
+    if args.net:
+        nets = set(args.net.replace(" ", "").split(","))
+        configs = [c for c in configs if c.net in nets]
+        if not configs:
+            parser.error(f"--net {args.net}: no configuration of those nets on {args.device}")
     rounds = args.rounds
     if args.quick:
         rounds = min(rounds, 5)

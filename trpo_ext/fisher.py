@@ -5,10 +5,11 @@ Two paths compute the same product, a JVP, the closed-form output Fisher and a V
 derivative):
 - fused: for an `MLPPolicy` whose class keeps `forward`, `distribution_params` and `distribution`
   as MLPPolicy defines them (`policies.fused_spec`), one call into the extension (the whole CG loop
-  in C++/CUDA);
+  in C++/CUDA); likewise for a `RecurrentPolicy` (LSTM / GRU, `policies.recurrent_fused_spec`),
+  whose products run forward and back through time in the extension (docs/design.md §12);
 - generic (`trpo_ext.generic`): the recorded forward pass of any module whose `forward(obs)` returns
   one of `trpo_ext.distributions`' families, linearised once per solve.
-`path="auto"` picks the fused one whenever `fused_spec(policy)` allows it; "fused" and "generic"
+`path="auto"` picks the fused one whenever `fused_spec(policy)` (or `recurrent_fused_spec`) allows it; "fused" and "generic"
 force one. `action_mask` (Discrete / MultiDiscrete policies) gives the Fisher of the masked policy.
 """
 from __future__ import annotations
@@ -21,10 +22,10 @@ from . import _ops
 from .config import check_trust_region
 from .distributions import ActionSpec, family_of
 from .generic import GENERIC_LOCK, generic_products
-from .policies import FusedSpec, fused_spec
+from .policies import FusedSpec, RecurrentFusedSpec, fused_spec, recurrent_fused_spec
 from .recurrent import check_sequences, is_recurrent
 from .reference import conjugate_gradient
-from .spaces import batch_len
+from .spaces import Sequences, batch_len
 
 PATHS = ("auto", "fused", "generic")
 
@@ -33,10 +34,11 @@ def choose_path(policy, path: str) -> FusedSpec | None:
     """Resolves `path` for `policy`: the FusedSpec for the fused path, None for the generic one."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    fused = fused_spec(policy) if path != "generic" else None
+    fused = (fused_spec(policy) or recurrent_fused_spec(policy)) if path != "generic" else None
     if path == "fused" and fused is None:
-        raise TypeError(f"path='fused' needs an MLPPolicy of a fused action family that does not override forward, "
-                        f"distribution_params or distribution, got {type(policy).__name__}; use path='auto' or 'generic'")
+        raise TypeError(f"path='fused' needs an MLPPolicy (or a RecurrentPolicy) of a fused action family whose class "
+                        f"does not override how its output is computed, got {type(policy).__name__}; use path='auto' "
+                        "or 'generic'")
     return fused
 
 
@@ -157,6 +159,9 @@ def fvp(policy: torch.nn.Module, obs: torch.Tensor, v: torch.Tensor, damping: fl
     probability 0 and no part in it).
     """
     params, damping, fused = _validate(policy, obs, "v", v, damping, check_finite, path, action_mask)
+    if isinstance(fused, RecurrentFusedSpec):
+        return _ops.rnn_fvp(*_sequence_args(obs), [p.detach() for p in params], v, damping=damping,
+                            **fused.op_kwargs(action_mask=action_mask))
     if fused is not None:
         return _ops.mlp_fvp(obs, [p.detach() for p in params], v, damping=damping,
                             **fused.op_kwargs(action_mask=action_mask))
@@ -171,8 +176,9 @@ def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters:
     """Solves (F + damping I) x = b by conjugate gradient; returns (x, CGInfo).
 
     Stops after `iters` Fisher-vector products or when ||r|| <= rtol ||b||. For an `MLPPolicy`
-    the whole loop is one extension call; on a GPU it never synchronises with the host, and with
-    `cuda_graph=True` repeated solves of one shape replay a captured CUDA graph.
+    (or a built-in recurrent policy: `rnn_cg`) the whole loop is one extension call; on a GPU it never
+    synchronises with the host, and with `cuda_graph=True` repeated solves of one shape of an
+    MLPPolicy replay a captured CUDA graph (a recurrent solve is not captured).
     `check_finite` tests obs and b for NaN/Inf first (one device sync on a GPU). `path` and
     `action_mask` as for `fvp`. The ranges of iters, damping and rtol are the trust-region
     settings' (`trpo_ext.config.TRUST_REGION_RANGES`: cg_iters, damping, cg_rtol).
@@ -180,6 +186,8 @@ def cg_solve(policy: torch.nn.Module, obs: torch.Tensor, b: torch.Tensor, iters:
     iters = check_trust_region("cg_iters", iters, "iters")
     rtol = check_trust_region("cg_rtol", rtol, "rtol")
     params, damping, fused = _validate(policy, obs, "b", b, damping, check_finite, path, action_mask)
+    if isinstance(fused, RecurrentFusedSpec):
+        return recurrent_cg_solve(fused, obs, params, b, damping, iters, rtol, mask=action_mask)
     if fused is not None:
         solve = _ops.mlp_cg
         if b.is_cuda and cuda_graph:
@@ -208,3 +216,18 @@ def generic_cg_solve(policy: torch.nn.Module, obs, params: list[torch.Tensor], b
                   for c in range(b.shape[1])]
     x, used, res, xAx = zip(*solves)
     return torch.stack(x, 1), CGInfo(torch.tensor(used, device=b.device), torch.stack(res), torch.stack(xAx))
+
+
+def _sequence_args(seq: Sequences) -> tuple:
+    """A `Sequences` batch as the recurrent ops take it: obs, episode_starts, initial_state."""
+    return seq.obs, seq.episode_starts, list(seq.initial_state)
+
+
+def recurrent_cg_solve(fused: RecurrentFusedSpec, seq: Sequences, params: list[torch.Tensor], b: torch.Tensor,
+                       damping: float, iters: int, rtol: float,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
+    """CG on (F + damping I) x = b for a fused recurrent policy (`rnn_cg`: the loop in the extension on
+    one forward pass), the inputs already checked; b (P, C): C solves, the CGInfo fields (C)."""
+    x, used, res, xAx = _ops.rnn_cg(*_sequence_args(seq), [p.detach() for p in params], b, damping=damping,
+                                    iters=iters, rtol=rtol, **fused.op_kwargs(action_mask=mask))
+    return x, CGInfo(used, res, xAx)

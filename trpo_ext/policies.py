@@ -155,6 +155,40 @@ def fused_spec(policy) -> FusedSpec | None:
     return FusedSpec(policy.action_spec, policy.activation)
 
 
+@dataclass(frozen=True)
+class RecurrentFusedSpec(FusedSpec):
+    """A recurrent policy's description for the fused ops through time (`rnn_fvp`, `rnn_cg`): the
+    FusedSpec's, and its cell ("lstm" / "gru")."""
+
+    cell: str = "lstm"
+
+    def op_kwargs(self, **masks) -> dict:
+        return {**super().op_kwargs(**masks), "cell": self.cell}
+
+
+_RECURRENT_METHODS = ("forward", "distribution", "head_out", "recurrent_features")
+
+
+def recurrent_fused_spec(policy) -> RecurrentFusedSpec | None:
+    """The fused ops' description of a recurrent policy (`trpo_ext.recurrent.RecurrentPolicy`), or
+    None when only the generic path is exact for it: the fused ops compute the Fisher of the network
+    RecurrentPolicy defines (its RNN, a head of linear layers with `activation` between them, a
+    fused action family), so a subclass that overrides how the output is computed, a head that is
+    not such an MLP or parameters beyond those get None."""
+    if not isinstance(policy, RecurrentPolicy) or not policy.action_spec.family.fused:
+        return None
+    cls = type(policy)
+    if any(getattr(cls, name) is not getattr(RecurrentPolicy, name) for name in _RECURRENT_METHODS):
+        return None
+    if type(policy.act) is not ACTIVATIONS.get(policy.activation) or not all(
+            type(layer) is nn.Linear and layer.bias is not None for layer in policy.layers):
+        return None
+    expected = 4 * policy.n_layers + 2 * len(policy.layers) + int(policy.action_spec.family.has_log_std)
+    if sum(1 for _ in policy.parameters()) != expected:
+        return None
+    return RecurrentFusedSpec(policy.action_spec, policy.activation, policy.cell)
+
+
 class ValueNetwork(nn.Module):
     """State-value MLP: obs (N, obs_dim) -> values (N,)."""
 

@@ -23,7 +23,8 @@ from . import _ops, distributed
 from ._ops import flat_vector, load_flat_, unflatten
 from .config import TrustRegionConfig
 from .distributions import detach_distribution, family_of, masked
-from .fisher import CGInfo, check_inputs, check_policy, choose_path, generic_cg_solve
+from .fisher import CGInfo, check_inputs, check_policy, choose_path, generic_cg_solve, recurrent_cg_solve
+from .policies import RecurrentFusedSpec
 from .spaces import Sequences, batch_len
 
 
@@ -68,10 +69,11 @@ def _unvalidated_distributions():
 
 def _check_batch(obs, actions, advantages) -> None:
     for name, t in (("obs", obs), ("actions", actions), ("advantages", advantages)):
-        if not isinstance(t, torch.Tensor) and not (name == "obs" and (isinstance(obs, dict) and obs
-                                                                       or isinstance(obs, Sequences))):
+        if not isinstance(t, torch.Tensor) and not (name == "obs" and (isinstance(obs, dict) and obs or
+                                                                       isinstance(obs, Sequences))):
             raise TypeError(f"{name} must be a torch.Tensor{' (or a dict of them, or Sequences)' if name == 'obs' else ''}"
                             f", got {type(t).__name__}")
+    # Sequences (a recurrent policy's batch): T·B rows, time-major; check_inputs checks its fields.
     n = batch_len(obs) if isinstance(obs, (dict, Sequences)) or obs.dim() else 0
     if n == 0:
         raise ValueError(f"obs must be a non-empty batch (N, ...), got shape {tuple(obs.shape)}")
@@ -102,9 +104,12 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
     trial by loading it into the policy. With a process group every mean is over all ranks' shards
     (docs/distributed.md): 2 + (CG iterations) reductions here, one per trial."""
     fused = choose_path(policy, path)
+    # A fused recurrent policy: g from autograd as on the generic path, the solve in the extension
+    # (rnn_cg) in one process; data-parallel ranks keep the generic solve (its products are summed).
+    recurrent = isinstance(fused, RecurrentFusedSpec)
     products_obs = obs if fvp_obs is None else fvp_obs
     name = distributed.group_name(group)
-    if fused is not None:
+    if fused is not None and not recurrent:
         check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)  # actions: the ops check them
         result = _ops.mlp_policy_direction(obs, [p.detach() for p in params], actions, advantages,
                                            damping=config.damping, iters=config.cg_iters, rtol=config.cg_rtol,
@@ -124,7 +129,7 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
         if not bool(torch.isfinite(g).all()):
             x = info = None
     else:
-        check_inputs(policy, params, None, obs=obs, fvp_obs=products_obs)
+        check_inputs(policy, params, fused, obs=obs, fvp_obs=products_obs)
         n_total, m_total = batch_len(obs), batch_len(products_obs)
         if group is not None:  # the batch sizes of all ranks: one reduction
             counts = distributed.all_reduce_sum_(torch.tensor([n_total, m_total], dtype=torch.float64,
@@ -171,9 +176,13 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
             def over_ranks(fv):  # this rank's share of F v over all ranks' states, summed: one reduction
                 return distributed.all_reduce_sum_(fv * share, group)
 
-            x, info = generic_cg_solve(policy, products_obs, params, g, config.damping, config.cg_iters,
-                                       config.cg_rtol, combine=None if group is None else over_ranks,
-                                       mask=products_mask)
+            if recurrent and group is None:
+                x, info = recurrent_cg_solve(fused, products_obs, params, g, config.damping, config.cg_iters,
+                                             config.cg_rtol, mask=products_mask)
+            else:
+                x, info = generic_cg_solve(policy, products_obs, params, g, config.damping, config.cg_iters,
+                                           config.cg_rtol, combine=None if group is None else over_ranks,
+                                           mask=products_mask)
     return _Direction(g, x, info, old_dist, trial)
 
 
