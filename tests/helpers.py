@@ -171,7 +171,7 @@ RECURRENT_CELLS = {"lstm": "MlpLstmPolicy", "gru": "MlpGruPolicy"}
 
 
 def recurrent_problem(case: str, cell: str = "lstm", n_layers: int = 1, dtype=torch.float64, device="cpu",
-                      steps: int = 8, n_seq: int = 4, seed: int = 0, hidden_size: int = 5):
+                      steps: int = 8, n_seq: int = 4, seed: int = 0, hidden_size: int = 5, activation: str = "tanh"):
     """(policy, seq, v, mask) for an ACTION_CASES entry and a cell: a built-in recurrent policy (head
     hidden (7,)) moved off its init, Sequences of n_seq sequences of `steps` steps with episode starts
     inside them and a non-zero initial state, a vector of the parameters' size, the case's mask."""
@@ -179,8 +179,8 @@ def recurrent_problem(case: str, cell: str = "lstm", n_layers: int = 1, dtype=to
     torch.manual_seed(seed)
     codec = trpo_ext.spaces.ObservationCodec(gym.spaces.Box(-1, 1, (5,)))
     kwargs = {**trpo_ext.config.POLICY_KWARGS, "lstm_hidden_size": hidden_size, "n_lstm_layers": n_layers}
-    policy = trpo_ext.policies.built_in_policy(RECURRENT_CELLS[cell], codec, action_space(kind), (7,), "tanh", 0.0,
-                                               None, kwargs).to(device, dtype)
+    policy = trpo_ext.policies.built_in_policy(RECURRENT_CELLS[cell], codec, action_space(kind), (7,), activation,
+                                               0.0, None, kwargs).to(device, dtype)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -193,3 +193,10 @@ def recurrent_problem(case: str, cell: str = "lstm", n_layers: int = 1, dtype=to
     v = torch.randn(n_params(policy), generator=g, dtype=dtype).to(device)
     mask = random_mask(policy.action_spec, steps * n_seq, g, device) if masked else None
     return policy, seq, v, mask
+
+
+def double_batch(obs):
+    """A batch (a tensor or Sequences) in float64."""
+    if isinstance(obs, trpo_ext.Sequences):
+        return trpo_ext.Sequences(obs.obs.double(), obs.episode_starts, tuple(s.double() for s in obs.initial_state))
+    return obs.double()

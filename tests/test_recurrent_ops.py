@@ -4,61 +4,25 @@ against the double-backprop reference (trpo_ext.reference) with episode starts i
 and non-zero initial states; symmetry; the public functions' fused path; opcheck; bad input."""
 import copy
 
-import gymnasium as gym
 import pytest
 import torch
 
 import trpo_ext
-from trpo_ext import _ops, fisher, reference, spaces
-from trpo_ext.config import POLICY_KWARGS
-from trpo_ext.policies import built_in_policy, recurrent_fused_spec
+from trpo_ext import _ops, fisher, reference
+from trpo_ext.policies import recurrent_fused_spec
 from trpo_ext.spaces import Sequences
 
-from helpers import FUSED_CASES, RTOL, action_space, kind_of, n_params, random_mask, rel_err
+from helpers import FUSED_CASES, RECURRENT_CELLS, RTOL, double_batch, recurrent_problem, rel_err
 
 ops = torch.ops.trpo_ext
-CELLS = {"lstm": "MlpLstmPolicy", "gru": "MlpGruPolicy"}
 DTYPES = [torch.float32, torch.float64]
 CG_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}  # CG amplifies rounding, as tests/test_ops.py's
-OBS_DIM, T, B = 4, 5, 3
+T, B = 5, 3  # steps and sequences of every batch here
 
 
-def make_recurrent(cell="lstm", kind="categorical", n_layers=1, hidden_size=6, head=(7,), activation="tanh",
-                   dtype=torch.float64, device="cpu", seed=0):
-    """A built-in recurrent policy, its weights moved off the init (as helpers.make_policy's)."""
-    torch.manual_seed(seed)
-    codec = spaces.ObservationCodec(gym.spaces.Box(-1, 1, (OBS_DIM,)))
-    space = kind if isinstance(kind, gym.Space) else action_space(kind)
-    policy = built_in_policy(CELLS[cell], codec, space, head, activation, 0.0, None,
-                             {**POLICY_KWARGS, "lstm_hidden_size": hidden_size, "n_lstm_layers": n_layers})
-    policy = policy.to(device, dtype)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return policy
-
-
-def make_sequences(policy, dtype=torch.float64, device="cpu", seed=1, steps=T, batch=B):
-    """Sequences with an episode start inside two of them (and one at step 0) and a non-zero initial state."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.zeros(steps, batch, dtype=torch.bool)
-    starts[0, 1] = True
-    starts[2, 0] = True
-    starts[min(3, steps - 1), batch - 1] = True
-    state = tuple(torch.randn(s.shape, generator=g, dtype=dtype).to(device) for s in policy.initial_state(batch))
-    obs = torch.randn(steps, batch, OBS_DIM, generator=g, dtype=dtype).to(device)
-    return Sequences(obs, starts.to(device), state)
-
-
-def problem(cell, case, n_layers, dtype=torch.float64, device="cpu", seed=0, activation="tanh"):
-    """(policy, seq, v, mask) for an ACTION_CASES entry."""
-    policy = make_recurrent(cell, kind_of(case), n_layers, activation=activation, dtype=dtype, device=device,
-                            seed=seed)
-    seq = make_sequences(policy, dtype, device, seed + 1)
-    g = torch.Generator().manual_seed(seed + 2)
-    v = torch.randn(n_params(policy), generator=g, dtype=dtype).to(device)
-    mask = random_mask(policy.action_spec, T * B, g, device) if case.endswith("-masked") else None
-    return policy, seq, v, mask
+def problem(cell, case, n_layers, dtype=torch.float64, device="cpu", activation="tanh"):
+    """(policy, seq, v, mask) for an ACTION_CASES entry: helpers.recurrent_problem at this file's sizes."""
+    return recurrent_problem(case, cell, n_layers, dtype, device, steps=T, n_seq=B, activation=activation)
 
 
 def op_args(policy, seq):
@@ -67,15 +31,14 @@ def op_args(policy, seq):
 
 
 def as_double(policy, seq, *tensors):
-    return (copy.deepcopy(policy).double(), Sequences(seq.obs.double(), seq.episode_starts,
-                                                      tuple(s.double() for s in seq.initial_state)),
+    return (copy.deepcopy(policy).double(), double_batch(seq),
             *(t.double() if t is not None and t.is_floating_point() else t for t in tensors))
 
 
 # ----------------------------------------------------------------------------- against the reference
 @pytest.mark.parametrize("n_layers", [1, 2])
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rnn_fvp_matches_reference(cell, case, n_layers, dtype, device):
     policy, seq, v, mask = problem(cell, case, n_layers, dtype, device)
@@ -88,7 +51,7 @@ def test_rnn_fvp_matches_reference(cell, case, n_layers, dtype, device):
 
 @pytest.mark.parametrize("n_layers", [1, 2])
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rnn_cg_matches_reference(cell, case, n_layers, dtype, device):
     policy, seq, b, mask = problem(cell, case, n_layers, dtype, device, activation="relu" if n_layers == 2 else "tanh")
@@ -104,7 +67,7 @@ def test_rnn_cg_matches_reference(cell, case, n_layers, dtype, device):
     assert abs(res.item() - ref_res.item()) <= CG_RTOL[dtype] * b.double().norm().item()  # the recursion's, in dtype
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
 def test_rnn_cg_columns_are_single_solves(cell):
     policy, seq, b, _ = problem(cell, "gaussian", 2)
     spec = recurrent_fused_spec(policy)
@@ -119,7 +82,7 @@ def test_rnn_cg_columns_are_single_solves(cell):
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
 def test_rnn_fvp_is_symmetric(cell, case):
     policy, seq, u, mask = problem(cell, case, 2)
     v = torch.randn_like(u)
@@ -140,7 +103,7 @@ def test_first_step_reset_ignores_initial_state():
 
 # ----------------------------------------------------------------------------- the public functions
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
 def test_public_fvp_and_cg_take_the_fused_path(cell, case):
     policy, seq, v, mask = problem(cell, case, 1)
     assert isinstance(fisher.choose_path(policy, "auto"), trpo_ext.policies.RecurrentFusedSpec)
@@ -154,7 +117,7 @@ def test_public_fvp_and_cg_take_the_fused_path(cell, case):
 
 
 def test_overridden_policy_takes_the_generic_path():
-    policy = make_recurrent("gru", "gaussian")
+    policy, seq, v, _ = problem("gru", "gaussian", 1)
 
     class Doubled(type(policy)):
         def head_out(self, seq):
@@ -164,10 +127,10 @@ def test_overridden_policy_takes_the_generic_path():
     policy.__class__ = Doubled
     assert recurrent_fused_spec(policy) is None
     with pytest.raises(TypeError, match="path='fused' needs"):
-        trpo_ext.fvp(policy, make_sequences(policy), torch.zeros(n_params(policy), dtype=torch.float64), path="fused")
+        trpo_ext.fvp(policy, seq, v, path="fused")
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
 def test_direction_solves_in_the_extension(cell):
     """trust_region_step's direction: g from autograd, the solve rnn_cg's, equal to the generic solve's."""
     from trpo_ext.config import TrustRegionConfig
@@ -187,7 +150,7 @@ def test_direction_solves_in_the_extension(cell):
 
 # ----------------------------------------------------------------------------- schema, fake kernels
 @pytest.mark.parametrize("case", FUSED_CASES)
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", RECURRENT_CELLS)
 def test_opcheck_rnn_ops(cell, case, device):
     policy, seq, v, mask = problem(cell, case, 2, torch.float32, device)
     kw = recurrent_fused_spec(policy).op_kwargs()
@@ -210,9 +173,9 @@ def _bad(name):
         "state-dtype": (lambda a: a.update(state=[a["state"][0], a["state"][1].double()]), TypeError,
                         "initial_state[1] must have obs's dtype"),
         "w-hh-shape": (lambda a: a["params"].__setitem__(1, a["params"][1][:, :-1]), ValueError,
-                       "params[1] (weight_hh of recurrent layer 0) must have shape (24, 6)"),
+                       "params[1] (weight_hh of recurrent layer 0) must have shape (20, 5)"),
         "head-shape": (lambda a: a["params"].__setitem__(4, a["params"][4][:, :-1]), ValueError,
-                       "params[4] (weight of head layer 0) must have shape (out, 6)"),
+                       "params[4] (weight of head layer 0) must have shape (out, 5)"),
         "params-count": (lambda a: a["params"].pop(), ValueError, "params must be [weight_ih, weight_hh, bias_ih"),
         "v-length": (lambda a: a.update(v=a["v"][:-1]), ValueError, "v must be a flat vector of length"),
         "cell": (lambda a: a["kw"].update(cell="rnn"), ValueError, "cell must be 'lstm' or 'gru'"),

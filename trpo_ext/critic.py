@@ -139,8 +139,9 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
     batch_size = check_int("batch_size", batch_size, 1)  # TRPOConfig's rule for critic_batch_size
     sequences = isinstance(obs, spaces.Sequences)
     if sequences:  # minibatches of whole sequences, about batch_size rows each
-        seq_len = obs.episode_starts.shape[0]
-        n, batch_size = obs.episode_starts.shape[1], max(1, batch_size // seq_len)
+        seq_len, n = obs.episode_starts.shape
+        rows_per_sequence = seq_len if obs.valid is None else max(1.0, float(obs.valid.sum()) / n)
+        batch_size = max(1, round(batch_size / rows_per_sequence))
         if process_group is not None:
             raise ValueError("critic fit: a recurrent critic does not train data-parallel yet")
     if process_group is not None:  # a dict of observations travels packed into one (N, D) tensor
@@ -158,9 +159,13 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
     losses = []
     for epoch in range(epochs):
         for idx in order[epoch].split(batch_size):
-            if sequences:  # Sequences.valid: padding rows do not count
-                batch = spaces.rows(obs, idx)
-                values, target = value_net(batch).reshape(-1), returns.view(seq_len, -1)[:, idx].reshape(-1)
+            if sequences:  # Sequences.valid: padding rows do not count (and the rows past every piece's end are cut)
+                batch, target = spaces.rows(obs, idx), returns.view(seq_len, -1)[:, idx]
+                if batch.valid is not None:
+                    steps = int(batch.valid.any(1).nonzero().max()) + 1
+                    batch, target = spaces.Sequences(*(x[:steps] for x in batch[:2]), batch.initial_state,
+                                                     batch.valid[:steps]), target[:steps]
+                values, target = value_net(batch).reshape(-1), target.reshape(-1)
                 weight = None if batch.valid is None else batch.valid.reshape(-1).to(values.dtype)
                 loss = ((values - target).square() * weight).sum() / weight.sum() if weight is not None \
                     else torch.nn.functional.mse_loss(values, target)
