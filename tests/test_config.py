@@ -13,7 +13,7 @@ import torch
 
 import trpo_ext.trpo
 from trpo_ext import TRPO
-from trpo_ext.config import (MAX_BATCH, MAX_ENVS, MAX_ITERATIONS, POLICY_KWARGS, THREADS_PER_CORE, TRPOConfig, TrustRegionConfig,
+from trpo_ext.config import (MAX_BATCH, MAX_ENVS, MAX_ITERATIONS, POLICY_KWARGS, RECURRENT_DEFAULTS, THREADS_PER_CORE, TRPOConfig, TrustRegionConfig,
                              check_num_threads)
 from trpo_ext.policies import ACTIVATIONS
 
@@ -174,12 +174,18 @@ def test_defaults_seed_and_policy_kwargs():
 def test_trpo_keyword_defaults_are_the_config_defaults():
     signature = inspect.signature(TRPO.__init__).parameters
     defaults = TRPOConfig(seed=0)
+    per_policy = set(RECURRENT_DEFAULTS)  # None in the signature: the policy's default
     for name, value in defaults.to_dict().items():
-        if name not in ("seed", "policy_kwargs"):  # both None in the signature; POLICY_KWARGS is what None means
+        if name not in ("seed", "policy_kwargs", *per_policy):  # None; POLICY_KWARGS is what None means
             assert signature[name].default == value, name
-    assert signature["seed"].default is None and signature["policy_kwargs"].default is None
+    assert all(signature[name].default is None for name in ("seed", "policy_kwargs", *per_policy))
     agent = TRPO("CartPole-v1", seed=0)
     assert agent.config == defaults
+    agent.close()
+    agent = TRPO("CartPole-v1", seed=0, policy="MlpGruPolicy", damping=0.2)  # an explicit value wins
+    assert agent.config.trust_region.damping == 0.2 and agent.config.trust_region.max_kl == RECURRENT_DEFAULTS["max_kl"]
+    assert (agent.config.critic_epochs, agent.config.critic_batch_size) == (RECURRENT_DEFAULTS["critic_epochs"],
+                                                                            RECURRENT_DEFAULTS["critic_batch_size"])
     agent.close()
 
 

@@ -20,6 +20,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNorm
 import trpo_ext  # noqa: E402
 from torch.nn.utils import parameters_to_vector  # noqa: E402
 from trpo_ext import sb3_names  # noqa: E402
+from trpo_ext.config import POLICY_KWARGS  # noqa: E402
 from trpo_ext.sb3 import TRPO  # noqa: E402
 from trpo_ext.sb3_vec_env import SB3VecEnv  # noqa: E402
 
@@ -241,5 +242,4 @@ def test_translation_is_sb3_names():
             assert {k: config[key][k] for k in value} == value
         elif key != "device":
             assert config[key] == (tuple(value) if isinstance(value, list) else value), key
-    assert config["policy_kwargs"] == {"hidden": (16,), "activation": "relu", "log_std_init": -0.5, "full_std": True,
-                                       "use_expln": False}
+    assert config["policy_kwargs"] == {**POLICY_KWARGS, "hidden": (16,), "activation": "relu", "log_std_init": -0.5}

@@ -230,11 +230,6 @@ def test_multi_input_policy_is_a_feature_policy_with_a_cnn_per_image():
     agent.close()
 
 
-def test_recurrent_policies_are_refused_with_an_error_saying_so():
-    with pytest.raises(ValueError, match="recurrent policies are not supported"):
-        TRPO("CartPole-v1", policy="MlpLstmPolicy", **FAST)
-
-
 # ----------------------------------------------------------------------------- every image layout
 # HWC and CHW, 1, 3 or 4 channels (a frame stack), square or not, from NatureCNN's smallest input up to Atari's.
 IMAGE_SHAPES = [(40, 40, 1), (1, 40, 40), (40, 40, 3), (3, 40, 40), (40, 40, 4), (4, 40, 40), (36, 36, 1),

@@ -26,7 +26,7 @@ import textwrap
 from . import __version__
 from .cli_options import DEFAULT_TIMESTEPS, UsageError, flags_of, set_keys, training_budget
 from .cli_train import INTERRUPTED, train
-from .config import VECTORIZATIONS, check_num_threads
+from .config import RECURRENT_DEFAULTS, VECTORIZATIONS, check_num_threads, default_settings
 from .curves import plot_runs
 from .distributed import DEFAULT_TIMEOUT_S
 from .policies import BUILT_IN
@@ -83,8 +83,9 @@ def _thread_count(text: str) -> int:
 
 def _trpo_defaults() -> dict:
     """TRPO's keyword arguments and their defaults."""
-    return {name: p.default for name, p in inspect.signature(TRPO.__init__).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    found = {name: p.default for name, p in inspect.signature(TRPO.__init__).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {**found, **default_settings(recurrent=False)}  # None there: a feed-forward policy's default
 
 
 def _hyperparameter(text: str) -> tuple[str, object]:
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-envs", type=int, default=None, help=f"parallel env copies (default: {defaults['n_envs']})")
     p.add_argument("--n-steps", type=int, default=None,
                    help=f"steps per env per update (default: {defaults['n_steps']})")
-    p.add_argument("--max-kl", type=float, default=None, help=f"trust-region radius (default: {defaults['max_kl']})")
+    p.add_argument("--max-kl", type=float, default=None, help=f"trust-region radius (default: {defaults['max_kl']}; "
+                        f"{RECURRENT_DEFAULTS['max_kl']} with a recurrent --policy)")
     p.add_argument("--normalize-obs", action="store_true", default=None,
                    help=f"running observation normalization (default: {defaults['normalize_obs']})")
     p.add_argument("--normalize-reward", action="store_true", default=None,

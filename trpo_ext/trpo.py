@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed, sb3_names, spaces
-from .config import HYPERPARAMETERS, TRPOConfig, check_int, check_num_threads
+from .config import HYPERPARAMETERS, TRPOConfig, check_int, check_num_threads, default_settings
 from .critic import check_parallel, fit_value_network, fused_value
 from .distributions import action_spec
 from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .normalization import RewardScaler, RunningNormalizer
-from .policies import FlatValues, build_networks, check_custom_value_net
-from .recurrent import is_recurrent
+from .policies import RECURRENT, FlatValues, build_networks, check_custom_value_net
+from .recurrent import RecurrentPolicy, is_recurrent
 from .rollout import EpisodeStats, RolloutCollector
 from .split_update import split_update
 from .step import StepRecord, trust_region_step
@@ -58,7 +58,8 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         value_net: the critic, likewise ("auto": the built-in critic that fits the policy); a custom
             module is given again to `TRPO.load`, as a custom policy is.
         n_envs … seed: the hyperparameters, documented and checked in `trpo_ext.config.TRPOConfig`
-            (`agent.config`); `seed=None` draws one.
+            (`agent.config`); `seed=None` draws one; max_kl, damping, critic_epochs and
+            critic_batch_size None: TRPOConfig's defaults, or `RECURRENT_DEFAULTS` for a recurrent policy.
         log_dir: directory for progress.csv and TensorBoard events (one that holds a run is never
             appended to: the run goes to a numbered sibling); None logs nowhere.
         device: "cpu", "cuda", "cuda:N", a torch.device, or "auto" (CUDA when available).
@@ -69,17 +70,19 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
     """
 
     def __init__(self, env, *, n_envs: int = 8, n_steps: int = 128, gamma: float = 0.99,
-                 gae_lambda: float = 0.95, max_kl: float = 0.01, damping: float = 0.1, cg_iters: int = 10,
+                 gae_lambda: float = 0.95, max_kl: float | None = None, damping: float | None = None, cg_iters: int = 10,
                  cg_rtol: float = 1e-10, backtrack_factor: float = 0.8, max_backtracks: int = 10,
                  fvp_fraction: float = 1.0, normalize_advantage: bool = True, normalize_obs: bool = False,
                  obs_clip: float = 10.0, normalize_reward: bool = False, reward_clip: float = 10.0,
-                 critic_lr: float = 1e-3, critic_epochs: int = 10, critic_batch_size: int = 128,
+                 critic_lr: float = 1e-3, critic_epochs: int | None = None, critic_batch_size: int | None = None,
                  critic_parallel: str = "gather", update_parallel: str = "auto", policy_kwargs: dict | None = None,
                  vectorization: str = "sync", stats_window: int = 100, log_dir: str | os.PathLike | None = None,
                  seed: int | None = None, use_sde: bool = False, sde_sample_freq: int = -1,
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
                  policy="auto", value_net="auto"):
         arguments = locals()  # the hyperparameters are the signature's keywords of TRPOConfig's fields
+        for key, value in default_settings(_is_recurrent_spec(policy)).items():  # None: the policy's default
+            arguments[key] = value if arguments[key] is None else arguments[key]
         config = TRPOConfig.from_dict({name: arguments[name] for name in HYPERPARAMETERS})
         self.group = distributed.resolve_group(process_group)
         if self.group is not None:  # the agent adopts the group: gloo's event loops yield to the ranks' work
@@ -421,6 +424,11 @@ def _check_callback(callback) -> list:
             raise ValueError(f"callback must be a callable callback(agent, record) or a list of them, "
                              f"got {type(cb).__name__} {cb!r:.60}")
     return callbacks
+
+
+def _is_recurrent_spec(policy) -> bool:
+    """Whether TRPO's `policy=` names or is a recurrent policy (a callable's result is not known yet)."""
+    return (isinstance(policy, str) and policy in RECURRENT) or isinstance(policy, RecurrentPolicy)
 
 
 def _check_recurrent_settings(policy, config: TRPOConfig, group) -> None:
