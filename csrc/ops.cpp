@@ -42,7 +42,7 @@ TORCH_LIBRARY(trpo_ext, m) {
         "str kind, str activation, float damping, int[]? segments=None, Tensor? action_mask=None) -> Tensor");
   m.def("rnn_cg(Tensor obs, Tensor episode_starts, Tensor[] initial_state, Tensor[] params, Tensor b, str cell, "
         "str kind, str activation, float damping, int iters, float rtol, int[]? segments=None, "
-        "Tensor? action_mask=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? action_mask=None, float mean_over=0, str? group=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_built() -> bool", []() {
 #ifdef WITH_CUDA
     return true;

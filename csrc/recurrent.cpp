@@ -82,9 +82,11 @@ RnnShape check_rnn(const at::Tensor& obs, const at::Tensor& starts, at::TensorLi
 
 RnnCache build_rnn_cache(const at::Tensor& rows, const at::Tensor& starts, at::TensorList initial_state,
                          at::TensorList params, const RnnShape& shape, RnnCell cell, const ActionDist& dist,
-                         Activation act, const std::optional<at::Tensor>& action_mask) {
+                         Activation act, const std::optional<at::Tensor>& action_mask, double mean_over,
+                         GroupSum group_sum) {
   RnnCache c;
   c.cell = cell;
+  c.group_sum = std::move(group_sum);
   const int64_t T = shape.steps, B = shape.batch, H = shape.hidden, L = shape.layers;
   const int64_t G = (cell == RnnCell::Lstm ? 4 : 3) * H;
   c.steps = T, c.batch = B, c.hidden = H, c.gate_width = G;
@@ -139,7 +141,8 @@ RnnCache build_rnn_cache(const at::Tensor& rows, const at::Tensor& starts, at::T
   }
   c.numel = offset;
   c.head_numel = shape.head.numel;
-  c.head = build_mlp_cache(x, params.slice(4 * L), dist, act, action_mask);
+  // The head averages over mean_over states (all ranks' rows); its products are summed with the RNN's here.
+  c.head = build_mlp_cache(x, params.slice(4 * L), dist, act, action_mask, false, mean_over);
   // The head's input is the last layer's output: its tangent comes from the JVP through time, and
   // its cotangent goes back into the same buffer.
   c.head.input_tangent = c.head.input_cotangent = c.layers.back().tangent;
@@ -213,7 +216,8 @@ void rnn_vjp(RnnCache& c, RnnSlices& grad) {
 RnnCache checked_cache(const at::Tensor& obs, const at::Tensor& starts, at::TensorList initial_state,
                        at::TensorList params, const at::Tensor& vector, bool rhs, c10::string_view cell,
                        c10::string_view kind, c10::string_view activation, at::OptionalIntArrayRef segments,
-                       const std::optional<at::Tensor>& action_mask) {
+                       const std::optional<at::Tensor>& action_mask, double mean_over = 0,
+                       std::optional<c10::string_view> group = std::nullopt) {
   const RnnCell c = parse_cell(cell);
   const MlpKind k = parse_kind(kind);
   const Activation act = parse_activation(activation);
@@ -226,7 +230,10 @@ RnnCache checked_cache(const at::Tensor& obs, const at::Tensor& starts, at::Tens
   }
   const at::Tensor rows = obs.reshape({shape.steps * shape.batch, obs.size(2)}).contiguous();
   check_action_mask(action_mask, "action_mask", dist, rows, "obs (T·B rows)");
-  return build_rnn_cache(rows, starts, initial_state, params, shape, c, dist, act, action_mask);
+  TORCH_CHECK_VALUE(std::isfinite(mean_over) && mean_over >= 0, "trpo_ext: mean_over must be finite and >= 0, got ",
+                    mean_over);
+  return build_rnn_cache(rows, starts, initial_state, params, shape, c, dist, act, action_mask, mean_over,
+                         GroupSum(group));
 }
 
 }  // namespace
@@ -253,12 +260,16 @@ RnnSlices& RnnCache::slices(const at::Tensor& flat) {
 void rnn_fvp_into(RnnCache& c, const at::Tensor& v, at::Tensor& out, double damping) {
   rnn_jvp(c, c.slices(v));
   // The head's JVP from the RNN's output tangent, its output Fisher and VJP (fisher.cpp), on the
-  // flat vectors' suffix: its slices, the log_std block and its damping.
+  // flat vectors' suffix: its slices and the log_std block (state-independent: never summed over ranks).
   const at::Tensor v_head = v.narrow(0, c.numel, c.head_numel);
   at::Tensor out_head = out.narrow(0, c.numel, c.head_numel);
-  mlp_fvp_into(c.head, v_head, out_head, damping);
+  mlp_fvp_into(c.head, v_head, out_head, 0.0);
   rnn_vjp(c, c.slices(out));
-  if (damping != 0.0) out.narrow(0, 0, c.numel).add_(v.narrow(0, 0, c.numel), damping);
+  if (c.group_sum.active()) {  // the RNN's and the head network's slices: one reduction
+    at::Tensor network = out.narrow(0, 0, c.numel + c.head.offsets.back());
+    c.group_sum(network);
+  }
+  if (damping != 0.0) out.add_(v, damping);
 }
 
 at::Tensor rnn_fvp(const at::Tensor& obs, const at::Tensor& episode_starts, at::TensorList initial_state,
@@ -276,10 +287,11 @@ at::Tensor rnn_fvp(const at::Tensor& obs, const at::Tensor& episode_starts, at::
 CgResult rnn_cg(const at::Tensor& obs, const at::Tensor& episode_starts, at::TensorList initial_state,
                 at::TensorList params, const at::Tensor& b, c10::string_view cell, c10::string_view kind,
                 c10::string_view activation, double damping, int64_t iters, double rtol,
-                at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask) {
+                at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask, double mean_over,
+                std::optional<c10::string_view> group) {
   check_cg_settings(damping, iters, rtol);
   RnnCache cache = checked_cache(obs, episode_starts, initial_state, params, b, true, cell, kind, activation,
-                                 segments, action_mask);
+                                 segments, action_mask, mean_over, group);
   auto product = [&](const at::Tensor& v, at::Tensor& out) { rnn_fvp_into(cache, v, out, damping); };
   if (b.dim() == 1) return cg_solve_with(product, b, iters, rtol);
   std::vector<at::Tensor> xs, used, residual, xAx;

@@ -52,6 +52,7 @@ struct RnnCache {
   at::Tensor h_state, c_state;  // (B, H): the step-to-step carry of a tangent or cotangent
   at::Tensor ones;              // (T·B): bias gradients as GEMVs
   MlpCache head;                // on the last layer's outputs; its input tangent / cotangent is layers.back().tangent
+  GroupSum group_sum;           // data-parallel: sums each product's network slices over the ranks
   std::deque<std::tuple<const void*, int64_t, RnnSlices>> slice_cache;  // keyed as MlpCache's
 
   RnnSlices& slices(const at::Tensor& flat);
@@ -69,10 +70,13 @@ at::Tensor rnn_fvp(const at::Tensor& obs, const at::Tensor& episode_starts, at::
                    const std::optional<at::Tensor>& action_mask);
 
 // CG on (F + damping I) x = b, the loop of cg_solve_with on one forward pass. b flat (P), or (P, C):
-// C solves one after the other on the same forward pass (x (P, C), the scalars (C)).
+// C solves one after the other on the same forward pass (x (P, C), the scalars (C)). Data-parallel
+// (as mlp_cg's direction): `mean_over` > 0 the states of all ranks together, `group` the process group
+// whose ranks' products are summed (one reduction per product).
 CgResult rnn_cg(const at::Tensor& obs, const at::Tensor& episode_starts, at::TensorList initial_state,
                 at::TensorList params, const at::Tensor& b, c10::string_view cell, c10::string_view kind,
                 c10::string_view activation, double damping, int64_t iters, double rtol,
-                at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask);
+                at::OptionalIntArrayRef segments, const std::optional<at::Tensor>& action_mask, double mean_over = 0,
+                std::optional<c10::string_view> group = std::nullopt);
 
 }  // namespace trpo_ext

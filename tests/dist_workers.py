@@ -19,15 +19,21 @@ import trpo_ext  # noqa: E402
 from trpo_ext import step as step_module  # noqa: E402
 from trpo_ext.config import TrustRegionConfig  # noqa: E402
 
-from helpers import ACTION_CASES, SDE_VARIANTS, action_problem, make_policy, make_sde_policy, sample_batch  # noqa: E402
+from helpers import (ACTION_CASES, RECURRENT_CELLS, SDE_VARIANTS, action_problem, make_policy, make_sde_policy,  # noqa: E402
+                     recurrent_problem, sample_batch)
 
 STEP_KEYS = [(dtype, case, path, split, sub) for dtype in (torch.float64, torch.float32) for case in ACTION_CASES
              for path in ("fused", "generic") for split in ("equal", "unequal") for sub in (False, True)] + \
     [(dtype, "gsde", "generic", split, sub) for dtype in (torch.float64, torch.float32)
      for split in ("equal", "unequal") for sub in (False, True)]
+# (The GRU-Gaussian draws are ill-conditioned: float32 CG's own error spans 3e-5 .. 5e-3 on them.)
+STEP_KEYS += [(dtype, f"{cell}-{case}", path, split, False) for dtype in (torch.float64, torch.float32)
+              for cell, cases in (("lstm", ("categorical-masked", "gaussian")), ("gru", ("categorical-masked", "bernoulli")))
+              for case in cases for path in ("fused", "generic") for split in ("equal", "unequal")]
 """The two-rank step's matrix: every action case (masks sharded with their rows) x path x even and
-uneven shards x the Fisher on the batch or on a subset (fvp_obs, with its own rows of the mask); and
-a gSDE policy (trpo_ext.sde: the generic path only)."""
+uneven shards x the Fisher on the batch or on a subset (fvp_obs, with its own rows of the mask); a
+gSDE policy (trpo_ext.sde: the generic path only); LSTM and GRU policies (Sequences sharded by
+sequence, their rows' actions, advantages and masks with them)."""
 SETTINGS = dict(max_kl=0.01, damping=0.1, cg_iters=10, cg_rtol=1e-10, backtrack_factor=0.8, max_backtracks=10)
 
 
@@ -37,6 +43,9 @@ def batch(case, n):
     if case in SDE_VARIANTS:
         policy, mask = make_sde_policy(case, seed=3), None
         obs = torch.randn(n, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    elif case.split("-")[0] in RECURRENT_CELLS:  # n sequences of 8 steps
+        cell, action_case = case.split("-", 1)
+        policy, obs, _, mask = recurrent_problem(action_case, cell, n_seq=n, seed=3)
     else:
         policy, obs, _, mask = action_problem(case, torch.float64, n=n, seed=3)
     actions, advantages = sample_batch(policy, obs, mask)
@@ -44,7 +53,20 @@ def batch(case, n):
 
 
 def cast(t, dtype):
+    if isinstance(t, trpo_ext.Sequences):
+        return trpo_ext.Sequences(t.obs.to(dtype), t.episode_starts, tuple(s.to(dtype) for s in t.initial_state))
     return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+
+def shard_batch(obs, tensors, lo, hi):
+    """Rows lo:hi of obs and of each of `tensors` (None stays None); of Sequences, the sequences lo:hi
+    and the tensors' rows of those sequences (time-major rows t·B + b)."""
+    if not isinstance(obs, trpo_ext.Sequences):
+        return obs[lo:hi], [None if t is None else t[lo:hi] for t in tensors]
+    steps, n = obs.episode_starts.shape
+    rows = (torch.arange(steps).unsqueeze(1) * n + torch.arange(lo, hi)).flatten()
+    seq = trpo_ext.Sequences(obs.obs[:, lo:hi], obs.episode_starts[:, lo:hi], tuple(s[:, lo:hi] for s in obs.initial_state))
+    return seq, [None if t is None else t[rows] for t in tensors]
 
 
 def shard(t, bounds, r):
@@ -91,22 +113,23 @@ def step_case(out_dir):
     results = {}
     alone = dist.new_group([0])  # world size 1 through the distributed path (rank 0 only)
     for dtype, case, path, split, sub in STEP_KEYS:
-        n = 40
+        n = 4 if case.split("-")[0] in RECURRENT_CELLS else 40  # sequences or rows
         policy, obs, actions, advantages, mask = batch(case, n)
         fvp_obs = obs[::3].clone() if sub else None
         fvp_mask = mask[::3].clone() if sub and mask is not None else None
-        bounds = [0, n // 2, n] if split == "equal" else [0, 13, n]
+        bounds = [0, n // 2, n] if split == "equal" else [0, max(1, n // 3), n]
         fvp_bounds = None if fvp_obs is None else [0, 5, fvp_obs.shape[0]]
-        mine = one_step(policy, dtype, path, dist.group.WORLD, *(shard(t, bounds, rank) for t in (obs, actions, advantages)),
-                        shard(fvp_obs, fvp_bounds, rank), shard(mask, bounds, rank), shard(fvp_mask, fvp_bounds, rank))
+        mine_obs, (mine_actions, mine_advantages, mine_mask) = shard_batch(obs, (actions, advantages, mask),
+                                                                           bounds[rank], bounds[rank + 1])
+        mine = one_step(policy, dtype, path, dist.group.WORLD, mine_obs, mine_actions, mine_advantages,
+                        shard(fvp_obs, fvp_bounds, rank), mine_mask, shard(fvp_mask, fvp_bounds, rank))
         entry = {"distributed": mine}
         if rank == 0:
             entry["single"] = one_step(policy, dtype, path, None, obs, actions, advantages, fvp_obs, mask, fvp_mask)
             if split == "equal" and not sub:
-                half = [None if t is None else t[:20] for t in (obs, actions, advantages)]
-                half_mask = None if mask is None else mask[:20]
-                entry["plain_half"] = one_step(policy, dtype, path, None, *half, None, half_mask)
-                entry["world1_half"] = one_step(policy, dtype, path, alone, *half, None, half_mask)
+                half_obs, (*half, half_mask) = shard_batch(obs, (actions, advantages, mask), 0, n // 2)
+                entry["plain_half"] = one_step(policy, dtype, path, None, half_obs, *half, None, half_mask)
+                entry["world1_half"] = one_step(policy, dtype, path, alone, half_obs, *half, None, half_mask)
         results[(str(dtype), case, path, split, sub)] = entry
     # Collectives per step: the batch sizes, the gradient, one per CG product, one per trial.
     policy, obs, actions, advantages, _ = batch("gaussian", 40)
@@ -297,14 +320,18 @@ def custom_case(out_dir):
 
 def spaces_case(out_dir):
     """The new spaces data-parallel: masked Discrete actions on the fused path, a Dict observation
-    with an image on the generic path (its critic's rows packed for the gather); every rank must end
+    with an image on the generic path (its critic's rows packed for the gather), recurrent policies
+    (their critics' sequences gathered whole); every rank must end
     with the same networks (the agent checks its replicas; the test compares them too)."""
     rank = dist.get_rank()
     results = {}
-    for env_id, layout in [(env_id, layout) for env_id in ("trpo_ext/MaskedChoice-v0", "trpo_ext/DictImageSide-v0",
-                                                            "trpo_ext/MultiDiscreteMatch-v0")
-                           for layout in ("split", "data")]:
-        agent = trpo_ext.TRPO(env_id, n_envs=2, n_steps=32, seed=0, critic_epochs=2, update_parallel=layout)
+    cases = [(env_id, layout, "auto") for env_id in ("trpo_ext/MaskedChoice-v0", "trpo_ext/DictImageSide-v0",
+                                                     "trpo_ext/MultiDiscreteMatch-v0") for layout in ("split", "data")]
+    # A recurrent policy: its update runs on each rank's sequences ("auto" takes the data layout at 2 ranks).
+    cases += [("trpo_ext/CueRecall-v0", "auto", "MlpLstmPolicy"), ("trpo_ext/CueRecallContinuous-v0", "data", "MlpGruPolicy")]
+    for env_id, layout, policy in cases:
+        agent = trpo_ext.TRPO(env_id, n_envs=2, n_steps=32, seed=0, critic_epochs=2, update_parallel=layout,
+                              policy=policy, policy_kwargs={"lstm_hidden_size": 8})
         agent.learn(256, progress_bar=False)
         results[env_id, layout] = dict(policy=parameters_to_vector(agent.policy.parameters()).detach(),
                                value=parameters_to_vector(agent.value_net.parameters()).detach(),

@@ -277,17 +277,18 @@ def _rnn_fvp_fake(obs, episode_starts, initial_state, params, v, cell, kind, act
 def rnn_cg(obs: torch.Tensor, episode_starts: torch.Tensor, initial_state: Sequence[torch.Tensor],
            params: Sequence[torch.Tensor], b: torch.Tensor, *, cell: str, kind: str, activation: str, damping: float,
            iters: int, rtol: float, segments: Sequence[int] | None = None,
-           action_mask: torch.Tensor | None = None) -> CGResult:
+           action_mask: torch.Tensor | None = None, mean_over: float = 0.0, group: str | None = None) -> CGResult:
     """Solves (F + damping I) x = b by CG for a recurrent policy, the whole loop in one call on one
     forward pass (`mlp_cg`'s recursion and kernels). `b` (P, C): C solves one after the other on the
-    same forward pass."""
+    same forward pass. Data-parallel: `mean_over` the states of all ranks, `group` the process group's
+    name (each product summed over its ranks)."""
     return CGResult(*ops.rnn_cg(obs, episode_starts, list(initial_state), list(params), b, cell, kind, activation,
-                                damping, iters, rtol, segments, action_mask))
+                                damping, iters, rtol, segments, action_mask, mean_over, group))
 
 
 @torch.library.register_fake("trpo_ext::rnn_cg")
 def _rnn_cg_fake(obs, episode_starts, initial_state, params, b, cell, kind, activation, damping, iters, rtol,
-                 segments=None, action_mask=None):
+                 segments=None, action_mask=None, mean_over=0.0, group=None):
     _check_devices(obs=obs, episode_starts=episode_starts, initial_state=initial_state, params=params, b=b,
                    action_mask=action_mask)
     scalar = dict(device=b.device, dtype=torch.float64)

@@ -139,12 +139,14 @@ def fit_value_module(value_net: torch.nn.Module, optimizer: torch.optim.Adam, ob
     batch_size = check_int("batch_size", batch_size, 1)  # TRPOConfig's rule for critic_batch_size
     sequences = isinstance(obs, spaces.Sequences)
     if sequences:  # minibatches of whole sequences, about batch_size rows each
+        if process_group is not None:  # every rank's sequences, in rank order
+            columns = distributed.gather_tensors(spaces.sequence_columns(obs, returns), process_group)[0]
+            obs, returns = spaces.from_sequence_columns(columns, obs.valid is not None)
+            generator = shared_generator(generator, process_group)
         seq_len, n = obs.episode_starts.shape
         rows_per_sequence = seq_len if obs.valid is None else max(1.0, float(obs.valid.sum()) / n)
         batch_size = max(1, round(batch_size / rows_per_sequence))
-        if process_group is not None:
-            raise ValueError("critic fit: a recurrent critic does not train data-parallel yet")
-    if process_group is not None:  # a dict of observations travels packed into one (N, D) tensor
+    elif process_group is not None:  # a dict of observations travels packed into one (N, D) tensor
         flat, layout = spaces.pack(obs)
         gathered = distributed.gather_rows(torch.cat([flat, returns.unsqueeze(1)], 1), process_group)
         obs, returns = spaces.unpack(gathered[:, :-1], layout), gathered[:, -1]

@@ -224,10 +224,12 @@ def _sequence_args(seq: Sequences) -> tuple:
 
 
 def recurrent_cg_solve(fused: RecurrentFusedSpec, seq: Sequences, params: list[torch.Tensor], b: torch.Tensor,
-                       damping: float, iters: int, rtol: float,
-                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, CGInfo]:
+                       damping: float, iters: int, rtol: float, mask: torch.Tensor | None = None,
+                       mean_over: float = 0.0, group: str | None = None) -> tuple[torch.Tensor, CGInfo]:
     """CG on (F + damping I) x = b for a fused recurrent policy (`rnn_cg`: the loop in the extension on
-    one forward pass), the inputs already checked; b (P, C): C solves, the CGInfo fields (C)."""
+    one forward pass), the inputs already checked; b (P, C): C solves, the CGInfo fields (C).
+    Data-parallel: `mean_over` the states of all ranks, `group` the process group's name."""
     x, used, res, xAx = _ops.rnn_cg(*_sequence_args(seq), [p.detach() for p in params], b, damping=damping,
-                                    iters=iters, rtol=rtol, **fused.op_kwargs(action_mask=mask))
+                                    iters=iters, rtol=rtol, mean_over=mean_over, group=group,
+                                    **fused.op_kwargs(action_mask=mask))
     return x, CGInfo(used, res, xAx)

@@ -381,6 +381,21 @@ def rows(obs, index):
     return obs[index]
 
 
+def sequence_columns(seq: Sequences, returns: torch.Tensor) -> list[torch.Tensor]:
+    """Sequences and their (T·B,) returns as tensors with one row per sequence (for a gather of
+    whole sequences); `from_sequence_columns` undoes it."""
+    T, B = seq.episode_starts.shape
+    valid = torch.ones_like(seq.episode_starts) if seq.valid is None else seq.valid
+    return [seq.obs.transpose(0, 1), seq.episode_starts.t(), valid.t(), returns.view(T, B).t(),
+            *(s.transpose(0, 1) for s in seq.initial_state)]
+
+
+def from_sequence_columns(columns: list[torch.Tensor], with_valid: bool) -> tuple[Sequences, torch.Tensor]:
+    obs, starts, valid, returns, *state = columns
+    return (Sequences(obs.transpose(0, 1), starts.t(), tuple(s.transpose(0, 1) for s in state),
+                      valid.t() if with_valid else None), returns.t().reshape(-1))
+
+
 def pack(obs) -> tuple[torch.Tensor, object]:
     """A preprocessed batch as one (B, D) tensor and what `unpack` needs to rebuild it."""
     if isinstance(obs, dict):

@@ -104,8 +104,7 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
     trial by loading it into the policy. With a process group every mean is over all ranks' shards
     (docs/distributed.md): 2 + (CG iterations) reductions here, one per trial."""
     fused = choose_path(policy, path)
-    # A fused recurrent policy: g from autograd as on the generic path, the solve in the extension
-    # (rnn_cg) in one process; data-parallel ranks keep the generic solve (its products are summed).
+    # A fused recurrent policy: g from autograd as on the generic path, the solve in the extension (rnn_cg).
     recurrent = isinstance(fused, RecurrentFusedSpec)
     products_obs = obs if fvp_obs is None else fvp_obs
     name = distributed.group_name(group)
@@ -176,9 +175,10 @@ def _direction(policy, params, obs, actions, advantages, config: TrustRegionConf
             def over_ranks(fv):  # this rank's share of F v over all ranks' states, summed: one reduction
                 return distributed.all_reduce_sum_(fv * share, group)
 
-            if recurrent and group is None:
+            if recurrent:  # data-parallel: the op sums each product over the ranks (one reduction)
                 x, info = recurrent_cg_solve(fused, products_obs, params, g, config.damping, config.cg_iters,
-                                             config.cg_rtol, mask=products_mask)
+                                             config.cg_rtol, mask=products_mask,
+                                             mean_over=0.0 if group is None else m_total, group=name)
             else:
                 x, info = generic_cg_solve(policy, products_obs, params, g, config.damping, config.cg_iters,
                                            config.cg_rtol, combine=None if group is None else over_ranks,

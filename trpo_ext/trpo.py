@@ -123,7 +123,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         try:
             self.policy, self.value_net, self.network_names = build_networks(
                 policy, value_net, codec, action_space, config.policy_kwargs, config.seed, self.device, config.sde)
-            _check_recurrent_settings(self.policy, config, self.group)
+            self.update_layout = _recurrent_layout(self.policy, config, self.update_layout)
             if not fused_value(self.value_net) and not is_recurrent(self.value_net):
                 check_custom_value_net(self.value_net, codec, self.device)
                 if self.group is not None:
@@ -431,16 +431,19 @@ def _is_recurrent_spec(policy) -> bool:
     return (isinstance(policy, str) and policy in RECURRENT) or isinstance(policy, RecurrentPolicy)
 
 
-def _check_recurrent_settings(policy, config: TRPOConfig, group) -> None:
-    """ValueError for what a recurrent policy's update does not do (yet): the Fisher on a fraction of
-    the states (its products run over whole sequences) and data-parallel training."""
+def _recurrent_layout(policy, config: TRPOConfig, layout: str | None) -> str | None:
+    """The update layout for `policy`: "data" for a recurrent policy where "auto" gave "split" (the split
+    update gathers rows, not sequences). ValueError for what a recurrent policy's update does not do:
+    the Fisher on a fraction of the states (its products run through whole sequences) and "split"."""
     if not is_recurrent(policy):
-        return
+        return layout
     if config.fvp_fraction < 1.0:
         raise ValueError(f"fvp_fraction={config.fvp_fraction} subsamples states for the Fisher products; a recurrent "
                          "policy's products run through whole sequences: use fvp_fraction=1.0")
-    if group is not None:
-        raise ValueError("a recurrent policy does not train data-parallel yet (process_group); run it in one process")
+    if layout == "split" and config.update_parallel == "split":
+        raise ValueError("update_parallel='split' gathers the batch's rows to one rank; a recurrent policy's update "
+                         "runs on whole sequences: use update_parallel='data' (or 'auto')")
+    return "data" if layout == "split" else layout
 
 
 def _step_log(step: StepRecord) -> dict:
