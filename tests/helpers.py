@@ -166,7 +166,7 @@ def assert_same_run(a_dir, b_dir) -> None:
     assert computed == [[v for k, v in row.items() if k not in TIMING] for row in progress_rows(b_dir)]
 
 
-RECURRENT_CELLS = {"lstm": "MlpLstmPolicy", "gru": "MlpGruPolicy"}
+RECURRENT_CELLS = {cell: name for name, cell in trpo_ext.recurrent.RECURRENT.items()}
 """The recurrent policies (trpo_ext.recurrent) the matrices run, by cell: their built-in names."""
 
 

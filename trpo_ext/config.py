@@ -190,6 +190,28 @@ weights that carry the cue, and δ = 0.05 lets a step move them. Three critic ep
 learn as well at half the wall-clock (bench/results/recurrent_learning.md)."""
 
 
+def recurrent_layout(config: TRPOConfig, layout: str | None, recurrent: bool) -> str | None:
+    """The update layout of a recurrent policy (`layout` as it is for any other): "data" where "auto"
+    gave "split" (the split update gathers rows, not sequences). ValueError for what its update does
+    not do: the Fisher on a fraction of the states (its products run through whole sequences), and
+    "split" asked for."""
+    if not recurrent:
+        return layout
+    if config.fvp_fraction < 1.0:
+        raise ValueError(f"fvp_fraction={config.fvp_fraction} subsamples states for the Fisher products; a recurrent "
+                         "policy's products run through whole sequences: use fvp_fraction=1.0")
+    if layout == "split" and config.update_parallel == "split":
+        raise ValueError("update_parallel='split' gathers the batch's rows to one rank; a recurrent policy's update "
+                         "runs on whole sequences: use update_parallel='data' (or 'auto')")
+    return "data" if layout == "split" else layout
+
+
+def policy_defaults(arguments: dict, recurrent: bool) -> dict:
+    """RECURRENT_DEFAULTS' keys of TRPO's `arguments`, each None replaced by the policy's default."""
+    return {key: value if arguments[key] is None else arguments[key]
+            for key, value in default_settings(recurrent).items()}
+
+
 def default_settings(recurrent: bool) -> dict:
     """The defaults of RECURRENT_DEFAULTS' keys: a recurrent policy's, or TRPOConfig's."""
     if recurrent:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributions import Independent
 
 from .distributions import ActionSpec, action_spec
-from .recurrent import CELLS, RecurrentPolicy, RecurrentValue
+from .recurrent import CELLS, RECURRENT, RecurrentPolicy, RecurrentValue
 from .sde import SDEPolicy
 from .spaces import ObservationCodec
 
@@ -288,10 +288,6 @@ class FeatureValue(nn.Module):
 
 
 # ----------------------------------------------------------------------------- networks by name
-RECURRENT = {"MlpLstmPolicy": "lstm", "MlpGruPolicy": "gru"}
-"""The built-in recurrent policies (`trpo_ext.recurrent`) by name, sb3-contrib RecurrentPPO's (and a GRU),
-and their cells."""
-
 BUILT_IN = ("MlpPolicy", "CnnPolicy", "MultiInputPolicy", *RECURRENT)
 """The `policy=` / `value_net=` names of the built-in networks, as stable-baselines3 calls them."""
 

@@ -31,6 +31,9 @@ from .spaces import Sequences
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 """The recurrent cells by name (the fused ops' `cell`)."""
 
+RECURRENT = {"MlpLstmPolicy": "lstm", "MlpGruPolicy": "gru"}
+"""The built-in recurrent policies by name, sb3-contrib RecurrentPPO's (and a GRU), and their cells."""
+
 STATE_TENSORS = {"lstm": 2, "gru": 1}
 """Tensors of a cell's state: (h, c) for an LSTM, (h,) for a GRU."""
 
@@ -168,6 +171,11 @@ class RecurrentValue(RecurrentNet):
 
 def is_recurrent(module) -> bool:
     return isinstance(module, RecurrentNet)
+
+
+def is_recurrent_spec(policy) -> bool:
+    """Whether TRPO's `policy=` names or is a recurrent policy (a callable's result is not known yet)."""
+    return (isinstance(policy, str) and policy in RECURRENT) or isinstance(policy, RecurrentPolicy)
 
 
 def check_sequences(name: str, seq, net: RecurrentNet) -> None:

@@ -68,9 +68,11 @@ class RecurrentMemory:
 
     # ----------------------------------------------------------------------- a rollout
     def begin(self, policy, value_fn) -> None:
-        """A rollout starts: zero states where there are none; its initial states recorded."""
-        self.recurrent_critic = is_recurrent(value_fn)
-        for name, net in (("policy", policy), ("value", value_fn if self.recurrent_critic else None)):
+        """A rollout starts: zero states where there are none; its initial states recorded. `value_fn`:
+        the critic, or the `policies.FlatValues` around it."""
+        self.critic = getattr(value_fn, "value_net", value_fn)
+        self.recurrent_critic = is_recurrent(self.critic)
+        for name, net in (("policy", policy), ("value", self.critic if self.recurrent_critic else None)):
             state, zero = getattr(self, f"{name}_state"), None if net is None else net.initial_state(self.n_envs)
             if zero is not None and state is not None and [s.shape for s in state] != [s.shape for s in zero]:
                 raise ValueError(f"the rollout's {name} state has shapes {[tuple(s.shape) for s in state]} (a checkpoint's"
@@ -82,7 +84,7 @@ class RecurrentMemory:
         self.first_state = self.policy_state
         self.starts, self.values, self.value_states, self.final_values = [], [], [], {}
 
-    def act(self, inference: Inference, policy, value_fn, policy_obs: torch.Tensor, generator,
+    def act(self, inference: Inference, policy, policy_obs: torch.Tensor, generator,
             masks: torch.Tensor | None) -> torch.Tensor:
         """One step's actions from the carried state (and, with a recurrent critic, the step's values)."""
         starts = torch.tensor(self.episode_starts, device=self.device)
@@ -91,26 +93,26 @@ class RecurrentMemory:
                                                                  generator, masks=masks)
         if self.recurrent_critic:
             self.value_states.append(self.value_state)
-            values, self.value_state = value_fn.step(policy_obs, self.value_state, starts)
+            values, self.value_state = self.critic.step(policy_obs, self.value_state, starts)
             self.values.append(values)
         return actions
 
-    def after_step(self, t: int, done: np.ndarray, value_fn, truncated_envs, final_obs) -> None:
+    def after_step(self, t: int, done: np.ndarray, truncated_envs, final_obs) -> None:
         """After step t: the truncated episodes' final observations (the policy's input, one row per
         env of `truncated_envs`) valued from the critic's state before the reset; then the resets."""
         if self.recurrent_critic and len(truncated_envs):
             index = torch.as_tensor(truncated_envs, device=self.device)
             state = tuple(s[:, index] for s in self.value_state)
-            values, _ = value_fn.step(final_obs, state, torch.zeros(len(index), dtype=torch.bool, device=self.device))
+            values, _ = self.critic.step(final_obs, state, torch.zeros(len(index), dtype=torch.bool, device=self.device))
             for i, v in zip(truncated_envs, values.tolist()):
                 self.final_values[(t, int(i))] = v
         self.episode_starts[:] = done
 
-    def critic_values(self, value_fn, last_obs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def critic_values(self, last_obs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(values (T, B), next values (T, B)) of a recurrent critic: each step's, and V of what followed
         it (the next step's observation, the final observation of a truncated episode, or, after the
         last step, the observation the next rollout starts from, valued from the carried state)."""
-        last, _ = value_fn.step(last_obs, self.value_state, torch.tensor(self.episode_starts, device=self.device))
+        last, _ = self.critic.step(last_obs, self.value_state, torch.tensor(self.episode_starts, device=self.device))
         values = torch.stack(self.values).double().cpu().numpy()
         next_values = np.concatenate([values[1:], last.double().cpu().numpy()[None]])
         for (t, i), v in self.final_values.items():

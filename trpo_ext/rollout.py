@@ -100,6 +100,10 @@ class Batch:
     critic_obs: object = None
     critic_returns: torch.Tensor | None = None
 
+    def critic_batch(self) -> tuple:
+        """The critic's (input, targets): critic_obs and critic_returns where set, else obs and returns."""
+        return (self.obs, self.returns) if self.critic_obs is None else (self.critic_obs, self.critic_returns)
+
 
 class EpisodeStats:
     """Returns and lengths of the episodes in flight and of the last `window` finished ones."""
@@ -330,7 +334,7 @@ class RolloutCollector:
                                                          masks=mask_t)
             else:
                 policy_obs = self.inference.observe(obs)
-                actions = memory.act(self.inference, policy, value_fn, policy_obs, generator, mask_t)
+                actions = memory.act(self.inference, policy, policy_obs, generator, mask_t)
             obs_steps.append(policy_obs)
             act_steps.append(actions)
             if mask_t is not None:
@@ -353,7 +357,7 @@ class RolloutCollector:
             done = terminated[t] | truncated[t]
             if memory is not None:
                 ended = [(i, o) for step, i, o in final_obs if step == t]
-                memory.after_step(t, done, value_fn, [i for i, _ in ended],
+                memory.after_step(t, done, [i for i, _ in ended],
                                   self.inference.observe(self.codec.batch_raw([o for _, o in ended])) if ended else None)
             self.stats.step(rewards[t], done)  # the episode statistics keep the raw rewards
             if self.on_step is not None:  # an exception it raises discards the rollout, as any error here does
@@ -364,7 +368,7 @@ class RolloutCollector:
 
         obs_buf = spaces.cat(obs_steps)  # (T * N, ...), step-major like the (T, N) arrays
         if memory is not None and memory.recurrent_critic:  # the critic stepped with the policy
-            values, next_values = memory.critic_values(value_fn, self.inference.observe(obs))
+            values, next_values = memory.critic_values(self.inference.observe(obs))
         else:
             # The observation after the last step and the truncated episodes' final observations.
             extra = obs if not final_obs else self.codec.concat_raw([obs, self.codec.batch_raw([o for *_, o in final_obs])])

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed, sb3_names, spaces
-from .config import HYPERPARAMETERS, TRPOConfig, check_int, check_num_threads, default_settings
+from .config import HYPERPARAMETERS, TRPOConfig, check_int, check_num_threads, policy_defaults, recurrent_layout
 from .critic import check_parallel, fit_value_network, fused_value
 from .distributions import action_spec
 from .envs import eval_env_factory, make_vec_env, registered_spec
 from .logger import RunLogger, check_log_dir
 from .normalization import RewardScaler, RunningNormalizer
-from .policies import RECURRENT, FlatValues, build_networks, check_custom_value_net
-from .recurrent import RecurrentPolicy, is_recurrent
+from .policies import FlatValues, build_networks, check_custom_value_net
+from .recurrent import is_recurrent, is_recurrent_spec
 from .rollout import EpisodeStats, RolloutCollector
 from .split_update import split_update
 from .step import StepRecord, trust_region_step
@@ -58,8 +58,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         value_net: the critic, likewise ("auto": the built-in critic that fits the policy); a custom
             module is given again to `TRPO.load`, as a custom policy is.
         n_envs … seed: the hyperparameters, documented and checked in `trpo_ext.config.TRPOConfig`
-            (`agent.config`); `seed=None` draws one; max_kl, damping, critic_epochs and
-            critic_batch_size None: TRPOConfig's defaults, or `RECURRENT_DEFAULTS` for a recurrent policy.
+            (`agent.config`); `seed=None` draws one; other Nones: the policy's (`config.default_settings`).
         log_dir: directory for progress.csv and TensorBoard events (one that holds a run is never
             appended to: the run goes to a numbered sibling); None logs nowhere.
         device: "cpu", "cuda", "cuda:N", a torch.device, or "auto" (CUDA when available).
@@ -81,8 +80,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
                  device: str | torch.device = "cpu", num_threads: int | None = 1, process_group="auto",
                  policy="auto", value_net="auto"):
         arguments = locals()  # the hyperparameters are the signature's keywords of TRPOConfig's fields
-        for key, value in default_settings(_is_recurrent_spec(policy)).items():  # None: the policy's default
-            arguments[key] = value if arguments[key] is None else arguments[key]
+        arguments.update(policy_defaults(arguments, is_recurrent_spec(policy)))  # None: the policy's default
         config = TRPOConfig.from_dict({name: arguments[name] for name in HYPERPARAMETERS})
         self.group = distributed.resolve_group(process_group)
         if self.group is not None:  # the agent adopts the group: gloo's event loops yield to the ranks' work
@@ -123,7 +121,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         try:
             self.policy, self.value_net, self.network_names = build_networks(
                 policy, value_net, codec, action_space, config.policy_kwargs, config.seed, self.device, config.sde)
-            self.update_layout = _recurrent_layout(self.policy, config, self.update_layout)
+            self.update_layout = recurrent_layout(config, self.update_layout, is_recurrent(self.policy))
             if not fused_value(self.value_net) and not is_recurrent(self.value_net):
                 check_custom_value_net(self.value_net, codec, self.device)
                 if self.group is not None:
@@ -131,8 +129,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         except BaseException:
             self.envs.close()
             raise
-        self._values = self.value_net if fused_value(self.value_net) or is_recurrent(self.value_net) \
-            else FlatValues(self.value_net)
+        self._values = self.value_net if fused_value(self.value_net) else FlatValues(self.value_net)
         # Data-parallel: every rank starts from rank 0's networks (one broadcast) and statistics.
         distributed.start_heartbeat(self.group)
         distributed.broadcast_([*self.policy.parameters(), *self.value_net.parameters()], self.group)
@@ -242,9 +239,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
         else:
             step = self._policy_step(batch.obs, batch.actions, batch.advantages, batch.action_masks, group)
             t = time.perf_counter()  # Adam minibatch regression of V(s) on the GAE returns, one extension call
-            critic_obs, returns = (batch.obs, batch.returns) if batch.critic_obs is None else (batch.critic_obs,
-                                                                                               batch.critic_returns)
-            value_loss = fit_value_network(self.value_net, self.critic_optimizer, critic_obs, returns,
+            value_loss = fit_value_network(self.value_net, self.critic_optimizer, *batch.critic_batch(),
                                            config.critic_epochs, config.critic_batch_size, self.generator,
                                            process_group=group, parallel=config.critic_parallel)
             critic_time = time.perf_counter() - t
@@ -300,10 +295,9 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
                 action_masks=None) -> tuple[np.ndarray, tuple | None]:
         """`(actions, state)` for observations as the env returns them, as stable-baselines3's
         `predict`: one observation gives one action, a batch (a leading axis; for a Dict space, on
-        every entry) one action per row. A recurrent policy takes and returns its state as sb3-contrib's
-        RecurrentPPO does (None: zero; the tuple of (layers, n, hidden) arrays it returned) and is
-        reset where `episode_start` (n bools; None: no start) is True; for any other policy `state`
-        and `episode_start` are ignored and the state is None.
+        every entry) one action per row. A recurrent policy's state goes in and out as sb3-contrib
+        RecurrentPPO's does (docs/guide.md, "Recurrent policies"); for any other policy `state` and
+        `episode_start` are ignored and the state is None.
 
         Preprocessing and normalization are applied inside; Box actions are clipped to the action
         space; actions come in the form the env takes. `action_masks` (Discrete / MultiDiscrete
@@ -424,26 +418,6 @@ def _check_callback(callback) -> list:
             raise ValueError(f"callback must be a callable callback(agent, record) or a list of them, "
                              f"got {type(cb).__name__} {cb!r:.60}")
     return callbacks
-
-
-def _is_recurrent_spec(policy) -> bool:
-    """Whether TRPO's `policy=` names or is a recurrent policy (a callable's result is not known yet)."""
-    return (isinstance(policy, str) and policy in RECURRENT) or isinstance(policy, RecurrentPolicy)
-
-
-def _recurrent_layout(policy, config: TRPOConfig, layout: str | None) -> str | None:
-    """The update layout for `policy`: "data" for a recurrent policy where "auto" gave "split" (the split
-    update gathers rows, not sequences). ValueError for what a recurrent policy's update does not do:
-    the Fisher on a fraction of the states (its products run through whole sequences) and "split"."""
-    if not is_recurrent(policy):
-        return layout
-    if config.fvp_fraction < 1.0:
-        raise ValueError(f"fvp_fraction={config.fvp_fraction} subsamples states for the Fisher products; a recurrent "
-                         "policy's products run through whole sequences: use fvp_fraction=1.0")
-    if layout == "split" and config.update_parallel == "split":
-        raise ValueError("update_parallel='split' gathers the batch's rows to one rank; a recurrent policy's update "
-                         "runs on whole sequences: use update_parallel='data' (or 'auto')")
-    return "data" if layout == "split" else layout
 
 
 def _step_log(step: StepRecord) -> dict:
