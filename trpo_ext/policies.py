@@ -336,11 +336,9 @@ def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, ac
         return sde_policy(codec.flat_dim, action_space, hidden, activation, log_std_init, **sde)
     if name in RECURRENT:
         spec = action_spec(action_space)
-        rnn = CELLS[RECURRENT[name]](codec.flat_dim, recurrent["lstm_hidden_size"], recurrent["n_lstm_layers"])
-        layers, act = _mlp((rnn.hidden_size, *_check_sizes("hidden", hidden), spec.width), activation)
-        _orthogonal_init(layers, last_gain=0.01)
         std = _LogStd(spec.width, log_std_init) if spec.family.has_log_std else None
-        return RecurrentPolicy(rnn, layers, ACTIVATIONS[activation](), activation, spec, std)
+        return RecurrentPolicy(*_recurrent_parts(name, codec, hidden, activation, recurrent, spec.width, 0.01),
+                               activation, spec, std)
     if name == "MlpPolicy":
         return MLPPolicy(codec.flat_dim, action_space, hidden, activation, log_std_init)
     if name == "CnnPolicy":
@@ -348,15 +346,21 @@ def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, ac
     return FeaturePolicy(FeatureExtractor(codec, 256), action_space, hidden, activation, log_std_init)
 
 
+def _recurrent_parts(name: str, codec: ObservationCodec, hidden, activation, recurrent: dict, out: int, last_gain):
+    """The RNN (policy_kwargs' lstm_hidden_size and n_lstm_layers; torch's initialisation, as
+    RecurrentPPO's) and the head (`hidden`, then `out` units; MLPPolicy's initialisation) of `name`."""
+    rnn = CELLS[RECURRENT[name]](codec.flat_dim, recurrent["lstm_hidden_size"], recurrent["n_lstm_layers"])
+    layers, act = _mlp((rnn.hidden_size, *_check_sizes("hidden", hidden), out), activation)
+    _orthogonal_init(layers, last_gain=last_gain)
+    return rnn, layers, act
+
+
 def built_in_value(name: str, codec: ObservationCodec, hidden, activation, recurrent: dict | None = None) -> nn.Module:
     """The built-in critic `name`, shaped like `built_in_policy`'s policy (a recurrent name: its own
     RNN with `recurrent["enable_critic_lstm"]`, else the feed-forward MLP critic)."""
     _check_name_fits(name, codec, "value_net")
     if name in RECURRENT and recurrent["enable_critic_lstm"]:
-        rnn = CELLS[RECURRENT[name]](codec.flat_dim, recurrent["lstm_hidden_size"], recurrent["n_lstm_layers"])
-        layers, act = _mlp((rnn.hidden_size, *_check_sizes("hidden", hidden), 1), activation)
-        _orthogonal_init(layers, last_gain=1.0)
-        return RecurrentValue(rnn, layers, act, activation)
+        return RecurrentValue(*_recurrent_parts(name, codec, hidden, activation, recurrent, 1, 1.0), activation)
     if name in RECURRENT or name == "MlpPolicy":
         return ValueNetwork(codec.flat_dim, hidden, activation)
     if name == "CnnPolicy":
