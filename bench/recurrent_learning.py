@@ -59,15 +59,14 @@ MEMORY_PPO = dict(n_envs=8, n_steps=64, batch_size=128, n_epochs=10, learning_ra
                   gae_lambda=0.95, ent_coef=0.0, clip_range=0.2, policy_kwargs=dict(lstm_hidden_size=64))
 # trpo_ext's own settings: none. The shared ones come from the task's "ppo" entry (`_trpo_kwargs`); the
 # trust region and critic are the library's recurrent defaults (trpo_ext.config.RECURRENT_DEFAULTS: max_kl
-# 0.05, damping 0.001, 3 critic epochs of 256 rows, applied when TRPO's arguments are left None), with
-# cg_iters 10 and critic_lr 1e-3 as for any policy. Those defaults were found on the memory tasks
+# 0.05, damping 0.001, critic minibatches of 256 rows, applied when TRPO's arguments are left None; 10
+# critic epochs and critic_lr 1e-3 as for any policy). Those defaults were found on the memory tasks
 # (bench/results/recurrent/older/, summarised in bench/results/recurrent_learning.md's notes): the
 # feed-forward defaults (max_kl 0.01, damping 0.1) take steps but learn nothing of the cue 9 steps back in
 # 20k steps; damping 0.001 (the BPTT gradient's small-curvature directions, where the memory is, are no
-# longer damped away) with max_kl 0.05 solves both; 3 critic epochs of 256 rows instead of 10 of 128 halve
-# the run. Not tuned on the NoVel envs. The interleaved rerun on the defaults (commits 3d39d7c..7c2e955,
-# after 2e985cb changed the sequence critic's minibatches) solved CueRecallContinuous 3/3 but CueRecall
-# 0/3 at 20,480 (eval 0.69-0.80): see the results page's notes.
+# longer damped away) with max_kl 0.05 solves both. An interleaved rerun with 3 critic epochs (commits
+# 3d39d7c..7c2e955) solved CueRecall on 0 of 3 seeds (eval 0.69-0.80); 10 epochs are the default since.
+# Not tuned on the NoVel envs.
 TRPO_BASE: dict = {}
 TASKS = {
     "CueRecall": dict(env_id="trpo_ext/CueRecall-v0", timesteps=20_480, eval_episodes=100, solved=0.95,

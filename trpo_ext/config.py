@@ -182,12 +182,13 @@ def _check_shared_lstm(value) -> bool:
     return False
 
 
-RECURRENT_DEFAULTS = {"max_kl": 0.05, "damping": 0.001, "critic_epochs": 3, "critic_batch_size": 256}
+RECURRENT_DEFAULTS = {"max_kl": 0.05, "damping": 0.001, "critic_batch_size": 256}
 """The defaults that differ for a recurrent policy ("MlpLstmPolicy", "MlpGruPolicy" or a
 `RecurrentPolicy` module): with the feed-forward ones (δ = 0.01, λ = 0.1) the LSTM learned nothing
 about a cue 9 steps back on 3 of 3 seeds; λ = 0.1 swamps the small curvature of the recurrent
-weights that carry the cue, and δ = 0.05 lets a step move them. Three critic epochs of 256 rows
-learn as well at half the wall-clock (bench/results/recurrent_learning.md)."""
+weights that carry the cue, and δ = 0.05 lets a step move them. The critic keeps its ten epochs
+(three or five solved CueRecall on fewer seeds), in minibatches of 256 rows
+(bench/results/recurrent_learning.md)."""
 
 
 def recurrent_layout(config: TRPOConfig, layout: str | None, recurrent: bool) -> str | None:
@@ -266,7 +267,7 @@ class TRPOConfig:
     """Adam learning rate of the value network; > 0."""
     critic_epochs: int = 10
     """Passes over the batch per update for the value network (0 leaves it untrained); at most
-    MAX_ITERATIONS (a recurrent policy's default: `RECURRENT_DEFAULTS`)."""
+    MAX_ITERATIONS."""
     critic_batch_size: int = 128
     """Minibatch size of the value-network regression (a recurrent policy's default: `RECURRENT_DEFAULTS`)."""
     critic_parallel: str = "gather"

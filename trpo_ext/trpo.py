@@ -73,7 +73,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
                  cg_rtol: float = 1e-10, backtrack_factor: float = 0.8, max_backtracks: int = 10,
                  fvp_fraction: float = 1.0, normalize_advantage: bool = True, normalize_obs: bool = False,
                  obs_clip: float = 10.0, normalize_reward: bool = False, reward_clip: float = 10.0,
-                 critic_lr: float = 1e-3, critic_epochs: int | None = None, critic_batch_size: int | None = None,
+                 critic_lr: float = 1e-3, critic_epochs: int = 10, critic_batch_size: int | None = None,
                  critic_parallel: str = "gather", update_parallel: str = "auto", policy_kwargs: dict | None = None,
                  vectorization: str = "sync", stats_window: int = 100, log_dir: str | os.PathLike | None = None,
                  seed: int | None = None, use_sde: bool = False, sde_sample_freq: int = -1,
