@@ -328,7 +328,8 @@ def spaces_case(out_dir):
     cases = [(env_id, layout, "auto") for env_id in ("trpo_ext/MaskedChoice-v0", "trpo_ext/DictImageSide-v0",
                                                      "trpo_ext/MultiDiscreteMatch-v0") for layout in ("split", "data")]
     # A recurrent policy: its update runs on each rank's sequences ("auto" takes the data layout at 2 ranks).
-    cases += [("trpo_ext/CueRecall-v0", "auto", "MlpLstmPolicy"), ("trpo_ext/CueRecallContinuous-v0", "data", "MlpGruPolicy")]
+    cases += [("trpo_ext/CueRecall-v0", "auto", "MlpLstmPolicy"), ("trpo_ext/CueRecallContinuous-v0", "data", "MlpGruPolicy"),
+              ("trpo_ext/DictImageSide-v0", "auto", "MultiInputLstmPolicy")]  # generic products, packed rows
     for env_id, layout, policy in cases:
         agent = trpo_ext.TRPO(env_id, n_envs=2, n_steps=32, seed=0, critic_epochs=2, update_parallel=layout,
                               policy=policy, policy_kwargs={"lstm_hidden_size": 8})

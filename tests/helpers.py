@@ -166,8 +166,8 @@ def assert_same_run(a_dir, b_dir) -> None:
     assert computed == [[v for k, v in row.items() if k not in TIMING] for row in progress_rows(b_dir)]
 
 
-RECURRENT_CELLS = {cell: name for name, cell in trpo_ext.recurrent.RECURRENT.items()}
-"""The recurrent policies (trpo_ext.recurrent) the matrices run, by cell: their built-in names."""
+RECURRENT_CELLS = trpo_ext.recurrent.FLAT_NAMES
+"""The recurrent policies (trpo_ext.recurrent) the matrices run, by cell: their built-in names on flat observations."""
 
 
 def recurrent_problem(case: str, cell: str = "lstm", n_layers: int = 1, dtype=torch.float64, device="cpu",

@@ -270,10 +270,10 @@ def test_nccl_step_on_one_gpu_equals_the_plain_step(tmp_path):
 
 def test_new_spaces_train_data_parallel_with_identical_replicas(tmp_path):
     """Masked actions (fused), a Dict observation with an image (generic, packed critic rows),
-    MultiDiscrete actions, LSTM and GRU policies (whole sequences): two ranks end with the same
-    networks after 4 updates of 2 x 64 steps."""
+    MultiDiscrete actions, LSTM and GRU policies (whole sequences; a MultiInputLstmPolicy on the
+    generic path): two ranks end with the same networks after 4 updates of 2 x 64 steps."""
     ranks = launch("spaces", tmp_path)
-    assert len(ranks[0]) == 8  # 3 envs x the split and the data update layouts, 2 recurrent policies
+    assert len(ranks[0]) == 9  # 3 envs x the split and the data update layouts, 3 recurrent policies
     for key, r0 in ranks[0].items():
         r1 = ranks[1][key]
         assert r0["num_timesteps"] == r1["num_timesteps"] == 256, key

@@ -13,7 +13,7 @@ import trpo_ext
 from trpo_ext import TRPO, reference, toy_envs
 from trpo_ext.distributions import action_spec
 from trpo_ext._ops import flat_vector
-from trpo_ext.policies import FeaturePolicy, built_in_policy, default_name, fused_spec
+from trpo_ext.policies import FeaturePolicy, built_in_policy, default_name, fused_spec, recurrent_fused_spec
 from trpo_ext.spaces import ObservationCodec, pack, unpack
 
 from helpers import random_mask, rel_err, sample_batch
@@ -40,9 +40,13 @@ def learned(agent, steps, episodes=10) -> float:
     pytest.param("trpo_ext/GrayImageSide-v0", "CnnPolicy", 2048, 14.0, id="image-hwc-1-channel"),  # random 8
     pytest.param("trpo_ext/StackedImageSide-v0", "auto", 2048, 12.5, id="image-frame-stack"),  # random 8
     pytest.param("trpo_ext/DictImageSide-v0", "auto", 2048, 14.0, id="dict-image-chw"),
+    pytest.param("trpo_ext/ImageSide-v0", "CnnLstmPolicy", 2048, 12.5, id="image-hwc-lstm"),
+    pytest.param("trpo_ext/DictImageSide-v0", "MultiInputGruPolicy", 2048, 12.5, id="dict-image-chw-gru"),
 ])
 def test_each_space_learns_clearly_better_than_random(env_id, policy, steps, floor):
-    agent = TRPO(env_id, policy=policy, **FAST)
+    # A recurrent policy's generic products step through time in Python: shorter sequences, a small RNN.
+    small_rnn = dict(n_envs=8, n_steps=16, policy_kwargs={"lstm_hidden_size": 32})
+    agent = TRPO(env_id, policy=policy, **{**FAST, **(small_rnn if policy in trpo_ext.recurrent.RECURRENT else {})})
     assert (fused_spec(agent.policy) is not None) == env_id.endswith(("Match-v0", "Choice-v0", "ChoiceInfo-v0")) \
         or policy != "auto"
     # MaskedChoice raises on a masked action: learning at all shows none was ever sampled.
@@ -89,17 +93,27 @@ def test_generic_output_fishers_equal_double_backprop_float64(space, use_mask):
     assert rel_err(product, expected) < 1e-10
 
 
+@pytest.mark.parametrize("cell", [None, "Lstm", "Gru"], ids=["feed-forward", "lstm", "gru"])
 @pytest.mark.parametrize("env", [toy_envs.DictImageSide, toy_envs.GrayImageSide, toy_envs.StackedImageSide],
                          ids=["dict-image-chw", "image-hwc-1-channel", "image-frame-stack"])
-def test_generic_fisher_of_cnn_and_dict_policies_equals_double_backprop(env):
+def test_generic_fisher_of_cnn_and_dict_policies_equals_double_backprop(env, cell):
+    """CnnPolicy / MultiInputPolicy, and their recurrent twins (the extractor on packed rows before the
+    RNN, Sequences with an episode start inside)."""
     torch.manual_seed(0)
     space = env().observation_space
     space.seed(0)
     codec = ObservationCodec(space)
-    policy = trpo_ext.policies.built_in_policy(default_name(codec), codec, spaces.Discrete(2), (16,), "tanh",
-                                               0.0).double()
+    name = default_name(codec) if cell is None else default_name(codec).replace("Policy", f"{cell}Policy")
+    recurrent = {"lstm_hidden_size": 4, "n_lstm_layers": 1}
+    policy = trpo_ext.policies.built_in_policy(name, codec, spaces.Discrete(2), (16,), "tanh", 0.0, None,
+                                               recurrent).double()
     obs = codec.preprocess(codec.batch_raw([space.sample() for _ in range(6)]), "cpu")  # as the rollout sees them
     obs = {k: t.double() for k, t in obs.items()} if isinstance(obs, dict) else obs.double()
+    if cell is not None:  # 2 sequences of 3 steps, the second starting an episode at step 1
+        starts = torch.tensor([[True, False], [False, True], [False, False]])
+        obs = trpo_ext.Sequences(pack(obs)[0].view(3, 2, -1), starts, tuple(
+            0.5 * torch.randn_like(s) for s in policy.initial_state(2)))
+        assert recurrent_fused_spec(policy) is None  # the encoder: the generic path
     params = list(policy.parameters())
     v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
     expected = reference.fvp(policy, obs, v)
@@ -148,10 +162,11 @@ def test_predict_never_returns_a_masked_action():
     agent.close()
 
 
-@pytest.mark.parametrize("env_id", ["trpo_ext/ImageSide-v0", "trpo_ext/DictMatch-v0", "trpo_ext/MaskedChoice-v0",
-                                    "trpo_ext/MultiDiscreteMatch-v0"])
-def test_save_load_resume_for_the_new_spaces(env_id, tmp_path):
-    agent = TRPO(env_id, **dict(FAST, n_steps=16))
+@pytest.mark.parametrize("env_id, policy", [("trpo_ext/ImageSide-v0", "auto"), ("trpo_ext/DictMatch-v0", "auto"),
+                                            ("trpo_ext/MaskedChoice-v0", "auto"), ("trpo_ext/MultiDiscreteMatch-v0", "auto"),
+                                            ("trpo_ext/DictImageSide-v0", "MultiInputLstmPolicy")])
+def test_save_load_resume_for_the_new_spaces(env_id, policy, tmp_path):
+    agent = TRPO(env_id, policy=policy, **dict(FAST, n_steps=16))
     agent.learn(64, progress_bar=False)
     agent.save(tmp_path / "model.pt")
     loaded = TRPO.load(tmp_path / "model.pt", restore_env_states=True)

@@ -52,7 +52,7 @@ from .config import POLICY_KWARGS
 from .distributions import action_spec
 from .fisher import cg_solve, fvp
 from .policies import MLPPolicy, built_in_policy
-from .recurrent import RECURRENT
+from .recurrent import FLAT_NAMES
 from .spaces import ObservationCodec, Sequences
 from .step import trust_region_step
 
@@ -97,7 +97,7 @@ CPU_CONFIGS = [
     Config("gaussian", 17, (64, 64), 6, 16, net="lstm", steps=128, rnn=64),
     Config("gaussian", 17, (64, 64), 6, 16, net="gru", steps=128, rnn=64),
 ]
-RECURRENT_NETS = {cell: name for name, cell in RECURRENT.items()}
+RECURRENT_NETS = FLAT_NAMES
 """The recurrent configurations' nets (their cells) and the built-in policies they run."""
 # The "cnn" configurations' conv stack, NatureCNN's shape (8x8 stride 4, 4x4 stride 2, 3x3 stride 1,
 # ReLU after each) at half its widths: (out channels, kernel, stride) per layer.

@@ -183,7 +183,7 @@ def _check_shared_lstm(value) -> bool:
 
 
 RECURRENT_DEFAULTS = {"max_kl": 0.05, "damping": 0.001, "critic_batch_size": 256}
-"""The defaults that differ for a recurrent policy ("MlpLstmPolicy", "MlpGruPolicy" or a
+"""The defaults that differ for a recurrent policy (a name of `trpo_ext.recurrent.RECURRENT` or a
 `RecurrentPolicy` module): with the feed-forward ones (δ = 0.01, λ = 0.1) the LSTM learned nothing
 about a cue 9 steps back on 3 of 3 seeds; λ = 0.1 swamps the small curvature of the recurrent
 weights that carry the cue, and δ = 0.05 lets a step move them. The critic keeps its ten epochs
@@ -287,7 +287,7 @@ class TRPOConfig:
     `trpo_ext.policies.ACTIVATIONS`), `log_std_init` (Gaussian policies, in [-20, 2]; with gSDE the
     log-std of the noise matrix's entries), and gSDE's `full_std` (one σ per (feature, action) rather
     than per feature) and `use_expln` (sb3's expln instead of exp for σ); for the recurrent
-    "MlpLstmPolicy" / "MlpGruPolicy" (`trpo_ext.recurrent`), sb3-contrib RecurrentPPO's
+    "MlpLstmPolicy" and the other names of `trpo_ext.recurrent.RECURRENT`, sb3-contrib RecurrentPPO's
     `lstm_hidden_size`, `n_lstm_layers` and `enable_critic_lstm` (the critic's own LSTM; False: a
     feed-forward critic), and `shared_lstm` (False only); missing keys take `POLICY_KWARGS`' values,
     and the field always holds all of them."""

@@ -32,6 +32,11 @@ class Inference:
         normalized when enabled."""
         return self.codec.preprocess(obs, self.device, self.normalizer)
 
+    def observe_rows(self, obs) -> torch.Tensor:
+        """A raw batch -> `observe`'s input packed into one (B, packed_dim) tensor (`spaces.pack`): what
+        a recurrent policy (and the critic beside it) reads, one row per step of its sequences."""
+        return spaces.pack(self.observe(obs))[0]
+
     def mask_tensor(self, masks: np.ndarray | None) -> torch.Tensor | None:
         return None if masks is None else torch.as_tensor(masks, device=self.device)
 
@@ -113,7 +118,7 @@ class Inference:
         if is_recurrent(policy):
             n = self.codec.raw_len(obs)
             state, starts = _recurrent_inputs(policy, state, episode_start, n, self.device)
-            actions, state = self.recurrent_actions(policy, self.observe(obs), state, starts,
+            actions, state = self.recurrent_actions(policy, self.observe_rows(obs), state, starts,
                                                     deterministic=deterministic, masks=self.mask_tensor(masks))
             state = tuple(s.cpu().numpy() for s in state)
         else:

@@ -8,7 +8,6 @@ keyword arguments (`FusedSpec.op_kwargs`): every call into a fused op takes them
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,62 +16,12 @@ from torch import nn
 from torch.distributions import Independent
 
 from .distributions import ActionSpec, action_spec
-from .recurrent import CELLS, RECURRENT, RecurrentPolicy, RecurrentValue
+from .features import (FeatureExtractor, FeaturePolicy, FeatureValue, NatureCNN, PackedFeatures,  # noqa: F401
+                       built_in_extractor, head_sizes)
+from .mlp import ACTIVATIONS, LogStd, check_activation, check_sizes, mlp, mlp_forward, orthogonal_init
+from .recurrent import CELLS, RECURRENT, RecurrentPolicy, RecurrentValue, feed_forward_name
 from .sde import SDEPolicy
-from .spaces import ObservationCodec
-
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
-
-
-def _check_sizes(name: str, sizes) -> tuple[int, ...]:
-    try:
-        sizes = tuple(sizes)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of positive ints, got {sizes!r}") from None
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes):
-        raise ValueError(f"{name} must be a sequence of positive ints, got {sizes!r}")
-    return sizes
-
-
-def _check_activation(activation: str) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
-
-
-def _mlp(sizes: Sequence[int], activation: str) -> tuple[nn.ModuleList, nn.Module]:
-    layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-    return layers, ACTIVATIONS[activation]()
-
-
-def _mlp_forward(layers: nn.ModuleList, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # Indexing instead of layers[:-1]: slicing a ModuleList builds a new one on every call, which
-    # is a visible cost of one rollout step at small batch sizes.
-    last = len(layers) - 1
-    for i, layer in enumerate(layers):
-        x = layer(x)
-        if i < last:
-            x = act(x)
-    return x
-
-
-def _orthogonal_init(layers: nn.ModuleList, last_gain: float) -> None:
-    # The initialisation sb3 and CleanRL use for on-policy MLPs: orthogonal, sqrt(2) gain for hidden
-    # layers, a small gain on the policy head so the first policy is close to uniform.
-    for i, layer in enumerate(layers):
-        gain = last_gain if i == len(layers) - 1 else math.sqrt(2.0)
-        nn.init.orthogonal_(layer.weight, gain=gain)
-        nn.init.zeros_(layer.bias)
-
-
-class _LogStd(nn.Module):
-    """Holds the state-independent log-std in a submodule, so it comes last in `parameters()`
-    (a module yields its own parameters before its submodules')."""
-
-    def __init__(self, n: int, init: float):
-        super().__init__()
-        self.log_std = nn.Parameter(torch.full((n,), float(init)))
-
+from .spaces import ObservationCodec, pack
 
 class MLPPolicy(nn.Module):
     """MLP policy: `policy(obs)` returns the action space's distribution (`trpo_ext.distributions`).
@@ -94,12 +43,12 @@ class MLPPolicy(nn.Module):
         self.kind, self.action_dim = self.action_spec.kind, self.action_spec.width
         self.segments = self.action_spec.segments
         self.obs_dim = obs_dim
-        self.hidden = _check_sizes("hidden", hidden)
-        self.activation = _check_activation(activation)
-        self.layers, self.act = _mlp((obs_dim, *self.hidden, self.action_dim), activation)
-        _orthogonal_init(self.layers, last_gain=0.01)
+        self.hidden = check_sizes("hidden", hidden)
+        self.activation = check_activation(activation)
+        self.layers, self.act = mlp((obs_dim, *self.hidden, self.action_dim), activation)
+        orthogonal_init(self.layers, last_gain=0.01)
         if self.action_spec.family.has_log_std:
-            self.std = _LogStd(self.action_dim, log_std_init)
+            self.std = LogStd(self.action_dim, log_std_init)
 
     @property
     def log_std(self) -> nn.Parameter:
@@ -110,7 +59,7 @@ class MLPPolicy(nn.Module):
 
     def distribution_params(self, obs: torch.Tensor) -> torch.Tensor:
         """The network's output for a batch of observations: logits, or a Gaussian's mean."""
-        return _mlp_forward(self.layers, self.act, obs)
+        return mlp_forward(self.layers, self.act, obs)
 
     def distribution(self, out: torch.Tensor):
         """The policy's distribution for distribution parameters `out` (logits or mean)."""
@@ -166,7 +115,7 @@ class RecurrentFusedSpec(FusedSpec):
         return {**super().op_kwargs(**masks), "cell": self.cell}
 
 
-_RECURRENT_METHODS = ("forward", "distribution", "head_out", "recurrent_features")
+_RECURRENT_METHODS = ("forward", "distribution", "head_out", "recurrent_features", "inputs", "head")
 
 
 def recurrent_fused_spec(policy) -> RecurrentFusedSpec | None:
@@ -174,8 +123,8 @@ def recurrent_fused_spec(policy) -> RecurrentFusedSpec | None:
     None when only the generic path is exact for it: the fused ops compute the Fisher of the network
     RecurrentPolicy defines (its RNN, a head of linear layers with `activation` between them, a
     fused action family), so a subclass that overrides how the output is computed, a head that is
-    not such an MLP or parameters beyond those get None."""
-    if not isinstance(policy, RecurrentPolicy) or not policy.action_spec.family.fused:
+    not such an MLP, an encoder before the RNN or parameters beyond those get None."""
+    if not isinstance(policy, RecurrentPolicy) or not policy.action_spec.family.fused or policy.encoder is not None:
         return None
     cls = type(policy)
     if any(getattr(cls, name) is not getattr(RecurrentPolicy, name) for name in _RECURRENT_METHODS):
@@ -194,97 +143,12 @@ class ValueNetwork(nn.Module):
 
     def __init__(self, obs_dim: int, hidden: Sequence[int] = (64, 64), activation: str = "tanh"):
         super().__init__()
-        self.activation = _check_activation(activation)
-        self.layers, self.act = _mlp((obs_dim, *_check_sizes("hidden", hidden), 1), self.activation)
-        _orthogonal_init(self.layers, last_gain=1.0)
+        self.activation = check_activation(activation)
+        self.layers, self.act = mlp((obs_dim, *check_sizes("hidden", hidden), 1), self.activation)
+        orthogonal_init(self.layers, last_gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return _mlp_forward(self.layers, self.act, obs).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- image and Dict inputs
-class NatureCNN(nn.Module):
-    """The encoder of the DQN paper (Mnih et al., 2015), as stable-baselines3's NatureCNN: images
-    (B, C, H, W) scaled to [0, 1] -> conv 32 8x8/4, 64 4x4/2, 64 3x3/1 (ReLU), flatten, a linear
-    layer of `features_dim` units (ReLU)."""
-
-    def __init__(self, shape: tuple[int, int, int], features_dim: int = 512):
-        super().__init__()
-        channels, height, width = shape
-        if height < 36 or width < 36:
-            raise ValueError(f"NatureCNN needs images of at least 36 x 36 pixels (its three convolutions shrink "
-                             f"them by 32), got {height} x {width} (the image as (C, H, W): {tuple(shape)}); pass your "
-                             "own policy= / value_net= for smaller ones")
-        self.cnn = nn.Sequential(nn.Conv2d(channels, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2),
-                                 nn.ReLU(), nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
-        with torch.no_grad():
-            flat = self.cnn(torch.zeros(1, *shape)).shape[1]
-        self.linear = nn.Sequential(nn.Linear(flat, features_dim), nn.ReLU())
-        self.features_dim = features_dim
-        for m in self.modules():  # sb3's initialisation of a features extractor
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.orthogonal_(m.weight, gain=math.sqrt(2.0))
-                nn.init.zeros_(m.bias)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.cnn(images))
-
-
-class FeatureExtractor(nn.Module):
-    """A preprocessed observation (`trpo_ext.spaces.ObservationCodec`) -> features (B, features_dim):
-    a NatureCNN per image part (`cnn_features` units each), the other parts flat, concatenated in
-    the space's key order (stable-baselines3's NatureCNN / CombinedExtractor)."""
-
-    def __init__(self, codec: ObservationCodec, cnn_features: int):
-        super().__init__()
-        self.keys = [p.key for p in codec.parts]
-        self.cnns = nn.ModuleList(NatureCNN(p.shape, cnn_features) for p in codec.parts if p.kind == "image")
-        self.is_image = [p.kind == "image" for p in codec.parts]
-        self.features_dim = sum(cnn_features if p.kind == "image" else p.size for p in codec.parts)
-
-    def forward(self, obs) -> torch.Tensor:
-        parts, cnns = [], iter(self.cnns)
-        for key, image in zip(self.keys, self.is_image):
-            x = obs[key] if key is not None else obs
-            parts.append(next(cnns)(x) if image else x.flatten(1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-class FeaturePolicy(nn.Module):
-    """A features extractor, an MLP on its features (`hidden`, may be empty) and the action space's
-    distribution head: the built-in "CnnPolicy" and "MultiInputPolicy"."""
-
-    def __init__(self, extractor: FeatureExtractor, action_space, hidden: Sequence[int] = (),
-                 activation: str = "tanh", log_std_init: float = 0.0):
-        super().__init__()
-        self.features = extractor
-        self.action_spec = action_spec(action_space)
-        self.activation = _check_activation(activation)
-        self.layers, self.act = _mlp((extractor.features_dim, *_check_sizes("hidden", hidden),
-                                      self.action_spec.width), activation)
-        _orthogonal_init(self.layers, last_gain=0.01)
-        if self.action_spec.family.has_log_std:
-            self.std = _LogStd(self.action_spec.width, log_std_init)
-
-    def forward(self, obs):
-        out = _mlp_forward(self.layers, self.act, self.features(obs))
-        return self.action_spec.distribution(out, self.std.log_std if self.action_spec.family.has_log_std else None)
-
-
-class FeatureValue(nn.Module):
-    """The critic of "CnnPolicy" / "MultiInputPolicy": its own features extractor (not shared with
-    the policy: TRPO's policy step and the critic's Adam then never move each other's parameters),
-    an MLP and one value: obs -> (B,)."""
-
-    def __init__(self, extractor: FeatureExtractor, hidden: Sequence[int] = (), activation: str = "tanh"):
-        super().__init__()
-        self.features = extractor
-        self.layers, self.act = _mlp((extractor.features_dim, *_check_sizes("hidden", hidden), 1),
-                                     _check_activation(activation))
-        _orthogonal_init(self.layers, last_gain=1.0)
-
-    def forward(self, obs) -> torch.Tensor:
-        return _mlp_forward(self.layers, self.act, self.features(obs)).squeeze(-1)
+        return mlp_forward(self.layers, self.act, obs).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- networks by name
@@ -299,25 +163,21 @@ def default_name(codec: ObservationCodec) -> str:
 
 def _check_name_fits(name: str, codec: ObservationCodec, role: str) -> None:
     fits = default_name(codec)
-    if name in RECURRENT and fits == "MlpPolicy":
-        return
-    if name in RECURRENT:
-        raise ValueError(f"{role}={name!r} takes flat observations (its LSTM / GRU reads the observation vector); the "
-                         f"observation space is {codec.space}: image and Dict observations have no recurrent built-in "
-                         "policy yet")
-    if name == fits or (name == "MultiInputPolicy" and codec.is_dict):
+    base = feed_forward_name(name) if name in RECURRENT else name
+    if base == fits:
         return
     why = {"MultiInputPolicy": "needs a Dict observation space", "CnnPolicy": "needs image observations "
-           "(a uint8 Box of rank 3 with bounds 0..255)", "MlpPolicy": "takes flat observations"}[name]
-    raise ValueError(f"{role}={name!r} {why}; the observation space is {codec.space}: use {role}={fits!r}")
+           "(a uint8 Box of rank 3 with bounds 0..255)", "MlpPolicy": "takes flat observations"}[base]
+    use = name.replace(base[:-len("Policy")], fits[:-len("Policy")], 1)  # the same network for this space
+    raise ValueError(f"{role}={name!r} {why}; the observation space is {codec.space}: use {role}={use!r}")
 
 
 def sde_policy(obs_dim: int, action_space, hidden, activation, log_std_init, full_std=True, use_expln=False,
                sample_freq=-1) -> SDEPolicy:
     """The gSDE policy (`trpo_ext.sde`) on MLPPolicy's MLP: the same layers and initialisation."""
-    layers, act = _mlp((obs_dim, *_check_sizes("hidden", hidden), action_spec(action_space).width),
-                       _check_activation(activation))
-    _orthogonal_init(layers, last_gain=0.01)
+    layers, act = mlp((obs_dim, *check_sizes("hidden", hidden), action_spec(action_space).width),
+                       check_activation(activation))
+    orthogonal_init(layers, last_gain=0.01)
     return SDEPolicy(layers, act, activation, action_spec(action_space), log_std_init, full_std, use_expln, sample_freq)
 
 
@@ -327,8 +187,8 @@ def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, ac
     gSDE's `sde_policy` on its keyword arguments); a FeaturePolicy with a NatureCNN of 512 features
     and no hidden layers for "CnnPolicy" (sb3's defaults), or with 256 features per image and
     `hidden` for "MultiInputPolicy"; a `RecurrentPolicy` (its RNN as torch initialises it, as
-    RecurrentPPO's) for a name of RECURRENT, sized by `recurrent` (policy_kwargs' lstm_hidden_size and
-    n_lstm_layers)."""
+    RecurrentPPO's; the Cnn / MultiInput names with that extractor before it) for a name of
+    RECURRENT, sized by `recurrent` (policy_kwargs' lstm_hidden_size and n_lstm_layers)."""
     _check_name_fits(name, codec, "policy")
     if sde is not None and name != "MlpPolicy":
         raise ValueError(f"use_sde=True: gSDE is built into policy='MlpPolicy' only, not {name!r}")
@@ -336,36 +196,43 @@ def built_in_policy(name: str, codec: ObservationCodec, action_space, hidden, ac
         return sde_policy(codec.flat_dim, action_space, hidden, activation, log_std_init, **sde)
     if name in RECURRENT:
         spec = action_spec(action_space)
-        std = _LogStd(spec.width, log_std_init) if spec.family.has_log_std else None
-        return RecurrentPolicy(*_recurrent_parts(name, codec, hidden, activation, recurrent, spec.width, 0.01),
-                               activation, spec, std)
+        std = LogStd(spec.width, log_std_init) if spec.family.has_log_std else None
+        rnn, layers, act, encoder = _recurrent_parts(name, codec, hidden, activation, recurrent, spec.width, 0.01)
+        return RecurrentPolicy(rnn, layers, act, activation, spec, std, encoder)
     if name == "MlpPolicy":
         return MLPPolicy(codec.flat_dim, action_space, hidden, activation, log_std_init)
-    if name == "CnnPolicy":
-        return FeaturePolicy(FeatureExtractor(codec, 512), action_space, (), activation, log_std_init)
-    return FeaturePolicy(FeatureExtractor(codec, 256), action_space, hidden, activation, log_std_init)
+    return FeaturePolicy(built_in_extractor(name, codec), action_space, head_sizes(name, hidden), activation,
+                         log_std_init)
 
 
 def _recurrent_parts(name: str, codec: ObservationCodec, hidden, activation, recurrent: dict, out: int, last_gain):
     """The RNN (policy_kwargs' lstm_hidden_size and n_lstm_layers; torch's initialisation, as
-    RecurrentPPO's) and the head (`hidden`, then `out` units; MLPPolicy's initialisation) of `name`."""
-    rnn = CELLS[RECURRENT[name]](codec.flat_dim, recurrent["lstm_hidden_size"], recurrent["n_lstm_layers"])
-    layers, act = _mlp((rnn.hidden_size, *_check_sizes("hidden", hidden), out), activation)
-    _orthogonal_init(layers, last_gain=last_gain)
-    return rnn, layers, act
+    RecurrentPPO's), the head (`head_sizes`, then `out` units; MLPPolicy's initialisation) and the
+    encoder (None for "Mlp..."; else the features extractor of the feed-forward name on packed rows)
+    of `name`."""
+    base = feed_forward_name(name)
+    encoder = None if base == "MlpPolicy" else PackedFeatures(built_in_extractor(base, codec), codec)
+    rnn = CELLS[RECURRENT[name]](codec.packed_dim if encoder is None else encoder.features_dim,
+                                 recurrent["lstm_hidden_size"], recurrent["n_lstm_layers"])
+    layers, act = mlp((rnn.hidden_size, *check_sizes("hidden", head_sizes(base, hidden)), out), activation)
+    orthogonal_init(layers, last_gain=last_gain)
+    return rnn, layers, act, encoder
 
 
 def built_in_value(name: str, codec: ObservationCodec, hidden, activation, recurrent: dict | None = None) -> nn.Module:
     """The built-in critic `name`, shaped like `built_in_policy`'s policy (a recurrent name: its own
-    RNN with `recurrent["enable_critic_lstm"]`, else the feed-forward MLP critic)."""
+    RNN with `recurrent["enable_critic_lstm"]`, else the feed-forward critic of its observations, on
+    the packed rows its rollout holds)."""
     _check_name_fits(name, codec, "value_net")
     if name in RECURRENT and recurrent["enable_critic_lstm"]:
-        return RecurrentValue(*_recurrent_parts(name, codec, hidden, activation, recurrent, 1, 1.0), activation)
-    if name in RECURRENT or name == "MlpPolicy":
+        rnn, layers, act, encoder = _recurrent_parts(name, codec, hidden, activation, recurrent, 1, 1.0)
+        return RecurrentValue(rnn, layers, act, activation, encoder)
+    base = feed_forward_name(name) if name in RECURRENT else name
+    if base == "MlpPolicy":
         return ValueNetwork(codec.flat_dim, hidden, activation)
-    if name == "CnnPolicy":
-        return FeatureValue(FeatureExtractor(codec, 512), (), activation)
-    return FeatureValue(FeatureExtractor(codec, 256), hidden, activation)
+    extractor = built_in_extractor(base, codec)  # a recurrent policy's rollout packs the observations
+    return FeatureValue(PackedFeatures(extractor, codec) if name in RECURRENT else extractor,
+                        head_sizes(base, hidden), activation)
 
 
 def build_networks(policy, value_net, codec: ObservationCodec, action_space, policy_kwargs: dict, seed: int,
@@ -439,16 +306,22 @@ def _what(out) -> str:
     return f"a {type(out).__name__}"
 
 
-def _forward_once(module: nn.Module, label: str, codec: ObservationCodec, device, expected: str):
-    """module(2 zero observations), preprocessed as the rollout feeds them, without gradients and
-    with torch's RNG put back afterwards; a ValueError naming `label` and `expected` if it raises."""
-    obs = codec.zeros(2, device)
+def _forward_once(module: nn.Module, label: str, codec: ObservationCodec, device, expected: str,
+                  packed: bool = False):
+    """module(2 zero observations), preprocessed as the rollout feeds them (`packed`: into one row
+    each, as beside a recurrent policy), without gradients and with torch's RNG put back afterwards;
+    a ValueError naming `label` and `expected` if it raises."""
+    obs = pack(codec.zeros(2, device))[0] if packed else codec.zeros(2, device)
     try:
         with torch.random.fork_rng(devices=[] if torch.device(device).type == "cpu" else [device]), torch.no_grad():
             return module(obs)
     except Exception as e:
-        raise ValueError(f"{label}: forward on {codec.describe()} with B = 2 raised {type(e).__name__}: {e}; "
+        raise ValueError(f"{label}: forward on {_described(codec, packed)} with B = 2 raised {type(e).__name__}: {e}; "
                          f"expected it to return {expected}") from e
+
+
+def _described(codec: ObservationCodec, packed: bool) -> str:
+    return f"packed observations, a float32 tensor of shape (B, {codec.packed_dim})" if packed else codec.describe()
 
 
 def check_custom_policy(policy: nn.Module, codec: ObservationCodec, action_space, device) -> None:
@@ -474,17 +347,18 @@ def check_custom_policy(policy: nn.Module, codec: ObservationCodec, action_space
                          f"expected {expected}{hint}")
 
 
-def check_custom_value_net(value_net: nn.Module, codec: ObservationCodec, device) -> None:
+def check_custom_value_net(value_net: nn.Module, codec: ObservationCodec, device, packed: bool = False) -> None:
     """ValueError unless `value_net` (a user's module) has parameters and maps a batch of 2 zero
-    observations to floating-point values of shape (2,) or (2, 1)."""
+    observations (`packed`: packed rows, what a critic beside a recurrent policy reads) to
+    floating-point values of shape (2,) or (2, 1)."""
     name = type(value_net).__qualname__
     params = list(value_net.parameters())
     if not params:
         raise ValueError(f"value_net {name} has no parameters")
-    out = _forward_once(value_net, f"value_net {name}", codec, device, "values of shape (2,) or (2, 1)")
+    out = _forward_once(value_net, f"value_net {name}", codec, device, "values of shape (2,) or (2, 1)", packed)
     if not (isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape) in ((2,), (2, 1))):
         what = f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else _what(out)
-        raise ValueError(f"value_net {name}: forward(obs) on {codec.describe()} with B = 2 returned {what}; "
+        raise ValueError(f"value_net {name}: forward(obs) on {_described(codec, packed)} with B = 2 returned {what}; "
                          "expected floating-point values of shape (2,) or (2, 1)")
 
 

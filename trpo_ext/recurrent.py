@@ -1,7 +1,9 @@
 """Recurrent policies and critics (LSTM / GRU): the built-in "MlpLstmPolicy" and "MlpGruPolicy",
 shaped as sb3-contrib's RecurrentPPO shapes them: observation -> a stack of `n_layers` LSTM (or GRU)
 layers of `hidden_size` units -> an MLP head (`hidden` layers, then the output layer) -> the action
-distribution (or one value, for the critic).
+distribution (or one value, for the critic). "CnnLstmPolicy" and "MultiInputLstmPolicy" (and their
+GRU twins) put an encoder before the RNN: the features extractor of "CnnPolicy" / "MultiInputPolicy"
+on the observation's packed rows (`trpo_ext.spaces.pack`).
 
 A batch for the update is a `trpo_ext.spaces.Sequences`: observations (T, B, D) of B sequences of T
 steps, where each sequence starts an episode (the state before its step is zero), and the state
@@ -17,7 +19,9 @@ run through the module so that autograd can differentiate them twice everywhere 
 differentiates the KL twice through time; cuDNN's RNN has no double backward). The fused Fisher
 products through time (`csrc/recurrent.cpp`) implement the same formulas; docs/design.md §12.
 Parameter order (the fused ops' contract): the RNN's, layer by layer (weight_ih, weight_hh,
-bias_ih, bias_hh), then the head's (W1, b1, …, WL, bL), then a Gaussian's log_std.
+bias_ih, bias_hh), then the head's (W1, b1, …, WL, bL), then a Gaussian's log_std. A policy with an
+encoder has no fused op (the encoder's parameters come after the head's): the generic path computes
+its Fisher products, through the encoder and the written-out cells.
 """
 from __future__ import annotations
 
@@ -26,13 +30,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributions import ActionSpec
+from .mlp import mlp_forward
 from .spaces import Sequences
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 """The recurrent cells by name (the fused ops' `cell`)."""
 
-RECURRENT = {"MlpLstmPolicy": "lstm", "MlpGruPolicy": "gru"}
-"""The built-in recurrent policies by name, sb3-contrib RecurrentPPO's (and a GRU), and their cells."""
+RECURRENT = {"MlpLstmPolicy": "lstm", "CnnLstmPolicy": "lstm", "MultiInputLstmPolicy": "lstm",
+             "MlpGruPolicy": "gru", "CnnGruPolicy": "gru", "MultiInputGruPolicy": "gru"}
+"""The built-in recurrent policies by name, sb3-contrib RecurrentPPO's (and their GRU twins), and their cells."""
+
+
+def feed_forward_name(name: str) -> str:
+    """The feed-forward built-in whose observations a recurrent name reads, and whose features extractor
+    runs before its RNN: "CnnLstmPolicy" -> "CnnPolicy"."""
+    return name.replace("Lstm", "").replace("Gru", "")
+
+
+FLAT_NAMES = {cell: name for name, cell in RECURRENT.items() if feed_forward_name(name) == "MlpPolicy"}
+"""The built-in recurrent policy on flat observations, by cell: {"lstm": "MlpLstmPolicy", "gru": "MlpGruPolicy"}."""
 
 STATE_TENSORS = {"lstm": 2, "gru": 1}
 """Tensors of a cell's state: (h, c) for an LSTM, (h,) for a GRU."""
@@ -64,14 +80,20 @@ class RecurrentNet(nn.Module):
     row of a `Sequences` (T·B, out) and the state after its last step. Built by
     `trpo_ext.policies` (which makes the head's layers the way MLPPolicy's)."""
 
-    def __init__(self, rnn: nn.Module, layers: nn.ModuleList, act: nn.Module, activation: str):
+    def __init__(self, rnn: nn.Module, layers: nn.ModuleList, act: nn.Module, activation: str,
+                 encoder: nn.Module | None = None):
         super().__init__()
         self.cell = next(name for name, cls in CELLS.items() if type(rnn) is cls)
         if rnn.batch_first or rnn.bidirectional or getattr(rnn, "proj_size", 0) or not rnn.bias:
             raise ValueError("the recurrent layer must be a plain nn.LSTM / nn.GRU (bias, not batch_first, "
                              "bidirectional or projected)")
+        if encoder is not None and getattr(encoder, "features_dim", None) != rnn.input_size:
+            raise ValueError(f"the encoder must have features_dim = the RNN's input_size ({rnn.input_size}), got "
+                             f"{getattr(encoder, 'features_dim', None)!r}")
         self.rnn, self.layers, self.act, self.activation = rnn, layers, act, activation
-        self.obs_dim, self.hidden_size, self.n_layers = rnn.input_size, rnn.hidden_size, rnn.num_layers
+        self.encoder = encoder  # rows (N, in_dim) -> (N, features_dim) before the RNN; None: the RNN reads obs
+        self.obs_dim = rnn.input_size if encoder is None else int(encoder.in_dim)
+        self.hidden_size, self.n_layers = rnn.hidden_size, rnn.num_layers
 
     def rnn_parameters(self) -> list[tuple[torch.Tensor, ...]]:
         """(weight_ih, weight_hh, bias_ih, bias_hh) of each layer."""
@@ -85,7 +107,7 @@ class RecurrentNet(nn.Module):
 
     def recurrent_features(self, seq: Sequences) -> tuple[torch.Tensor, tuple]:
         """The last RNN layer's output for every row (T·B, hidden_size), and the state after step T−1."""
-        x, starts = seq.obs, seq.episode_starts
+        x, starts = self.inputs(seq.obs), seq.episode_starts
         T, B = starts.shape
         keep = (~starts).to(x.dtype).unsqueeze(-1)  # (T, B, 1): 0 where the state is reset
         step = _STEPS[self.cell]
@@ -101,14 +123,15 @@ class RecurrentNet(nn.Module):
             final.append(state)
         return x.reshape(T * B, self.hidden_size), tuple(torch.stack(parts) for parts in zip(*final))
 
+    def inputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """What the RNN reads at each step: the observations (T, B, obs_dim), or their encoder's features."""
+        if self.encoder is None:
+            return obs
+        return self.encoder(obs.flatten(0, 1)).unflatten(0, obs.shape[:2])
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP head on RNN outputs (rows, hidden_size)."""
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i < last:
-                h = self.act(h)
-        return h
+        return mlp_forward(self.layers, self.act, h)
 
     def head_out(self, seq: Sequences) -> tuple[torch.Tensor, tuple]:
         h, final = self.recurrent_features(seq)
@@ -122,8 +145,8 @@ class RecurrentPolicy(RecurrentNet):
     Gaussian's state-independent `log_std` (registered last, so that it comes last in parameters())."""
 
     def __init__(self, rnn: nn.Module, layers: nn.ModuleList, act: nn.Module, activation: str, spec: ActionSpec,
-                 std: nn.Module | None = None):
-        super().__init__(rnn, layers, act, activation)
+                 std: nn.Module | None = None, encoder: nn.Module | None = None):
+        super().__init__(rnn, layers, act, activation, encoder)
         self.action_spec = spec
         self.kind, self.action_dim, self.segments = spec.kind, spec.width, spec.segments
         if spec.family.has_log_std:
@@ -162,7 +185,7 @@ class RecurrentValue(RecurrentNet):
         if bool(seq.episode_starts.any()):
             return self.head_out(seq)[0].squeeze(-1)
         state = seq.initial_state if self.cell == "lstm" else seq.initial_state[0]
-        return self.head(self.rnn(seq.obs, state)[0].flatten(0, 1)).squeeze(-1)
+        return self.head(self.rnn(self.inputs(seq.obs), state)[0].flatten(0, 1)).squeeze(-1)
 
     def step(self, obs: torch.Tensor, state: tuple, episode_start: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         out, state = self.head_out(Sequences(obs.unsqueeze(0), episode_start.reshape(1, -1), state))

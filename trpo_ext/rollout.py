@@ -316,6 +316,7 @@ class RolloutCollector:
         params = list(policy.parameters())
         fused = fused_spec(policy) is not None
         memory = self.memory if is_recurrent(policy) else None
+        observe = self.inference.observe if memory is None else self.inference.observe_rows  # packed for an RNN
         if memory is not None:
             memory.begin(policy, value_fn)
         reward_test, from_bytes, byteorder = self.reward_test, int.from_bytes, sys.byteorder  # locals: every step
@@ -333,7 +334,7 @@ class RolloutCollector:
                 policy_obs, actions = self.inference.act(policy, obs, generator, params=params, fused=fused,
                                                          masks=mask_t)
             else:
-                policy_obs = self.inference.observe(obs)
+                policy_obs = observe(obs)
                 actions = memory.act(self.inference, policy, policy_obs, generator, mask_t)
             obs_steps.append(policy_obs)
             act_steps.append(actions)
@@ -358,7 +359,7 @@ class RolloutCollector:
             if memory is not None:
                 ended = [(i, o) for step, i, o in final_obs if step == t]
                 memory.after_step(t, done, [i for i, _ in ended],
-                                  self.inference.observe(self.codec.batch_raw([o for _, o in ended])) if ended else None)
+                                  observe(self.codec.batch_raw([o for _, o in ended])) if ended else None)
             self.stats.step(rewards[t], done)  # the episode statistics keep the raw rewards
             if self.on_step is not None:  # an exception it raises discards the rollout, as any error here does
                 self.on_step(t, obs, rewards[t], terminated[t], truncated[t], infos)
@@ -368,12 +369,12 @@ class RolloutCollector:
 
         obs_buf = spaces.cat(obs_steps)  # (T * N, ...), step-major like the (T, N) arrays
         if memory is not None and memory.recurrent_critic:  # the critic stepped with the policy
-            values, next_values = memory.critic_values(self.inference.observe(obs))
+            values, next_values = memory.critic_values(observe(obs))
         else:
             # The observation after the last step and the truncated episodes' final observations.
             extra = obs if not final_obs else self.codec.concat_raw([obs, self.codec.batch_raw([o for *_, o in final_obs])])
             # One value pass: all rollout observations, the observation after the last step, final observations.
-            all_values = value_fn(spaces.cat([obs_buf, self.inference.observe(extra)])).cpu().numpy().astype(np.float64)
+            all_values = value_fn(spaces.cat([obs_buf, observe(extra)])).cpu().numpy().astype(np.float64)
             values = all_values[: T * N].reshape(T, N)
             next_values = np.concatenate([values[1:], all_values[T * N: T * N + N][None]])
             for k, (t, i, _) in enumerate(final_obs):

@@ -107,6 +107,16 @@ class ObservationCodec:
         return self.parts[0].size
 
     @property
+    def packed_layout(self):
+        """How `unpack` rebuilds this space's preprocessed batch from its `pack`ed (B, packed_dim) rows."""
+        return [(p.key, p.shape) for p in self.parts] if self.is_dict else self.parts[0].shape
+
+    @property
+    def packed_dim(self) -> int:
+        """The width of a preprocessed observation packed into one row (`pack`): what a recurrent policy reads."""
+        return sum(p.size for p in self.parts)
+
+    @property
     def plain_box(self) -> bool:
         """A 1-D Box: the raw observation is the policy's input (the fused rollout op normalizes it)."""
         part = self.parts[0]

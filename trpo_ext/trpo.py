@@ -123,7 +123,7 @@ class TRPO(metaclass=sb3_names.SB3Hint):  # sb3-contrib's call order and names g
                 policy, value_net, codec, action_space, config.policy_kwargs, config.seed, self.device, config.sde)
             self.update_layout = recurrent_layout(config, self.update_layout, is_recurrent(self.policy))
             if not fused_value(self.value_net) and not is_recurrent(self.value_net):
-                check_custom_value_net(self.value_net, codec, self.device)
+                check_custom_value_net(self.value_net, codec, self.device, packed=is_recurrent(self.policy))
                 if self.group is not None:
                     check_parallel(self.value_net, config.critic_parallel)
         except BaseException:
