@@ -121,7 +121,7 @@ def test_help_shows_the_real_defaults(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("this count) (default: 100000; with --preset zoo", "(default: 8)", "(default: 128)", "(default: 0.01; 0.05 with a recurrent --policy)",
+    for default in ("this count) (default: 100000; with --preset zoo", "(default: 8)", "(default: 128)", "(default: 0.01; 0.02 with a recurrent --policy)",
                     "(default: runs/ENV_ID-seedSEED;", "sampling (default: 0)", "final evaluation (default: 10)", "(default: cpu)"):
         assert default in text, default
 
