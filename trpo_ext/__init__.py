@@ -4,7 +4,7 @@
     agent = trpo_ext.TRPO("CartPole-v1", seed=0)
     agent.learn(100_000)
 """
-from . import reference, toy_envs
+from . import reference, safety_envs, toy_envs
 from ._ops import cuda_built
 from .multicategorical import MultiCategorical
 from .fisher import CGInfo, cg_solve, fvp
@@ -15,6 +15,7 @@ from .constrained import ConstrainedStepRecord, constrained_step
 from .trpo import TRPO
 
 toy_envs.register()  # the "trpo_ext/..." example envs (trpo_ext.toy_envs)
+safety_envs.register()  # the "trpo_ext/..." cost-constrained tasks (trpo_ext.safety_envs)
 
 __all__ = ["TRPO", "Sequences", "MLPPolicy", "ValueNetwork", "FeaturePolicy", "FeatureValue", "NatureCNN", "MultiCategorical",
            "trust_region_step", "StepRecord", "constrained_step", "ConstrainedStepRecord",
